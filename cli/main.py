@@ -1,0 +1,393 @@
+"""``cloudai``: submit containers to the cluster, follow their logs, manage workers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import click
+import redis
+
+from cloudai.api import CloudAI, SubmitRequest, parse_key_values, read_env_file
+from cloudai.errors import CloudAIError, ExitCode, RedisUnavailable
+from cloudai.models import Resources, TaskStatus, WorkerState, join_command, parse_duration
+from cloudai.settings import Settings
+from cli import follow as viewer
+from cli import render
+
+S = TaskStatus
+
+
+@dataclass
+class Context:
+    """Passed to every command (click's ``make_pass_decorator``); the connections open on first use."""
+
+    settings: Settings
+
+    @cached_property
+    def api(self) -> CloudAI:
+        return CloudAI(self.settings)
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+class CloudAIGroup(click.Group):
+    """Turns CloudAI errors into a clear message and the documented exit code."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except CloudAIError as exc:
+            click.echo(click.style("Error: ", fg="red", bold=True) + str(exc), err=True)
+            ctx.exit(int(exc.exit_code))
+        except redis.RedisError as exc:
+            url = ctx.obj.settings.redis_url if isinstance(ctx.obj, Context) else "?"
+            click.echo(click.style("Error: ", fg="red", bold=True) + str(RedisUnavailable(url, exc)), err=True)
+            ctx.exit(int(ExitCode.UNAVAILABLE))
+
+
+@click.group(cls=CloudAIGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--redis-url", envvar="CLOUDAI_REDIS_URL", help="Broker and log bus.  [env: CLOUDAI_REDIS_URL]")
+@click.option("--store-url", envvar="CLOUDAI_STORE_URL",
+              help="mongodb://... or sqlite:///path.  [env: CLOUDAI_STORE_URL]")
+@click.version_option(package_name="cloudai")
+@click.pass_context
+def cli(ctx: click.Context, redis_url: str | None, store_url: str | None) -> None:
+    """CloudAI runs containers on a pool of GPU and CPU hosts.
+
+    \b
+    Tasks:    submit, task, monitor, logs, status, list, cancel
+    Cluster:  workers, worker start, beat, flower
+    """
+    try:
+        settings = Settings.from_env().replace(redis_url=redis_url, store_url=store_url)
+    except CloudAIError as exc:
+        raise click.UsageError(str(exc)) from exc
+    ctx.obj = Context(settings)
+
+
+def _parse(fn: Any, *args: Any, param: str) -> Any:
+    """Validation errors of option values as click usage errors (exit 2, nothing recorded)."""
+    try:
+        return fn(*args)
+    except CloudAIError as exc:
+        raise click.BadParameter(str(exc), param_hint=param) from exc
+
+
+def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, follow: bool, dry_run: bool) -> None:
+    api = ctx.api
+    if dry_run:
+        click.echo(f"valid: {request.image} with {request.resources.describe()}; would be {api.dry_run(request)}")
+        return
+    task = api.submit(request)
+    if as_json:
+        click.echo(render.task_json(task))
+    elif quiet:
+        click.echo(task.task_id)
+    else:
+        where = f"queued on {task.worker_id}" if task.status == S.QUEUED else f"pending: {task.pending_reason}"
+        click.echo(f"{task.task_id}  ({where})", err=follow)
+    if follow:
+        sys.exit(viewer.monitor(api, task.task_id, header=False))
+
+
+@cli.command(context_settings={"allow_interspersed_args": False})
+@click.argument("image")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.option("--cpus", help="CPU cores, such as 2 or 0.5.  [default: 1]")
+@click.option("-m", "--memory", help="Memory limit, such as 512m or 4g (a bare number is GB).  [default: 1g]")
+@click.option("--gpus", help="Number of whole GPUs.  [default: 0]")
+@click.option("--storage", help="Disk quota, such as 10g (needs a storage driver that supports it).")
+@click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
+@click.option("--env-file", multiple=True, type=click.Path(dir_okay=False), help="File of KEY=VALUE lines.")
+@click.option("-w", "--workdir", help="Working directory inside the container.")
+@click.option("-l", "--label", multiple=True, metavar="KEY=VALUE", help="Container label (repeatable).")
+@click.option("--worker", help="Run on this worker (it must be registered and active).")
+@click.option("--constraint", multiple=True, metavar="KEY=VALUE", help="Only on workers with this label.")
+@click.option("--timeout", help="Stop the task after this long, such as 90s, 30m, 2h.")
+@click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
+              help="New attempts when its worker dies.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher is placed first when waiting.")
+@click.option("--pull", "pull_policy", type=click.Choice(["missing", "always", "never"]), default="missing",
+              show_default=True, help="Image pull policy on the worker.")
+@click.option("--name", help="A name to recognise the task by.")
+@click.option("--user", envvar="CLOUDAI_USER", help="Submit as this user.  [env: CLOUDAI_USER]")
+@click.option("-q", "--quiet", is_flag=True, help="Print only the task id.")
+@click.option("--json", "as_json", is_flag=True, help="Print the task record as JSON.")
+@click.option("-f", "--follow", is_flag=True, help="Follow the log and exit with the task's exit code.")
+@click.option("--dry-run", is_flag=True, help="Validate and say where it would go; record nothing.")
+@pass_ctx
+def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None, memory: str | None,
+           gpus: str | None, storage: str | None, env: tuple[str, ...], env_file: tuple[str, ...],
+           workdir: str | None, label: tuple[str, ...], worker: str | None, constraint: tuple[str, ...],
+           timeout: str | None, retries: int, priority: int, pull_policy: str, name: str | None,
+           user: str | None, quiet: bool, as_json: bool, follow: bool, dry_run: bool) -> None:
+    """Run COMMAND (with /bin/sh -c) in IMAGE on the cluster, like `docker run` runs it locally.
+
+    Options go before IMAGE; everything after it is the command, e.g.
+    `cloudai submit --cpus 2 -m 4g --gpus 1 -f pytorch/pytorch -- python train.py --epochs 3`.
+    """
+    args = list(command[1:] if command[:1] == ("--",) else command)
+    environment: dict[str, str] = {}
+    for path in env_file:
+        environment.update(_parse(read_env_file, path, param="--env-file"))
+    environment.update(_parse(parse_key_values, env, "env", param="--env"))
+    request = SubmitRequest(
+        image=image,
+        command=join_command(args),
+        resources=_parse(Resources.parse, cpus, memory, gpus, storage, param="--cpus/--memory/--gpus/--storage"),
+        env=environment,
+        workdir=workdir,
+        labels=_parse(parse_key_values, label, "label", param="--label"),
+        timeout_s=_parse(parse_duration, timeout, param="--timeout"),
+        retries=retries,
+        name=name,
+        user=user,
+        worker=worker,
+        constraints=_parse(parse_key_values, constraint, "constraint", param="--constraint"),
+        priority=priority,
+        pull_policy=pull_policy,
+    )
+    _parse(request.validate, param="submit")
+    _submit(ctx, request, quiet, as_json, follow, dry_run)
+
+
+@cli.command("task", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": False})
+@click.argument("worker")
+@click.argument("image")
+@click.option("-cpu_cores", "cpu_cores", default="1.0", show_default=True, help="CPU cores.")
+@click.option("-mem", "mem", default="1.0", show_default=True, help="Memory in GB (or 512m, 4g).")
+@click.option("-gpu_cores", "gpu_cores", default="0", show_default=True, help="Whole GPUs.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@pass_ctx
+def seed_task(ctx: Context, worker: str, image: str, cpu_cores: str, mem: str, gpu_cores: str,
+              command: tuple[str, ...]) -> None:
+    """The original syntax: run IMAGE on WORKER (same as `submit --worker`). Options go before COMMAND."""
+    args = list(command[1:] if command[:1] == ("--",) else command)
+    request = SubmitRequest(
+        image=image, command=join_command(args), worker=worker,
+        resources=_parse(Resources.parse, cpu_cores, mem, gpu_cores, None, param="-cpu_cores/-mem/-gpu_cores"),
+    )
+    _parse(request.validate, param="task")
+    _submit(ctx, request, quiet=False, as_json=False, follow=False, dry_run=False)
+
+
+@cli.command()
+@click.argument("task_id")
+@click.argument("user", required=False)
+@pass_ctx
+def monitor(ctx: Context, task_id: str, user: str | None) -> None:
+    """Show TASK's header, its whole log live, and its final status; exit with its exit code."""
+    task = ctx.api.get(task_id)
+    if user is not None and task.user_id != user:
+        raise click.UsageError(f"task {task_id} belongs to user {task.user_id!r}, not {user!r}")
+    sys.exit(viewer.monitor(ctx.api, task_id))
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("-f", "--follow", is_flag=True, help="Keep following until the task ends; exit with its code.")
+@click.option("--tail", type=click.IntRange(min=0), help="Start with only the last N lines.")
+@click.option("-t", "--timestamps", is_flag=True, help="Show Docker's timestamp of each line.")
+@pass_ctx
+def logs(ctx: Context, task_id: str, follow: bool, tail: int | None, timestamps: bool) -> None:
+    """Print TASK's log: from the live stream or, once it finished, the archive."""
+    api = ctx.api
+    api.get(task_id)
+    after = 0
+    if tail is not None:
+        lines = [e for e in api.logs(task_id) if not isinstance(e, viewer.LogEnd)]
+        after = lines[-tail].seq - 1 if 0 < tail <= len(lines) else (lines[-1].seq if lines and tail == 0 else 0)
+    end = viewer.stream(api, task_id, after, timestamps=timestamps, follow=follow)
+    if follow and end is not None:
+        sys.exit(render.exit_code_for(end.status, end.exit_code))
+
+
+@cli.command()
+@click.argument("task_id")
+@click.option("--json", "as_json", is_flag=True, help="The whole record as JSON.")
+@pass_ctx
+def status(ctx: Context, task_id: str, as_json: bool) -> None:
+    """Show TASK's record."""
+    task = ctx.api.get(task_id)
+    if as_json:
+        click.echo(render.task_json(task))
+    else:
+        render.print_status(task)
+
+
+@cli.command("list")
+@click.option("--user", help="Only this user's tasks ('all' for everyone).  [default: you]")
+@click.option("--status", "statuses", multiple=True, type=click.Choice([s.value for s in S]), help="Repeatable.")
+@click.option("--worker", help="Only tasks placed on this worker.")
+@click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def list_tasks(ctx: Context, user: str | None, statuses: tuple[str, ...], worker: str | None, limit: int,
+               as_json: bool) -> None:
+    """List tasks, newest first."""
+    who = None if user == "all" else (user or ctx.settings.user)
+    tasks = ctx.api.list(user=who, status=[S(s) for s in statuses], worker=worker, limit=limit)
+    if as_json:
+        click.echo(render.to_json([t.to_doc() for t in tasks]))
+    elif not tasks:
+        click.echo(f"no tasks{' of ' + who if who else ''}", err=True)
+    else:
+        render.console().print(render.task_table(tasks))
+
+
+@cli.command()
+@click.argument("task_ids", nargs=-1, required=True)
+@click.option("--no-wait", is_flag=True, help="Don't wait for the worker to stop a running container.")
+@pass_ctx
+def cancel(ctx: Context, task_ids: tuple[str, ...], no_wait: bool) -> None:
+    """Cancel tasks; a running one has its container stopped (SIGTERM, then SIGKILL after the grace period)."""
+    worst = ExitCode.OK
+    for task_id in task_ids:
+        try:
+            before = ctx.api.get(task_id).status
+            task = ctx.api.cancel(task_id, wait_s=0 if no_wait else None)
+        except CloudAIError as exc:
+            click.echo(f"{task_id}: {exc}", err=True)
+            worst = max(worst, exc.exit_code)
+            continue
+        if before.terminal:
+            click.echo(f"{task_id}: already {before.value}")
+        elif task.status == S.CANCELLED:
+            click.echo(f"{task_id}: cancelled")
+        elif task.status.terminal:
+            click.echo(f"{task_id}: ended as {task.status.value} before the cancel took effect")
+        else:
+            click.echo(f"{task_id}: cancel requested; worker {task.worker_id} is stopping the container")
+    sys.exit(int(worst))
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def workers(click_ctx: click.Context, as_json: bool) -> None:
+    """List workers (capacity, in use, GPUs, state, heartbeat age); drain, undrain, remove."""
+    if click_ctx.invoked_subcommand is not None:
+        return
+    views = click_ctx.find_object(Context).api.workers()  # type: ignore[union-attr]
+    if as_json:
+        click.echo(render.worker_json(views))
+    elif not views:
+        click.echo("no workers registered; start one with `cloudai worker start`", err=True)
+    else:
+        render.console().print(render.worker_table(views))
+
+
+@workers.command()
+@click.argument("worker_id")
+@pass_ctx
+def drain(ctx: Context, worker_id: str) -> None:
+    """Stop placing new tasks on WORKER_ID; its running tasks finish."""
+    ctx.api.set_worker_state(worker_id, WorkerState.DRAINING)
+    click.echo(f"{worker_id}: draining")
+
+
+@workers.command()
+@click.argument("worker_id")
+@pass_ctx
+def undrain(ctx: Context, worker_id: str) -> None:
+    """Place tasks on WORKER_ID again."""
+    ctx.api.set_worker_state(worker_id, WorkerState.ACTIVE)
+    click.echo(f"{worker_id}: active")
+
+
+@workers.command()
+@click.argument("worker_id")
+@click.option("--force", is_flag=True, help="Even with live tasks (they become lost).")
+@pass_ctx
+def remove(ctx: Context, worker_id: str, force: bool) -> None:
+    """Forget WORKER_ID (it registers again if it starts)."""
+    ctx.api.remove_worker(worker_id, force)
+    click.echo(f"{worker_id}: removed")
+
+
+@cli.group()
+def worker() -> None:
+    """Run this host as a worker."""
+
+
+@worker.command("start")
+@click.option("--id", "worker_id", envvar="CLOUDAI_WORKER_ID", help="Worker id and queue.  [default: hostname]")
+@click.option("--cpus", envvar="CLOUDAI_WORKER_CPUS", help="CPUs to offer.  [default: all]")
+@click.option("--memory", envvar="CLOUDAI_WORKER_MEMORY", help="Memory to offer, such as 32g.  [default: all]")
+@click.option("--gpus", envvar="CLOUDAI_WORKER_GPUS", default="auto", show_default=True,
+              help="auto (NVML / nvidia-smi), none, or ids such as 0,1.")
+@click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Worker label for --constraint.")
+@click.option("--concurrency", envvar="CLOUDAI_WORKER_CONCURRENCY", type=click.IntRange(1, 1024), default=16,
+              show_default=True, help="Tasks run at once (placement keeps them within capacity).")
+@click.option("--loglevel", default="INFO", show_default=True)
+@pass_ctx
+def worker_start(ctx: Context, worker_id: str | None, cpus: str | None, memory: str | None, gpus: str,
+                 labels: tuple[str, ...], concurrency: int, loglevel: str) -> None:
+    """Run a Celery worker in the foreground that consumes only this worker's queue."""
+    from cloudai.agent import host_capacity
+
+    worker_id = worker_id or ctx.settings.worker_id
+    label_text = ",".join(labels) or os.environ.get("CLOUDAI_WORKER_LABELS", "")
+    try:
+        host_capacity(cpus or "", memory or "", gpus, label_text)  # fail here, before Celery starts
+    except CloudAIError as exc:
+        raise click.UsageError(str(exc)) from exc
+    # the worker process reads these through Settings.from_env()
+    os.environ.update({
+        "CLOUDAI_WORKER_ID": worker_id, "CLOUDAI_WORKER_CPUS": cpus or "", "CLOUDAI_WORKER_MEMORY": memory or "",
+        "CLOUDAI_WORKER_GPUS": gpus, "CLOUDAI_WORKER_LABELS": label_text,
+        "CLOUDAI_REDIS_URL": ctx.settings.redis_url, "CLOUDAI_STORE_URL": ctx.settings.store_url,
+    })
+    from cloudai import keys
+    from cloudai.celery_app import run_worker
+
+    run_worker(["-Q", f"{keys.worker_queue(worker_id)},{keys.MAINTENANCE_QUEUE}", "-n", f"{worker_id}@%h",
+                "--pool", "threads", "-c", str(concurrency), "-E", "--without-gossip", "--without-mingle",
+                "--loglevel", loglevel])
+
+
+@cli.command()
+@click.option("--loglevel", default="INFO", show_default=True)
+@click.option("--schedule", default=os.path.join(os.path.expanduser("~"), ".cache", "cloudai-beat-schedule"),
+              show_default=True, help="Where beat keeps its schedule state.")
+@pass_ctx
+def beat(ctx: Context, loglevel: str, schedule: str) -> None:
+    """Run beat with the maintenance consumer: dead workers, lost tasks, pending placement, log retention."""
+    os.makedirs(os.path.dirname(schedule), exist_ok=True)
+    os.environ.update({"CLOUDAI_AGENT": "0", "CLOUDAI_REDIS_URL": ctx.settings.redis_url,
+                       "CLOUDAI_STORE_URL": ctx.settings.store_url})
+    from cloudai import keys
+    from cloudai.celery_app import run_worker
+
+    run_worker(["-B", "-s", schedule, "-Q", keys.MAINTENANCE_QUEUE, "-n", "beat@%h", "--pool", "solo", "-E",
+                "--without-gossip", "--without-mingle", "--loglevel", loglevel])
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--port", default=5555, show_default=True)
+@click.option("--basic-auth", envvar="FLOWER_BASIC_AUTH", help="user:password  [env: FLOWER_BASIC_AUTH]")
+@click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
+@pass_ctx
+def flower(ctx: Context, port: int, basic_auth: str | None, flower_args: tuple[str, ...]) -> None:
+    """Run the Flower dashboard for this cluster."""
+    os.environ.update({"CLOUDAI_AGENT": "0", "CLOUDAI_REDIS_URL": ctx.settings.redis_url,
+                       "CLOUDAI_STORE_URL": ctx.settings.store_url})
+    from cloudai.celery_app import run_celery
+
+    args = ["flower", f"--port={port}", *flower_args]
+    if basic_auth:
+        args.append(f"--basic-auth={basic_auth}")
+    run_celery(args)
+
+
+def main() -> None:
+    cli(prog_name="cloudai")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""How tasks, workers and logs look on a terminal (rich) and as JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import datetime
+from typing import Any, TextIO
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cloudai.api import WorkerView
+from cloudai.errors import ExitCode
+from cloudai.logs import LogEnd
+from cloudai.models import Task, TaskStatus, format_bytes, utcnow
+
+S = TaskStatus
+STATUS_STYLE = {
+    "pending": "yellow", "queued": "cyan", "running": "blue", "completed": "green", "failed": "red",
+    "cancelled": "magenta", "timeout": "red", "lost": "red",
+}
+
+
+def exit_code_for(status: str, exit_code: int | None) -> int:
+    """The CLI's exit code for a finished task: the container's own code when it ran (see ExitCode)."""
+    if status in (S.COMPLETED.value, S.FAILED.value) and exit_code is not None:
+        return exit_code
+    return {
+        S.COMPLETED.value: ExitCode.OK,
+        S.FAILED.value: ExitCode.NOT_STARTED,
+        S.CANCELLED.value: ExitCode.CANCELLED,
+        S.TIMEOUT.value: ExitCode.TIMEOUT,
+        S.LOST.value: ExitCode.LOST,
+    }.get(status, ExitCode.ERROR)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(type(value).__name__)
+
+
+def to_json(data: Any) -> str:
+    return json.dumps(data, default=_json_default, indent=2, sort_keys=True)
+
+
+def task_json(task: Task) -> str:
+    return to_json(task.to_doc())
+
+
+def age(when: datetime | None) -> str:
+    if when is None:
+        return "-"
+    seconds = max(0, int((utcnow() - when).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def limits(task: Task) -> str:
+    text = task.resources.describe()
+    if task.gpu_ids:
+        text += f" (GPU {','.join(task.gpu_ids)})"
+    if task.timeout_s:
+        text += f", timeout {task.timeout_s:g}s"
+    return text
+
+
+def status_lines(task: Task) -> list[tuple[str, str]]:
+    rows = [
+        ("task", task.task_id + (f"  ({task.name})" if task.name else "")),
+        ("user", task.user_id),
+        ("status", task.status.value),
+        ("worker", task.worker_id or "-"),
+        ("image", task.docker_image),
+        ("command", task.command if task.command is not None else "(image default)"),
+        ("limits", limits(task)),
+        ("created", f"{task.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(task.created_at)})"),
+    ]
+    if task.started_at:
+        rows.append(("started", f"{task.started_at:%Y-%m-%d %H:%M:%S} UTC"))
+    if task.completed_at:
+        rows.append(("ended", f"{task.completed_at:%Y-%m-%d %H:%M:%S} UTC"))
+    if task.exit_code is not None:
+        rows.append(("exit code", str(task.exit_code)))
+    if task.oom_killed:
+        rows.append(("oom killed", "yes"))
+    if task.status == S.PENDING and task.pending_reason:
+        rows.append(("waiting", task.pending_reason))
+    if task.error:
+        rows.append(("reason", task.error.message))
+    if task.attempt > 1 or task.retries:
+        rows.append(("attempt", f"{task.attempt} of {task.retries + 1}"))
+    return rows
+
+
+def print_status(task: Task, out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    width = max(len(k) for k, _ in status_lines(task))
+    for key, value in status_lines(task):
+        out.write(f"{key.rjust(width)}: {value}\n")
+
+
+def final_block(end: LogEnd, color: bool) -> str:
+    """``Task Completed`` / ``Task Failed — exit 137, killed: out of memory, limit 64 MiB``."""
+    title = f"Task {end.status.capitalize()}"
+    details = []
+    if end.exit_code is not None and end.status != S.COMPLETED.value:
+        details.append(f"exit {end.exit_code}")
+    if end.reason and end.reason != f"exited with code {end.exit_code}":
+        details.append(end.reason)
+    text = title + (" — " + ", ".join(details) if details else "")
+    return click.style(text, fg=STATUS_STYLE.get(end.status, "white"), bold=True) if color else text
+
+
+def task_table(tasks: list[Task]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("TASK", "USER", "STATUS", "WORKER", "IMAGE", "COMMAND", "LIMITS", "CREATED", "EXIT"):
+        table.add_column(col, overflow="fold" if col == "COMMAND" else "ellipsis", no_wrap=col != "COMMAND")
+    for t in tasks:
+        table.add_row(
+            t.task_id, t.user_id, f"[{STATUS_STYLE.get(t.status.value, 'white')}]{t.status.value}[/]",
+            t.worker_id or "-", t.docker_image, (t.command or "")[:60], t.resources.describe(), age(t.created_at),
+            "-" if t.exit_code is None else str(t.exit_code),
+        )
+    return table
+
+
+def worker_table(views: list[WorkerView]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("WORKER", "STATE", "CPUS", "MEMORY", "GPUS", "TASKS", "HEARTBEAT", "LABELS"):
+        table.add_column(col, no_wrap=True)
+    for v in views:
+        w = v.info
+        state = w.state.value if v.alive or w.state.value == "offline" else f"{w.state.value} (silent)"
+        gpus = f"{len(v.used_gpu_ids)}/{len(w.gpu_ids)}" + (f" [{','.join(w.gpu_ids)}]" if w.gpu_ids else "")
+        table.add_row(
+            w.worker_id, state, f"{v.used_cpus:g}/{w.cpus:g}",
+            f"{format_bytes(v.used_memory)}/{format_bytes(w.memory)}", gpus, str(v.tasks),
+            f"{v.heartbeat_age_s:.0f}s ago", ",".join(f"{k}={val}" for k, val in w.labels.items()) or "-",
+        )
+    return table
+
+
+def worker_json(views: list[WorkerView]) -> str:
+    return to_json([
+        {**v.info.to_doc(), "alive": v.alive, "heartbeat_age_s": round(v.heartbeat_age_s, 1),
+         "used_cpus": v.used_cpus, "used_memory": v.used_memory, "used_gpu_ids": v.used_gpu_ids, "tasks": v.tasks}
+        for v in views
+    ])
+
+
+def console() -> Console:
+    return Console(highlight=False, soft_wrap=True)

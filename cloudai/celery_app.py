@@ -1,0 +1,83 @@
+"""The Celery app (``celery -A cloudai worker|beat|flower``): queues, routes, beat schedule, dispatch.
+The only module of ``cloudai`` that imports Celery."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from cloudai import keys
+from cloudai.models import Task
+from cloudai.settings import Settings
+
+settings = Settings.from_env()
+
+
+def result_backend(s: Settings) -> str:
+    """MongoDB when the store is MongoDB, else Redis (DESIGN.md)."""
+    return s.store_url if s.store_url.startswith(("mongodb://", "mongodb+srv://")) else s.redis_url
+
+
+def make_app(s: Settings) -> Celery:
+    celery_app = Celery("cloudai", broker=s.redis_url, backend=result_backend(s),
+                        include=["workers.tasks", "beat.tasks"])
+    tick = max(1.0, s.beat_interval_s)
+    maintenance = {"queue": keys.MAINTENANCE_QUEUE, "expires": tick * 2}
+    celery_app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        # the store owns the task lifecycle: ack on receipt, one message at a time (celery#5935)
+        task_acks_late=False,
+        worker_prefetch_multiplier=1,
+        task_send_sent_event=True,
+        worker_send_task_events=True,
+        task_track_started=True,
+        result_expires=7 * 86400,
+        result_extended=True,
+        timezone="UTC",
+        enable_utc=True,
+        broker_connection_retry_on_startup=True,
+        task_publish_retry=True,
+        task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5,
+                                   "interval_max": 2},
+        task_create_missing_queues=True,
+        task_queues=(Queue(keys.worker_queue(s.worker_id)), Queue(keys.MAINTENANCE_QUEUE)),
+        task_default_queue=keys.MAINTENANCE_QUEUE,
+        worker_hijack_root_logger=False,
+        beat_schedule={
+            "reap-dead-workers": {"task": "cloudai.maintenance.reap", "schedule": tick, "options": maintenance},
+            "place-pending": {"task": "cloudai.maintenance.place_pending", "schedule": tick,
+                              "options": maintenance},
+            "expire-logs": {"task": "cloudai.maintenance.expire_logs", "schedule": 300.0,
+                            "options": {**maintenance, "expires": 300.0}},
+        },
+    )
+    return celery_app
+
+
+app = make_app(settings)
+
+
+def dispatch(task: Task) -> None:
+    """Put a queued task's message on its worker's own queue (never worker_direct: a message to a worker
+    that never started would be dropped)."""
+    assert task.worker_id, "dispatch needs a placed task"
+    app.send_task(
+        keys.RUN_CONTAINER_TASK,
+        args=[task.to_message()],
+        queue=keys.worker_queue(task.worker_id),
+        task_id=f"{task.task_id}.{task.attempt}",
+    )
+
+
+def run_worker(argv: list[str]) -> Any:
+    """``celery worker`` in this process (``cloudai worker start`` and ``cloudai beat``)."""
+    return app.worker_main(["worker", *argv])
+
+
+def run_celery(argv: list[str]) -> Any:
+    """Any celery subcommand (``flower``) in this process."""
+    return app.start(argv)

@@ -1,0 +1,117 @@
+"""The errors users see. Each carries the exit code the CLI returns for it and a message that says
+what went wrong and what to do about it."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Exit codes of the ``cloudai`` command.
+
+    ``monitor``, ``logs -f`` and ``submit -f`` exit with the container's own code (0-255) when the task
+    completed or failed after its container ran; the codes below mark everything else. They follow
+    the conventions of ``docker run`` (125: the container never ran) and GNU ``timeout`` (124).
+    """
+
+    OK = 0
+    ERROR = 1  # any other CloudAI error (not from a container)
+    USAGE = 2  # bad option or value; nothing was recorded
+    LOST = 121  # the worker died or vanished while holding the task
+    NOT_FOUND = 122  # unknown task or worker
+    UNAVAILABLE = 123  # Redis, the store or Docker can't be reached
+    TIMEOUT = 124  # the task ran past its --timeout and was stopped
+    NOT_STARTED = 125  # failed before its container ran (image pull, docker error, no GPU)
+    CANCELLED = 130  # cancelled by a user
+
+
+class CloudAIError(Exception):
+    """Base of every user-facing failure."""
+
+    exit_code: ExitCode = ExitCode.ERROR
+
+
+class ConfigError(CloudAIError):
+    """A CLOUDAI_* variable or a flag has a value we can't use."""
+
+    exit_code = ExitCode.USAGE
+
+
+class ValidationError(CloudAIError):
+    """A value a user typed (resources, durations, env) is not valid."""
+
+    exit_code = ExitCode.USAGE
+
+    def __init__(self, field: str, value: object, accepted: str) -> None:
+        self.field = field
+        self.value = value
+        self.accepted = accepted
+        super().__init__(f"invalid {field} {value!r}: {accepted}")
+
+
+class NotFoundError(CloudAIError):
+    """A task or worker id that the store doesn't know."""
+
+    exit_code = ExitCode.NOT_FOUND
+
+
+class TaskNotFound(NotFoundError):
+    def __init__(self, task_id: str) -> None:
+        self.task_id = task_id
+        super().__init__(f"no task {task_id!r}; `cloudai list` shows your tasks")
+
+
+class WorkerNotFound(NotFoundError):
+    def __init__(self, worker_id: str) -> None:
+        self.worker_id = worker_id
+        super().__init__(f"no worker {worker_id!r}; `cloudai workers` lists the registered ones")
+
+
+class TaskExists(CloudAIError):
+    """A task id that is already recorded."""
+
+
+class PlacementError(CloudAIError):
+    """The task can never run on this cluster as asked (no worker could ever fit it, or the pinned worker
+    is not usable)."""
+
+    exit_code = ExitCode.USAGE
+
+
+class ServiceUnavailable(CloudAIError):
+    """Redis, the store or Docker did not answer."""
+
+    exit_code = ExitCode.UNAVAILABLE
+
+
+class StoreUnavailable(ServiceUnavailable):
+    def __init__(self, url: str, reason: object) -> None:
+        super().__init__(f"task store at {redact(url)} can't be reached: {reason}. Check CLOUDAI_STORE_URL.")
+
+
+class RedisUnavailable(ServiceUnavailable):
+    def __init__(self, url: str, reason: object) -> None:
+        super().__init__(f"Redis at {redact(url)} can't be reached: {reason}. Check CLOUDAI_REDIS_URL.")
+
+
+class DockerUnavailable(ServiceUnavailable):
+    def __init__(self, reason: object) -> None:
+        super().__init__(f"the Docker engine can't be reached: {reason}. Is dockerd running (DOCKER_HOST)?")
+
+
+class ImageError(CloudAIError):
+    """The image is missing and can't (or may not) be pulled."""
+
+
+class RuntimeFailure(CloudAIError):
+    """Docker refused to create or start the container."""
+
+
+def redact(url: str) -> str:
+    """A URL with its password hidden, safe for messages and logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    creds, host = rest.rsplit("@", 1)
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"

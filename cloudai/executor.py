@@ -1,0 +1,303 @@
+"""Runs one task on this worker: claim it (queued -> running), start its container, stream its output to the
+log bus, enforce timeout and cancel, record the outcome, archive the log, clean up. Also re-attaches to a
+container that outlived a worker restart. Knows nothing of Celery."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from cloudai import keys
+from cloudai.errors import CloudAIError, ImageError, RuntimeFailure
+from cloudai.gpus import GpuLeases
+from cloudai.logs import LogBus, LogWriter, archive_line, split_frames
+from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
+from cloudai.runtime import ContainerSpec, DockerRuntime, oom_reason
+from cloudai.settings import Settings
+from cloudai.store import TaskStore
+
+log = logging.getLogger(__name__)
+
+S = TaskStatus
+_DONE = object()
+CHECK_EVERY_S = 0.25  # how often cancel and timeout are checked while a container runs
+
+
+@dataclass(frozen=True)
+class Outcome:
+    status: TaskStatus
+    exit_code: int | None
+    reason: str | None
+    oom_killed: bool = False
+    error_type: str | None = None
+
+
+class Executor:
+    """One per worker process; thread-safe (the Celery pool runs tasks on threads)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: TaskStore,
+        bus: LogBus,
+        runtime: DockerRuntime,
+        redis_client: redis.Redis,
+        after_finish: Callable[[Task], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id
+        self.store = store
+        self.bus = bus
+        self.runtime = runtime
+        self.redis = redis_client
+        self.gpus = GpuLeases(redis_client, self.worker_id)
+        self.after_finish = after_finish
+        self._active: set[str] = set()
+        self._lock = threading.Lock()
+
+    # -- entry points -----------------------------------------------------------------------------------
+    def active(self) -> set[str]:
+        """Task ids this process is running or attached to right now."""
+        with self._lock:
+            return set(self._active)
+
+    def _claim_local(self, task_id: str) -> bool:
+        with self._lock:
+            if task_id in self._active:
+                return False
+            self._active.add(task_id)
+            return True
+
+    def _unclaim_local(self, task_id: str) -> None:
+        with self._lock:
+            self._active.discard(task_id)
+
+    def run(self, message: dict[str, Any]) -> str:
+        """Handle one queue message. A message for a task that is not ``queued`` on this worker (a duplicate
+        delivery, a cancelled task, a task placed elsewhere since) does nothing. Returns the final status."""
+        task_id = str(message["task_id"])
+        if not self._claim_local(task_id):
+            return "skipped"
+        try:
+            return self._run(task_id)
+        finally:
+            self._unclaim_local(task_id)
+
+    def attach(self, task: Task, container_id: str) -> str:
+        """Resume supervising a container this worker started before it restarted."""
+        if not self._claim_local(task.task_id):
+            return "skipped"
+        try:
+            writer = self.bus.writer(task.task_id)
+            log.info("re-attaching to task %s (container %s, %d lines already streamed)",
+                     task.task_id, container_id[:12], writer.published)
+            return self._supervise(task, container_id, writer).value
+        except Exception as exc:  # never leave a task stuck in running
+            log.exception("re-attach of %s failed", task.task_id)
+            return self._finish(task, container_id, Outcome(S.FAILED, None, f"worker error: {exc}", False,
+                                                            "WorkerError")).value
+        finally:
+            self._unclaim_local(task.task_id)
+
+    # -- the run ----------------------------------------------------------------------------------------
+    def _run(self, task_id: str) -> str:
+        task = self.store.get_task(task_id)
+        if task is None:
+            log.warning("message for unknown task %s ignored", task_id)
+            return "unknown"
+        if task.status != S.QUEUED or task.worker_id != self.worker_id:
+            log.info("message for task %s ignored: it is %s on %s", task_id, task.status.value, task.worker_id)
+            return "skipped"
+        held = self.gpus.acquire(task_id, task.gpu_ids, self._holder_is_live)
+        if held:
+            if self.store.transition(task_id, S.QUEUED, S.FAILED, completed_at=utcnow(),
+                                     error=TaskError("GpuBusy", held)):
+                self.bus.end(task_id, S.FAILED.value, None, held)
+            return S.FAILED.value
+        if not self.store.transition(task_id, S.QUEUED, S.RUNNING, worker_id=self.worker_id):
+            self.gpus.release(task_id, task.gpu_ids)
+            return "skipped"
+        task.status = S.RUNNING
+        container_id: str | None = None
+        try:
+            self.runtime.ensure_image(task.docker_image, task.pull_policy)
+            container_id = self.runtime.create(self._container_spec(task))
+            writer = self.bus.writer(task_id)
+            task.log_base = writer.published  # lines of earlier attempts, if this is a retry
+            self.store.update_task(task_id, S.RUNNING, container_id=container_id, log_base=task.log_base)
+            if self.redis.exists(keys.cancel_flag(task_id)):
+                return self._finish(task, container_id, Outcome(S.CANCELLED, None, "cancelled before start")).value
+            self.runtime.start(container_id)
+            self.store.update_task(task_id, S.RUNNING, started_at=utcnow())
+        except (ImageError, RuntimeFailure) as exc:
+            outcome = Outcome(S.FAILED, None, str(exc), False, type(exc).__name__)
+            return self._finish(task, container_id, outcome).value
+        except Exception as exc:
+            log.exception("task %s could not start", task_id)
+            outcome = Outcome(S.FAILED, None, f"worker error: {exc}", False, "WorkerError")
+            return self._finish(task, container_id, outcome).value
+        try:
+            return self._supervise(task, container_id, writer).value
+        except Exception as exc:
+            log.exception("supervising task %s failed", task_id)
+            outcome = Outcome(S.FAILED, None, f"worker error: {exc}", False, "WorkerError")
+            return self._finish(task, container_id, outcome).value
+
+    def _holder_is_live(self, holder: str) -> bool:
+        other = self.store.get_task(holder)
+        return bool(other and other.status in LIVE and other.worker_id == self.worker_id)
+
+    def _container_spec(self, task: Task) -> ContainerSpec:
+        return ContainerSpec(
+            image=task.docker_image,
+            command=task.command,
+            cpus=task.req_cpu,
+            memory=task.memory_bytes,
+            task_id=task.task_id,
+            worker_id=self.worker_id,
+            gpu_ids=list(task.gpu_ids),
+            env=dict(task.env),
+            workdir=task.workdir,
+            labels=dict(task.labels),
+            storage=task.resources.storage,
+            pids_limit=self.settings.pids_limit,
+            network=self.settings.docker_network,
+            name=f"cloudai-{task.task_id}-{task.attempt}",
+        )
+
+    def _supervise(self, task: Task, container_id: str, writer: LogWriter) -> TaskStatus:
+        """Pump log lines until the container ends, enforcing timeout and cancel; then finish."""
+        lines: queue.Queue[Any] = queue.Queue(maxsize=20000)
+        reader = threading.Thread(
+            target=self._read_lines, args=(container_id, writer.published - task.log_base, lines), daemon=True,
+            name=f"logs-{task.task_id}",
+        )
+        reader.start()
+        started = task.started_at or utcnow()
+        deadline = started.timestamp() + task.timeout_s if task.timeout_s else None
+        stop_reason: Outcome | None = None
+        next_check = 0.0
+        while True:
+            try:
+                item = lines.get(timeout=BATCH_WAIT)
+                done = item is _DONE
+                if not done:
+                    writer.add(*item)
+                    while True:  # take what's there without waiting: one flush per batch
+                        item = lines.get_nowait()
+                        if item is _DONE:
+                            done = True
+                            break
+                        writer.add(*item)
+            except queue.Empty:
+                done = False
+            writer.flush_if_due()
+            if done:
+                break
+            now = time.monotonic()
+            if stop_reason is None and now >= next_check:
+                next_check = now + CHECK_EVERY_S
+                stop_reason = self._should_stop(task, deadline)
+                if stop_reason is not None:
+                    # stop in the background: output keeps flowing while the container gets its grace period
+                    threading.Thread(target=self.runtime.stop, args=(container_id, self.settings.stop_grace_s),
+                                     daemon=True).start()
+        writer.flush()
+        exit_code = self.runtime.wait(container_id)
+        state = self.runtime.exit_state(container_id)
+        return self._finish(task, container_id, self._outcome(task, exit_code, state.oom_killed, stop_reason))
+
+    def _read_lines(self, container_id: str, skip: int, out: queue.Queue[Any]) -> None:
+        """Docker's log of the container, split into lines, from line ``skip + 1``. A broken stream is reopened
+        (skipping what was read) while the container runs."""
+        consumed = skip
+        try:
+            while True:
+                n = 0
+                for text, ts in split_frames(self.runtime.stream_frames(container_id)):
+                    n += 1
+                    if n > consumed:
+                        consumed = n
+                        out.put((text, ts))
+                if not self.runtime.is_running(container_id):
+                    break
+                time.sleep(0.2)
+        except Exception:
+            log.exception("log stream of %s broke", container_id[:12])
+        finally:
+            out.put(_DONE)
+
+    def _should_stop(self, task: Task, deadline: float | None) -> Outcome | None:
+        if self.redis.exists(keys.cancel_flag(task.task_id)):
+            who = self.redis.get(keys.cancel_flag(task.task_id)) or "a user"
+            return Outcome(S.CANCELLED, None, f"cancelled by {_text(who)}", False, "Cancelled")
+        if deadline is not None and time.time() >= deadline:
+            return Outcome(S.TIMEOUT, None, f"timed out after {task.timeout_s:g}s and was stopped", False, "Timeout")
+        return None
+
+    @staticmethod
+    def _outcome(task: Task, exit_code: int, oom: bool, stopped: Outcome | None) -> Outcome:
+        if stopped is not None:
+            return Outcome(stopped.status, exit_code, stopped.reason, oom, stopped.error_type)
+        if oom:
+            return Outcome(S.FAILED, exit_code, oom_reason(task.memory_bytes), True, "OutOfMemory")
+        if exit_code == 0:
+            return Outcome(S.COMPLETED, 0, None)
+        return Outcome(S.FAILED, exit_code, f"exited with code {exit_code}", False, "NonZeroExit")
+
+    def _finish(self, task: Task, container_id: str | None, outcome: Outcome) -> TaskStatus:
+        """Archive the log, record the outcome (compare-and-set from running), close the log, clean up."""
+        task_id = task.task_id
+        try:
+            if container_id:
+                self._archive(task, container_id)
+            error = TaskError(outcome.error_type or outcome.status.value, outcome.reason) if outcome.reason else None
+            won = self.store.transition(
+                task_id, S.RUNNING, outcome.status, exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
+                completed_at=utcnow(), error=error,
+            )
+            final = self.store.get_task(task_id) if not won else None
+            status = outcome.status if won or final is None else final.status
+            reason = outcome.reason if won or final is None or final.error is None else final.error.message
+            exit_code = outcome.exit_code if won or final is None else final.exit_code
+            self.bus.end(task_id, status.value, exit_code, reason)
+            self.bus.expire(task_id, self.settings.log_retention_s)
+            return status
+        finally:
+            if container_id:
+                try:
+                    self.runtime.remove(container_id)
+                except Exception:
+                    log.exception("could not remove container %s", container_id[:12])
+            self.gpus.release(task_id, task.gpu_ids)
+            self.redis.delete(keys.cancel_flag(task_id))
+            if self.after_finish is not None:
+                try:
+                    self.after_finish(task)
+                except Exception:
+                    log.exception("after-finish hook failed for %s", task_id)
+
+    def _archive(self, task: Task, container_id: str) -> None:
+        """Docker's own log of the container is the source of truth for the archive (after the lines of
+        earlier attempts, which only the stream still has)."""
+        try:
+            earlier = [archive_line(ln.text, ln.ts) for ln in self.bus.history(task.task_id, task.log_base)
+                       ] if task.log_base else []
+            frames = self.runtime.stream_frames(container_id, follow=False)
+            self.store.save_log(task.task_id, earlier + [archive_line(t, ts) for t, ts in split_frames(frames)])
+        except Exception:
+            log.exception("could not archive the log of %s", task.task_id)
+
+
+BATCH_WAIT = 0.05
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,279 @@
+"""The log bus on Redis.
+
+Per task: a Redis Stream ``cloudai:logs:<task_id>`` whose entry ids are ``<seq>-0`` (seq = 1, 2, ... per
+line) followed by one end marker carrying the final status, and a pub/sub channel of the same name that gets
+each batch for live listeners. Followers read the stream with ``XREAD BLOCK`` from the last id they saw, so
+history and live tail join with no gap and no duplicate, and a dropped connection resumes where it stopped.
+
+Lines: Docker's output is split on ``\\n``; a line longer than :data:`MAX_LINE_BYTES` is split into chunks of
+that size, each delivered as its own line; ``\\r`` progress updates (tqdm) collapse to the last state of the
+line; invalid UTF-8 becomes U+FFFD. Archived lines are ``"<RFC 3339 timestamp> <text>"``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import redis
+
+from cloudai import keys
+from cloudai.errors import RedisUnavailable
+
+log = logging.getLogger(__name__)
+
+MAX_LINE_BYTES = 64 * 1024
+BATCH_LINES = 500
+BATCH_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class LogLine:
+    seq: int
+    text: str
+    ts: str = ""
+
+
+@dataclass(frozen=True)
+class LogEnd:
+    """The end marker: the task's final status, its container's exit code and a readable reason."""
+
+    status: str
+    exit_code: int | None = None
+    reason: str | None = None
+
+
+LogEvent = LogLine | LogEnd
+
+
+class LineSplitter:
+    """Turns Docker log frames into lines, deterministically (a re-attaching worker re-splits the same
+    frames into the same lines and skips the ones already published)."""
+
+    def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
+        self.max_line = max_line
+        self._buf = bytearray()
+        self._ts = ""
+
+    def feed(self, payload: bytes, ts: str = "") -> list[tuple[str, str]]:
+        if not self._buf:
+            self._ts = ts
+        self._buf += payload
+        out: list[tuple[str, str]] = []
+        while True:
+            end = self._buf.find(b"\n")
+            if end < 0:
+                break
+            out.append((_text(bytes(self._buf[:end])), self._ts))
+            del self._buf[: end + 1]
+            self._ts = ts
+        while len(self._buf) >= self.max_line:
+            cut = _utf8_boundary(self._buf, self.max_line)
+            out.append((_text(bytes(self._buf[:cut])), self._ts))
+            del self._buf[:cut]
+            self._ts = ts
+        return out
+
+    def close(self) -> list[tuple[str, str]]:
+        """The last line, when the output did not end with a newline."""
+        if not self._buf:
+            return []
+        rest = (_text(bytes(self._buf)), self._ts)
+        self._buf.clear()
+        return [rest]
+
+
+def _utf8_boundary(buf: bytearray, limit: int) -> int:
+    cut = limit
+    while cut > limit - 4 and cut > 0 and (buf[cut] & 0xC0) == 0x80:
+        cut -= 1
+    return cut if cut > 0 else limit
+
+
+def _text(raw: bytes) -> str:
+    if b"\r" in raw:
+        # what a terminal would show: the last non-empty state of a \r-updated line
+        parts = [p for p in raw.split(b"\r") if p]
+        raw = parts[-1] if parts else b""
+    return raw.decode("utf-8", errors="replace")
+
+
+def split_frames(frames: Iterable[bytes]) -> Iterator[tuple[str, str]]:
+    """Lines from Docker log frames fetched with ``timestamps=True`` (``b"<ts> <payload>"`` each)."""
+    splitter = LineSplitter()
+    for frame in frames:
+        ts, _, payload = frame.partition(b" ")
+        yield from splitter.feed(payload, ts.decode("ascii", "replace"))
+    yield from splitter.close()
+
+
+def archive_line(text: str, ts: str) -> str:
+    return f"{ts or '-'} {text}"
+
+
+def parse_archive_line(line: str) -> tuple[str, str]:
+    """``(ts, text)`` from an archived line."""
+    ts, _, text = line.partition(" ")
+    return ("" if ts == "-" else ts), text
+
+
+def _entry_id(seq: int) -> str:
+    return f"{seq}-0"
+
+
+def _seq(entry_id: str) -> int:
+    return int(entry_id.split("-", 1)[0])
+
+
+class LogBus:
+    """Appends, ends, reads and expires task logs on Redis."""
+
+    def __init__(self, client: redis.Redis, maxlen: int = 1_000_000, url: str = "redis://") -> None:
+        self.redis = client
+        self.maxlen = maxlen
+        self.url = url
+
+    @classmethod
+    def from_url(cls, url: str, maxlen: int = 1_000_000) -> LogBus:
+        client = redis.Redis.from_url(
+            url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5, health_check_interval=15
+        )
+        return cls(client, maxlen, url)
+
+    def _guard(self, exc: Exception) -> RedisUnavailable:
+        return RedisUnavailable(self.url, exc)
+
+    def last_entry(self, task_id: str) -> tuple[int, LogEvent | None]:
+        """The last seq used and the last event (an end marker if the log is closed)."""
+        try:
+            entries = self.redis.xrevrange(keys.log_stream(task_id), count=1)
+        except redis.RedisError as exc:
+            raise self._guard(exc) from exc
+        if not entries:
+            return 0, None
+        entry_id, fields = entries[0]
+        return _seq(entry_id), _event(entry_id, fields)
+
+    def writer(self, task_id: str, next_seq: int | None = None) -> LogWriter:
+        if next_seq is None:
+            next_seq = self.last_entry(task_id)[0] + 1
+        return LogWriter(self, task_id, next_seq)
+
+    def end(self, task_id: str, status: str, exit_code: int | None = None, reason: str | None = None) -> bool:
+        """Close a task's log with its final status; a log already closed stays as it is."""
+        seq, last = self.last_entry(task_id)
+        if isinstance(last, LogEnd):
+            return False
+        fields = {"end": "1", "status": status, "exit_code": "" if exit_code is None else str(exit_code),
+                  "reason": reason or ""}
+        key = keys.log_stream(task_id)
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.xadd(key, fields, id=_entry_id(seq + 1))
+            pipe.publish(key, json.dumps({"end": fields}))
+            pipe.execute()
+        except redis.ResponseError:
+            return False  # someone else closed it a moment ago
+        except redis.RedisError as exc:
+            raise self._guard(exc) from exc
+        return True
+
+    def expire(self, task_id: str, seconds: float) -> None:
+        self.redis.expire(keys.log_stream(task_id), max(1, int(seconds)))
+
+    def exists(self, task_id: str) -> bool:
+        return bool(self.redis.exists(keys.log_stream(task_id)))
+
+    def read(self, task_id: str, after_seq: int = 0, block_ms: int | None = None, count: int = 1000) -> list[LogEvent]:
+        """Events after ``after_seq``; with ``block_ms``, wait that long for the first one."""
+        key = keys.log_stream(task_id)
+        try:
+            reply = self.redis.xread({key: _entry_id(after_seq)}, count=count, block=block_ms)
+        except redis.RedisError as exc:
+            raise self._guard(exc) from exc
+        if not reply:
+            return []
+        events: list[LogEvent] = []
+        for _key, entries in reply:  # RESP2: [[key, [(id, fields), ...]]]
+            for entry_id, fields in entries:
+                events.append(_event(entry_id, fields))
+        return events
+
+    def history(self, task_id: str, upto_seq: int | None = None) -> list[LogLine]:
+        """Every line the stream still holds (up to ``upto_seq``), without waiting."""
+        lines: list[LogLine] = []
+        after = 0
+        while True:
+            events = self.read(task_id, after, None, 5000)
+            if not events:
+                return lines
+            for event in events:
+                if isinstance(event, LogEnd) or (upto_seq is not None and event.seq > upto_seq):
+                    return lines
+                lines.append(event)
+                after = event.seq
+
+
+def _event(entry_id: str, fields: dict[str, str]) -> LogEvent:
+    if fields.get("end"):
+        code = fields.get("exit_code") or ""
+        return LogEnd(fields.get("status", ""), int(code) if code else None, fields.get("reason") or None)
+    return LogLine(_seq(entry_id), fields.get("l", ""), fields.get("t", ""))
+
+
+class LogWriter:
+    """Batches a task's lines into pipelined XADD + PUBLISH (never one round-trip per line)."""
+
+    def __init__(self, bus: LogBus, task_id: str, next_seq: int) -> None:
+        self.bus = bus
+        self.task_id = task_id
+        self.key = keys.log_stream(task_id)
+        self.next_seq = next_seq
+        self._pending: list[tuple[int, str, str]] = []
+        self._first_at = 0.0
+
+    @property
+    def published(self) -> int:
+        """How many lines this log holds once pending ones are flushed."""
+        return self.next_seq - 1
+
+    def add(self, text: str, ts: str = "") -> None:
+        if not self._pending:
+            self._first_at = time.monotonic()
+        self._pending.append((self.next_seq, text, ts))
+        self.next_seq += 1
+        if len(self._pending) >= BATCH_LINES:
+            self.flush()
+
+    def flush_if_due(self) -> None:
+        if self._pending and time.monotonic() - self._first_at >= BATCH_SECONDS:
+            self.flush()
+
+    def flush(self, attempts: int = 20) -> None:
+        """Write pending lines; on a Redis error retry (with back-off) without writing any line twice."""
+        delay = 0.1
+        for attempt in range(attempts):
+            if not self._pending:
+                return
+            try:
+                pipe = self.bus.redis.pipeline(transaction=False)
+                for seq, text, ts in self._pending:
+                    pipe.xadd(self.key, {"l": text, "t": ts}, id=_entry_id(seq),
+                              maxlen=self.bus.maxlen, approximate=True)
+                pipe.publish(self.key, json.dumps({"first": self._pending[0][0], "lines": [p[1] for p in self._pending]}))
+                pipe.execute()
+                self._pending.clear()
+                return
+            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
+                log.warning("log flush for %s failed (%s), attempt %d", self.task_id, exc, attempt + 1)
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+                try:  # part of the pipeline may have landed: drop what the stream already has
+                    last, _ = self.bus.last_entry(self.task_id)
+                    self._pending = [p for p in self._pending if p[0] > last]
+                except RedisUnavailable:
+                    pass
+        raise RedisUnavailable(self.bus.url, f"could not write log lines of task {self.task_id}")

@@ -1,0 +1,124 @@
+"""Cluster maintenance run by beat: dead workers, lost tasks, pending placement, log retention.
+Each job holds a Redis lock so two beats never act twice."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import redis
+
+from cloudai import keys
+from cloudai.logs import LogBus, archive_line
+from cloudai.models import LIVE, Task, TaskError, TaskStatus, WorkerState, utcnow
+from cloudai.scheduler import Scheduler
+from cloudai.settings import Settings
+from cloudai.store import TaskStore
+
+log = logging.getLogger(__name__)
+S = TaskStatus
+
+
+@contextmanager
+def job_lock(client: redis.Redis, name: str, ttl_s: float) -> Iterator[bool]:
+    """Yields whether this process got the job's lock; the lock expires on its own if we die."""
+    lock = client.lock(keys.lock(name), timeout=max(1.0, ttl_s), blocking=False)
+    got = lock.acquire(blocking=False)
+    try:
+        yield bool(got)
+    finally:
+        if got:
+            try:
+                lock.release()
+            except redis.exceptions.LockError:
+                pass
+
+
+def lose_task(store: TaskStore, bus: LogBus, task: Task, reason: str) -> TaskStatus | None:
+    """A task whose worker died: a new attempt (pending, same id) when retries are left, else ``lost``.
+    Returns the new status, or None when the task had moved on meanwhile."""
+    expected = [task.status] if task.status in LIVE else [S.QUEUED, S.RUNNING]
+    if task.attempt <= task.retries:
+        note = f"{reason}; retrying (attempt {task.attempt + 1} of {task.retries + 1})"
+        if store.transition(task.task_id, expected, S.PENDING, attempt=task.attempt + 1, worker_id=None,
+                            gpu_ids=[], container_id=None, started_at=None, pending_reason=note,
+                            error=TaskError("Lost", reason)):
+            writer = bus.writer(task.task_id)
+            writer.add(f"[cloudai] {note}")
+            writer.flush()
+            return S.PENDING
+        return None
+    if store.transition(task.task_id, expected, S.LOST, completed_at=utcnow(), error=TaskError("Lost", reason)):
+        bus.end(task.task_id, S.LOST.value, None, reason)
+        return S.LOST
+    return None
+
+
+class Maintenance:
+    """The jobs beat runs on every tick."""
+
+    def __init__(self, settings: Settings, store: TaskStore, bus: LogBus, scheduler: Scheduler) -> None:
+        self.settings = settings
+        self.store = store
+        self.bus = bus
+        self.redis = bus.redis
+        self.scheduler = scheduler
+
+    def reap(self) -> dict[str, list[str]]:
+        """Workers silent for longer than the heartbeat timeout go offline; the live tasks of workers that are
+        not alive become lost (or are retried)."""
+        done: dict[str, list[str]] = {"offline": [], "lost": [], "retried": []}
+        with job_lock(self.redis, "reap", self.settings.heartbeat_timeout_s) as got:
+            if not got:
+                return done
+            now = utcnow()
+            timeout = self.settings.heartbeat_timeout_s
+            workers = {w.worker_id: w for w in self.store.list_workers()}
+            for worker in workers.values():
+                if worker.state != WorkerState.OFFLINE and not worker.alive(now, timeout):
+                    if self.store.set_worker_state(worker.worker_id, WorkerState.OFFLINE, worker.state):
+                        log.warning("worker %s missed heartbeats since %s: offline", worker.worker_id,
+                                    worker.last_heartbeat.isoformat())
+                        done["offline"].append(worker.worker_id)
+            for task in self.store.list_tasks(status=LIVE, limit=None):
+                worker = workers.get(task.worker_id or "")
+                if worker is not None and worker.alive(now, timeout):
+                    continue
+                if worker is None:
+                    reason = f"worker {task.worker_id} is no longer registered"
+                else:
+                    age = (now - worker.last_heartbeat).total_seconds()
+                    reason = f"worker {task.worker_id} stopped heartbeating {age:.0f}s ago"
+                new = lose_task(self.store, self.bus, task, reason)
+                if new == S.PENDING:
+                    done["retried"].append(task.task_id)
+                elif new == S.LOST:
+                    done["lost"].append(task.task_id)
+        if done["retried"] or done["lost"]:
+            self.scheduler.place_pending()
+        return done
+
+    def place_pending(self) -> list[str]:
+        return [t.task_id for t in self.scheduler.place_pending()]
+
+    def expire_logs(self) -> list[str]:
+        """Give finished tasks' log streams a TTL of the retention period (archiving the stream first when the
+        worker could not: a lost task). Streams of tasks the store doesn't know are expired too."""
+        expired: list[str] = []
+        with job_lock(self.redis, "retention", 300) as got:
+            if not got:
+                return expired
+            for key in self.redis.scan_iter(match=keys.log_stream("*"), count=500, _type="stream"):
+                if self.redis.ttl(key) != -1:
+                    continue
+                task_id = key.rsplit(":", 1)[-1]
+                task = self.store.get_task(task_id)
+                if task is not None and not task.status.terminal:
+                    continue
+                if task is not None and self.store.read_log(task_id) is None:
+                    self.store.save_log(task_id, [archive_line(ln.text, ln.ts) for ln in self.bus.history(task_id)])
+                age = (utcnow() - (task.completed_at or task.created_at)).total_seconds() if task else 0.0
+                self.bus.expire(task_id, max(1.0, self.settings.log_retention_s - age))
+                expired.append(task_id)
+        return expired

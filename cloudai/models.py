@@ -1,0 +1,338 @@
+"""Value objects: resources as users type them, task specs and records, workers, the task lifecycle."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import shlex
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import Enum
+from typing import Any
+
+from cloudai.errors import ValidationError
+
+GiB = 1024**3
+MiB = 1024**2
+MIN_MEMORY = 6 * MiB  # Docker refuses smaller memory limits
+MAX_CPUS = 1024.0
+MAX_GPUS = 64
+
+_UNITS = {"": GiB, "b": 1, "k": 1024, "m": MiB, "g": GiB, "t": 1024**4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([bkmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_SIZE_FORMS = "use a size such as 512m, 4g, 4GiB or 1.5g (k/m/g/t are powers of 1024); a bare number means GB"
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])", re.IGNORECASE)
+_DURATION_FORMS = "use seconds (90) or units s/m/h/d such as 30s, 30m, 2h, 1h30m"
+
+
+def utcnow() -> datetime:
+    """Timezone-aware UTC now; every timestamp we store is one of these."""
+    return datetime.now(UTC)
+
+
+def parse_size(value: str | float | int, field_name: str = "memory") -> int:
+    """Bytes from ``512m``, ``4g``, ``4GiB``, ``4GB`` or a bare number of GB (the seed's ``-mem 4.0``)."""
+    if isinstance(value, bool):
+        raise ValidationError(field_name, value, _SIZE_FORMS)
+    if isinstance(value, int | float):
+        number, unit = float(value), ""
+    else:
+        match = _SIZE_RE.match(str(value))
+        if not match:
+            raise ValidationError(field_name, value, _SIZE_FORMS)
+        number, unit = float(match.group(1)), match.group(2).lower()
+    size = number * _UNITS[unit]
+    if not math.isfinite(size) or size <= 0:
+        raise ValidationError(field_name, value, "must be more than 0; " + _SIZE_FORMS)
+    return int(size)
+
+
+def parse_cpus(value: str | float | int) -> float:
+    """CPU cores as ``docker run --cpus`` takes them: ``2``, ``0.5``."""
+    try:
+        cpus = float(value)
+    except (TypeError, ValueError):
+        raise ValidationError("cpus", value, "use a number of cores such as 2 or 0.5") from None
+    if not math.isfinite(cpus) or cpus <= 0 or cpus > MAX_CPUS:
+        raise ValidationError("cpus", value, f"must be more than 0 and at most {MAX_CPUS:g}, such as 2 or 0.5")
+    if round(cpus * 1e9) < 1e6:
+        raise ValidationError("cpus", value, "the smallest share Docker enforces is 0.001 cores")
+    return cpus
+
+
+def parse_gpus(value: str | float | int) -> int:
+    """A whole number of GPUs, 0 to 64 (the seed's ``-gpu_cores 1.0`` is accepted when whole)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValidationError("gpus", value, f"use a whole number of GPUs from 0 to {MAX_GPUS}") from None
+    if not number.is_integer() or not 0 <= number <= MAX_GPUS:
+        raise ValidationError("gpus", value, f"use a whole number of GPUs from 0 to {MAX_GPUS} (GPUs are not shared)")
+    return int(number)
+
+
+def parse_duration(value: str | float | int | None) -> float | None:
+    """Seconds from ``90``, ``30s``, ``30m``, ``2h``, ``1h30m``; ``None``/``0`` mean no limit."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION_RE.findall(text)
+            if not parts or _DURATION_RE.sub("", text).strip():
+                raise ValidationError("timeout", value, _DURATION_FORMS) from None
+            scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+            seconds = sum(float(n) * scale[u.lower()] for n, u in parts)
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValidationError("timeout", value, _DURATION_FORMS)
+    return seconds or None
+
+
+def format_bytes(size: int | None) -> str:
+    """``64 MiB``, ``4 GiB``, ``1.5 GiB``: how limits are shown back to users."""
+    if size is None:
+        return "-"
+    for unit, scale in (("TiB", 1024**4), ("GiB", GiB), ("MiB", MiB), ("KiB", 1024)):
+        if size >= scale:
+            return f"{size / scale:.4g} {unit}"
+    return f"{size} B"
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a task asks for. Memory and storage are bytes; GPUs are whole devices."""
+
+    cpus: float = 1.0
+    memory: int = GiB
+    gpus: int = 0
+    storage: int | None = None
+
+    @classmethod
+    def parse(
+        cls,
+        cpus: str | float | None = None,
+        memory: str | float | None = None,
+        gpus: str | int | None = None,
+        storage: str | float | None = None,
+    ) -> Resources:
+        """Resources from what a user typed; ``None`` keeps the default. Raises :class:`ValidationError`."""
+        default = cls()
+        mem = default.memory if memory is None else parse_size(memory, "memory")
+        if mem < MIN_MEMORY:
+            raise ValidationError("memory", memory, "Docker needs at least 6m; " + _SIZE_FORMS)
+        return cls(
+            cpus=default.cpus if cpus is None else parse_cpus(cpus),
+            memory=mem,
+            gpus=default.gpus if gpus is None else parse_gpus(gpus),
+            storage=None if storage is None else parse_size(storage, "storage"),
+        )
+
+    def describe(self) -> str:
+        text = f"{self.cpus:g} CPU, {format_bytes(self.memory)}"
+        if self.gpus:
+            text += f", {self.gpus} GPU"
+        if self.storage:
+            text += f", {format_bytes(self.storage)} disk"
+        return text
+
+
+class TaskStatus(str, Enum):
+    """The task lifecycle of DESIGN.md."""
+
+    PENDING = "pending"
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    LOST = "lost"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+    def can_become(self, new: TaskStatus) -> bool:
+        return new in TRANSITIONS[self]
+
+
+TERMINAL = frozenset(
+    {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.TIMEOUT, TaskStatus.LOST}
+)
+LIVE = frozenset({TaskStatus.QUEUED, TaskStatus.RUNNING})  # these hold a reservation on their worker
+S = TaskStatus
+TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    # pending <- queued/running: a lost task requeued as a new attempt (same id)
+    S.PENDING: frozenset({S.QUEUED, S.CANCELLED, S.FAILED}),
+    S.QUEUED: frozenset({S.RUNNING, S.CANCELLED, S.FAILED, S.LOST, S.PENDING}),
+    S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED, S.TIMEOUT, S.LOST, S.PENDING}),
+    **{t: frozenset() for t in TERMINAL},
+}
+
+
+def new_task_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+def join_command(args: list[str] | tuple[str, ...]) -> str | None:
+    """The shell command run as ``/bin/sh -c``: one argument is taken as written, several are quoted."""
+    if not args:
+        return None
+    if len(args) == 1:
+        return args[0]
+    return shlex.join(args)
+
+
+@dataclass
+class TaskError:
+    type: str
+    message: str
+
+
+@dataclass
+class Task:
+    """A task record as the store keeps it (the seed's fields plus DESIGN.md's)."""
+
+    task_id: str
+    user_id: str
+    docker_image: str
+    command: str | None = None
+    req_cpu: float = 1.0
+    req_memory: float = 1.0  # GB, as in the seed
+    req_storage: float | None = None  # GB
+    req_gpu: int = 0
+    status: TaskStatus = TaskStatus.PENDING
+    created_at: datetime = field(default_factory=utcnow)
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    worker_id: str | None = None
+    container_id: str | None = None
+    exit_code: int | None = None
+    oom_killed: bool = False
+    error: TaskError | None = None
+    gpu_ids: list[str] = field(default_factory=list)
+    attempt: int = 1
+    retries: int = 0
+    timeout_s: float | None = None
+    env: dict[str, str] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    name: str | None = None
+    pinned_worker: str | None = None
+    constraints: dict[str, str] = field(default_factory=dict)
+    priority: int = 0
+    pull_policy: str = "missing"
+    pending_reason: str | None = None
+    log_base: int = 0  # log lines of earlier attempts: this attempt's container output starts after them
+
+    @property
+    def resources(self) -> Resources:
+        return Resources(
+            cpus=self.req_cpu,
+            memory=int(round(self.req_memory * GiB)),
+            gpus=self.req_gpu,
+            storage=None if self.req_storage is None else int(round(self.req_storage * GiB)),
+        )
+
+    @property
+    def memory_bytes(self) -> int:
+        return int(round(self.req_memory * GiB))
+
+    def to_doc(self) -> dict[str, Any]:
+        """A plain dict for the store (datetimes kept as datetimes, enums as strings)."""
+        doc = dataclasses.asdict(self)
+        doc["status"] = self.status.value
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Task:
+        names = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in doc.items() if k in names}
+        data["status"] = TaskStatus(data["status"])
+        if data.get("error"):
+            data["error"] = TaskError(**data["error"])
+        for key in ("created_at", "started_at", "completed_at"):
+            data[key] = as_utc(data.get(key))
+        return cls(**data)
+
+    def to_message(self) -> dict[str, Any]:
+        """The full spec carried by the queue message (JSON), readable in Flower."""
+        return {
+            "task_id": self.task_id,
+            "user": self.user_id,
+            "image": self.docker_image,
+            "command": self.command,
+            "cpus": self.req_cpu,
+            "memory": format_bytes(self.memory_bytes),
+            "gpu_ids": list(self.gpu_ids),
+            "timeout_s": self.timeout_s,
+            "attempt": self.attempt,
+            "worker_id": self.worker_id,
+        }
+
+
+def as_utc(value: Any) -> datetime | None:
+    """Stores hand back naive datetimes (Mongo) or ISO strings (SQLite); make them aware UTC."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value.astimezone(UTC)
+
+
+class WorkerState(str, Enum):
+    ACTIVE = "active"
+    DRAINING = "draining"
+    OFFLINE = "offline"
+
+
+@dataclass
+class WorkerInfo:
+    """A registered worker host and what it offers."""
+
+    worker_id: str
+    hostname: str
+    queue: str
+    cpus: float
+    memory: int  # bytes
+    gpu_ids: list[str] = field(default_factory=list)
+    labels: dict[str, str] = field(default_factory=dict)
+    state: WorkerState = WorkerState.ACTIVE
+    last_heartbeat: datetime = field(default_factory=utcnow)
+    started_at: datetime = field(default_factory=utcnow)
+
+    def to_doc(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        doc["state"] = self.state.value
+        return doc
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> WorkerInfo:
+        names = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in doc.items() if k in names}
+        data["state"] = WorkerState(data["state"])
+        data["last_heartbeat"] = as_utc(data["last_heartbeat"])
+        data["started_at"] = as_utc(data["started_at"])
+        return cls(**data)
+
+    def alive(self, now: datetime, timeout_s: float) -> bool:
+        """Not offline and heard from within ``timeout_s``."""
+        return self.state != WorkerState.OFFLINE and (now - self.last_heartbeat).total_seconds() <= timeout_s
+
+
+@dataclass
+class Assignment:
+    """The seed's assignment row: which worker a task was placed on."""
+
+    ass_id: str
+    task_id: str
+    worker_id: str
+    assigned_at: datetime = field(default_factory=utcnow)

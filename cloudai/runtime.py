@@ -1,0 +1,200 @@
+"""Docker runtime: create, start, stream, wait, inspect, stop and remove resource-limited containers.
+Knows nothing of Celery or the store."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import docker
+import docker.errors
+import requests.exceptions
+from docker.types import DeviceRequest
+
+from cloudai import keys
+from cloudai.errors import DockerUnavailable, ImageError, RuntimeFailure
+from cloudai.models import format_bytes
+
+log = logging.getLogger(__name__)
+
+PULL_POLICIES = ("missing", "always", "never")
+
+
+@dataclass
+class ContainerSpec:
+    """What to run and with which limits."""
+
+    image: str
+    command: str | None
+    cpus: float
+    memory: int  # bytes; swap is disabled (memswap == memory)
+    task_id: str
+    worker_id: str
+    gpu_ids: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+    workdir: str | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    storage: int | None = None
+    pids_limit: int = 4096
+    network: str | None = None
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class ExitState:
+    exit_code: int
+    oom_killed: bool
+    error: str
+
+
+def host_config_args(spec: ContainerSpec) -> dict[str, Any]:
+    """Arguments of ``create_host_config`` for ``spec``: exactly the limits the task asked for."""
+    args: dict[str, Any] = {
+        "nano_cpus": int(round(spec.cpus * 1e9)),
+        "mem_limit": spec.memory,
+        "memswap_limit": spec.memory,  # equal: no swap, so an OOM kill is an OOM kill
+        "pids_limit": spec.pids_limit,
+        "privileged": False,
+        "security_opt": ["no-new-privileges"],
+    }
+    if spec.gpu_ids:
+        args["device_requests"] = [DeviceRequest(device_ids=list(spec.gpu_ids), capabilities=[["gpu"]])]
+    if spec.storage:
+        args["storage_opt"] = {"size": str(spec.storage)}
+    if spec.network:
+        args["network_mode"] = spec.network
+    return args
+
+
+def container_labels(spec: ContainerSpec) -> dict[str, str]:
+    return {**spec.labels, keys.LABEL_TASK_ID: spec.task_id, keys.LABEL_WORKER_ID: spec.worker_id}
+
+
+class DockerRuntime:
+    """A thin, typed layer over docker-py's low-level API."""
+
+    def __init__(self, client: docker.DockerClient | None = None) -> None:
+        try:
+            self.client = client or docker.from_env(timeout=120)
+            self.api = self.client.api
+            self.api.ping()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            raise DockerUnavailable(exc) from exc
+
+    def ensure_image(self, image: str, policy: str = "missing") -> None:
+        """Make ``image`` present by ``policy``; raises :class:`ImageError` saying which image and why."""
+        if policy not in PULL_POLICIES:
+            raise ImageError(f"unknown pull policy {policy!r}; use one of {', '.join(PULL_POLICIES)}")
+        present = self._has_image(image)
+        if present and policy != "always":
+            return
+        if policy == "never":
+            raise ImageError(
+                f"image {image!r} is not on this worker and the pull policy is 'never'; "
+                "load it there (docker load / docker pull) or submit with --pull missing"
+            )
+        repo, tag = _split_tag(image)
+        try:
+            self.api.pull(repo, tag=tag)
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            reason = getattr(exc, "explanation", None) or str(exc)
+            if present:  # 'always' but the registry is down: the local copy still runs
+                log.warning("pull of %s failed (%s); using the local image", image, reason)
+                return
+            raise ImageError(f"image {image!r} could not be pulled: {reason}") from exc
+
+    def _has_image(self, image: str) -> bool:
+        try:
+            self.api.inspect_image(image)
+            return True
+        except docker.errors.ImageNotFound:
+            return False
+        except docker.errors.APIError as exc:
+            raise ImageError(f"image {image!r} could not be inspected: {exc.explanation}") from exc
+
+    def create(self, spec: ContainerSpec) -> str:
+        """Create (never auto-remove: that loses the log and the exit state) and return the id."""
+        try:
+            host_config = self.api.create_host_config(**host_config_args(spec))
+            created = self.api.create_container(
+                spec.image,
+                command=[spec.command] if spec.command is not None else None,
+                entrypoint=["/bin/sh", "-c"] if spec.command is not None else None,
+                environment=spec.env or None,
+                working_dir=spec.workdir,
+                labels=container_labels(spec),
+                host_config=host_config,
+                name=spec.name,
+            )
+        except docker.errors.APIError as exc:
+            raise RuntimeFailure(f"docker could not create the container: {exc.explanation or exc}") from exc
+        return str(created["Id"])
+
+    def start(self, container_id: str) -> None:
+        try:
+            self.api.start(container_id)
+        except docker.errors.APIError as exc:
+            raise RuntimeFailure(f"docker could not start the container: {exc.explanation or exc}") from exc
+
+    def stream_frames(self, container_id: str, follow: bool = True) -> Iterator[bytes]:
+        """Log frames (``b"<ts> <payload>"``) from the first one; with ``follow``, until the container ends."""
+        return self.api.logs(  # type: ignore[no-any-return]
+            container_id, stdout=True, stderr=True, stream=True, follow=follow, timestamps=True
+        )
+
+    def wait(self, container_id: str, timeout: float | None = None) -> int:
+        result = self.api.wait(container_id, timeout=timeout)
+        return int(result.get("StatusCode", -1))
+
+    def inspect(self, container_id: str) -> dict[str, Any] | None:
+        try:
+            return self.api.inspect_container(container_id)  # type: ignore[no-any-return]
+        except docker.errors.NotFound:
+            return None
+
+    def exit_state(self, container_id: str) -> ExitState:
+        info = self.inspect(container_id) or {}
+        state = info.get("State", {})
+        return ExitState(int(state.get("ExitCode", -1)), bool(state.get("OOMKilled")), state.get("Error") or "")
+
+    def is_running(self, container_id: str) -> bool:
+        info = self.inspect(container_id)
+        return bool(info and info.get("State", {}).get("Running"))
+
+    def stop(self, container_id: str, grace_s: float) -> None:
+        """SIGTERM, then SIGKILL after ``grace_s`` (what ``docker stop`` does)."""
+        try:
+            self.api.stop(container_id, timeout=max(0, int(round(grace_s))))
+        except docker.errors.NotFound:
+            pass
+
+    def remove(self, container_id: str) -> None:
+        try:
+            self.api.remove_container(container_id, force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # removal already in progress
+                raise
+
+    def find(self, worker_id: str | None = None, task_id: str | None = None) -> list[dict[str, Any]]:
+        """Containers (running or not) labelled by CloudAI, as ``docker ps -a`` entries."""
+        filters = [keys.LABEL_TASK_ID if task_id is None else f"{keys.LABEL_TASK_ID}={task_id}"]
+        if worker_id is not None:
+            filters.append(f"{keys.LABEL_WORKER_ID}={worker_id}")
+        return self.api.containers(all=True, filters={"label": filters})  # type: ignore[no-any-return]
+
+
+def _split_tag(image: str) -> tuple[str, str]:
+    if "@" in image:
+        return image, ""
+    name, _, tag = image.rpartition(":")
+    if name and "/" not in tag:
+        return name, tag
+    return image, "latest"
+
+
+def oom_reason(memory: int) -> str:
+    return f"killed: out of memory, limit {format_bytes(memory)}"

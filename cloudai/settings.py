@@ -1,0 +1,97 @@
+"""Configuration from the environment (12-factor); CLI flags override through :meth:`Settings.replace`."""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from cloudai.errors import ConfigError
+
+
+def _default_user() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:  # no login name in some containers: the seed's admin default
+        return "admin"
+
+
+def _float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if value < 0:
+        raise ConfigError(f"{name}={raw!r} must not be negative")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _float(env, name, default)
+    if value != int(value):
+        raise ConfigError(f"{name}={env.get(name)!r} must be a whole number")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a CloudAI process needs to know about its cluster."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    store_url: str = "mongodb://localhost:27017/cloudai"
+    worker_id: str = dataclasses.field(default_factory=socket.gethostname)
+    user: str = dataclasses.field(default_factory=_default_user)
+    heartbeat_interval_s: float = 5.0
+    heartbeat_timeout_s: float = 30.0
+    beat_interval_s: float = 5.0
+    log_retention_s: float = 24 * 3600.0
+    log_stream_maxlen: int = 1_000_000
+    stop_grace_s: float = 10.0
+    placement_policy: str = "spread"
+    docker_network: str | None = None
+    pids_limit: int = 4096
+    # what this host offers when it runs a worker (``cloudai worker start`` flags override)
+    worker_cpus: str = ""  # default: all cores
+    worker_memory: str = ""  # default: all memory
+    worker_gpus: str = "auto"  # auto | none | 0,1
+    worker_labels: str = ""  # gpu=a100,zone=b
+    worker_concurrency: int = 16
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        """Read ``CLOUDAI_*`` variables; unset ones keep the documented defaults."""
+        env = os.environ if env is None else env
+        base = cls()
+        policy = env.get("CLOUDAI_PLACEMENT", base.placement_policy)
+        if policy not in ("spread", "pack"):
+            raise ConfigError(f"CLOUDAI_PLACEMENT={policy!r}: use 'spread' (least loaded) or 'pack' (best fit)")
+        return cls(
+            redis_url=env.get("CLOUDAI_REDIS_URL") or base.redis_url,
+            store_url=env.get("CLOUDAI_STORE_URL") or base.store_url,
+            worker_id=env.get("CLOUDAI_WORKER_ID") or base.worker_id,
+            user=env.get("CLOUDAI_USER") or base.user,
+            heartbeat_interval_s=_float(env, "CLOUDAI_HEARTBEAT_INTERVAL", base.heartbeat_interval_s),
+            heartbeat_timeout_s=_float(env, "CLOUDAI_HEARTBEAT_TIMEOUT", base.heartbeat_timeout_s),
+            beat_interval_s=_float(env, "CLOUDAI_BEAT_INTERVAL", base.beat_interval_s),
+            log_retention_s=_float(env, "CLOUDAI_LOG_RETENTION", base.log_retention_s),
+            log_stream_maxlen=_int(env, "CLOUDAI_LOG_MAXLEN", base.log_stream_maxlen),
+            stop_grace_s=_float(env, "CLOUDAI_STOP_GRACE", base.stop_grace_s),
+            placement_policy=policy,
+            docker_network=env.get("CLOUDAI_DOCKER_NETWORK") or None,
+            pids_limit=_int(env, "CLOUDAI_PIDS_LIMIT", base.pids_limit),
+            worker_cpus=env.get("CLOUDAI_WORKER_CPUS", ""),
+            worker_memory=env.get("CLOUDAI_WORKER_MEMORY", ""),
+            worker_gpus=env.get("CLOUDAI_WORKER_GPUS") or base.worker_gpus,
+            worker_labels=env.get("CLOUDAI_WORKER_LABELS", ""),
+            worker_concurrency=_int(env, "CLOUDAI_WORKER_CONCURRENCY", base.worker_concurrency),
+        )
+
+    def replace(self, **changes: object) -> Settings:
+        """A copy with CLI overrides applied; ``None`` values leave a field as it is."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})

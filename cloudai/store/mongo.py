@@ -1,0 +1,203 @@
+"""MongoDB task store (production). Compare-and-set uses ``find_one_and_update`` with the status in the
+filter, which MongoDB applies atomically to one document."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Any
+
+import pymongo
+from pymongo.collection import Collection
+from pymongo.database import Database
+from pymongo.errors import DuplicateKeyError, PyMongoError
+
+from cloudai.errors import StoreUnavailable, TaskExists
+from cloudai.models import Assignment, Task, TaskStatus, WorkerInfo, WorkerState, utcnow
+from cloudai.store.base import StatusFilter, TaskStore, check_transition, chunk_lines, plain_fields, status_values
+
+_SERVER_TIMEOUT_MS = 5000
+
+
+class MongoStore(TaskStore):
+    """Store on a MongoDB database: collections ``tasks``, ``assignments``, ``workers``, ``log_archive``."""
+
+    def __init__(self, db: Database, url: str = "mongodb://") -> None:
+        self.url = url
+        self.db = db
+        self.tasks: Collection = db["tasks"]
+        self.assignments: Collection = db["assignments"]
+        self.workers: Collection = db["workers"]
+        self.logs: Collection = db["log_archive"]
+        try:
+            self._ensure_indexes()
+        except PyMongoError as exc:
+            raise StoreUnavailable(url, exc) from exc
+
+    @classmethod
+    def connect(cls, url: str) -> MongoStore:
+        client: pymongo.MongoClient = pymongo.MongoClient(
+            url, tz_aware=True, serverSelectionTimeoutMS=_SERVER_TIMEOUT_MS, uuidRepresentation="standard"
+        )
+        try:
+            db = client.get_default_database(default="cloudai")
+        except pymongo.errors.ConfigurationError as exc:
+            raise StoreUnavailable(url, exc) from exc
+        return cls(db, url)
+
+    def _ensure_indexes(self) -> None:
+        self.tasks.create_index("task_id", unique=True)
+        self.tasks.create_index([("user_id", 1), ("created_at", -1)])
+        self.tasks.create_index("status")
+        self.tasks.create_index("worker_id")
+        self.tasks.create_index([("created_at", -1)])
+        self.assignments.create_index("task_id", unique=True)
+        self.assignments.create_index("worker_id")
+        self.workers.create_index("worker_id", unique=True)
+        self.logs.create_index([("task_id", 1), ("chunk", 1)], unique=True)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (DuplicateKeyError, TaskExists):
+            raise
+        except PyMongoError as exc:
+            raise StoreUnavailable(self.url, exc) from exc
+
+    # -- tasks ------------------------------------------------------------------------------------------
+    def create_task(self, task: Task) -> None:
+        try:
+            self._call(self.tasks.insert_one, {"_id": task.task_id, **task.to_doc()})
+        except DuplicateKeyError:
+            raise TaskExists(f"task {task.task_id!r} already exists") from None
+
+    def get_task(self, task_id: str) -> Task | None:
+        doc = self._call(self.tasks.find_one, {"_id": task_id})
+        return Task.from_doc(doc) if doc else None
+
+    def list_tasks(
+        self,
+        user_id: str | None = None,
+        status: StatusFilter = None,
+        worker_id: str | None = None,
+        limit: int | None = 50,
+    ) -> list[Task]:
+        query: dict[str, Any] = {}
+        if user_id is not None:
+            query["user_id"] = user_id
+        statuses = status_values(status)
+        if statuses is not None:
+            query["status"] = {"$in": statuses}
+        if worker_id is not None:
+            query["worker_id"] = worker_id
+        cursor = self.tasks.find(query).sort([("created_at", -1), ("_id", -1)])
+        if limit is not None:
+            cursor = cursor.limit(int(limit))
+        return [Task.from_doc(d) for d in self._call(list, cursor)]
+
+    def _validated(self, task_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        current = self._call(self.tasks.find_one, {"_id": task_id})
+        if current is None:
+            return fields
+        Task.from_doc({**current, **fields})  # unknown names or bad values fail before the write
+        return fields
+
+    def transition(self, task_id: str, expected: StatusFilter, new: TaskStatus, **fields: Any) -> bool:
+        values = check_transition(expected, new)
+        update = {**self._validated(task_id, plain_fields(fields)), "status": new.value}
+        doc = self._call(
+            self.tasks.find_one_and_update, {"_id": task_id, "status": {"$in": values}}, {"$set": update}
+        )
+        return doc is not None
+
+    def update_task(self, task_id: str, expected: StatusFilter = None, **fields: Any) -> bool:
+        fields.pop("status", None)
+        query: dict[str, Any] = {"_id": task_id}
+        statuses = status_values(expected)
+        if statuses is not None:
+            query["status"] = {"$in": statuses}
+        update = self._validated(task_id, plain_fields(fields))
+        if not update:
+            return self._call(self.tasks.count_documents, query) > 0
+        return self._call(self.tasks.update_one, query, {"$set": update}).matched_count > 0
+
+    def delete_task(self, task_id: str) -> bool:
+        self._call(self.assignments.delete_many, {"task_id": task_id})
+        self._call(self.logs.delete_many, {"task_id": task_id})
+        return self._call(self.tasks.delete_one, {"_id": task_id}).deleted_count > 0
+
+    # -- assignments ------------------------------------------------------------------------------------
+    def create_assignment(self, task_id: str, worker_id: str) -> Assignment:
+        assignment = Assignment(ass_id=uuid.uuid4().hex, task_id=task_id, worker_id=worker_id)
+        self._call(
+            self.assignments.replace_one, {"task_id": task_id}, dict(assignment.__dict__), upsert=True
+        )
+        return assignment
+
+    @staticmethod
+    def _assignment(doc: dict[str, Any]) -> Assignment:
+        from cloudai.models import as_utc
+
+        return Assignment(doc["ass_id"], doc["task_id"], doc["worker_id"], as_utc(doc["assigned_at"]))  # type: ignore[arg-type]
+
+    def get_assignment(self, task_id: str) -> Assignment | None:
+        doc = self._call(self.assignments.find_one, {"task_id": task_id})
+        return self._assignment(doc) if doc else None
+
+    def list_assignments(self, worker_id: str) -> list[Assignment]:
+        cursor = self.assignments.find({"worker_id": worker_id}).sort("assigned_at", 1)
+        return [self._assignment(d) for d in self._call(list, cursor)]
+
+    def delete_assignment(self, task_id: str) -> bool:
+        return self._call(self.assignments.delete_one, {"task_id": task_id}).deleted_count > 0
+
+    # -- workers ----------------------------------------------------------------------------------------
+    def upsert_worker(self, worker: WorkerInfo) -> None:
+        self._call(self.workers.replace_one, {"worker_id": worker.worker_id}, worker.to_doc(), upsert=True)
+
+    def heartbeat(self, worker_id: str, at: datetime | None = None) -> bool:
+        result = self._call(
+            self.workers.update_one, {"worker_id": worker_id}, {"$set": {"last_heartbeat": at or utcnow()}}
+        )
+        return result.matched_count > 0
+
+    def get_worker(self, worker_id: str) -> WorkerInfo | None:
+        doc = self._call(self.workers.find_one, {"worker_id": worker_id})
+        return WorkerInfo.from_doc(doc) if doc else None
+
+    def list_workers(self) -> list[WorkerInfo]:
+        return [WorkerInfo.from_doc(d) for d in self._call(list, self.workers.find().sort("worker_id", 1))]
+
+    def set_worker_state(self, worker_id: str, state: WorkerState, expected: WorkerState | None = None) -> bool:
+        query: dict[str, Any] = {"worker_id": worker_id}
+        if expected is not None:
+            query["state"] = expected.value
+        return self._call(self.workers.update_one, query, {"$set": {"state": state.value}}).matched_count > 0
+
+    def delete_worker(self, worker_id: str) -> bool:
+        return self._call(self.workers.delete_one, {"worker_id": worker_id}).deleted_count > 0
+
+    # -- log archive ------------------------------------------------------------------------------------
+    def save_log(self, task_id: str, lines: list[str]) -> None:
+        chunks = chunk_lines(lines) or [[]]
+        # write the new chunks first, then drop any stale ones beyond them: a reader never sees no archive
+        for n, chunk in enumerate(chunks):
+            self._call(
+                self.logs.replace_one,
+                {"task_id": task_id, "chunk": n},
+                {"task_id": task_id, "chunk": n, "lines": chunk},
+                upsert=True,
+            )
+        self._call(self.logs.delete_many, {"task_id": task_id, "chunk": {"$gte": len(chunks)}})
+
+    def read_log(self, task_id: str) -> list[str] | None:
+        docs = self._call(list, self.logs.find({"task_id": task_id}).sort("chunk", 1))
+        if not docs:
+            return None
+        return [line for d in docs for line in d["lines"]]
+
+    def ping(self) -> None:
+        self._call(self.db.command, "ping")
+
+    def close(self) -> None:
+        self.db.client.close()

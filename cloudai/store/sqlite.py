@@ -1,0 +1,268 @@
+"""SQLite task store for a single host (the demo, tests, small set-ups). WAL mode and a busy timeout make it
+safe for several processes; every read-modify-write runs in ``BEGIN IMMEDIATE`` so compare-and-set holds
+across processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import Any
+
+from cloudai.errors import StoreUnavailable, TaskExists
+from cloudai.models import Assignment, Task, TaskStatus, WorkerInfo, WorkerState, as_utc, utcnow
+from cloudai.store.base import StatusFilter, TaskStore, check_transition, chunk_lines, plain_fields, status_values
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS tasks (
+    task_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, status TEXT NOT NULL, worker_id TEXT,
+    created_at TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS tasks_user_created ON tasks(user_id, created_at);
+CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
+CREATE INDEX IF NOT EXISTS tasks_worker ON tasks(worker_id);
+CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_at);
+CREATE TABLE IF NOT EXISTS assignments (
+    task_id TEXT PRIMARY KEY, ass_id TEXT NOT NULL, worker_id TEXT NOT NULL, assigned_at TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS assignments_worker ON assignments(worker_id);
+CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS log_archive (
+    task_id TEXT NOT NULL, chunk INTEGER NOT NULL, text TEXT NOT NULL, PRIMARY KEY (task_id, chunk));
+"""
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return as_utc(value).isoformat()  # type: ignore[union-attr]
+    raise TypeError(f"can't store {type(value).__name__}")
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    return json.dumps(doc, default=_encode)
+
+
+def _ts(value: datetime) -> str:
+    # fixed-width ISO text sorts in time order
+    return as_utc(value).strftime("%Y-%m-%dT%H:%M:%S.%f")  # type: ignore[union-attr]
+
+
+class SQLiteStore(TaskStore):
+    """Store on one SQLite file; one connection per thread."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.url = f"sqlite:///{path}"
+        self._local = threading.local()
+        directory = os.path.dirname(os.path.abspath(path))
+        try:
+            os.makedirs(directory, exist_ok=True)
+            with self._tx() as db:
+                db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(self.url, exc) from exc
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStore:
+        path = url[len("sqlite://") :]
+        if path.startswith("/") and not path.startswith("//"):
+            path = path[1:] or ":memory:"  # sqlite:///rel.db -> rel.db ; sqlite:////abs.db -> /abs.db
+        elif path.startswith("//"):
+            path = path[1:]
+        if not path:
+            raise StoreUnavailable(url, "no file path; use sqlite:///path/to/file.db")
+        return cls(path)
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA busy_timeout=30000")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction that takes the database's write lock up front, so read-check-write is atomic."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    # -- tasks ------------------------------------------------------------------------------------------
+    def create_task(self, task: Task) -> None:
+        try:
+            with self._tx() as db:
+                db.execute(
+                    "INSERT INTO tasks(task_id, user_id, status, worker_id, created_at, doc) VALUES (?,?,?,?,?,?)",
+                    (task.task_id, task.user_id, task.status.value, task.worker_id, _ts(task.created_at),
+                     _dumps(task.to_doc())),
+                )
+        except sqlite3.IntegrityError:
+            raise TaskExists(f"task {task.task_id!r} already exists") from None
+
+    def get_task(self, task_id: str) -> Task | None:
+        row = self._conn().execute("SELECT doc FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+        return Task.from_doc(json.loads(row["doc"])) if row else None
+
+    def list_tasks(
+        self,
+        user_id: str | None = None,
+        status: StatusFilter = None,
+        worker_id: str | None = None,
+        limit: int | None = 50,
+    ) -> list[Task]:
+        where, args = [], []  # type: list[str], list[Any]
+        if user_id is not None:
+            where.append("user_id=?")
+            args.append(user_id)
+        statuses = status_values(status)
+        if statuses is not None:
+            where.append(f"status IN ({','.join('?' * len(statuses))})")
+            args.extend(statuses)
+        if worker_id is not None:
+            where.append("worker_id=?")
+            args.append(worker_id)
+        sql = "SELECT doc FROM tasks"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY created_at DESC, rowid DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return [Task.from_doc(json.loads(r["doc"])) for r in self._conn().execute(sql, args)]
+
+    def _modify(self, task_id: str, expected: list[str] | None, fields: dict[str, Any]) -> bool:
+        with self._tx() as db:
+            row = db.execute("SELECT status, doc FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+            if row is None or (expected is not None and row["status"] not in expected):
+                return False
+            doc = json.loads(row["doc"])
+            doc.update(Task.from_doc({**doc, **fields}).to_doc())  # validates field names and types
+            db.execute(
+                "UPDATE tasks SET status=?, worker_id=?, doc=? WHERE task_id=?",
+                (doc["status"], doc.get("worker_id"), _dumps(doc), task_id),
+            )
+            return True
+
+    def transition(self, task_id: str, expected: StatusFilter, new: TaskStatus, **fields: Any) -> bool:
+        values = check_transition(expected, new)
+        return self._modify(task_id, values, {**plain_fields(fields), "status": new.value})
+
+    def update_task(self, task_id: str, expected: StatusFilter = None, **fields: Any) -> bool:
+        fields.pop("status", None)
+        return self._modify(task_id, status_values(expected), plain_fields(fields))
+
+    def delete_task(self, task_id: str) -> bool:
+        with self._tx() as db:
+            db.execute("DELETE FROM assignments WHERE task_id=?", (task_id,))
+            db.execute("DELETE FROM log_archive WHERE task_id=?", (task_id,))
+            return db.execute("DELETE FROM tasks WHERE task_id=?", (task_id,)).rowcount > 0
+
+    # -- assignments ------------------------------------------------------------------------------------
+    def create_assignment(self, task_id: str, worker_id: str) -> Assignment:
+        assignment = Assignment(ass_id=uuid.uuid4().hex, task_id=task_id, worker_id=worker_id)
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO assignments(task_id, ass_id, worker_id, assigned_at) VALUES (?,?,?,?)",
+                (task_id, assignment.ass_id, worker_id, assignment.assigned_at.isoformat()),
+            )
+        return assignment
+
+    @staticmethod
+    def _assignment(row: sqlite3.Row) -> Assignment:
+        return Assignment(row["ass_id"], row["task_id"], row["worker_id"], as_utc(row["assigned_at"]))  # type: ignore[arg-type]
+
+    def get_assignment(self, task_id: str) -> Assignment | None:
+        row = self._conn().execute("SELECT * FROM assignments WHERE task_id=?", (task_id,)).fetchone()
+        return self._assignment(row) if row else None
+
+    def list_assignments(self, worker_id: str) -> list[Assignment]:
+        rows = self._conn().execute(
+            "SELECT * FROM assignments WHERE worker_id=? ORDER BY assigned_at", (worker_id,)
+        )
+        return [self._assignment(r) for r in rows]
+
+    def delete_assignment(self, task_id: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM assignments WHERE task_id=?", (task_id,)).rowcount > 0
+
+    # -- workers ----------------------------------------------------------------------------------------
+    def upsert_worker(self, worker: WorkerInfo) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO workers(worker_id, doc) VALUES (?,?)",
+                (worker.worker_id, _dumps(worker.to_doc())),
+            )
+
+    def _update_worker(self, worker_id: str, expected: WorkerState | None, **fields: Any) -> bool:
+        with self._tx() as db:
+            row = db.execute("SELECT doc FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
+            if row is None:
+                return False
+            doc = json.loads(row["doc"])
+            if expected is not None and doc["state"] != expected.value:
+                return False
+            doc.update(fields)
+            db.execute("UPDATE workers SET doc=? WHERE worker_id=?", (_dumps(doc), worker_id))
+            return True
+
+    def heartbeat(self, worker_id: str, at: datetime | None = None) -> bool:
+        return self._update_worker(worker_id, None, last_heartbeat=at or utcnow())
+
+    def get_worker(self, worker_id: str) -> WorkerInfo | None:
+        row = self._conn().execute("SELECT doc FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
+        return WorkerInfo.from_doc(json.loads(row["doc"])) if row else None
+
+    def list_workers(self) -> list[WorkerInfo]:
+        rows = self._conn().execute("SELECT doc FROM workers ORDER BY worker_id")
+        return [WorkerInfo.from_doc(json.loads(r["doc"])) for r in rows]
+
+    def set_worker_state(self, worker_id: str, state: WorkerState, expected: WorkerState | None = None) -> bool:
+        return self._update_worker(worker_id, expected, state=state.value)
+
+    def delete_worker(self, worker_id: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM workers WHERE worker_id=?", (worker_id,)).rowcount > 0
+
+    # -- log archive ------------------------------------------------------------------------------------
+    def save_log(self, task_id: str, lines: list[str]) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM log_archive WHERE task_id=?", (task_id,))
+            db.executemany(
+                "INSERT INTO log_archive(task_id, chunk, text) VALUES (?,?,?)",
+                [(task_id, n, json.dumps(chunk)) for n, chunk in enumerate(chunk_lines(lines))],
+            )
+            # an empty log is still an archive: remember that one was saved
+            if not lines:
+                db.execute("INSERT INTO log_archive(task_id, chunk, text) VALUES (?,?,?)", (task_id, 0, "[]"))
+
+    def read_log(self, task_id: str) -> list[str] | None:
+        rows = self._conn().execute(
+            "SELECT text FROM log_archive WHERE task_id=? ORDER BY chunk", (task_id,)
+        ).fetchall()
+        if not rows:
+            return None
+        return [line for r in rows for line in json.loads(r["text"])]
+
+    def ping(self) -> None:
+        try:
+            self._conn().execute("SELECT 1").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(self.url, exc) from exc
+
+    def close(self) -> None:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+

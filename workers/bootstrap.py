@@ -1,0 +1,42 @@
+"""Worker process lifecycle: build the executor and agent when Celery's worker is ready, stop on shutdown.
+Set ``CLOUDAI_AGENT=0`` for processes that only run maintenance (``cloudai beat``)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from celery.signals import worker_ready, worker_shutdown
+
+from cloudai.agent import WorkerProcess, build_worker
+from cloudai.celery_app import dispatch, settings
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_process: WorkerProcess | None = None
+
+
+def agent_enabled() -> bool:
+    return os.environ.get("CLOUDAI_AGENT", "1") != "0"
+
+
+def current() -> WorkerProcess:
+    """This process's worker wiring, built on first use."""
+    global _process
+    with _lock:
+        if _process is None:
+            _process = build_worker(settings, dispatch)
+        return _process
+
+
+@worker_ready.connect
+def _on_ready(**_: object) -> None:
+    if agent_enabled():
+        current().agent.start()
+
+
+@worker_shutdown.connect
+def _on_shutdown(**_: object) -> None:
+    if agent_enabled() and _process is not None:
+        _process.agent.stop()
