@@ -345,7 +345,9 @@ def worker_start(ctx: Context, worker_id: str | None, cpus: str | None, memory: 
     })
     from cloudai import keys
     from cloudai.celery_app import run_worker
+    from workers import bootstrap
 
+    bootstrap.current()  # store, Redis and Docker errors show here, before Celery starts
     run_worker(["-Q", f"{keys.worker_queue(worker_id)},{keys.MAINTENANCE_QUEUE}", "-n", f"{worker_id}@%h",
                 "--pool", "threads", "-c", str(concurrency), "-E", "--without-gossip", "--without-mingle",
                 "--loglevel", loglevel])

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from cloudai import keys
 from cloudai.models import Task
@@ -20,11 +20,18 @@ def result_backend(s: Settings) -> str:
     return s.store_url if s.store_url.startswith(("mongodb://", "mongodb+srv://")) else s.redis_url
 
 
+def queue(name: str) -> Queue:
+    """A queue bound to its own direct exchange under its own name, so a message for one worker can only
+    ever reach that worker's queue."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
 def make_app(s: Settings) -> Celery:
     celery_app = Celery("cloudai", broker=s.redis_url, backend=result_backend(s),
                         include=["workers.tasks", "beat.tasks"])
     tick = max(1.0, s.beat_interval_s)
-    maintenance = {"queue": keys.MAINTENANCE_QUEUE, "expires": tick * 2}
+    maintenance = {"queue": keys.MAINTENANCE_QUEUE, "routing_key": keys.MAINTENANCE_QUEUE,
+                   "exchange": keys.MAINTENANCE_QUEUE, "expires": tick * 2}
     celery_app.conf.update(
         task_serializer="json",
         result_serializer="json",
@@ -44,7 +51,7 @@ def make_app(s: Settings) -> Celery:
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5,
                                    "interval_max": 2},
         task_create_missing_queues=True,
-        task_queues=(Queue(keys.worker_queue(s.worker_id)), Queue(keys.MAINTENANCE_QUEUE)),
+        task_queues=(queue(keys.worker_queue(s.worker_id)), queue(keys.MAINTENANCE_QUEUE)),
         task_default_queue=keys.MAINTENANCE_QUEUE,
         worker_hijack_root_logger=False,
         beat_schedule={
@@ -68,7 +75,7 @@ def dispatch(task: Task) -> None:
     app.send_task(
         keys.RUN_CONTAINER_TASK,
         args=[task.to_message()],
-        queue=keys.worker_queue(task.worker_id),
+        queue=queue(keys.worker_queue(task.worker_id)),
         task_id=f"{task.task_id}.{task.attempt}",
     )
 

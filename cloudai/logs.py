@@ -70,7 +70,7 @@ class LineSplitter:
             out.append((_text(bytes(self._buf[:end])), self._ts))
             del self._buf[: end + 1]
             self._ts = ts
-        while len(self._buf) >= self.max_line:
+        while len(self._buf) > self.max_line:  # ">": the byte at the cut must exist to check it
             cut = _utf8_boundary(self._buf, self.max_line)
             out.append((_text(bytes(self._buf[:cut])), self._ts))
             del self._buf[:cut]

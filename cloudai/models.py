@@ -28,8 +28,9 @@ _DURATION_FORMS = "use seconds (90) or units s/m/h/d such as 30s, 30m, 2h, 1h30m
 
 
 def utcnow() -> datetime:
-    """Timezone-aware UTC now; every timestamp we store is one of these."""
-    return datetime.now(UTC)
+    """Timezone-aware UTC now, to the millisecond (what MongoDB keeps), so every backend stores the same."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 def parse_size(value: str | float | int, field_name: str = "memory") -> int:

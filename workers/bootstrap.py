@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 
 from celery.signals import worker_ready, worker_shutdown
@@ -32,8 +33,14 @@ def current() -> WorkerProcess:
 
 @worker_ready.connect
 def _on_ready(**_: object) -> None:
-    if agent_enabled():
+    if not agent_enabled():
+        return
+    try:
         current().agent.start()
+    except Exception:
+        # a worker that can't reach its store or Docker must not sit on its queue: stop (warm shutdown)
+        log.critical("worker agent could not start; shutting down", exc_info=True)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 @worker_shutdown.connect

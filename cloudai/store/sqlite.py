@@ -60,8 +60,7 @@ class SQLiteStore(TaskStore):
         directory = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(directory, exist_ok=True)
-            with self._tx() as db:
-                db.executescript(_SCHEMA)
+            self._conn().executescript(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(self.url, exc) from exc
 

@@ -1,0 +1,214 @@
+"""One contract for every task store backend: SQLite, Mongo on mongomock, and a real MongoDB when
+CLOUDAI_TEST_MONGO_URL is set."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import mongomock
+import pytest
+
+from cloudai.errors import StoreUnavailable, TaskExists
+from cloudai.models import Task, TaskError, TaskStatus, WorkerInfo, WorkerState, utcnow
+from cloudai.store import TaskStore, open_store
+from cloudai.store.mongo import MongoStore
+from cloudai.store.sqlite import SQLiteStore
+
+S = TaskStatus
+BACKENDS = ["sqlite", "mongomock"] + (["mongodb"] if os.environ.get("CLOUDAI_TEST_MONGO_URL") else [])
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TaskStore]:
+    if request.param == "sqlite":
+        store: TaskStore = SQLiteStore(str(tmp_path / "contract.db"))
+    elif request.param == "mongomock":
+        store = MongoStore(mongomock.MongoClient(tz_aware=True)["cloudai_test"], "mongodb://mongomock")
+    else:
+        url = os.environ["CLOUDAI_TEST_MONGO_URL"].rstrip("/") + f"/cloudai_test_{uuid.uuid4().hex[:8]}"
+        store = open_store(url)
+    yield store
+    if request.param == "mongodb":
+        assert isinstance(store, MongoStore)
+        store.db.client.drop_database(store.db.name)
+    store.close()
+
+
+def _task(n: int = 0, user: str = "ana", status: S = S.QUEUED, worker: str | None = "w1", **kw: object) -> Task:
+    created = datetime(2026, 1, 1, tzinfo=UTC) + timedelta(seconds=n)
+    return Task(task_id=f"t{n}", user_id=user, docker_image="busybox", command="echo hi", status=status,
+                worker_id=worker, created_at=created, **kw)  # type: ignore[arg-type]
+
+
+def test_create_get_round_trip(backend: TaskStore) -> None:
+    task = _task(1, env={"A": "1"}, labels={"x": "y"}, gpu_ids=["0"], timeout_s=30.0)
+    backend.create_task(task)
+    got = backend.get_task("t1")
+    assert got == task
+    assert got.created_at.tzinfo is not None
+    assert backend.get_task("nope") is None
+
+
+def test_duplicate_id_is_refused(backend: TaskStore) -> None:
+    backend.create_task(_task(1))
+    with pytest.raises(TaskExists):
+        backend.create_task(_task(1))
+
+
+def test_list_filters_newest_first_and_limit(backend: TaskStore) -> None:
+    for n in range(6):
+        backend.create_task(_task(n, user="ana" if n % 2 else "bo", worker=f"w{n % 3}",
+                                  status=S.RUNNING if n < 3 else S.QUEUED))
+    assert [t.task_id for t in backend.list_tasks()] == ["t5", "t4", "t3", "t2", "t1", "t0"]
+    assert [t.task_id for t in backend.list_tasks(user_id="ana")] == ["t5", "t3", "t1"]
+    assert [t.task_id for t in backend.list_tasks(status=S.RUNNING)] == ["t2", "t1", "t0"]
+    assert [t.task_id for t in backend.list_tasks(status=[S.QUEUED], user_id="bo")] == ["t4"]
+    assert [t.task_id for t in backend.list_tasks(worker_id="w0")] == ["t3", "t0"]
+    assert [t.task_id for t in backend.list_tasks(limit=2)] == ["t5", "t4"]
+    assert len(backend.list_tasks(limit=None)) == 6
+
+
+def test_transition_is_compare_and_set(backend: TaskStore) -> None:
+    backend.create_task(_task(1))
+    now = utcnow()
+    assert backend.transition("t1", S.QUEUED, S.RUNNING, started_at=now, container_id="c1")
+    assert not backend.transition("t1", S.QUEUED, S.RUNNING)  # a duplicate delivery loses
+    assert backend.transition("t1", [S.RUNNING], S.FAILED, exit_code=137, oom_killed=True,
+                              error=TaskError("OutOfMemory", "killed"))
+    got = backend.get_task("t1")
+    assert got is not None
+    assert (got.status, got.exit_code, got.oom_killed, got.container_id) == (S.FAILED, 137, True, "c1")
+    assert got.error == TaskError("OutOfMemory", "killed")
+    assert abs((got.started_at - now).total_seconds()) < 0.01  # type: ignore[operator]
+    # a finished task never changes status again
+    assert not backend.transition("t1", S.RUNNING, S.COMPLETED)
+    assert not backend.transition("missing", S.QUEUED, S.RUNNING)
+
+
+def test_transition_the_lifecycle_forbids_is_an_error(backend: TaskStore) -> None:
+    backend.create_task(_task(1))
+    with pytest.raises(ValueError, match="no transition"):
+        backend.transition("t1", S.COMPLETED, S.RUNNING)
+
+
+def test_update_fields_only_in_expected_status(backend: TaskStore) -> None:
+    backend.create_task(_task(1, status=S.RUNNING))
+    assert backend.update_task("t1", S.RUNNING, container_id="abc")
+    assert not backend.update_task("t1", S.QUEUED, container_id="zzz")
+    assert backend.update_task("t1", status="completed", pending_reason="x")  # status is ignored here
+    got = backend.get_task("t1")
+    assert got is not None and got.container_id == "abc" and got.status == S.RUNNING
+
+
+def test_delete_task(backend: TaskStore) -> None:
+    backend.create_task(_task(1))
+    backend.create_assignment("t1", "w1")
+    backend.save_log("t1", ["a"])
+    assert backend.delete_task("t1")
+    assert backend.get_task("t1") is None and backend.get_assignment("t1") is None
+    assert backend.read_log("t1") is None
+    assert not backend.delete_task("t1")
+
+
+def test_assignments(backend: TaskStore) -> None:
+    a = backend.create_assignment("t1", "w1")
+    backend.create_assignment("t2", "w1")
+    assert backend.get_assignment("t1") == a
+    assert backend.worker_for_task("t1") == "w1"
+    assert [x.task_id for x in backend.list_assignments("w1")] == ["t1", "t2"]
+    backend.create_assignment("t1", "w2")  # a new attempt elsewhere replaces the old row
+    assert backend.worker_for_task("t1") == "w2"
+    assert [x.task_id for x in backend.list_assignments("w1")] == ["t2"]
+    assert backend.delete_assignment("t2") and not backend.delete_assignment("t2")
+    assert backend.worker_for_task("none") is None
+
+
+def test_workers(backend: TaskStore) -> None:
+    w = WorkerInfo(worker_id="w1", hostname="h", queue="cloudai.worker.w1", cpus=8, memory=32 << 30,
+                   gpu_ids=["0", "1"], labels={"gpu": "a100"})
+    backend.upsert_worker(w)
+    assert backend.get_worker("w1") == w
+    later = utcnow() + timedelta(seconds=5)
+    assert backend.heartbeat("w1", later)
+    assert not backend.heartbeat("ghost")
+    got = backend.get_worker("w1")
+    assert got is not None and abs((got.last_heartbeat - later).total_seconds()) < 0.01
+    assert backend.set_worker_state("w1", WorkerState.DRAINING)
+    assert not backend.set_worker_state("w1", WorkerState.ACTIVE, expected=WorkerState.OFFLINE)
+    assert backend.get_worker("w1").state == WorkerState.DRAINING  # type: ignore[union-attr]
+    backend.upsert_worker(WorkerInfo(worker_id="w0", hostname="h", queue="q", cpus=1, memory=1))
+    assert [x.worker_id for x in backend.list_workers()] == ["w0", "w1"]
+    assert backend.delete_worker("w0") and backend.get_worker("w0") is None
+
+
+def test_log_archive(backend: TaskStore) -> None:
+    assert backend.read_log("t1") is None
+    backend.save_log("t1", [])
+    assert backend.read_log("t1") == []
+    lines = [f"line {n} " + "x" * 300 for n in range(20000)]  # ~6 MB: several chunks
+    backend.save_log("t1", lines)
+    assert backend.read_log("t1") == lines
+    backend.save_log("t1", ["short"])  # replaces, leaving no stale chunks
+    assert backend.read_log("t1") == ["short"]
+
+
+def test_ping(backend: TaskStore) -> None:
+    backend.ping()
+
+
+def test_unknown_scheme_and_unreachable_store_are_clear() -> None:
+    from cloudai.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="mongodb://"):
+        open_store("postgres://x")
+    with pytest.raises(StoreUnavailable, match="CLOUDAI_STORE_URL"):
+        open_store("sqlite:////proc/forbidden/dir/store.db")
+
+
+# -- races: exactly one winner -----------------------------------------------------------------------------
+
+def _race(path: str, barrier: object, results: object, n: int) -> None:
+    store = SQLiteStore(path)
+    barrier.wait()  # type: ignore[attr-defined]
+    results.put((n, store.transition("t1", S.QUEUED, S.RUNNING, worker_id=f"w{n}")))  # type: ignore[attr-defined]
+
+
+def test_sqlite_race_across_processes_has_one_winner(tmp_path: Path) -> None:
+    path = str(tmp_path / "race.db")
+    SQLiteStore(path).create_task(_task(1))
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_race, args=(path, barrier, results, n)) for n in range(8)]
+    for p in procs:
+        p.start()
+    outcomes = [results.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(30)
+    winners = [n for n, won in outcomes if won]
+    assert len(winners) == 1
+    assert SQLiteStore(path).get_task("t1").worker_id == f"w{winners[0]}"  # type: ignore[union-attr]
+
+
+def test_race_across_threads_has_one_winner(backend: TaskStore) -> None:
+    backend.create_task(_task(1))
+    barrier = threading.Barrier(16)
+    wins: list[int] = []
+
+    def attempt(n: int) -> None:
+        barrier.wait()
+        if backend.transition("t1", S.QUEUED, S.RUNNING, worker_id=f"w{n}"):
+            wins.append(n)
+
+    threads = [threading.Thread(target=attempt, args=(n,)) for n in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(wins) == 1
+    assert backend.get_task("t1").worker_id == f"w{wins[0]}"  # type: ignore[union-attr]

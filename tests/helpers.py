@@ -1,0 +1,144 @@
+"""Helpers for tests on real services."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+
+from cloudai.executor import Executor
+from cloudai.logs import LogBus
+from cloudai.models import GiB, Task, TaskStatus, WorkerInfo, utcnow
+from cloudai.runtime import DockerRuntime
+from cloudai.settings import Settings
+from cloudai.store import TaskStore
+from tests.services import TEST_IMAGE
+
+T = TypeVar("T")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wait_for(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "") -> T:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or check}")
+        time.sleep(interval)
+
+
+def executor(settings: Settings, store: TaskStore, runtime: DockerRuntime | None = None) -> Executor:
+    bus = LogBus.from_url(settings.redis_url)
+    return Executor(settings, store, bus, runtime or DockerRuntime(), bus.redis)
+
+
+def register(store: TaskStore, worker_id: str, cpus: float = 4, memory: int = 8 * GiB,
+             gpu_ids: list[str] | None = None, labels: dict[str, str] | None = None) -> WorkerInfo:
+    info = WorkerInfo(worker_id=worker_id, hostname="test", queue=f"cloudai.worker.{worker_id}", cpus=cpus,
+                      memory=memory, gpu_ids=gpu_ids or [], labels=labels or {})
+    store.upsert_worker(info)
+    return info
+
+
+def queued_task(store: TaskStore, worker_id: str, command: str | None, image: str = TEST_IMAGE,
+                **fields: Any) -> Task:
+    """A task recorded as queued on ``worker_id`` (what the scheduler does), for executor tests."""
+    task = Task(task_id=f"t{time.monotonic_ns() % 10**12:012d}", user_id="tester", docker_image=image,
+                command=command, status=TaskStatus.QUEUED, worker_id=worker_id, created_at=utcnow(), **fields)
+    store.create_task(task)
+    return task
+
+
+def run_in_thread(fn: Callable[..., T], *args: Any) -> tuple[threading.Thread, list[T]]:
+    out: list[T] = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDAI_") or k == "CLOUDAI_TEST_IMAGE"}
+    env.update({
+        "CLOUDAI_REDIS_URL": settings.redis_url,
+        "CLOUDAI_STORE_URL": settings.store_url,
+        "CLOUDAI_USER": settings.user,
+        "CLOUDAI_HEARTBEAT_INTERVAL": str(settings.heartbeat_interval_s),
+        "CLOUDAI_HEARTBEAT_TIMEOUT": str(settings.heartbeat_timeout_s),
+        "CLOUDAI_BEAT_INTERVAL": str(settings.beat_interval_s),
+        "CLOUDAI_STOP_GRACE": str(settings.stop_grace_s),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def cloudai(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cli.main", *args]
+
+
+class WorkerProc:
+    """A real `cloudai worker start` subprocess."""
+
+    def __init__(self, settings: Settings, store: TaskStore, worker_id: str, log_dir: Path, *flags: str) -> None:
+        self.settings = settings
+        self.store = store
+        self.worker_id = worker_id
+        self.log_path = log_dir / f"worker-{worker_id}-{time.monotonic_ns()}.log"
+        self.flags = flags or ("--cpus", "4", "--memory", "8g", "--gpus", "none")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: bool = True) -> WorkerProc:
+        before = self.store.get_worker(self.worker_id)
+        since = before.started_at if before else None
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                cloudai("worker", "start", "--id", self.worker_id, "--concurrency", "4", *self.flags),
+                cwd=ROOT, env=cli_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        if wait:
+            def registered() -> bool:
+                w = self.store.get_worker(self.worker_id)
+                return w is not None and w.started_at != since and self._ready()
+
+            wait_for(registered, 60, 0.1, f"worker {self.worker_id} to start (log: {self.log_path})")
+        return self
+
+    def _ready(self) -> bool:
+        return b" ready." in self.log_path.read_bytes()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def remove_containers(worker_id: str) -> None:
+    runtime = DockerRuntime()
+    for c in runtime.find(worker_id=worker_id):
+        runtime.remove(c["Id"])
+
+
+def flush(url: str) -> None:
+    redis.Redis.from_url(url).flushdb()

@@ -1,0 +1,225 @@
+"""The executor on real Docker and Redis with the SQLite store (no Celery: messages are handed over directly)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import docker
+import pytest
+
+from cloudai import keys
+from cloudai.api import CloudAI
+from cloudai.logs import LogEnd, LogLine
+from cloudai.models import MiB, TaskStatus
+from cloudai.runtime import DockerRuntime
+from cloudai.settings import Settings
+from cloudai.store.sqlite import SQLiteStore
+from tests.helpers import executor, queued_task, register, run_in_thread, wait_for
+
+S = TaskStatus
+pytestmark = pytest.mark.usefixtures("docker_ready")
+
+CGROUP_LIMITS = (
+    "cat /sys/fs/cgroup/memory.max 2>/dev/null || cat /sys/fs/cgroup/memory/memory.limit_in_bytes; "
+    "cat /sys/fs/cgroup/cpu.max 2>/dev/null || "
+    "echo $(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us) $(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us); "
+    "cat /sys/fs/cgroup/pids.max 2>/dev/null || cat /sys/fs/cgroup/pids/pids.max"
+)
+
+
+@pytest.fixture(autouse=True)
+def _registered(settings: Settings, store: SQLiteStore) -> None:
+    register(store, settings.worker_id, gpu_ids=["0"])
+
+
+def _lines(api: CloudAI, task_id: str) -> tuple[list[str], LogEnd]:
+    events = list(api.follow(task_id))
+    assert isinstance(events[-1], LogEnd)
+    return [e.text for e in events if isinstance(e, LogLine)], events[-1]
+
+
+def test_container_sees_its_own_limits(settings: Settings, store: SQLiteStore) -> None:
+    """Smoke test of the real services: a 64 MiB, 1.5 CPU container reads back its cgroup limits."""
+    task = queued_task(store, settings.worker_id, CGROUP_LIMITS, req_memory=64 / 1024, req_cpu=1.5)
+    assert executor(settings, store).run({"task_id": task.task_id}) == "completed"
+    lines, end = _lines(CloudAI(settings), task.task_id)
+    assert lines[0] == str(64 * MiB)
+    quota, period = lines[1].split()
+    assert int(quota) / int(period) == 1.5
+    assert lines[2] == str(settings.pids_limit)
+    assert end.status == "completed" and end.exit_code == 0
+
+
+def test_limits_as_docker_applied_them_and_cancel_stops_the_container(
+    settings: Settings, store: SQLiteStore
+) -> None:
+    task = queued_task(store, settings.worker_id, "trap 'exit 0' TERM; while true; do sleep 0.1; done",
+                       req_memory=0.25, req_cpu=0.5, labels={"team": "ml"})
+    thread, result = run_in_thread(executor(settings, store).run, {"task_id": task.task_id})
+    running = wait_for(lambda: (t := store.get_task(task.task_id)) and t.container_id and t.started_at and t,
+                       what="container start")
+    info = docker.from_env().api.inspect_container(running.container_id)
+    host = info["HostConfig"]
+    assert host["NanoCpus"] == 500_000_000
+    assert host["Memory"] == 256 * MiB and host["MemorySwap"] == 256 * MiB
+    assert host["PidsLimit"] == settings.pids_limit
+    assert host["SecurityOpt"] == ["no-new-privileges"] and not host["Privileged"]
+    assert not host.get("AutoRemove")
+    assert info["Config"]["Labels"] == {"team": "ml", keys.LABEL_TASK_ID: task.task_id,
+                                        keys.LABEL_WORKER_ID: settings.worker_id}
+    assert info["Config"]["Entrypoint"] == ["/bin/sh", "-c"]
+    cancelled = CloudAI(settings).cancel(task.task_id, by="ana")
+    thread.join(30)
+    assert result == ["cancelled"]
+    assert cancelled.status == S.CANCELLED and cancelled.error.message == "cancelled by ana"  # type: ignore[union-attr]
+    assert DockerRuntime().inspect(running.container_id) is None  # stopped and removed
+
+
+def test_sigterm_ignoring_container_is_killed_after_grace(settings: Settings, store: SQLiteStore) -> None:
+    task = queued_task(store, settings.worker_id, "trap '' TERM; while true; do sleep 0.1; done")
+    thread, result = run_in_thread(executor(settings, store).run, {"task_id": task.task_id})
+    wait_for(lambda: store.get_task(task.task_id).started_at, what="start")  # type: ignore[union-attr]
+    started = time.monotonic()
+    CloudAI(settings).cancel(task.task_id, wait_s=0)
+    thread.join(30)
+    assert result == ["cancelled"]
+    assert settings.stop_grace_s - 0.5 <= time.monotonic() - started < settings.stop_grace_s + 10
+    assert store.get_task(task.task_id).exit_code == 137  # type: ignore[union-attr]
+
+
+def test_out_of_memory_is_reported_with_the_limit(settings: Settings, store: SQLiteStore) -> None:
+    task = queued_task(store, settings.worker_id,
+                       "echo start; x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo never", req_memory=32 / 1024)
+    assert executor(settings, store).run({"task_id": task.task_id}) == "failed"
+    got = store.get_task(task.task_id)
+    assert got is not None
+    assert (got.status, got.exit_code, got.oom_killed) == (S.FAILED, 137, True)
+    assert got.error is not None and got.error.message == "killed: out of memory, limit 32 MiB"
+    lines, end = _lines(CloudAI(settings), task.task_id)
+    assert lines == ["start"]
+    assert (end.status, end.exit_code, end.reason) == ("failed", 137, "killed: out of memory, limit 32 MiB")
+
+
+def test_non_zero_exit_fails_with_that_code_and_log_is_archived(settings: Settings, store: SQLiteStore) -> None:
+    task = queued_task(store, settings.worker_id, "echo a; echo b >&2; exit 3")
+    assert executor(settings, store).run({"task_id": task.task_id}) == "failed"
+    got = store.get_task(task.task_id)
+    assert got is not None and (got.status, got.exit_code, got.oom_killed) == (S.FAILED, 3, False)
+    assert got.error is not None and got.error.message == "exited with code 3"
+    assert [ln.split(" ", 1)[1] for ln in store.read_log(task.task_id) or []] == ["a", "b"]
+    assert DockerRuntime().find(task_id=task.task_id) == []  # removed after archiving
+
+
+def test_timeout_stops_the_container(settings: Settings, store: SQLiteStore) -> None:
+    task = queued_task(store, settings.worker_id, "echo tick; sleep 60", timeout_s=1.0)
+    started = time.monotonic()
+    assert executor(settings, store).run({"task_id": task.task_id}) == "timeout"
+    assert time.monotonic() - started < 1.0 + settings.stop_grace_s + 10
+    got = store.get_task(task.task_id)
+    assert got is not None and got.status == S.TIMEOUT
+    assert got.error is not None and "timed out after 1s" in got.error.message
+    assert DockerRuntime().find(task_id=task.task_id) == []
+
+
+def test_duplicate_delivery_starts_one_container(settings: Settings, store: SQLiteStore) -> None:
+    creates: list[str] = []
+
+    class Counting(DockerRuntime):
+        def create(self, spec):  # type: ignore[no-untyped-def]
+            creates.append(spec.task_id)
+            return super().create(spec)
+
+    runtime = Counting()
+    task = queued_task(store, settings.worker_id, "sleep 1; echo done")
+    # two worker processes got the same message (redelivery): two executors, one store
+    first, second = executor(settings, store, runtime), executor(settings, store, runtime)
+    barrier = threading.Barrier(2)
+    results: list[str] = []
+
+    def deliver(ex):  # type: ignore[no-untyped-def]
+        barrier.wait()
+        results.append(ex.run({"task_id": task.task_id}))
+
+    threads = [threading.Thread(target=deliver, args=(ex,)) for ex in (first, second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results) == ["completed", "skipped"]
+    assert creates == [task.task_id]
+    # and a late third delivery of a finished task does nothing
+    assert executor(settings, store, runtime).run({"task_id": task.task_id}) == "skipped"
+    assert creates == [task.task_id]
+
+
+def test_missing_image_with_pull_never_fails_clearly(settings: Settings, store: SQLiteStore) -> None:
+    task = queued_task(store, settings.worker_id, "true", image="cloudai/not-here:1", pull_policy="never")
+    assert executor(settings, store).run({"task_id": task.task_id}) == "failed"
+    got = store.get_task(task.task_id)
+    assert got is not None and got.error is not None and got.exit_code is None
+    assert got.error.type == "ImageError"
+    assert "cloudai/not-here:1" in got.error.message and "'never'" in got.error.message
+    _, end = _lines(CloudAI(settings), task.task_id)
+    assert end.status == "failed" and "cloudai/not-here:1" in (end.reason or "")
+
+
+def test_unreachable_registry_fails_clearly(settings: Settings, store: SQLiteStore) -> None:
+    task = queued_task(store, settings.worker_id, "true", image="127.0.0.1:9/nothing/here:1")
+    assert executor(settings, store).run({"task_id": task.task_id}) == "failed"
+    got = store.get_task(task.task_id)
+    assert got is not None and got.error is not None and got.error.type == "ImageError"
+    assert "127.0.0.1:9/nothing/here:1" in got.error.message and "could not be pulled" in got.error.message
+
+
+def test_gpu_task_asks_docker_for_exact_device_ids(settings: Settings, store: SQLiteStore) -> None:
+    """No GPU here: capture the real create call; Docker then refuses (no NVIDIA runtime) and the task fails
+    with Docker's reason."""
+    captured: list[dict] = []  # type: ignore[type-arg]
+
+    class Recording(docker.APIClient):
+        def create_container_from_config(self, config, name=None, platform=None):  # type: ignore[no-untyped-def]
+            captured.append(config)
+            return super().create_container_from_config(config, name, platform)
+
+    client = docker.DockerClient.__new__(docker.DockerClient)
+    client.api = Recording(version="auto", **docker.utils.kwargs_from_env())
+    task = queued_task(store, settings.worker_id, "nvidia-smi", req_gpu=2, gpu_ids=["1", "3"])
+    status = executor(settings, store, DockerRuntime(client)).run({"task_id": task.task_id})
+    requests = captured[0]["HostConfig"]["DeviceRequests"]
+    assert requests == [{"Driver": "", "Count": 0, "DeviceIDs": ["1", "3"], "Capabilities": [["gpu"]],
+                         "Options": {}}]
+    got = store.get_task(task.task_id)
+    assert got is not None
+    if status == "failed":  # the usual case without a GPU runtime
+        assert got.error is not None and got.error.type == "RuntimeFailure"
+        assert "could not" in got.error.message
+
+
+def test_gpu_held_by_a_live_task_is_never_shared(settings: Settings, store: SQLiteStore) -> None:
+    holder = queued_task(store, settings.worker_id, "sleep 30", req_gpu=1, gpu_ids=["0"])
+    ex = executor(settings, store)
+    thread, _ = run_in_thread(ex.run, {"task_id": holder.task_id})
+    wait_for(lambda: store.get_task(holder.task_id).status == S.RUNNING, what="holder running")  # type: ignore[union-attr]
+    intruder = queued_task(store, settings.worker_id, "true", req_gpu=1, gpu_ids=["0"])
+    assert executor(settings, store).run({"task_id": intruder.task_id}) == "failed"
+    got = store.get_task(intruder.task_id)
+    assert got is not None and got.error is not None and got.error.type == "GpuBusy"
+    assert f"in use by task {holder.task_id}" in got.error.message
+    CloudAI(settings).cancel(holder.task_id)
+    thread.join(30)
+    # released at the end: the next task gets the GPU
+    after = queued_task(store, settings.worker_id, "true", req_gpu=1, gpu_ids=["0"])
+    runtime_error = executor(settings, store).run({"task_id": after.task_id})
+    got = store.get_task(after.task_id)
+    assert got is not None and (got.error is None or got.error.type != "GpuBusy"), runtime_error
+
+
+def test_cancel_of_queued_task_makes_its_message_a_no_op(settings: Settings, store: SQLiteStore) -> None:
+    task = queued_task(store, settings.worker_id, "echo should-not-run")
+    api = CloudAI(settings, dispatch=lambda t: None)
+    assert api.cancel(task.task_id).status == S.CANCELLED
+    assert executor(settings, store).run({"task_id": task.task_id}) == "skipped"
+    assert DockerRuntime().find(task_id=task.task_id) == []
+    _, end = _lines(api, task.task_id)
+    assert end.status == "cancelled"

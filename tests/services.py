@@ -1,0 +1,81 @@
+"""Real services for tests. When a service is missing the test fails under CI (CI=true or
+CLOUDAI_REQUIRE_SERVICES=1) and is skipped elsewhere, with the reason."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+
+import pytest
+
+TEST_IMAGE = os.environ.get("CLOUDAI_TEST_IMAGE", "cloudai/busybox:local")
+
+
+def required() -> bool:
+    return os.environ.get("CI", "").lower() == "true" or os.environ.get("CLOUDAI_REQUIRE_SERVICES") == "1"
+
+
+def missing(what: str) -> None:
+    message = f"{what}; run the tests with ./scripts/test, which installs and starts it"
+    if required():
+        pytest.fail(message, pytrace=False)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class RedisServer:
+    """The Redis the test script started (CLOUDAI_REDIS_URL), or one started here on a free port."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = os.environ.get("CLOUDAI_REDIS_URL", "")
+        if not self.url:
+            binary = shutil.which("redis-server")
+            if binary is None:
+                missing("redis-server is not installed")
+            port = free_port()
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            self.url = f"redis://127.0.0.1:{port}/0"
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError as exc:
+                if time.monotonic() > deadline:
+                    missing(f"Redis at {self.url} does not answer ({exc})")
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def docker_client():  # type: ignore[no-untyped-def]
+    import docker
+
+    try:
+        client = docker.from_env(timeout=120)
+        client.ping()
+    except Exception as exc:
+        missing(f"the Docker engine can't be reached ({exc})")
+    try:
+        client.images.get(TEST_IMAGE)
+    except Exception:
+        missing(f"the test image {TEST_IMAGE} is not built")
+    return client

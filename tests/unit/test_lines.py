@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+from cloudai.logs import MAX_LINE_BYTES, LineSplitter, archive_line, parse_archive_line, split_frames
+
+
+def test_lines_split_across_frames_keep_the_first_timestamp() -> None:
+    s = LineSplitter()
+    assert s.feed(b"hel", "t1") == []
+    assert s.feed(b"lo\nwor", "t2") == [("hello", "t1")]
+    assert s.feed(b"ld\n", "t3") == [("world", "t2")]
+    assert s.close() == []
+
+
+def test_last_line_without_newline_is_kept() -> None:
+    assert list(split_frames([b"t1 a\n", b"t2 b"])) == [("a", "t1"), ("b", "t2")]
+
+
+def test_carriage_return_progress_collapses_to_last_state() -> None:
+    frames = [b"t1 10%\r20%\r30%\r100%\n", b"t2 done\r\n"]
+    assert [t for t, _ in split_frames(frames)] == ["100%", "done"]
+
+
+def test_invalid_utf8_becomes_replacement_characters() -> None:
+    assert [t for t, _ in split_frames([b"t \xff\xfeok\xc3\n"])] == ["\ufffd\ufffdok\ufffd"]
+
+
+def test_one_mib_line_without_newline_is_delivered_in_chunks() -> None:
+    payload = b"x" * (1024 * 1024)
+    frames = [b"t " + payload[i : i + 16384] for i in range(0, len(payload), 16384)]
+    lines = [t for t, _ in split_frames(frames)]
+    assert len(lines) == 1024 * 1024 // MAX_LINE_BYTES
+    assert "".join(lines) == payload.decode()
+
+
+def test_chunks_never_split_a_utf8_character() -> None:
+    payload = ("é" * (MAX_LINE_BYTES)).encode()  # 2 bytes each
+    lines = [t for t, _ in split_frames([b"t " + payload])]
+    assert "".join(lines) == payload.decode() and "\ufffd" not in "".join(lines)
+
+
+def test_splitting_is_deterministic_for_reattach() -> None:
+    frames = [b"t1 a\nb", b"t2 c\n", b"t3 " + b"y" * (MAX_LINE_BYTES + 5), b"t4 \n"]
+    assert list(split_frames(frames)) == list(split_frames(frames))
+
+
+def test_archive_line_round_trip() -> None:
+    assert parse_archive_line(archive_line("hello world", "2026-01-01T00:00:00Z")) == (
+        "2026-01-01T00:00:00Z", "hello world")
+    assert parse_archive_line(archive_line("x", "")) == ("", "x")

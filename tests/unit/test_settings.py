@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+import pytest
+
+from cloudai.errors import ConfigError, redact
+from cloudai.settings import Settings
+
+
+def test_defaults_from_empty_env() -> None:
+    s = Settings.from_env({})
+    assert s.redis_url == "redis://localhost:6379/0"
+    assert s.store_url == "mongodb://localhost:27017/cloudai"
+    assert s.worker_id and s.user
+
+
+def test_env_and_flag_override() -> None:
+    s = Settings.from_env({"CLOUDAI_REDIS_URL": "redis://r:1/2", "CLOUDAI_STORE_URL": "sqlite:///x.db",
+                           "CLOUDAI_WORKER_ID": "gpu1", "CLOUDAI_USER": "ana", "CLOUDAI_HEARTBEAT_TIMEOUT": "12"})
+    assert (s.redis_url, s.store_url, s.worker_id, s.user, s.heartbeat_timeout_s) == (
+        "redis://r:1/2", "sqlite:///x.db", "gpu1", "ana", 12.0)
+    assert s.replace(redis_url="redis://other", store_url=None).redis_url == "redis://other"
+    assert s.replace(store_url=None).store_url == "sqlite:///x.db"
+
+
+@pytest.mark.parametrize(("name", "value"), [("CLOUDAI_HEARTBEAT_TIMEOUT", "soon"),
+                                             ("CLOUDAI_LOG_MAXLEN", "1.5"), ("CLOUDAI_PLACEMENT", "random")])
+def test_bad_values_say_which_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_redact_hides_passwords() -> None:
+    assert redact("redis://:secret@host:6379/0") == "redis://:***@host:6379/0"
+    assert redact("mongodb://u:pw@h/db") == "mongodb://u:***@h/db"
+    assert redact("sqlite:///x.db") == "sqlite:///x.db"
