@@ -88,7 +88,7 @@ class Scheduler:
             return max(cpu, mem)
 
         if self.settings.placement_policy == "pack":
-            return max(options, key=lambda f: (load_after(f), f.worker.worker_id))
+            return min(options, key=lambda f: (-load_after(f), f.worker.worker_id))
         return min(options, key=lambda f: (load_after(f), f.worker.worker_id))
 
     def _pending_reason(self, task: Task, candidates: list[WorkerInfo], free: dict[str, Free]) -> str:

@@ -53,8 +53,9 @@ def register(store: TaskStore, worker_id: str, cpus: float = 4, memory: int = 8 
 def queued_task(store: TaskStore, worker_id: str, command: str | None, image: str = TEST_IMAGE,
                 **fields: Any) -> Task:
     """A task recorded as queued on ``worker_id`` (what the scheduler does), for executor tests."""
+    fields.setdefault("status", TaskStatus.QUEUED)
     task = Task(task_id=f"t{time.monotonic_ns() % 10**12:012d}", user_id="tester", docker_image=image,
-                command=command, status=TaskStatus.QUEUED, worker_id=worker_id, created_at=utcnow(), **fields)
+                command=command, worker_id=worker_id, created_at=utcnow(), **fields)
     store.create_task(task)
     return task
 

@@ -1,0 +1,192 @@
+"""Placement on real Redis (the lock) with the SQLite store."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from datetime import timedelta
+
+import pytest
+import redis
+
+from cloudai.api import CloudAI, SubmitRequest
+from cloudai.errors import PlacementError, ServiceUnavailable, WorkerNotFound
+from cloudai.models import GiB, LIVE, Resources, Task, TaskStatus, WorkerState, utcnow
+from cloudai.settings import Settings
+from cloudai.store.sqlite import SQLiteStore
+from tests.helpers import register
+
+S = TaskStatus
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[Task] = []
+
+    def __call__(self, task: Task) -> None:
+        self.sent.append(task)
+
+
+@pytest.fixture
+def sent() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def api(settings: Settings, sent: Recorder) -> CloudAI:
+    return CloudAI(settings, dispatch=sent)
+
+
+def _finish(store: SQLiteStore, task_id: str) -> None:
+    assert store.transition(task_id, S.QUEUED, S.RUNNING)
+    assert store.transition(task_id, S.RUNNING, S.COMPLETED)
+
+
+def _req(cpus: float = 1, memory: str = "1g", gpus: int = 0, **kw: object) -> SubmitRequest:
+    return SubmitRequest(image="busybox", command="true", resources=Resources.parse(cpus, memory, gpus), **kw)  # type: ignore[arg-type]
+
+
+def test_spread_places_on_the_least_loaded_worker(api: CloudAI, store: SQLiteStore, sent: Recorder) -> None:
+    register(store, "a", cpus=4, memory=8 * GiB)
+    register(store, "b", cpus=4, memory=8 * GiB)
+    placed = [api.submit(_req(cpus=1)).worker_id for _ in range(4)]
+    assert sorted(placed) == ["a", "a", "b", "b"]
+    assert [t.worker_id for t in sent.sent] == placed
+    assert store.worker_for_task(sent.sent[0].task_id) == placed[0]
+
+
+def test_pack_fills_one_worker_first(settings: Settings, store: SQLiteStore, sent: Recorder) -> None:
+    api = CloudAI(settings.replace(placement_policy="pack"), dispatch=sent)
+    register(store, "a", cpus=4)
+    register(store, "b", cpus=4)
+    assert [api.submit(_req(cpus=1)).worker_id for _ in range(5)] == ["a", "a", "a", "a", "b"]
+
+
+def test_gpus_are_reserved_by_exact_id_and_never_twice(api: CloudAI, store: SQLiteStore) -> None:
+    register(store, "g", cpus=16, memory=64 * GiB, gpu_ids=["0", "1", "2"])
+    first = api.submit(_req(gpus=2))
+    second = api.submit(_req(gpus=1))
+    third = api.submit(_req(gpus=1))
+    assert first.gpu_ids == ["0", "1"] and second.gpu_ids == ["2"]
+    assert third.status == S.PENDING
+    assert third.pending_reason == "needs 1 GPU; the most free on any worker is 0"
+    live = store.list_tasks(status=LIVE, limit=None)
+    ids = [g for t in live for g in t.gpu_ids]
+    assert len(ids) == len(set(ids)) == 3
+    # the end of the first frees GPUs 0 and 1: the pending task gets one of them
+    _finish(store, first.task_id)
+    placed = api.scheduler.place_pending()
+    assert [t.task_id for t in placed] == [third.task_id]
+    assert store.get_task(third.task_id).gpu_ids == ["0"]  # type: ignore[union-attr]
+
+
+def test_task_no_worker_could_ever_fit_is_refused(api: CloudAI, store: SQLiteStore) -> None:
+    with pytest.raises(PlacementError, match="no workers are registered"):
+        api.submit(_req())
+    register(store, "small", cpus=2, memory=4 * GiB, gpu_ids=["0"])
+    with pytest.raises(PlacementError, match="lower the request or add a worker"):
+        api.submit(_req(gpus=2))
+    with pytest.raises(PlacementError):
+        api.submit(_req(memory="64g"))
+    assert store.list_tasks(limit=None) == []  # nothing recorded
+
+
+def test_pinned_worker_must_exist_and_be_active(api: CloudAI, store: SQLiteStore) -> None:
+    with pytest.raises(WorkerNotFound, match="ghost"):
+        register(store, "other") and api.submit(_req(worker="ghost"))
+    register(store, "w", cpus=2)
+    store.set_worker_state("w", WorkerState.DRAINING)
+    with pytest.raises(PlacementError, match="draining"):
+        api.submit(_req(worker="w"))
+    store.set_worker_state("w", WorkerState.ACTIVE)
+    assert api.submit(_req(worker="w", cpus=2)).status == S.QUEUED
+    waiting = api.submit(_req(worker="w", cpus=1))  # no room now: waits for that worker
+    assert waiting.status == S.PENDING and "the most free on any worker is 0" in (waiting.pending_reason or "")
+
+
+def test_stale_worker_gets_nothing(api: CloudAI, store: SQLiteStore, settings: Settings) -> None:
+    register(store, "old")
+    store.heartbeat("old", utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 5))
+    task = api.submit(_req())
+    assert task.status == S.PENDING and "no active worker" in (task.pending_reason or "")
+
+
+def test_pending_tasks_start_in_order_priority_first(api: CloudAI, store: SQLiteStore) -> None:
+    register(store, "w", cpus=1)
+    running = api.submit(_req(cpus=1))
+    low = api.submit(_req(cpus=1))
+    mid = api.submit(_req(cpus=1))
+    high = api.submit(_req(cpus=1, priority=5))
+    assert {low.status, mid.status, high.status} == {S.PENDING}
+    order = []
+    current = running
+    for _ in range(3):
+        _finish(store, current.task_id)
+        placed = api.scheduler.place_pending()
+        assert len(placed) == 1
+        order.append(placed[0].task_id)
+        current = store.get_task(placed[0].task_id)  # type: ignore[assignment]
+    assert order == [high.task_id, low.task_id, mid.task_id]
+
+
+def test_a_new_task_does_not_overtake_pending_ones(api: CloudAI, store: SQLiteStore) -> None:
+    register(store, "w", cpus=2)
+    api.submit(_req(cpus=1))
+    big = api.submit(_req(cpus=2))  # waits for the whole worker
+    small = api.submit(_req(cpus=1))  # would fit, but big came first
+    assert big.status == S.PENDING and small.status == S.PENDING
+
+
+def test_enqueue_failure_leaves_nothing_recorded(settings: Settings, store: SQLiteStore) -> None:
+    def broken(task: Task) -> None:
+        raise ConnectionError("broker down")
+
+    register(store, "w")
+    with pytest.raises(ServiceUnavailable, match="could not enqueue"):
+        CloudAI(settings, dispatch=broken).submit(_req())
+    assert store.list_tasks(limit=None) == []
+    assert store.list_assignments("w") == []
+
+
+def test_constraints_match_worker_labels(api: CloudAI, store: SQLiteStore) -> None:
+    register(store, "cpu-box", cpus=8)
+    register(store, "gpu-box", cpus=8, gpu_ids=["0"], labels={"gpu": "a100"})
+    assert api.submit(_req(constraints={"gpu": "a100"})).worker_id == "gpu-box"
+    with pytest.raises(PlacementError, match="labels"):
+        api.submit(_req(constraints={"gpu": "h100"}))
+
+
+# -- the race: 8 processes x 100 submits against room for 50 -----------------------------------------------
+
+def _submitter(env: dict[str, str], barrier: object, out: object) -> None:
+    os.environ.update(env)
+    from cloudai.api import CloudAI as Api  # real Celery dispatch onto the worker queues
+
+    api = Api(Settings.from_env())
+    barrier.wait()  # type: ignore[attr-defined]
+    statuses = [api.submit(_req(cpus=1, memory="512m")).status.value for _ in range(100)]
+    out.put(statuses)  # type: ignore[attr-defined]
+
+
+def test_concurrent_submitters_never_overcommit(settings: Settings, store: SQLiteStore,
+                                                redis_client: redis.Redis) -> None:
+    register(store, "r1", cpus=20, memory=64 * GiB)
+    register(store, "r2", cpus=30, memory=64 * GiB)
+    env = {"CLOUDAI_REDIS_URL": settings.redis_url, "CLOUDAI_STORE_URL": settings.store_url,
+           "CLOUDAI_WORKER_ID": "submitter", "CLOUDAI_USER": "racer"}
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(8), ctx.Queue()
+    procs = [ctx.Process(target=_submitter, args=(env, barrier, out)) for _ in range(8)]
+    for p in procs:
+        p.start()
+    results = [s for _ in procs for s in out.get(timeout=240)]
+    for p in procs:
+        p.join(30)
+    assert len(results) == 800
+    assert results.count("queued") == 50 and results.count("pending") == 750
+    tasks = store.list_tasks(limit=None)
+    assert sum(t.status == S.QUEUED for t in tasks) == 50
+    for worker, cpus in (("r1", 20), ("r2", 30)):
+        mine = [t for t in tasks if t.worker_id == worker and t.status == S.QUEUED]
+        assert len(mine) == cpus  # full, never over
+        assert redis_client.llen(f"cloudai.worker.{worker}") == cpus  # one message per queued task
