@@ -156,21 +156,34 @@ def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None,
     _submit(ctx, request, quiet, as_json, follow, dry_run)
 
 
-@cli.command("task", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": False})
+SEED_OPTIONS = {"-cpu_cores": "cpus", "-mem": "memory", "-gpu_cores": "gpus"}
+
+
+@cli.command("task", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.argument("worker")
 @click.argument("image")
-@click.option("-cpu_cores", "cpu_cores", default="1.0", show_default=True, help="CPU cores.")
-@click.option("-mem", "mem", default="1.0", show_default=True, help="Memory in GB (or 512m, 4g).")
-@click.option("-gpu_cores", "gpu_cores", default="0", show_default=True, help="Whole GPUs.")
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
-def seed_task(ctx: Context, worker: str, image: str, cpu_cores: str, mem: str, gpu_cores: str,
-              command: tuple[str, ...]) -> None:
-    """The original syntax: run IMAGE on WORKER (same as `submit --worker`). Options go before COMMAND."""
-    args = list(command[1:] if command[:1] == ("--",) else command)
+def seed_task(ctx: Context, worker: str, image: str, args: tuple[str, ...]) -> None:
+    """The original syntax: run IMAGE on WORKER (same as `submit --worker`).
+
+    \b
+    cloudai task WORKER IMAGE [-cpu_cores 2.0] [-mem 4.0] [-gpu_cores 1.0] [COMMAND]...
+    -cpu_cores: CPU cores (default 1.0); -mem: memory in GB or 512m/4g (default 1.0); -gpu_cores: whole GPUs.
+    """
+    values: dict[str, str] = {}
+    rest = list(args)
+    while rest and rest[0] in SEED_OPTIONS:
+        if len(rest) < 2:
+            raise click.BadParameter("needs a value", param_hint=rest[0])
+        values[SEED_OPTIONS[rest[0]]] = rest[1]
+        rest = rest[2:]
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
     request = SubmitRequest(
-        image=image, command=join_command(args), worker=worker,
-        resources=_parse(Resources.parse, cpu_cores, mem, gpu_cores, None, param="-cpu_cores/-mem/-gpu_cores"),
+        image=image, command=join_command(rest), worker=worker,
+        resources=_parse(Resources.parse, values.get("cpus"), values.get("memory"), values.get("gpus"), None,
+                         param="-cpu_cores/-mem/-gpu_cores"),
     )
     _parse(request.validate, param="task")
     _submit(ctx, request, quiet=False, as_json=False, follow=False, dry_run=False)

@@ -1,0 +1,72 @@
+"""Beat in a real process: a SIGKILLed worker's task becomes lost (or retried) within the heartbeat timeout
+plus one tick; the dead worker's orphan container is removed when it comes back."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+
+from cloudai.models import TaskStatus
+from cloudai.runtime import DockerRuntime
+from cloudai.settings import Settings
+from cloudai.store.sqlite import SQLiteStore
+from tests.e2e.test_cli_e2e import submit
+from tests.helpers import ROOT, cli_env, cloudai, wait_for
+from tests.services import TEST_IMAGE
+
+S = TaskStatus
+
+
+@pytest.fixture
+def beat(settings: Settings, tmp_path):  # type: ignore[no-untyped-def]
+    log = open(tmp_path / "beat.log", "wb")
+    proc = subprocess.Popen(cloudai("beat", "--schedule", str(tmp_path / "beat-schedule")), cwd=ROOT,
+                            env=cli_env(settings), stdout=log, stderr=subprocess.STDOUT)
+    yield proc
+    proc.terminate()
+    try:
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.mark.timeout(240)
+def test_killed_worker_task_is_lost_within_timeout_plus_a_tick(
+    settings: Settings, store: SQLiteStore, workers, beat  # type: ignore[no-untyped-def]
+) -> None:
+    proc = workers()
+    task_id = submit(settings, TEST_IMAGE, "sleep 300")
+    running = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
+    proc.kill()
+    killed_at = time.monotonic()
+    lost = wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal and t, 60, 0.05, "lost")
+    elapsed = time.monotonic() - killed_at
+    print(f"\nlost {elapsed:.2f}s after SIGKILL (heartbeat timeout {settings.heartbeat_timeout_s}s, "
+          f"interval {settings.heartbeat_interval_s}s, beat tick {settings.beat_interval_s}s)")
+    assert lost.status == S.LOST and "stopped heartbeating" in (lost.error.message if lost.error else "")
+    assert elapsed <= settings.heartbeat_timeout_s + settings.beat_interval_s + 3.0
+    assert DockerRuntime().is_running(running.container_id)  # nobody stopped it yet...
+    workers(proc.worker_id)  # ...until its worker returns and removes the orphan
+    wait_for(lambda: DockerRuntime().inspect(running.container_id) is None, 30, what="orphan removal")
+    assert store.get_task(task_id).status == S.LOST  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(240)
+def test_killed_worker_task_with_retries_runs_again_elsewhere(
+    settings: Settings, store: SQLiteStore, workers, beat  # type: ignore[no-untyped-def]
+) -> None:
+    first = workers("first-" + settings.worker_id)
+    task_id = submit(settings, "--retries", "1", TEST_IMAGE, "echo attempt; sleep 2; echo finished")
+    wait_for(lambda: store.get_task(task_id).started_at, 60, what="start")  # type: ignore[union-attr]
+    second = workers("second-" + settings.worker_id)
+    first.kill()
+    done = wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal and t, 90, what="end")
+    assert done.status == S.COMPLETED and done.attempt == 2 and done.worker_id == second.worker_id
+    from tests.e2e.test_cli_e2e import run
+
+    lines = run(settings, "logs", task_id).stdout.splitlines()
+    assert lines[0] == "attempt" and "retrying (attempt 2 of 2)" in lines[1]
+    assert lines[2:4] == ["attempt", "finished"]

@@ -1,0 +1,119 @@
+"""Real processes: `cloudai worker start` consuming its Redis queue, the CLI as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from cloudai.models import TaskStatus
+from cloudai.runtime import DockerRuntime
+from cloudai.settings import Settings
+from cloudai.store.sqlite import SQLiteStore
+from tests.helpers import ROOT, cli_env, cloudai, wait_for
+from tests.services import TEST_IMAGE
+
+S = TaskStatus
+
+
+def run(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cloudai(*args), cwd=ROOT, env=cli_env(settings), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def submit(settings: Settings, *args: str) -> str:
+    result = run(settings, "submit", "-q", *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_submit_follow_prints_both_streams_and_exits_with_the_code(settings: Settings, workers) -> None:  # type: ignore[no-untyped-def]
+    workers()
+    result = run(settings, "submit", "-f", "-m", "64m", TEST_IMAGE, "--", "sh", "-c", "echo a; echo b >&2; exit 3")
+    assert result.returncode == 3, result.stdout + result.stderr
+    # Docker reads stdout and stderr through separate pipes: their relative order is Docker's
+    assert sorted(result.stdout.splitlines()[:2]) == ["a", "b"]
+    assert "Task Failed — exit 3" in result.stdout
+
+
+def test_monitor_started_late_prints_everything(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
+    workers()
+    task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 200); do echo line $i; done")
+    wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal, 60, what="task end")
+    result = run(settings, "monitor", task_id)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert [ln for ln in out if ln.startswith("line ")] == [f"line {i}" for i in range(1, 201)]
+    assert out[-1] == "Task Completed"
+    assert any(ln.strip().startswith("task:") and task_id in ln for ln in out)  # the header
+    assert "Press any key" not in result.stdout  # no terminal: no key handling
+    logs = run(settings, "logs", "--tail", "3", task_id)
+    assert logs.stdout.splitlines()[:3] == ["line 198", "line 199", "line 200"]
+
+
+def test_status_json_of_an_oom_killed_task(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
+    workers()
+    task_id = submit(settings, "-m", "32m", TEST_IMAGE, "x=$(head -c 200000000 /dev/zero | tr '\\0' a)")
+    follow = run(settings, "logs", "-f", task_id)
+    assert follow.returncode == 137
+    assert "killed: out of memory, limit 32 MiB" in follow.stdout
+    record = json.loads(run(settings, "status", "--json", task_id).stdout)
+    assert record["status"] == "failed" and record["oom_killed"] is True and record["exit_code"] == 137
+    assert record["error"]["message"] == "killed: out of memory, limit 32 MiB"
+
+
+def test_cancel_stops_a_running_container(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
+    workers()
+    task_id = submit(settings, TEST_IMAGE, "sleep 300")
+    running = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
+    result = run(settings, "cancel", task_id)
+    assert result.returncode == 0 and f"{task_id}: cancelled" in result.stdout, result.stdout + result.stderr
+    assert DockerRuntime().inspect(running.container_id) is None
+    follow = run(settings, "monitor", task_id)
+    assert follow.returncode == 130 and "Task Cancelled" in follow.stdout
+
+
+def test_seed_task_syntax_and_listing(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
+    proc = workers()
+    result = run(settings, "task", proc.worker_id, TEST_IMAGE, "-cpu_cores", "0.5", "-mem", "0.25", "echo", "seed")
+    assert result.returncode == 0, result.stderr
+    task_id = result.stdout.split()[0]
+    wait_for(lambda: store.get_task(task_id).status == S.COMPLETED, 60, what="seed task")  # type: ignore[union-attr]
+    task = store.get_task(task_id)
+    assert task is not None and task.req_cpu == 0.5 and task.req_memory == 0.25
+    assert task.worker_id == proc.worker_id
+    listing = json.loads(run(settings, "list", "--json").stdout)
+    assert [t["task_id"] for t in listing] == [task_id]
+    workers_json = json.loads(run(settings, "workers", "--json").stdout)
+    assert workers_json[0]["worker_id"] == proc.worker_id and workers_json[0]["alive"] is True
+
+
+def test_pending_tasks_run_when_capacity_frees_in_order(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
+    workers(None, "--cpus", "1", "--memory", "1g", "--gpus", "none")
+    ids = [submit(settings, "--cpus", "1", TEST_IMAGE, "sleep 0.5") for _ in range(3)]
+    assert [store.get_task(i).status for i in ids[1:]] == [S.PENDING, S.PENDING]  # type: ignore[union-attr]
+    for task_id in ids:
+        wait_for(lambda tid=task_id: store.get_task(tid).status == S.COMPLETED, 60, what=task_id)  # type: ignore[misc, union-attr]
+    starts = [store.get_task(i).started_at for i in ids]  # type: ignore[union-attr]
+    assert starts == sorted(starts)  # type: ignore[type-var]
+
+
+@pytest.mark.timeout(240)
+def test_worker_killed_mid_task_reattaches_without_repeating_lines(
+    settings: Settings, store: SQLiteStore, workers  # type: ignore[no-untyped-def]
+) -> None:
+    proc = workers()
+    task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 60); do echo line $i; sleep 0.1; done")
+    before = wait_for(lambda: (t := store.get_task(task_id)) and t.container_id and t.started_at and t, 60)
+    time.sleep(1.5)
+    proc.kill()  # SIGKILL: no clean shutdown, the container keeps running
+    assert DockerRuntime().is_running(before.container_id)
+    time.sleep(1.0)
+    workers(proc.worker_id)  # the same worker comes back
+    done = wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal and t, 90, what="end")
+    assert done.status == S.COMPLETED and done.exit_code == 0
+    assert done.container_id == before.container_id  # no second container
+    result = run(settings, "logs", task_id)
+    assert [ln for ln in result.stdout.splitlines() if ln.startswith("line")] == [f"line {i}" for i in range(1, 61)]
