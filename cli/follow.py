@@ -11,10 +11,10 @@ from typing import TextIO
 
 import click
 
+from cli.render import exit_code_for, final_block, print_status
 from cloudai.api import CloudAI
 from cloudai.errors import ExitCode
 from cloudai.logs import LogEnd, LogLine
-from cli.render import exit_code_for, final_block, print_status
 
 
 class KeyWatcher:

@@ -11,12 +11,12 @@ from typing import Any
 import click
 import redis
 
+from cli import follow as viewer
+from cli import render
 from cloudai.api import CloudAI, SubmitRequest, parse_key_values, read_env_file
 from cloudai.errors import CloudAIError, ExitCode, RedisUnavailable
 from cloudai.models import Resources, TaskStatus, WorkerState, join_command, parse_duration
 from cloudai.settings import Settings
-from cli import follow as viewer
-from cli import render
 
 S = TaskStatus
 
@@ -244,7 +244,7 @@ def list_tasks(ctx: Context, user: str | None, statuses: tuple[str, ...], worker
                as_json: bool) -> None:
     """List tasks, newest first."""
     who = None if user == "all" else (user or ctx.settings.user)
-    tasks = ctx.api.list(user=who, status=[S(s) for s in statuses], worker=worker, limit=limit)
+    tasks = ctx.api.list_tasks(user=who, status=[S(s) for s in statuses], worker=worker, limit=limit)
     if as_json:
         click.echo(render.to_json([t.to_doc() for t in tasks]))
     elif not tasks:

@@ -192,7 +192,11 @@ def build_worker(settings: Settings, dispatch: Dispatch) -> WorkerProcess:
     bus = LogBus.from_url(settings.redis_url, settings.log_stream_maxlen)
     runtime = DockerRuntime()
     scheduler = Scheduler(settings, store, bus.redis, dispatch)
-    executor = Executor(settings, store, bus, runtime, bus.redis, after_finish=lambda _task: scheduler.place_pending())
+
+    def after_finish(_task: Task) -> None:
+        scheduler.place_pending()  # its reservation is free now
+
+    executor = Executor(settings, store, bus, runtime, bus.redis, after_finish=after_finish)
     capacity = host_capacity(settings.worker_cpus, settings.worker_memory, settings.worker_gpus,
                              settings.worker_labels)
 

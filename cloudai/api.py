@@ -19,8 +19,8 @@ from cloudai.errors import (
 )
 from cloudai.logs import LogBus, LogEnd, LogEvent, LogLine, parse_archive_line
 from cloudai.models import (
-    GiB,
     LIVE,
+    GiB,
     Resources,
     Task,
     TaskError,
@@ -190,7 +190,7 @@ class CloudAI:
             raise TaskNotFound(task_id)
         return task
 
-    def list(self, user: str | None = None, status: list[TaskStatus] | None = None, worker: str | None = None,
+    def list_tasks(self, user: str | None = None, status: list[TaskStatus] | None = None, worker: str | None = None,
              limit: int = 50) -> list[Task]:
         return self.store.list_tasks(user_id=user, status=status or None, worker_id=worker, limit=limit)
 

@@ -15,7 +15,7 @@ from typing import Any
 import redis
 
 from cloudai import keys
-from cloudai.errors import CloudAIError, ImageError, RuntimeFailure
+from cloudai.errors import ImageError, RuntimeFailure
 from cloudai.gpus import GpuLeases
 from cloudai.logs import LogBus, LogWriter, archive_line, split_frames
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
@@ -220,9 +220,7 @@ class Executor:
         consumed = skip
         try:
             while True:
-                n = 0
-                for text, ts in split_frames(self.runtime.stream_frames(container_id)):
-                    n += 1
+                for n, (text, ts) in enumerate(split_frames(self.runtime.stream_frames(container_id)), 1):
                     if n > consumed:
                         consumed = n
                         out.put((text, ts))

@@ -17,6 +17,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -149,7 +150,7 @@ class LogBus:
     def last_entry(self, task_id: str) -> tuple[int, LogEvent | None]:
         """The last seq used and the last event (an end marker if the log is closed)."""
         try:
-            entries = self.redis.xrevrange(keys.log_stream(task_id), count=1)
+            entries: Any = self.redis.xrevrange(keys.log_stream(task_id), count=1)
         except redis.RedisError as exc:
             raise self._guard(exc) from exc
         if not entries:
@@ -167,8 +168,8 @@ class LogBus:
         seq, last = self.last_entry(task_id)
         if isinstance(last, LogEnd):
             return False
-        fields = {"end": "1", "status": status, "exit_code": "" if exit_code is None else str(exit_code),
-                  "reason": reason or ""}
+        code = "" if exit_code is None else str(exit_code)
+        fields: dict[Any, Any] = {"end": "1", "status": status, "exit_code": code, "reason": reason or ""}
         key = keys.log_stream(task_id)
         try:
             pipe = self.redis.pipeline(transaction=False)
@@ -191,7 +192,7 @@ class LogBus:
         """Events after ``after_seq``; with ``block_ms``, wait that long for the first one."""
         key = keys.log_stream(task_id)
         try:
-            reply = self.redis.xread({key: _entry_id(after_seq)}, count=count, block=block_ms)
+            reply: Any = self.redis.xread({key: _entry_id(after_seq)}, count=count, block=block_ms)
         except redis.RedisError as exc:
             raise self._guard(exc) from exc
         if not reply:
@@ -263,7 +264,8 @@ class LogWriter:
                 for seq, text, ts in self._pending:
                     pipe.xadd(self.key, {"l": text, "t": ts}, id=_entry_id(seq),
                               maxlen=self.bus.maxlen, approximate=True)
-                pipe.publish(self.key, json.dumps({"first": self._pending[0][0], "lines": [p[1] for p in self._pending]}))
+                batch = {"first": self._pending[0][0], "lines": [p[1] for p in self._pending]}
+                pipe.publish(self.key, json.dumps(batch))
                 pipe.execute()
                 self._pending.clear()
                 return

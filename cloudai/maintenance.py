@@ -76,19 +76,19 @@ class Maintenance:
             timeout = self.settings.heartbeat_timeout_s
             workers = {w.worker_id: w for w in self.store.list_workers()}
             for worker in workers.values():
-                if worker.state != WorkerState.OFFLINE and not worker.alive(now, timeout):
-                    if self.store.set_worker_state(worker.worker_id, WorkerState.OFFLINE, worker.state):
-                        log.warning("worker %s missed heartbeats since %s: offline", worker.worker_id,
-                                    worker.last_heartbeat.isoformat())
-                        done["offline"].append(worker.worker_id)
+                silent = worker.state != WorkerState.OFFLINE and not worker.alive(now, timeout)
+                if silent and self.store.set_worker_state(worker.worker_id, WorkerState.OFFLINE, worker.state):
+                    log.warning("worker %s missed heartbeats since %s: offline", worker.worker_id,
+                                worker.last_heartbeat.isoformat())
+                    done["offline"].append(worker.worker_id)
             for task in self.store.list_tasks(status=LIVE, limit=None):
-                worker = workers.get(task.worker_id or "")
-                if worker is not None and worker.alive(now, timeout):
+                holder = workers.get(task.worker_id or "")
+                if holder is not None and holder.alive(now, timeout):
                     continue
-                if worker is None:
+                if holder is None:
                     reason = f"worker {task.worker_id} is no longer registered"
                 else:
-                    age = (now - worker.last_heartbeat).total_seconds()
+                    age = (now - holder.last_heartbeat).total_seconds()
                     reason = f"worker {task.worker_id} stopped heartbeating {age:.0f}s ago"
                 new = lose_task(self.store, self.bus, task, reason)
                 if new == S.PENDING:

@@ -103,7 +103,8 @@ class Scheduler:
             return f"no active worker has the labels {wanted}"
         most_gpus = max(len(f.gpu_ids) for f in matching)
         if task.req_gpu > most_gpus:
-            return f"needs {task.req_gpu} GPU{'s' if task.req_gpu > 1 else ''}; the most free on any worker is {most_gpus}"
+            plural = "s" if task.req_gpu > 1 else ""
+            return f"needs {task.req_gpu} GPU{plural}; the most free on any worker is {most_gpus}"
         most_cpus = max(f.cpus for f in matching)
         if task.req_cpu > most_cpus + EPS:
             return f"needs {task.req_cpu:g} CPUs; the most free on any worker is {max(most_cpus, 0):g}"

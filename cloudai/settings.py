@@ -94,4 +94,4 @@ class Settings:
 
     def replace(self, **changes: object) -> Settings:
         """A copy with CLI overrides applied; ``None`` values leave a field as it is."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})  # type: ignore[arg-type]

@@ -21,16 +21,15 @@ S = TaskStatus
 
 @pytest.fixture
 def beat(settings: Settings, tmp_path):  # type: ignore[no-untyped-def]
-    log = open(tmp_path / "beat.log", "wb")
-    proc = subprocess.Popen(cloudai("beat", "--schedule", str(tmp_path / "beat-schedule")), cwd=ROOT,
-                            env=cli_env(settings), stdout=log, stderr=subprocess.STDOUT)
-    yield proc
-    proc.terminate()
-    try:
-        proc.wait(20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    with open(tmp_path / "beat.log", "wb") as log:
+        proc = subprocess.Popen(cloudai("beat", "--schedule", str(tmp_path / "beat-schedule")), cwd=ROOT,
+                                env=cli_env(settings), stdout=log, stderr=subprocess.STDOUT)
+        yield proc
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.mark.timeout(240)

@@ -11,7 +11,7 @@ import redis
 
 from cloudai.api import CloudAI, SubmitRequest
 from cloudai.errors import PlacementError, ServiceUnavailable, WorkerNotFound
-from cloudai.models import GiB, LIVE, Resources, Task, TaskStatus, WorkerState, utcnow
+from cloudai.models import LIVE, GiB, Resources, Task, TaskStatus, WorkerState, utcnow
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
 from tests.helpers import register
