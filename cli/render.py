@@ -154,4 +154,5 @@ def worker_json(views: list[WorkerView]) -> str:
 
 
 def console() -> Console:
-    return Console(highlight=False, soft_wrap=True)
+    # a pipe gets whole rows (for grep), a terminal gets rows fitted to its width
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 250)

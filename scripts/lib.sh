@@ -80,7 +80,8 @@ ensure_venv() {
   if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ]; then
     log "installing cloudai[test] into $VENV"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
-    "$VENV/bin/pip" install -q -e "$ROOT[test]"
+    "$VENV/bin/pip" install -e "$ROOT[test]" >"$STATE/pip.log" 2>&1 || { tail -30 "$STATE/pip.log" >&2;
+      die "pip install failed (log: $STATE/pip.log)"; }
     touch "$stamp"
   fi
   export PATH="$VENV/bin:$PATH"
