@@ -129,9 +129,9 @@ class CloudAI:
     def scheduler(self) -> Scheduler:
         dispatch = self._dispatch
         if dispatch is None:
-            from cloudai.celery_app import dispatch as celery_dispatch
+            from cloudai.celery_app import Dispatcher
 
-            dispatch = celery_dispatch
+            dispatch = Dispatcher(self.settings.redis_url)
         return Scheduler(self.settings, self.store, self.redis, dispatch)
 
     def ping_redis(self) -> None:

@@ -3,6 +3,7 @@ The only module of ``cloudai`` that imports Celery."""
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from celery import Celery
@@ -68,16 +69,31 @@ def make_app(s: Settings) -> Celery:
 app = make_app(settings)
 
 
-def dispatch(task: Task) -> None:
-    """Put a queued task's message on its worker's own queue (never worker_direct: a message to a worker
-    that never started would be dropped)."""
-    assert task.worker_id, "dispatch needs a placed task"
-    app.send_task(
-        keys.RUN_CONTAINER_TASK,
-        args=[task.to_message()],
-        queue=queue(keys.worker_queue(task.worker_id)),
-        task_id=f"{task.task_id}.{task.attempt}",
-    )
+class Dispatcher:
+    """Puts a queued task's message on its worker's own queue (never worker_direct: a message to a worker
+    that never started would be dropped), on the broker at ``redis_url`` (which a CLI flag may have set,
+    unlike the module-level app's)."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis_url = redis_url
+        self._lock = threading.Lock()
+        self._connection: Any = None
+
+    def __call__(self, task: Task) -> None:
+        assert task.worker_id, "dispatch needs a placed task"
+        with self._lock:  # a kombu connection is not for concurrent publishers
+            if self._connection is None:
+                self._connection = app.connection_for_write(self.redis_url)
+            app.send_task(
+                keys.RUN_CONTAINER_TASK,
+                args=[task.to_message()],
+                queue=queue(keys.worker_queue(task.worker_id)),
+                task_id=f"{task.task_id}.{task.attempt}",
+                connection=self._connection,
+            )
+
+
+dispatch = Dispatcher(settings.redis_url)
 
 
 def run_worker(argv: list[str]) -> Any:

@@ -212,7 +212,17 @@ class Executor:
         writer.flush()
         exit_code = self.runtime.wait(container_id)
         state = self.runtime.exit_state(container_id)
-        return self._finish(task, container_id, self._outcome(task, exit_code, state.oom_killed, stop_reason))
+        # Docker's complete log, read once the container has exited: a follow stream can miss the last lines
+        # at exit, so publish what it missed, then archive the same lines
+        complete = list(split_frames(self.runtime.stream_frames(container_id, follow=False)))
+        missed = complete[writer.published - task.log_base:]
+        if missed:
+            log.info("task %s: %d lines caught up from Docker's log after exit", task.task_id, len(missed))
+            for text, ts in missed:
+                writer.add(text, ts)
+            writer.flush()
+        outcome = self._outcome(task, exit_code, state.oom_killed, stop_reason)
+        return self._finish(task, container_id, outcome, complete)
 
     def _read_lines(self, container_id: str, skip: int, out: queue.Queue[Any]) -> None:
         """Docker's log of the container, split into lines, from line ``skip + 1``. A broken stream is reopened
@@ -250,12 +260,13 @@ class Executor:
             return Outcome(S.COMPLETED, 0, None)
         return Outcome(S.FAILED, exit_code, f"exited with code {exit_code}", False, "NonZeroExit")
 
-    def _finish(self, task: Task, container_id: str | None, outcome: Outcome) -> TaskStatus:
+    def _finish(self, task: Task, container_id: str | None, outcome: Outcome,
+                lines: list[tuple[str, str]] | None = None) -> TaskStatus:
         """Archive the log, record the outcome (compare-and-set from running), close the log, clean up."""
         task_id = task.task_id
         try:
             if container_id:
-                self._archive(task, container_id)
+                self._archive(task, container_id, lines)
             error = TaskError(outcome.error_type or outcome.status.value, outcome.reason) if outcome.reason else None
             won = self.store.transition(
                 task_id, S.RUNNING, outcome.status, exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
@@ -282,14 +293,15 @@ class Executor:
                 except Exception:
                     log.exception("after-finish hook failed for %s", task_id)
 
-    def _archive(self, task: Task, container_id: str) -> None:
+    def _archive(self, task: Task, container_id: str, lines: list[tuple[str, str]] | None) -> None:
         """Docker's own log of the container is the source of truth for the archive (after the lines of
         earlier attempts, which only the stream still has)."""
         try:
             earlier = [archive_line(ln.text, ln.ts) for ln in self.bus.history(task.task_id, task.log_base)
                        ] if task.log_base else []
-            frames = self.runtime.stream_frames(container_id, follow=False)
-            self.store.save_log(task.task_id, earlier + [archive_line(t, ts) for t, ts in split_frames(frames)])
+            if lines is None:
+                lines = list(split_frames(self.runtime.stream_frames(container_id, follow=False)))
+            self.store.save_log(task.task_id, earlier + [archive_line(t, ts) for t, ts in lines])
         except Exception:
             log.exception("could not archive the log of %s", task.task_id)
 

@@ -6,9 +6,10 @@ import dataclasses
 import math
 import re
 import shlex
+import threading
 import uuid
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any
 
@@ -31,6 +32,22 @@ def utcnow() -> datetime:
     """Timezone-aware UTC now, to the millisecond (what MongoDB keeps), so every backend stores the same."""
     now = datetime.now(UTC)
     return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+_created_lock = threading.Lock()
+_last_created: datetime | None = None
+
+
+def next_created_at() -> datetime:
+    """``utcnow()``, but strictly increasing within a process: tasks one client submits keep their order
+    even at the store's millisecond precision (pending tasks are placed in submit order)."""
+    global _last_created
+    with _created_lock:
+        now = utcnow()
+        if _last_created is not None and now <= _last_created:
+            now = _last_created + timedelta(milliseconds=1)
+        _last_created = now
+        return now
 
 
 def parse_size(value: str | float | int, field_name: str = "memory") -> int:
@@ -209,7 +226,7 @@ class Task:
     req_storage: float | None = None  # GB
     req_gpu: int = 0
     status: TaskStatus = TaskStatus.PENDING
-    created_at: datetime = field(default_factory=utcnow)
+    created_at: datetime = field(default_factory=next_created_at)
     started_at: datetime | None = None
     completed_at: datetime | None = None
     worker_id: str | None = None

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from cloudai.models import TaskStatus
+from cloudai.api import CloudAI, SubmitRequest
+from cloudai.models import Resources, TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
@@ -92,7 +93,8 @@ def test_seed_task_syntax_and_listing(settings: Settings, store: SQLiteStore, wo
 
 def test_pending_tasks_run_when_capacity_frees_in_order(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
     workers(None, "--cpus", "1", "--memory", "1g", "--gpus", "none")
-    ids = [submit(settings, "--cpus", "1", TEST_IMAGE, "sleep 0.5") for _ in range(3)]
+    api = CloudAI(settings)  # submits in one process: quick enough that the first is still running
+    ids = [api.submit(SubmitRequest(TEST_IMAGE, "sleep 1", Resources.parse(cpus=1))).task_id for _ in range(3)]
     assert [store.get_task(i).status for i in ids[1:]] == [S.PENDING, S.PENDING]  # type: ignore[union-attr]
     for task_id in ids:
         wait_for(lambda tid=task_id: store.get_task(tid).status == S.COMPLETED, 60, what=task_id)  # type: ignore[misc, union-attr]

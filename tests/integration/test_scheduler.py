@@ -190,3 +190,15 @@ def test_concurrent_submitters_never_overcommit(settings: Settings, store: SQLit
         mine = [t for t in tasks if t.worker_id == worker and t.status == S.QUEUED]
         assert len(mine) == cpus  # full, never over
         assert redis_client.llen(f"cloudai.worker.{worker}") == cpus  # one message per queued task
+
+
+def test_drained_worker_gets_no_new_tasks_and_undrain_places_waiting_ones(api: CloudAI, store: SQLiteStore) -> None:
+    register(store, "w", cpus=4)
+    first = api.submit(_req())
+    api.set_worker_state("w", WorkerState.DRAINING)
+    waiting = api.submit(_req())
+    assert waiting.status == S.PENDING and store.get_task(first.task_id).status == S.QUEUED  # type: ignore[union-attr]
+    api.set_worker_state("w", WorkerState.ACTIVE)
+    assert store.get_task(waiting.task_id).status == S.QUEUED  # type: ignore[union-attr]
+    with pytest.raises(WorkerNotFound):
+        api.set_worker_state("ghost", WorkerState.DRAINING)
