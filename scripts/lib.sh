@@ -24,6 +24,11 @@ ensure_packages() {
   if ! { [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; }; then missing+=(busybox-static); fi
   python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
   command -v git >/dev/null || missing+=(git)
+  if [ "${CLOUDAI_TEST_TOOLS:-0}" = 1 ]; then  # the browser test and the compose check
+    command -v chromium >/dev/null || missing+=(chromium)
+    command -v chromedriver >/dev/null || missing+=(chromium-driver)
+    command -v docker-compose >/dev/null || missing+=(docker-compose)
+  fi
   if [ ${#missing[@]} -gt 0 ]; then
     log "installing ${missing[*]}"
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq

@@ -1,0 +1,106 @@
+"""Flower in a real headless Chromium: it shows the registered worker and a finished run_container task with
+readable arguments. The screenshots are kept in artifacts/."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from cloudai.models import TaskStatus
+from cloudai.settings import Settings
+from cloudai.store.sqlite import SQLiteStore
+from tests.e2e.test_cli_e2e import submit
+from tests.helpers import ROOT, cli_env, cloudai, wait_for
+from tests.services import TEST_IMAGE, free_port, missing
+
+ARTIFACTS = ROOT / "artifacts"
+AUTH = ("viewer", "s3cret")
+
+
+@pytest.fixture
+def flower(settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
+    port = free_port()
+    with open(tmp_path / "flower.log", "wb") as log:
+        proc = subprocess.Popen(cloudai("flower", "--port", str(port), "--basic-auth", ":".join(AUTH)), cwd=ROOT,
+                                env=cli_env(settings), stdout=log, stderr=subprocess.STDOUT)
+
+        def up() -> bool:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            except urllib.error.HTTPError:
+                return True  # it answers (401 without credentials)
+            except OSError:
+                return False
+            return True
+
+        wait_for(up, 60, 0.2, "flower to listen")
+        yield f"127.0.0.1:{port}"
+        proc.terminate()
+        proc.wait(20)
+
+
+@pytest.fixture
+def browser():  # type: ignore[no-untyped-def]
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not chromium or not driver:
+        missing("chromium and chromium-driver (Debian packages) are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium  # type: ignore[assignment]
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-dev-shm-usage", "--disable-component-update", "--disable-sync", "--no-first-run",
+                "--window-size=1400,900"):
+        options.add_argument(arg)
+    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    yield chrome
+    chrome.quit()
+
+
+@pytest.mark.timeout(180)
+def test_flower_shows_workers_and_tasks_with_readable_arguments(
+    settings: Settings, store: SQLiteStore, workers, flower: str, browser  # type: ignore[no-untyped-def]
+) -> None:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(f"http://{flower}/", timeout=5)
+    assert denied.value.code == 401  # basic auth is on
+
+    proc = workers()
+    task_id = submit(settings, "--cpus", "0.5", "-m", "64m", TEST_IMAGE, "echo hello from flower test")
+    wait_for(lambda: store.get_task(task_id).status == TaskStatus.COMPLETED, 60, what="task")  # type: ignore[union-attr]
+    ARTIFACTS.mkdir(exist_ok=True)
+    user, password = AUTH
+    base = f"http://{user}:{password}@{flower}"
+
+    def body() -> str:  # the page's visible text; a narrow column may wrap a name at its hyphen
+        return str(browser.find_element(By.TAG_NAME, "body").text).replace("\n-", "-")
+
+    def worker_listed(_: object) -> bool:
+        browser.get(f"{base}/workers?refresh=1")  # Flower asks the workers (inspect) on a refresh
+        return f"{proc.worker_id}@" in body()
+
+    WebDriverWait(browser, 40, poll_frequency=1).until(worker_listed)
+    browser.save_screenshot(str(ARTIFACTS / "flower-workers.png"))
+
+    browser.get(f"{base}/tasks")
+    WebDriverWait(browser, 30).until(lambda _: f"{task_id}.1" in body())
+    text = body()
+    assert "cloudai.run_container" in text and "SUCCESS" in text
+    browser.save_screenshot(str(ARTIFACTS / "flower-tasks.png"))
+
+    browser.get(f"{base}/task/{task_id}.1")
+    WebDriverWait(browser, 30).until(lambda _: "cloudai.run_container" in body())
+    text = body()
+    for readable in (task_id, TEST_IMAGE, "'user': 'tester'", "'cpus': 0.5", "'memory': '64 MiB'",
+                     "echo hello from flower test"):
+        assert readable in text, readable
+    browser.save_screenshot(str(ARTIFACTS / "flower-task.png"))

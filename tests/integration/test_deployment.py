@@ -1,0 +1,41 @@
+"""The deployment files: the compose stack validates, with and without the GPU profile."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import yaml  # type: ignore[import-untyped]
+
+from tests.helpers import ROOT
+from tests.services import missing
+
+
+def _config(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("docker-compose")
+    if binary is None:
+        missing("docker-compose (Debian package) is not installed")
+    return subprocess.run([binary, *args, "config"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+def test_compose_file_validates_with_gpu_profile() -> None:
+    result = _config("--profile", "gpu", env={"FLOWER_BASIC_AUTH": "admin:pw"})
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    services = config["services"]
+    assert {"redis", "mongo", "worker", "beat", "flower", "gpu-worker"} <= set(services)
+    devices = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
+    assert "/var/run/docker.sock:/var/run/docker.sock" in str(services["worker"]["volumes"])
+    assert services["worker"]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert "--appendonly" in services["redis"]["command"]
+    assert services["flower"]["environment"]["FLOWER_BASIC_AUTH"] == "admin:pw"
+
+
+def test_flower_refuses_to_start_without_a_password() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "FLOWER_BASIC_AUTH"}
+    binary = shutil.which("docker-compose") or missing("docker-compose (Debian package) is not installed")
+    result = subprocess.run([str(binary), "config"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode != 0 and "FLOWER_BASIC_AUTH" in result.stderr
