@@ -31,7 +31,7 @@ from cloudai.models import (
     utcnow,
 )
 from cloudai.runtime import PULL_POLICIES
-from cloudai.scheduler import Dispatch, Free, Scheduler, free_capacity
+from cloudai.scheduler import Dispatch, Scheduler, free_capacity
 from cloudai.settings import Settings
 from cloudai.store import TaskStore, open_store
 
@@ -174,15 +174,7 @@ class CloudAI:
 
     def dry_run(self, request: SubmitRequest) -> str:
         """Where the task would go now, without recording anything."""
-        task = self.build_task(request)
-        workers = self.store.list_workers()
-        self.scheduler._check_possible(task, workers)
-        free = free_capacity(workers, self.store.list_tasks(status=LIVE, limit=None))
-        candidates = self.scheduler._candidates(task, workers)
-        slot: Free | None = self.scheduler._choose(task, candidates, free)
-        if slot is None:
-            return "pending: " + self.scheduler._pending_reason(task, candidates, free)
-        return f"queued on worker {slot.worker.worker_id}"
+        return self.scheduler.preview(self.build_task(request))
 
     def get(self, task_id: str) -> Task:
         task = self.store.get_task(task_id)

@@ -136,6 +136,17 @@ class Scheduler:
             f"{format_bytes(biggest.memory)}, {len(biggest.gpu_ids)} GPUs); lower the request or add a worker"
         )
 
+    def preview(self, task: Task) -> str:
+        """Where ``task`` would go now (``--dry-run``); records nothing. Raises like :meth:`submit`."""
+        workers = self.store.list_workers()
+        self._check_possible(task, workers)
+        free = free_capacity(workers, self.store.list_tasks(status=LIVE, limit=None))
+        candidates = self._candidates(task, workers)
+        slot = self._choose(task, candidates, free)
+        if slot is None:
+            return "pending: " + self._pending_reason(task, candidates, free)
+        return f"queued on worker {slot.worker.worker_id}"
+
     def submit(self, task: Task) -> Task:
         """Record ``task`` as queued on a worker that fits (and enqueue it), or as pending with a reason.
         On an enqueue failure nothing stays recorded."""

@@ -202,3 +202,14 @@ def test_drained_worker_gets_no_new_tasks_and_undrain_places_waiting_ones(api: C
     assert store.get_task(waiting.task_id).status == S.QUEUED  # type: ignore[union-attr]
     with pytest.raises(WorkerNotFound):
         api.set_worker_state("ghost", WorkerState.DRAINING)
+
+
+def test_dry_run_says_where_and_records_nothing(api: CloudAI, store: SQLiteStore, sent: Recorder) -> None:
+    register(store, "w", cpus=2, gpu_ids=["0"])
+    assert api.dry_run(_req(cpus=1)) == "queued on worker w"
+    assert api.dry_run(_req(cpus=1, gpus=1, worker="w")) == "queued on worker w"
+    api.submit(_req(cpus=2))
+    assert api.dry_run(_req(cpus=1)) == "pending: needs 1 CPUs; the most free on any worker is 0"
+    with pytest.raises(PlacementError):
+        api.dry_run(_req(gpus=4))
+    assert len(store.list_tasks(limit=None)) == 1 and len(sent.sent) == 1
