@@ -10,12 +10,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
 from cloudai import keys
-from cloudai.errors import ImageError, RuntimeFailure
+from cloudai.errors import ImageError, RedisUnavailable, RuntimeFailure, StoreUnavailable
 from cloudai.gpus import GpuLeases
 from cloudai.logs import LogBus, LogWriter, archive_line, split_frames
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
@@ -26,7 +26,9 @@ from cloudai.store import TaskStore
 log = logging.getLogger(__name__)
 
 S = TaskStatus
+T = TypeVar("T")
 _DONE = object()
+STORE_RETRY_S = 600.0  # how long a finished task's outcome waits for a store that is down
 CHECK_EVERY_S = 0.25  # how often cancel and timeout are checked while a container runs
 
 
@@ -108,7 +110,7 @@ class Executor:
 
     # -- the run ----------------------------------------------------------------------------------------
     def _run(self, task_id: str) -> str:
-        task = self.store.get_task(task_id)
+        task = _retry(lambda: self.store.get_task(task_id), f"task {task_id}")
         if task is None:
             log.warning("message for unknown task %s ignored", task_id)
             return "unknown"
@@ -121,7 +123,8 @@ class Executor:
                                      error=TaskError("GpuBusy", held)):
                 self.bus.end(task_id, S.FAILED.value, None, held)
             return S.FAILED.value
-        if not self.store.transition(task_id, S.QUEUED, S.RUNNING, worker_id=self.worker_id):
+        if not _retry(lambda: self.store.transition(task_id, S.QUEUED, S.RUNNING, worker_id=self.worker_id),
+                      f"claim of {task_id}"):
             self.gpus.release(task_id, task.gpu_ids)
             return "skipped"
         task.status = S.RUNNING
@@ -184,24 +187,20 @@ class Executor:
         deadline = started.timestamp() + task.timeout_s if task.timeout_s else None
         stop_reason: Outcome | None = None
         next_check = 0.0
-        while True:
-            try:
-                item = lines.get(timeout=BATCH_WAIT)
-                done = item is _DONE
-                if not done:
-                    writer.add(*item)
-                    while True:  # take what's there without waiting: one flush per batch
-                        item = lines.get_nowait()
-                        if item is _DONE:
-                            done = True
-                            break
-                        writer.add(*item)
-            except queue.Empty:
-                done = False
-            writer.flush_if_due()
-            if done:
-                break
+        retry_at = 0.0  # while Redis is unreachable: lines wait in the writer (bounded), the container runs on
+        done = False
+        while not done:
+            if writer.backlog < MAX_BACKLOG:
+                done = _drain(lines, writer)
+            else:
+                time.sleep(BATCH_WAIT)  # back-pressure: the reader blocks, Docker keeps the output
             now = time.monotonic()
+            if now >= retry_at:
+                try:
+                    writer.flush_if_due(attempts=1)
+                except RedisUnavailable as exc:
+                    log.warning("task %s: log lines wait for Redis (%s)", task.task_id, exc)
+                    retry_at = now + 1.0
             if stop_reason is None and now >= next_check:
                 next_check = now + CHECK_EVERY_S
                 stop_reason = self._should_stop(task, deadline)
@@ -209,7 +208,10 @@ class Executor:
                     # stop in the background: output keeps flowing while the container gets its grace period
                     threading.Thread(target=self.runtime.stop, args=(container_id, self.settings.stop_grace_s),
                                      daemon=True).start()
-        writer.flush()
+        try:
+            writer.flush()
+        except RedisUnavailable:
+            log.warning("task %s: Redis unreachable at the end; the archive keeps the whole log", task.task_id)
         exit_code = self.runtime.wait(container_id)
         state = self.runtime.exit_state(container_id)
         # Docker's complete log, read once the container has exited: a follow stream can miss the last lines
@@ -243,9 +245,12 @@ class Executor:
             out.put(_DONE)
 
     def _should_stop(self, task: Task, deadline: float | None) -> Outcome | None:
-        if self.redis.exists(keys.cancel_flag(task.task_id)):
-            who = self.redis.get(keys.cancel_flag(task.task_id)) or "a user"
-            return Outcome(S.CANCELLED, None, f"cancelled by {_text(who)}", False, "Cancelled")
+        try:
+            who = self.redis.get(keys.cancel_flag(task.task_id))
+        except redis.RedisError:
+            who = None  # Redis down: a cancel waits for it; the timeout below needs no Redis
+        if who is not None:
+            return Outcome(S.CANCELLED, None, f"cancelled by {_text(who) or 'a user'}", False, "Cancelled")
         if deadline is not None and time.time() >= deadline:
             return Outcome(S.TIMEOUT, None, f"timed out after {task.timeout_s:g}s and was stopped", False, "Timeout")
         return None
@@ -262,51 +267,94 @@ class Executor:
 
     def _finish(self, task: Task, container_id: str | None, outcome: Outcome,
                 lines: list[tuple[str, str]] | None = None) -> TaskStatus:
-        """Archive the log, record the outcome (compare-and-set from running), close the log, clean up."""
+        """Archive the log, record the outcome (compare-and-set from running), close the log, clean up.
+        The store is retried for a while if it is briefly down: the outcome must not be lost."""
         task_id = task.task_id
+        status = outcome.status
         try:
             if container_id:
-                self._archive(task, container_id, lines)
+                _retry(lambda: self._archive(task, container_id, lines), f"archive of {task_id}")
             error = TaskError(outcome.error_type or outcome.status.value, outcome.reason) if outcome.reason else None
-            won = self.store.transition(
+            won = _retry(lambda: self.store.transition(
                 task_id, S.RUNNING, outcome.status, exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
                 completed_at=utcnow(), error=error,
-            )
+            ), f"outcome of {task_id}")
             final = self.store.get_task(task_id) if not won else None
             status = outcome.status if won or final is None else final.status
             reason = outcome.reason if won or final is None or final.error is None else final.error.message
             exit_code = outcome.exit_code if won or final is None else final.exit_code
-            self.bus.end(task_id, status.value, exit_code, reason)
-            self.bus.expire(task_id, self.settings.log_retention_s)
+            _quietly(self.bus.end, task_id, status.value, exit_code, reason)
+            _quietly(self.bus.expire, task_id, self.settings.log_retention_s)
             return status
         finally:
             if container_id:
-                try:
-                    self.runtime.remove(container_id)
-                except Exception:
-                    log.exception("could not remove container %s", container_id[:12])
-            self.gpus.release(task_id, task.gpu_ids)
-            self.redis.delete(keys.cancel_flag(task_id))
+                _quietly(self.runtime.remove, container_id)
+            _quietly(self.gpus.release, task_id, task.gpu_ids)
+            _quietly(self.redis.delete, keys.cancel_flag(task_id))
             if self.after_finish is not None:
-                try:
-                    self.after_finish(task)
-                except Exception:
-                    log.exception("after-finish hook failed for %s", task_id)
+                _quietly(self.after_finish, task)
 
     def _archive(self, task: Task, container_id: str, lines: list[tuple[str, str]] | None) -> None:
         """Docker's own log of the container is the source of truth for the archive (after the lines of
-        earlier attempts, which only the stream still has)."""
-        try:
-            earlier = [archive_line(ln.text, ln.ts) for ln in self.bus.history(task.task_id, task.log_base)
-                       ] if task.log_base else []
-            if lines is None:
+        earlier attempts, which only the stream still has). Raises StoreUnavailable for a retry."""
+        earlier: list[str] = []
+        if task.log_base:
+            try:
+                earlier = [archive_line(ln.text, ln.ts) for ln in self.bus.history(task.task_id, task.log_base)]
+            except RedisUnavailable:
+                log.warning("task %s: earlier attempts' lines are not archived (Redis unreachable)", task.task_id)
+        if lines is None:
+            try:
                 lines = list(split_frames(self.runtime.stream_frames(container_id, follow=False)))
-            self.store.save_log(task.task_id, earlier + [archive_line(t, ts) for t, ts in lines])
-        except Exception:
-            log.exception("could not archive the log of %s", task.task_id)
+            except Exception:
+                log.exception("could not read the log of container %s", container_id[:12])
+                lines = []
+        self.store.save_log(task.task_id, earlier + [archive_line(t, ts) for t, ts in lines])
+
+
+def _retry(fn: Callable[[], T], what: str, for_s: float = STORE_RETRY_S) -> T:
+    """Call ``fn``, retrying while the store is unreachable (for up to ``for_s``)."""
+    deadline = time.monotonic() + for_s
+    delay = 0.5
+    while True:
+        try:
+            return fn()
+        except StoreUnavailable as exc:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s waits for the store: %s", what, exc)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+
+def _quietly(fn: Callable[..., Any], *args: Any) -> None:
+    """Clean-up that must not stop the rest of the clean-up."""
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("%s failed", getattr(fn, "__name__", fn))
 
 
 BATCH_WAIT = 0.05
+MAX_BACKLOG = 50_000  # lines held while Redis is unreachable before the reader is made to wait
+
+
+def _drain(lines: queue.Queue[Any], writer: LogWriter) -> bool:
+    """Move what the reader has into the writer, waiting at most one batch interval for the first line.
+    Returns True once the reader is done."""
+    try:
+        item = lines.get(timeout=BATCH_WAIT)
+    except queue.Empty:
+        return False
+    while item is not _DONE:
+        writer.add(*item)
+        if writer.backlog >= MAX_BACKLOG:
+            return False
+        try:
+            item = lines.get_nowait()
+        except queue.Empty:
+            return False
+    return True
 
 
 def _text(value: Any) -> str:

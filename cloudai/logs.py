@@ -241,41 +241,50 @@ class LogWriter:
         """How many lines this log holds once pending ones are flushed."""
         return self.next_seq - 1
 
+    @property
+    def backlog(self) -> int:
+        """Lines added but not yet written."""
+        return len(self._pending)
+
     def add(self, text: str, ts: str = "") -> None:
+        """Queue a line; :meth:`flush_if_due` or :meth:`flush` writes it."""
         if not self._pending:
             self._first_at = time.monotonic()
         self._pending.append((self.next_seq, text, ts))
         self.next_seq += 1
-        if len(self._pending) >= BATCH_LINES:
-            self.flush()
 
-    def flush_if_due(self) -> None:
-        if self._pending and time.monotonic() - self._first_at >= BATCH_SECONDS:
-            self.flush()
+    def flush_if_due(self, attempts: int = 20) -> None:
+        """Write when a batch is full or its first line has waited ~50 ms."""
+        if len(self._pending) >= BATCH_LINES or (
+            self._pending and time.monotonic() - self._first_at >= BATCH_SECONDS
+        ):
+            self.flush(attempts)
 
     def flush(self, attempts: int = 20) -> None:
-        """Write pending lines; on a Redis error retry (with back-off) without writing any line twice."""
+        """Write pending lines, in pipelines of up to 2,000. On Redis errors retry with back-off, never writing
+        a line twice; after ``attempts`` failures in a row raise :class:`RedisUnavailable` (lines stay pending)."""
+        failures = 0
         delay = 0.1
-        for attempt in range(attempts):
-            if not self._pending:
-                return
+        while self._pending:
+            chunk = self._pending[: BATCH_LINES * 4]
             try:
                 pipe = self.bus.redis.pipeline(transaction=False)
-                for seq, text, ts in self._pending:
+                for seq, text, ts in chunk:
                     pipe.xadd(self.key, {"l": text, "t": ts}, id=_entry_id(seq),
                               maxlen=self.bus.maxlen, approximate=True)
-                batch = {"first": self._pending[0][0], "lines": [p[1] for p in self._pending]}
-                pipe.publish(self.key, json.dumps(batch))
+                pipe.publish(self.key, json.dumps({"first": chunk[0][0], "lines": [p[1] for p in chunk]}))
                 pipe.execute()
-                self._pending.clear()
-                return
-            except (redis.ConnectionError, redis.TimeoutError, redis.ResponseError) as exc:
-                log.warning("log flush for %s failed (%s), attempt %d", self.task_id, exc, attempt + 1)
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                del self._pending[: len(chunk)]
+                failures = 0
+            except redis.RedisError as exc:
+                failures += 1
+                log.warning("log flush for %s failed (%s), attempt %d", self.task_id, exc, failures)
                 try:  # part of the pipeline may have landed: drop what the stream already has
                     last, _ = self.bus.last_entry(self.task_id)
                     self._pending = [p for p in self._pending if p[0] > last]
                 except RedisUnavailable:
                     pass
-        raise RedisUnavailable(self.bus.url, f"could not write log lines of task {self.task_id}")
+                if failures >= attempts:
+                    raise RedisUnavailable(self.bus.url, f"could not write log lines of task {self.task_id}") from exc
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
