@@ -86,12 +86,12 @@ class ServiceUnavailable(CloudAIError):
 
 class StoreUnavailable(ServiceUnavailable):
     def __init__(self, url: str, reason: object) -> None:
-        super().__init__(f"task store at {redact(url)} can't be reached: {reason}. Check CLOUDAI_STORE_URL.")
+        super().__init__(f"task store at {redact(url)} can't be reached: {_short(reason)}. Check CLOUDAI_STORE_URL.")
 
 
 class RedisUnavailable(ServiceUnavailable):
     def __init__(self, url: str, reason: object) -> None:
-        super().__init__(f"Redis at {redact(url)} can't be reached: {reason}. Check CLOUDAI_REDIS_URL.")
+        super().__init__(f"Redis at {redact(url)} can't be reached: {_short(reason)}. Check CLOUDAI_REDIS_URL.")
 
 
 class DockerUnavailable(ServiceUnavailable):
@@ -115,3 +115,11 @@ def redact(url: str) -> str:
     creds, host = rest.rsplit("@", 1)
     user = creds.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}" if ":" in creds else f"{scheme}://{user}@{host}"
+
+
+def _short(reason: object) -> str:
+    """The gist of a driver's error (pymongo appends its whole topology description)."""
+    text = str(reason).splitlines()[0] if str(reason) else type(reason).__name__
+    for cut in (" (configured timeouts", ", Timeout:"):
+        text = text.split(cut, 1)[0]
+    return text if len(text) <= 300 else text[:297] + "..."
