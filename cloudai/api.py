@@ -236,11 +236,14 @@ class CloudAI:
         has expired, the archive."""
         task = self.get(task_id)
         seq = after_seq
+        cursor: str | None = None  # the last stream entry read
         idle_since = time.monotonic()
         broken_since: float | None = None
         while True:
             try:
-                events = self.bus.read(task_id, seq, block_ms=1000 if follow else None, count=2000)
+                if cursor is None:
+                    cursor = self.bus.cursor(task_id, seq)
+                events, cursor = self.bus.read(task_id, cursor, seq, block_ms=1000 if follow else None)
                 broken_since = None
             except RedisUnavailable as exc:
                 now = time.monotonic()
@@ -259,7 +262,7 @@ class CloudAI:
                     return
                 if event.seq <= seq:
                     continue
-                if event.seq > seq + 1:  # trimmed by the stream's MAXLEN before we read it
+                if event.seq > seq + 1:  # trimmed from the stream's history before we read it
                     batch.append(LogLine(seq + 1, f"[cloudai] {event.seq - seq - 1} earlier lines were trimmed "
                                                   "from the live log; `cloudai logs` shows them once the task ends"))
                 seq = event.seq

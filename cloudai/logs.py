@@ -1,9 +1,12 @@
 """The log bus on Redis.
 
-Per task: a Redis Stream ``cloudai:logs:<task_id>`` whose entry ids are ``<seq>-0`` (seq = 1, 2, ... per
-line) followed by one end marker carrying the final status, and a pub/sub channel of the same name that gets
-each batch for live listeners. Followers read the stream with ``XREAD BLOCK`` from the last id they saw, so
-history and live tail join with no gap and no duplicate, and a dropped connection resumes where it stopped.
+Per task: a Redis Stream ``cloudai:logs:<task_id>`` and a pub/sub channel of the same name that gets each
+batch for live listeners. Every line has a sequence number (1, 2, ...). A stream entry holds one batch of
+lines: its id is ``<seq of its first line>-0`` and its fields are ``n`` (how many), ``l`` and ``t`` (JSON lists
+of texts and Docker timestamps); one entry per batch keeps Redis work per line small. The last entry is an
+end marker (``end``, ``status``, ``exit_code``, ``reason``) with id ``<last seq + 1>-0``. Followers read with
+``XREAD BLOCK`` from the last entry they saw, so history and live tail join with no gap and no duplicate, and a
+dropped connection resumes where it stopped. History is bounded by MINID trimming to about ``maxlen`` lines.
 
 Lines: Docker's output is split on ``\\n``; a line longer than :data:`MAX_LINE_BYTES` is split into chunks of
 that size, each delivered as its own line; ``\\r`` progress updates (tqdm) collapse to the last state of the
@@ -60,6 +63,8 @@ class LineSplitter:
         self._ts = ""
 
     def feed(self, payload: bytes, ts: str = "") -> list[tuple[str, str]]:
+        if not self._buf and payload.find(b"\n") == len(payload) - 1 and len(payload) <= self.max_line:
+            return [(_text(payload[:-1]), ts)]  # the common case: one Docker frame, one whole line
         if not self._buf:
             self._ts = ts
         self._buf += payload
@@ -129,6 +134,9 @@ def _seq(entry_id: str) -> int:
     return int(entry_id.split("-", 1)[0])
 
 
+MAX_ENTRY_BYTES = 512 * 1024  # one stream entry: at most BATCH_LINES lines and about this much text
+
+
 class LogBus:
     """Appends, ends, reads and expires task logs on Redis."""
 
@@ -148,7 +156,8 @@ class LogBus:
         return RedisUnavailable(self.url, exc)
 
     def last_entry(self, task_id: str) -> tuple[int, LogEvent | None]:
-        """The last seq used and the last event (an end marker if the log is closed)."""
+        """The last seq used (by a line or the end marker) and the last event (an end marker if the log is
+        closed)."""
         try:
             entries: Any = self.redis.xrevrange(keys.log_stream(task_id), count=1)
         except redis.RedisError as exc:
@@ -156,7 +165,9 @@ class LogBus:
         if not entries:
             return 0, None
         entry_id, fields = entries[0]
-        return _seq(entry_id), _event(entry_id, fields)
+        events = _events(entry_id, fields)
+        last = events[-1] if events else None
+        return (last.seq if isinstance(last, LogLine) else _seq(entry_id)), last
 
     def writer(self, task_id: str, next_seq: int | None = None) -> LogWriter:
         if next_seq is None:
@@ -188,45 +199,61 @@ class LogBus:
     def exists(self, task_id: str) -> bool:
         return bool(self.redis.exists(keys.log_stream(task_id)))
 
-    def read(self, task_id: str, after_seq: int = 0, block_ms: int | None = None, count: int = 1000) -> list[LogEvent]:
-        """Events after ``after_seq``; with ``block_ms``, wait that long for the first one."""
-        key = keys.log_stream(task_id)
+    def cursor(self, task_id: str, after_seq: int) -> str:
+        """Where :meth:`read` starts so that line ``after_seq + 1`` comes first (it may sit inside a batch)."""
+        if after_seq <= 0:
+            return "0-0"
         try:
-            reply: Any = self.redis.xread({key: _entry_id(after_seq)}, count=count, block=block_ms)
+            entries: Any = self.redis.xrevrange(keys.log_stream(task_id), max=_entry_id(after_seq + 1), count=1)
         except redis.RedisError as exc:
             raise self._guard(exc) from exc
-        if not reply:
-            return []
+        if not entries:
+            return "0-0"
+        return _entry_id(_seq(entries[0][0]) - 1)
+
+    def read(self, task_id: str, cursor: str = "0-0", after_seq: int = 0, block_ms: int | None = None,
+             count: int = 50) -> tuple[list[LogEvent], str]:
+        """Events in entries after ``cursor`` (lines only past ``after_seq``), and the new cursor; with
+        ``block_ms``, wait that long for the first entry."""
+        key = keys.log_stream(task_id)
+        try:
+            reply: Any = self.redis.xread({key: cursor}, count=count, block=block_ms)
+        except redis.RedisError as exc:
+            raise self._guard(exc) from exc
         events: list[LogEvent] = []
-        for _key, entries in reply:  # RESP2: [[key, [(id, fields), ...]]]
+        for _key, entries in reply or []:  # RESP2: [[key, [(id, fields), ...]]]
             for entry_id, fields in entries:
-                events.append(_event(entry_id, fields))
-        return events
+                events.extend(e for e in _events(entry_id, fields) if not isinstance(e, LogLine) or e.seq > after_seq)
+                cursor = entry_id
+        return events, cursor
 
     def history(self, task_id: str, upto_seq: int | None = None) -> list[LogLine]:
         """Every line the stream still holds (up to ``upto_seq``), without waiting."""
         lines: list[LogLine] = []
-        after = 0
+        cursor = "0-0"
         while True:
-            events = self.read(task_id, after, None, 5000)
+            events, cursor = self.read(task_id, cursor, 0, None, 200)
             if not events:
                 return lines
             for event in events:
                 if isinstance(event, LogEnd) or (upto_seq is not None and event.seq > upto_seq):
                     return lines
                 lines.append(event)
-                after = event.seq
 
 
-def _event(entry_id: str, fields: dict[str, str]) -> LogEvent:
+def _events(entry_id: str, fields: dict[str, str]) -> list[LogEvent]:
     if fields.get("end"):
         code = fields.get("exit_code") or ""
-        return LogEnd(fields.get("status", ""), int(code) if code else None, fields.get("reason") or None)
-    return LogLine(_seq(entry_id), fields.get("l", ""), fields.get("t", ""))
+        return [LogEnd(fields.get("status", ""), int(code) if code else None, fields.get("reason") or None)]
+    first = _seq(entry_id)
+    texts = json.loads(fields.get("l", "[]"))
+    stamps = json.loads(fields.get("t", "[]"))
+    return [LogLine(first + i, text, stamps[i] if i < len(stamps) else "") for i, text in enumerate(texts)]
 
 
 class LogWriter:
-    """Batches a task's lines into pipelined XADD + PUBLISH (never one round-trip per line)."""
+    """Batches a task's lines into stream entries written with pipelined XADD + PUBLISH (never one round-trip
+    per line)."""
 
     def __init__(self, bus: LogBus, task_id: str, next_seq: int) -> None:
         self.bus = bus
@@ -260,21 +287,36 @@ class LogWriter:
         ):
             self.flush(attempts)
 
+    def _entries(self, limit: int) -> list[list[tuple[int, str, str]]]:
+        """The first pending lines cut into entries of at most BATCH_LINES lines and ~MAX_ENTRY_BYTES."""
+        entries: list[list[tuple[int, str, str]]] = [[]]
+        size = 0
+        for item in self._pending[:limit]:
+            if entries[-1] and (len(entries[-1]) >= BATCH_LINES or size + len(item[1]) > MAX_ENTRY_BYTES):
+                entries.append([])
+                size = 0
+            entries[-1].append(item)
+            size += len(item[1]) + 40
+        return entries
+
     def flush(self, attempts: int = 20) -> None:
-        """Write pending lines, in pipelines of up to 2,000. On Redis errors retry with back-off, never writing
-        a line twice; after ``attempts`` failures in a row raise :class:`RedisUnavailable` (lines stay pending)."""
+        """Write pending lines (up to 20 entries a pipeline). On Redis errors retry with back-off, never writing a
+        line twice; after ``attempts`` failures in a row raise :class:`RedisUnavailable` (lines stay pending)."""
         failures = 0
         delay = 0.1
         while self._pending:
-            chunk = self._pending[: BATCH_LINES * 4]
+            entries = self._entries(BATCH_LINES * 20)
             try:
                 pipe = self.bus.redis.pipeline(transaction=False)
-                for seq, text, ts in chunk:
-                    pipe.xadd(self.key, {"l": text, "t": ts}, id=_entry_id(seq),
-                              maxlen=self.bus.maxlen, approximate=True)
-                pipe.publish(self.key, json.dumps({"first": chunk[0][0], "lines": [p[1] for p in chunk]}))
+                for entry in entries:
+                    first = entry[0][0]
+                    fields = {"n": len(entry), "l": json.dumps([e[1] for e in entry]),
+                              "t": json.dumps([e[2] for e in entry])}
+                    pipe.xadd(self.key, fields, id=_entry_id(first),  # type: ignore[arg-type]
+                              minid=_entry_id(max(0, first - self.bus.maxlen)), approximate=True)
+                    pipe.publish(self.key, json.dumps({"first": first, "lines": [e[1] for e in entry]}))
                 pipe.execute()
-                del self._pending[: len(chunk)]
+                del self._pending[: sum(len(e) for e in entries)]
                 failures = 0
             except redis.RedisError as exc:
                 failures += 1

@@ -139,10 +139,17 @@ class DockerRuntime:
             raise RuntimeFailure(f"docker could not start the container: {exc.explanation or exc}") from exc
 
     def stream_frames(self, container_id: str, follow: bool = True) -> Iterator[bytes]:
-        """Log frames (``b"<ts> <payload>"``) from the first one; with ``follow``, until the container ends."""
-        return self.api.logs(  # type: ignore[no-any-return]
-            container_id, stdout=True, stderr=True, stream=True, follow=follow, timestamps=True
-        )
+        """Log frames (``b"<ts> <payload>"``) from the first one; with ``follow``, until the container ends.
+
+        docker-py's ``logs(stream=True)`` reads each frame with two socket reads (~25 us a line); this reads
+        the multiplexed stream in 64 KiB pieces and splits the frames itself, several times faster for chatty
+        tasks. Containers are never created with a TTY, so the stream is always multiplexed."""
+        params = {"stdout": 1, "stderr": 1, "timestamps": 1, "follow": int(follow), "tail": "all"}
+        response = self.api._get(self.api._url("/containers/{0}/logs", container_id), params=params, stream=True)
+        self.api._raise_for_status(response)
+        if follow:  # a quiet task must not time the stream out
+            self.api._disable_socket_timeout(self.api._get_raw_response_socket(response))
+        return _demultiplex(response)
 
     def wait(self, container_id: str, timeout: float | None = None) -> int:
         result = self.api.wait(container_id, timeout=timeout)
@@ -185,6 +192,29 @@ class DockerRuntime:
         if worker_id is not None:
             filters.append(f"{keys.LABEL_WORKER_ID}={worker_id}")
         return self.api.containers(all=True, filters={"label": filters})  # type: ignore[no-any-return]
+
+
+def _demultiplex(response: Any) -> Iterator[bytes]:
+    """Payloads of Docker's multiplexed stream: frames of an 8-byte header (stream, 0, 0, 0, size as a big-endian
+    uint32) and ``size`` bytes."""
+    buf = bytearray()
+    try:
+        while True:
+            chunk = response.raw.read1(65536)
+            if not chunk:
+                return
+            buf += chunk
+            pos = 0
+            while len(buf) - pos >= 8:
+                size = int.from_bytes(buf[pos + 4 : pos + 8], "big")
+                if len(buf) - pos - 8 < size:
+                    break
+                if size:
+                    yield bytes(buf[pos + 8 : pos + 8 + size])
+                pos += 8 + size
+            del buf[:pos]
+    finally:
+        response.close()
 
 
 def _split_tag(image: str) -> tuple[str, str]:
