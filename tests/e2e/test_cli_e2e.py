@@ -119,3 +119,46 @@ def test_worker_killed_mid_task_reattaches_without_repeating_lines(
     assert done.container_id == before.container_id  # no second container
     result = run(settings, "logs", task_id)
     assert [ln for ln in result.stdout.splitlines() if ln.startswith("line")] == [f"line {i}" for i in range(1, 61)]
+
+
+@pytest.mark.timeout(240)
+def test_task_that_ends_while_its_worker_is_down_is_recorded_on_return(
+    settings: Settings, store: SQLiteStore, workers  # type: ignore[no-untyped-def]
+) -> None:
+    proc = workers()
+    task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 20); do echo line $i; sleep 0.1; done; exit 7")
+    before = wait_for(lambda: (t := store.get_task(task_id)) and t.container_id and t.started_at and t, 60)
+    proc.kill()
+    runtime = DockerRuntime()
+    wait_for(lambda: not runtime.is_running(before.container_id), 60, what="container exit")
+    assert store.get_task(task_id).status == S.RUNNING  # type: ignore[union-attr]  # nobody knows yet
+    workers(proc.worker_id)
+    done = wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal and t, 60, what="end")
+    assert (done.status, done.exit_code) == (S.FAILED, 7)
+    result = run(settings, "logs", "-f", task_id)
+    assert result.returncode == 7
+    assert [ln for ln in result.stdout.splitlines() if ln.startswith("line")] == [f"line {i}" for i in range(1, 21)]
+    assert runtime.inspect(before.container_id) is None
+
+
+def test_gpu_worker_reserves_exact_ids_and_a_gpu_task_fails_clearly_without_nvidia(
+    settings: Settings, store: SQLiteStore, workers  # type: ignore[no-untyped-def]
+) -> None:
+    proc = workers(None, "--cpus", "4", "--memory", "8g", "--gpus", "0,1", "--label", "gpu=test")
+    info = json.loads(run(settings, "workers", "--json").stdout)[0]
+    assert info["gpu_ids"] == ["0", "1"] and info["labels"] == {"gpu": "test"}
+    result = run(settings, "submit", "-f", "--gpus", "1", "--constraint", "gpu=test", TEST_IMAGE, "nvidia-smi")
+    task = store.list_tasks(limit=1)[0]
+    assert task.gpu_ids == ["0"] and task.worker_id == proc.worker_id
+    if task.status == S.FAILED and task.exit_code is None:  # no NVIDIA runtime here: Docker refuses
+        assert result.returncode == 125, result.stdout + result.stderr
+        assert task.error is not None and "docker could not" in task.error.message
+    too_many = run(settings, "submit", "--gpus", "3", TEST_IMAGE, "true")
+    assert too_many.returncode == 2 and "lower the request or add a worker" in too_many.stderr
+
+
+def test_clean_shutdown_marks_the_worker_offline(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
+    proc = workers()
+    proc.stop()
+    assert proc.proc is not None and proc.proc.returncode == 0, proc.log()[-2000:]
+    assert store.get_worker(proc.worker_id).state.value == "offline"  # type: ignore[union-attr]
