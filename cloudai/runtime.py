@@ -99,10 +99,8 @@ class DockerRuntime:
         try:
             self.api.pull(repo, tag=tag)
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            # 'always' means the registry's current image: a stale local copy is not run silently
             reason = getattr(exc, "explanation", None) or str(exc)
-            if present:  # 'always' but the registry is down: the local copy still runs
-                log.warning("pull of %s failed (%s); using the local image", image, reason)
-                return
             raise ImageError(f"image {image!r} could not be pulled: {reason}") from exc
 
     def _has_image(self, image: str) -> bool:

@@ -16,6 +16,7 @@ from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
 from tests.helpers import executor, queued_task, register, run_in_thread, wait_for
+from tests.services import TEST_IMAGE
 
 S = TaskStatus
 pytestmark = pytest.mark.usefixtures("docker_ready")
@@ -224,3 +225,16 @@ def test_cancel_of_queued_task_makes_its_message_a_no_op(settings: Settings, sto
     assert DockerRuntime().find(task_id=task.task_id) == []
     _, end = _lines(api, task.task_id)
     assert end.status == "cancelled"
+
+
+def test_pull_always_fails_rather_than_run_a_stale_local_image(settings: Settings, store: SQLiteStore) -> None:
+    # the test image is local only: 'always' must pull, and the registry (docker.io) is not reachable here
+    task = queued_task(store, settings.worker_id, "true", pull_policy="always",
+                       image="127.0.0.1:9/cloudai/busybox:local")
+    docker.from_env().api.tag(TEST_IMAGE, "127.0.0.1:9/cloudai/busybox", "local")
+    try:
+        assert executor(settings, store).run({"task_id": task.task_id}) == "failed"
+    finally:
+        docker.from_env().api.remove_image("127.0.0.1:9/cloudai/busybox:local")
+    got = store.get_task(task.task_id)
+    assert got is not None and got.error is not None and "could not be pulled" in got.error.message

@@ -213,3 +213,16 @@ def test_dry_run_says_where_and_records_nothing(api: CloudAI, store: SQLiteStore
     with pytest.raises(PlacementError):
         api.dry_run(_req(gpus=4))
     assert len(store.list_tasks(limit=None)) == 1 and len(sent.sent) == 1
+
+
+def test_remove_worker_refuses_while_it_holds_live_tasks(api: CloudAI, store: SQLiteStore) -> None:
+    from cloudai.errors import CloudAIError
+
+    register(store, "w")
+    api.submit(_req())
+    with pytest.raises(CloudAIError, match="still holds 1 live task"):
+        api.remove_worker("w")
+    api.remove_worker("w", force=True)
+    assert store.get_worker("w") is None
+    with pytest.raises(WorkerNotFound):
+        api.remove_worker("w")
