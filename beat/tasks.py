@@ -36,6 +36,12 @@ def place_pending() -> list[str]:
     return maintenance().place_pending()
 
 
+@app.task(name="cloudai.maintenance.redispatch", ignore_result=True)
+def redispatch() -> list[str]:
+    """Send again the messages of queued tasks that their worker's queue lost."""
+    return maintenance().redispatch_lost_messages()
+
+
 @app.task(name="cloudai.maintenance.expire_logs", ignore_result=True)
 def expire_logs() -> list[str]:
     """Expire finished tasks' log streams after the retention period."""

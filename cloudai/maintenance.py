@@ -17,6 +17,7 @@ from cloudai.settings import Settings
 from cloudai.store import TaskStore
 
 log = logging.getLogger(__name__)
+UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged messages in this hash
 S = TaskStatus
 
 
@@ -101,6 +102,33 @@ class Maintenance:
 
     def place_pending(self) -> list[str]:
         return [t.task_id for t in self.scheduler.place_pending()]
+
+    def redispatch_lost_messages(self, grace_s: float = 60.0) -> list[str]:
+        """Queued tasks whose message is nowhere (not in their worker's queue, not being delivered) after
+        ``grace_s``: a Redis restart without persistence loses messages, and the store must not keep a task
+        queued for ever. Their message is sent again; a duplicate is harmless (the claim is a compare-and-set)."""
+        sent: list[str] = []
+        with job_lock(self.redis, "redispatch", 300) as got:
+            if not got:
+                return sent
+            now = utcnow()
+            in_flight: str | None = None
+            for task in self.store.list_tasks(status=S.QUEUED, limit=None):
+                assignment = self.store.get_assignment(task.task_id)
+                if assignment is None or (now - assignment.assigned_at).total_seconds() < grace_s:
+                    continue
+                if in_flight is None:  # messages being delivered (kombu keeps them until acked)
+                    in_flight = "\n".join(str(v) for v in self.redis.hvals(UNACKED_KEY))
+                queued = "\n".join(str(m) for m in self.redis.lrange(keys.worker_queue(task.worker_id or ""), 0, -1))
+                message_id = f"{task.task_id}.{task.attempt}"  # the Celery task id dispatch gives it
+                if message_id in queued or message_id in in_flight:
+                    continue
+                log.warning("task %s is queued on %s but its message is gone: sending it again", task.task_id,
+                            task.worker_id)
+                self.scheduler.dispatch(task)
+                self.store.create_assignment(task.task_id, task.worker_id or "")
+                sent.append(task.task_id)
+        return sent
 
     def expire_logs(self) -> list[str]:
         """Give finished tasks' log streams a TTL of the retention period (archiving the stream first when the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 
@@ -52,6 +53,8 @@ def test_monitor_started_late_prints_everything(settings: Settings, store: SQLit
     assert "Press any key" not in result.stdout  # no terminal: no key handling
     logs = run(settings, "logs", "--tail", "3", task_id)
     assert logs.stdout.splitlines()[:3] == ["line 198", "line 199", "line 200"]
+    stamped = run(settings, "logs", "--timestamps", "--tail", "1", task_id).stdout.splitlines()[0]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+Z line 200", stamped), stamped
 
 
 def test_status_json_of_an_oom_killed_task(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]

@@ -110,3 +110,26 @@ def test_resources_are_released_at_every_terminal_status(api: CloudAI, store: SQ
     assert waiting.status == S.PENDING
     api.cancel(first.task_id)  # a queued task's cancel frees its reservation at once
     assert store.get_task(waiting.task_id).status == S.QUEUED  # type: ignore[union-attr]
+
+
+def test_queued_task_whose_message_was_lost_is_sent_again(
+    settings: Settings, store: SQLiteStore, redis_client: redis.Redis
+) -> None:
+    from cloudai.celery_app import Dispatcher
+
+    api = CloudAI(settings, dispatch=Dispatcher(settings.redis_url))  # real messages on the worker's queue
+    maintenance = Maintenance(settings, api.store, api.bus, api.scheduler)
+    register(store, "w")
+    kept = api.submit(SubmitRequest(image="busybox", command="true"))
+    lost = api.submit(SubmitRequest(image="busybox", command="true"))
+    queue = "cloudai.worker.w"
+    assert redis_client.llen(queue) == 2
+    assert maintenance.redispatch_lost_messages(grace_s=0) == []  # both messages are there
+    for message in redis_client.lrange(queue, 0, -1):
+        if f"{lost.task_id}.1" in message:
+            redis_client.lrem(queue, 1, message)  # what a Redis restart without persistence does
+    assert maintenance.redispatch_lost_messages(grace_s=60) == []  # too recent to judge
+    assert maintenance.redispatch_lost_messages(grace_s=0) == [lost.task_id]
+    messages = redis_client.lrange(queue, 0, -1)
+    assert len(messages) == 2 and any(f"{lost.task_id}.1" in m for m in messages)
+    assert any(f"{kept.task_id}.1" in m for m in messages)
