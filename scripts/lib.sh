@@ -40,7 +40,15 @@ ensure_dockerd() {
   if docker info >/dev/null 2>&1; then return; fi
   log "starting dockerd"
   # flags for VMs without iptables/overlay support; harmless elsewhere for CloudAI's needs
-  as_root dockerd --iptables=false --bridge=none --storage-driver=vfs >"$STATE/dockerd.log" 2>&1 &
+  # started directly (not through a shell function) so that $! is dockerd itself, or sudo, which passes
+  # our SIGTERM on: stop_started must really stop it
+  local flags=(--iptables=false --bridge=none --storage-driver=vfs)
+  if [ "$(id -u)" = 0 ]; then
+    dockerd "${flags[@]}" >"$STATE/dockerd.log" 2>&1 &
+  else
+    command -v sudo >/dev/null || die "need root to start dockerd (run as root or install sudo)"
+    sudo dockerd "${flags[@]}" >"$STATE/dockerd.log" 2>&1 &
+  fi
   _STARTED_PIDS+=($!)
   for _ in $(seq 1 120); do docker info >/dev/null 2>&1 && return; sleep 0.5; done
   tail -20 "$STATE/dockerd.log" >&2
