@@ -4,6 +4,7 @@ container that outlived a worker restart. Knows nothing of Celery."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -63,6 +64,13 @@ class Executor:
         self.after_finish = after_finish
         self._active: set[str] = set()
         self._lock = threading.Lock()
+        self._detach = threading.Event()
+
+    def detach_all(self) -> None:
+        """The worker is shutting down: stop supervising (containers keep running, their tasks stay
+        ``running``) so the process can exit now; a restart re-attaches to them. Messages not started yet are
+        left alone: beat sends them again (:meth:`Maintenance.redispatch_lost_messages`)."""
+        self._detach.set()
 
     # -- entry points -----------------------------------------------------------------------------------
     def active(self) -> set[str]:
@@ -85,7 +93,7 @@ class Executor:
         """Handle one queue message. A message for a task that is not ``queued`` on this worker (a duplicate
         delivery, a cancelled task, a task placed elsewhere since) does nothing. Returns the final status."""
         task_id = str(message["task_id"])
-        if not self._claim_local(task_id):
+        if self._detach.is_set() or not self._claim_local(task_id):
             return "skipped"
         try:
             return self._run(task_id)
@@ -100,7 +108,7 @@ class Executor:
             writer = self.bus.writer(task.task_id)
             log.info("re-attaching to task %s (container %s, %d lines already streamed)",
                      task.task_id, container_id[:12], writer.published)
-            return self._supervise(task, container_id, writer).value
+            return self._supervise(task, container_id, writer)
         except Exception as exc:  # never leave a task stuck in running
             log.exception("re-attach of %s failed", task.task_id)
             return self._finish(task, container_id, Outcome(S.FAILED, None, f"worker error: {exc}", False,
@@ -147,7 +155,7 @@ class Executor:
             outcome = Outcome(S.FAILED, None, f"worker error: {exc}", False, "WorkerError")
             return self._finish(task, container_id, outcome).value
         try:
-            return self._supervise(task, container_id, writer).value
+            return self._supervise(task, container_id, writer)
         except Exception as exc:
             log.exception("supervising task %s failed", task_id)
             outcome = Outcome(S.FAILED, None, f"worker error: {exc}", False, "WorkerError")
@@ -175,8 +183,9 @@ class Executor:
             name=f"cloudai-{task.task_id}-{task.attempt}",
         )
 
-    def _supervise(self, task: Task, container_id: str, writer: LogWriter) -> TaskStatus:
-        """Pump log lines until the container ends, enforcing timeout and cancel; then finish."""
+    def _supervise(self, task: Task, container_id: str, writer: LogWriter) -> str:
+        """Pump log lines until the container ends, enforcing timeout and cancel; then finish. Returns the
+        final status, or ``detached`` when the worker shuts down first."""
         lines: queue.Queue[Any] = queue.Queue(maxsize=20000)
         reader = threading.Thread(
             target=self._read_lines, args=(container_id, writer.published - task.log_base, lines), daemon=True,
@@ -190,6 +199,11 @@ class Executor:
         retry_at = 0.0  # while Redis is unreachable: lines wait in the writer (bounded), the container runs on
         done = False
         while not done:
+            if self._detach.is_set() and stop_reason is None:
+                with contextlib.suppress(RedisUnavailable):
+                    writer.flush(attempts=3)
+                log.info("task %s: detached from container %s for shutdown", task.task_id, container_id[:12])
+                return "detached"
             if writer.backlog < MAX_BACKLOG:
                 done = _drain(lines, writer)
             else:
@@ -224,7 +238,7 @@ class Executor:
                 writer.add(text, ts)
             writer.flush()
         outcome = self._outcome(task, exit_code, state.oom_killed, stop_reason)
-        return self._finish(task, container_id, outcome, complete)
+        return self._finish(task, container_id, outcome, complete).value
 
     def _read_lines(self, container_id: str, skip: int, out: queue.Queue[Any]) -> None:
         """Docker's log of the container, split into lines, from line ``skip + 1``. A broken stream is reopened

@@ -8,7 +8,7 @@ import os
 import signal
 import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from cloudai.agent import WorkerProcess, build_worker
 from cloudai.celery_app import dispatch, settings
@@ -41,6 +41,14 @@ def _on_ready(**_: object) -> None:
         # a worker that can't reach its store or Docker must not sit on its queue: stop (warm shutdown)
         log.critical("worker agent could not start; shutting down", exc_info=True)
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+@worker_shutting_down.connect
+def _on_shutting_down(**_: object) -> None:
+    # don't make a shutdown wait for tasks that may run for days: their containers keep running and the
+    # restarted worker re-attaches (within the heartbeat timeout, else beat declares them lost)
+    if agent_enabled() and _process is not None:
+        _process.executor.detach_all()
 
 
 @worker_shutdown.connect

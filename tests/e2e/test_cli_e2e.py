@@ -165,3 +165,25 @@ def test_clean_shutdown_marks_the_worker_offline(settings: Settings, store: SQLi
     proc.stop()
     assert proc.proc is not None and proc.proc.returncode == 0, proc.log()[-2000:]
     assert store.get_worker(proc.worker_id).state.value == "offline"  # type: ignore[union-attr]
+
+
+@pytest.mark.timeout(240)
+def test_clean_restart_does_not_wait_for_long_tasks_and_reattaches(
+    settings: Settings, store: SQLiteStore, workers  # type: ignore[no-untyped-def]
+) -> None:
+    proc = workers()
+    task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 50); do echo line $i; sleep 0.2; done")
+    before = wait_for(lambda: (t := store.get_task(task_id)) and t.container_id and t.started_at and t, 60)
+    time.sleep(1.0)
+    stopping = time.monotonic()
+    proc.stop()  # SIGTERM: Celery's warm shutdown
+    assert proc.proc is not None and proc.proc.returncode == 0
+    assert time.monotonic() - stopping < 8, "shutdown waited for the task"
+    assert DockerRuntime().is_running(before.container_id)
+    assert store.get_task(task_id).status == S.RUNNING  # type: ignore[union-attr]
+    assert store.get_worker(proc.worker_id).state.value == "active"  # type: ignore[union-attr]  # it holds a task
+    workers(proc.worker_id)
+    done = wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal and t, 90, what="end")
+    assert done.status == S.COMPLETED and done.container_id == before.container_id
+    lines = run(settings, "logs", task_id).stdout.splitlines()
+    assert [ln for ln in lines if ln.startswith("line")] == [f"line {i}" for i in range(1, 51)]
