@@ -55,6 +55,10 @@ def make_app(s: Settings) -> Celery:
         task_queues=(queue(keys.worker_queue(s.worker_id)), queue(keys.MAINTENANCE_QUEUE)),
         task_default_queue=keys.MAINTENANCE_QUEUE,
         worker_hijack_root_logger=False,
+        # threads, not prefork: the executor, the GPU leases and the re-attach bookkeeping of a worker live in
+        # one process (tasks wait on containers; the GIL is no bottleneck)
+        worker_pool="threads",
+        worker_concurrency=s.worker_concurrency,
         beat_schedule={
             "reap-dead-workers": {"task": "cloudai.maintenance.reap", "schedule": tick, "options": maintenance},
             "place-pending": {"task": "cloudai.maintenance.place_pending", "schedule": tick,
