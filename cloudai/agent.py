@@ -129,6 +129,9 @@ class WorkerAgent:
             ):
                 if task.container_id is None:
                     self.store.update_task(task_id, S.RUNNING, container_id=container_id)
+                if container.get("State") == "created":  # we died between creating and starting it
+                    self.runtime.start(container_id)
+                    self.store.update_task(task_id, S.RUNNING, started_at=utcnow())
                 thread = threading.Thread(target=self.executor.attach, args=(task, container_id),
                                           name=f"attach-{task_id}", daemon=True)
                 thread.start()

@@ -138,11 +138,12 @@ class Executor:
         task.status = S.RUNNING
         container_id: str | None = None
         try:
-            self.runtime.ensure_image(task.docker_image, task.pull_policy)
-            container_id = self.runtime.create(self._container_spec(task))
             writer = self.bus.writer(task_id)
             task.log_base = writer.published  # lines of earlier attempts, if this is a retry
-            self.store.update_task(task_id, S.RUNNING, container_id=container_id, log_base=task.log_base)
+            self.store.update_task(task_id, S.RUNNING, log_base=task.log_base)
+            self.runtime.ensure_image(task.docker_image, task.pull_policy)
+            container_id = self.runtime.create(self._container_spec(task))
+            self.store.update_task(task_id, S.RUNNING, container_id=container_id)
             if self.redis.exists(keys.cancel_flag(task_id)):
                 return self._finish(task, container_id, Outcome(S.CANCELLED, None, "cancelled before start")).value
             self.runtime.start(container_id)
