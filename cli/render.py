@@ -119,14 +119,20 @@ def final_block(end: LogEnd, color: bool) -> str:
 def task_table(tasks: list[Task]) -> Table:
     table = Table(box=None, header_style="bold")
     for col in ("TASK", "USER", "STATUS", "WORKER", "IMAGE", "COMMAND", "LIMITS", "CREATED", "EXIT"):
-        table.add_column(col, overflow="fold" if col == "COMMAND" else "ellipsis", no_wrap=col != "COMMAND")
+        table.add_column(col, no_wrap=True)
     for t in tasks:
         table.add_row(
             t.task_id, t.user_id, f"[{STATUS_STYLE.get(t.status.value, 'white')}]{t.status.value}[/]",
-            t.worker_id or "-", t.docker_image, (t.command or "")[:60], t.resources.describe(), age(t.created_at),
+            t.worker_id or "-", t.docker_image, _one_line(t.command or "", 60), t.resources.describe(), age(t.created_at),
             "-" if t.exit_code is None else str(t.exit_code),
         )
     return table
+
+
+def _one_line(text: str, width: int) -> str:
+    """A multi-line shell script as one short line for a table cell."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def worker_table(views: list[WorkerView]) -> Table:
