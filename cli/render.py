@@ -123,8 +123,8 @@ def task_table(tasks: list[Task]) -> Table:
     for t in tasks:
         table.add_row(
             t.task_id, t.user_id, f"[{STATUS_STYLE.get(t.status.value, 'white')}]{t.status.value}[/]",
-            t.worker_id or "-", t.docker_image, _one_line(t.command or "", 60), t.resources.describe(), age(t.created_at),
-            "-" if t.exit_code is None else str(t.exit_code),
+            t.worker_id or "-", t.docker_image, _one_line(t.command or "", 60), t.resources.describe(),
+            age(t.created_at), "-" if t.exit_code is None else str(t.exit_code),
         )
     return table
 
