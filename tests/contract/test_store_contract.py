@@ -212,3 +212,11 @@ def test_race_across_threads_has_one_winner(backend: TaskStore) -> None:
         t.join()
     assert len(wins) == 1
     assert backend.get_task("t1").worker_id == f"w{wins[0]}"  # type: ignore[union-attr]
+
+
+def test_unreachable_mongodb_is_a_clear_error_naming_the_url() -> None:
+    with pytest.raises(StoreUnavailable) as err:
+        open_store("mongodb://app:secret@127.0.0.1:9/cloudai")
+    message = str(err.value)
+    assert "mongodb://app:***@127.0.0.1:9/cloudai" in message and "secret" not in message
+    assert "CLOUDAI_STORE_URL" in message and len(message) < 400

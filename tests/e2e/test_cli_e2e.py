@@ -90,6 +90,9 @@ def test_seed_task_syntax_and_listing(settings: Settings, store: SQLiteStore, wo
     assert task.worker_id == proc.worker_id
     listing = json.loads(run(settings, "list", "--json").stdout)
     assert [t["task_id"] for t in listing] == [task_id]
+    table = run(settings, "list").stdout
+    assert task_id in table and "completed" in table and "0.5 CPU, 256 MiB" in table
+    assert proc.worker_id in run(settings, "workers").stdout
     workers_json = json.loads(run(settings, "workers", "--json").stdout)
     assert workers_json[0]["worker_id"] == proc.worker_id and workers_json[0]["alive"] is True
 
