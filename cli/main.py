@@ -323,6 +323,13 @@ def remove(ctx: Context, worker_id: str, force: bool) -> None:
     click.echo(f"{worker_id}: removed")
 
 
+def _export(ctx: Context, **extra: str) -> None:
+    """Hand this process's settings (flags included) to the Celery app, which reads the environment when
+    :mod:`cloudai.celery_app` is imported: call before that import."""
+    os.environ.update({"CLOUDAI_REDIS_URL": ctx.settings.redis_url, "CLOUDAI_STORE_URL": ctx.settings.store_url,
+                       **extra})
+
+
 @cli.group()
 def worker() -> None:
     """Run this host as a worker."""
@@ -351,11 +358,8 @@ def worker_start(ctx: Context, worker_id: str | None, cpus: str | None, memory: 
     except CloudAIError as exc:
         raise click.UsageError(str(exc)) from exc
     # the worker process reads these through Settings.from_env()
-    os.environ.update({
-        "CLOUDAI_WORKER_ID": worker_id, "CLOUDAI_WORKER_CPUS": cpus or "", "CLOUDAI_WORKER_MEMORY": memory or "",
-        "CLOUDAI_WORKER_GPUS": gpus, "CLOUDAI_WORKER_LABELS": label_text,
-        "CLOUDAI_REDIS_URL": ctx.settings.redis_url, "CLOUDAI_STORE_URL": ctx.settings.store_url,
-    })
+    _export(ctx, CLOUDAI_WORKER_ID=worker_id, CLOUDAI_WORKER_CPUS=cpus or "", CLOUDAI_WORKER_MEMORY=memory or "",
+            CLOUDAI_WORKER_GPUS=gpus, CLOUDAI_WORKER_LABELS=label_text)
     from cloudai import keys
     from cloudai.celery_app import run_worker
     from workers import bootstrap
@@ -374,8 +378,7 @@ def worker_start(ctx: Context, worker_id: str | None, cpus: str | None, memory: 
 def beat(ctx: Context, loglevel: str, schedule: str) -> None:
     """Run beat with the maintenance consumer: dead workers, lost tasks, pending placement, log retention."""
     os.makedirs(os.path.dirname(schedule), exist_ok=True)
-    os.environ.update({"CLOUDAI_AGENT": "0", "CLOUDAI_REDIS_URL": ctx.settings.redis_url,
-                       "CLOUDAI_STORE_URL": ctx.settings.store_url})
+    _export(ctx, CLOUDAI_AGENT="0")
     from cloudai import keys
     from cloudai.celery_app import run_worker
 
@@ -390,8 +393,7 @@ def beat(ctx: Context, loglevel: str, schedule: str) -> None:
 @pass_ctx
 def flower(ctx: Context, port: int, basic_auth: str | None, flower_args: tuple[str, ...]) -> None:
     """Run the Flower dashboard for this cluster."""
-    os.environ.update({"CLOUDAI_AGENT": "0", "CLOUDAI_REDIS_URL": ctx.settings.redis_url,
-                       "CLOUDAI_STORE_URL": ctx.settings.store_url})
+    _export(ctx, CLOUDAI_AGENT="0")
     from cloudai.celery_app import run_celery
 
     args = ["flower", f"--port={port}", *flower_args]

@@ -178,15 +178,17 @@ class Scheduler:
             raise ServiceUnavailable(f"Redis error during placement: {exc}") from exc
 
     def _queue_on(self, task: Task, slot: Free, create: bool) -> bool:
+        """Record ``task`` queued on ``slot`` (a new record, or pending → queued) and send its message."""
         gpu_ids = sorted(slot.gpu_ids, key=_gpu_order)[: task.req_gpu]
-        fields = {"worker_id": slot.worker.worker_id, "gpu_ids": gpu_ids, "pending_reason": None}
+        worker_id = slot.worker.worker_id
         if create:
-            task.status, task.worker_id, task.gpu_ids, task.pending_reason = S.QUEUED, *fields.values()  # type: ignore[assignment]
+            task.worker_id, task.gpu_ids, task.pending_reason, task.status = worker_id, gpu_ids, None, S.QUEUED
             self.store.create_task(task)
-        elif not self.store.transition(task.task_id, S.PENDING, S.QUEUED, **fields):
+        elif not self.store.transition(task.task_id, S.PENDING, S.QUEUED, worker_id=worker_id, gpu_ids=gpu_ids,
+                                       pending_reason=None):
             return False
         else:
-            task.status, task.worker_id, task.gpu_ids = S.QUEUED, slot.worker.worker_id, gpu_ids
+            task.worker_id, task.gpu_ids, task.pending_reason, task.status = worker_id, gpu_ids, None, S.QUEUED
         self.store.create_assignment(task.task_id, slot.worker.worker_id)
         try:
             self.dispatch(task)
