@@ -79,7 +79,8 @@ def _no_user_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # tests set what they need; a developer's CLOUDAI_* must not leak in
     for key in list(os.environ):
         if key.startswith("CLOUDAI_") and key not in ("CLOUDAI_REDIS_URL", "CLOUDAI_TEST_IMAGE",
-                                                      "CLOUDAI_TEST_MONGO_URL", "CLOUDAI_REQUIRE_SERVICES"):
+                                                      "CLOUDAI_TEST_MONGO_URL", "CLOUDAI_REQUIRE_SERVICES",
+                                                      "CLOUDAI_SERVICE_WAIT"):
             monkeypatch.delenv(key)
 
 

@@ -50,7 +50,7 @@ class RedisServer:
         import redis
 
         client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + float(os.environ.get("CLOUDAI_SERVICE_WAIT", "10"))
         while True:
             try:
                 client.ping()
