@@ -253,7 +253,7 @@ class Task:
     def resources(self) -> Resources:
         return Resources(
             cpus=self.req_cpu,
-            memory=int(round(self.req_memory * GiB)),
+            memory=self.memory_bytes,
             gpus=self.req_gpu,
             storage=None if self.req_storage is None else int(round(self.req_storage * GiB)),
         )

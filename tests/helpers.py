@@ -37,6 +37,18 @@ def wait_for(check: Callable[[], T], timeout: float = 30.0, interval: float = 0.
         time.sleep(interval)
 
 
+def wait_started(store: TaskStore, task_id: str, timeout: float = 60) -> Task:
+    """The task once its container has started."""
+    return wait_for(lambda: (t := store.get_task(task_id)) and t.container_id and t.started_at and t, timeout,
+                    what=f"task {task_id} to start")
+
+
+def wait_ended(store: TaskStore, task_id: str, timeout: float = 90, interval: float = 0.05) -> Task:
+    """The task once it reached a terminal status."""
+    return wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal and t, timeout, interval,
+                    f"task {task_id} to end")
+
+
 def executor(settings: Settings, store: TaskStore, runtime: DockerRuntime | None = None) -> Executor:
     bus = LogBus.from_url(settings.redis_url)
     return Executor(settings, store, bus, runtime or DockerRuntime(), bus.redis)

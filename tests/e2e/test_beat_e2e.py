@@ -13,7 +13,7 @@ from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
 from tests.e2e.test_cli_e2e import submit
-from tests.helpers import ROOT, cli_env, cloudai, wait_for
+from tests.helpers import ROOT, cli_env, cloudai, wait_ended, wait_for
 from tests.services import TEST_IMAGE
 
 S = TaskStatus
@@ -41,7 +41,7 @@ def test_killed_worker_task_is_lost_within_timeout_plus_a_tick(
     running = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
     proc.kill()
     killed_at = time.monotonic()
-    lost = wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal and t, 60, 0.05, "lost")
+    lost = wait_ended(store, task_id, 60)
     elapsed = time.monotonic() - killed_at
     print(f"\nlost {elapsed:.2f}s after SIGKILL (heartbeat timeout {settings.heartbeat_timeout_s}s, "
           f"interval {settings.heartbeat_interval_s}s, beat tick {settings.beat_interval_s}s)")
@@ -62,7 +62,7 @@ def test_killed_worker_task_with_retries_runs_again_elsewhere(
     wait_for(lambda: store.get_task(task_id).started_at, 60, what="start")  # type: ignore[union-attr]
     second = workers("second-" + settings.worker_id)
     first.kill()
-    done = wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal and t, 90, what="end")
+    done = wait_ended(store, task_id, 90)
     assert done.status == S.COMPLETED and done.attempt == 2 and done.worker_id == second.worker_id
     from tests.e2e.test_cli_e2e import run
 

@@ -14,7 +14,7 @@ from cloudai.models import Resources, TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import ROOT, cli_env, cloudai, wait_for
+from tests.helpers import ROOT, cli_env, cloudai, wait_ended, wait_for, wait_started
 from tests.services import TEST_IMAGE
 
 S = TaskStatus
@@ -114,13 +114,13 @@ def test_worker_killed_mid_task_reattaches_without_repeating_lines(
 ) -> None:
     proc = workers()
     task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 60); do echo line $i; sleep 0.1; done")
-    before = wait_for(lambda: (t := store.get_task(task_id)) and t.container_id and t.started_at and t, 60)
+    before = wait_started(store, task_id, 60)
     time.sleep(1.5)
     proc.kill()  # SIGKILL: no clean shutdown, the container keeps running
     assert DockerRuntime().is_running(before.container_id)
     time.sleep(1.0)
     workers(proc.worker_id)  # the same worker comes back
-    done = wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal and t, 90, what="end")
+    done = wait_ended(store, task_id, 90)
     assert done.status == S.COMPLETED and done.exit_code == 0
     assert done.container_id == before.container_id  # no second container
     result = run(settings, "logs", task_id)
@@ -133,13 +133,13 @@ def test_task_that_ends_while_its_worker_is_down_is_recorded_on_return(
 ) -> None:
     proc = workers()
     task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 20); do echo line $i; sleep 0.1; done; exit 7")
-    before = wait_for(lambda: (t := store.get_task(task_id)) and t.container_id and t.started_at and t, 60)
+    before = wait_started(store, task_id, 60)
     proc.kill()
     runtime = DockerRuntime()
     wait_for(lambda: not runtime.is_running(before.container_id), 60, what="container exit")
     assert store.get_task(task_id).status == S.RUNNING  # type: ignore[union-attr]  # nobody knows yet
     workers(proc.worker_id)
-    done = wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal and t, 60, what="end")
+    done = wait_ended(store, task_id, 60)
     assert (done.status, done.exit_code) == (S.FAILED, 7)
     result = run(settings, "logs", "-f", task_id)
     assert result.returncode == 7
@@ -176,7 +176,7 @@ def test_clean_restart_does_not_wait_for_long_tasks_and_reattaches(
 ) -> None:
     proc = workers()
     task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 50); do echo line $i; sleep 0.2; done")
-    before = wait_for(lambda: (t := store.get_task(task_id)) and t.container_id and t.started_at and t, 60)
+    before = wait_started(store, task_id, 60)
     time.sleep(1.0)
     stopping = time.monotonic()
     proc.stop()  # SIGTERM: Celery's warm shutdown
@@ -186,7 +186,7 @@ def test_clean_restart_does_not_wait_for_long_tasks_and_reattaches(
     assert store.get_task(task_id).status == S.RUNNING  # type: ignore[union-attr]
     assert store.get_worker(proc.worker_id).state.value == "active"  # type: ignore[union-attr]  # it holds a task
     workers(proc.worker_id)
-    done = wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal and t, 90, what="end")
+    done = wait_ended(store, task_id, 90)
     assert done.status == S.COMPLETED and done.container_id == before.container_id
     lines = run(settings, "logs", task_id).stdout.splitlines()
     assert [ln for ln in lines if ln.startswith("line")] == [f"line {i}" for i in range(1, 51)]

@@ -12,7 +12,7 @@ from cloudai.models import GiB, TaskStatus
 from cloudai.runtime import ContainerSpec, DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import executor, queued_task, wait_for
+from tests.helpers import executor, queued_task, wait_ended, wait_for
 from tests.services import TEST_IMAGE
 
 S = TaskStatus
@@ -47,7 +47,7 @@ def test_reconcile_starts_attaches_removes_and_loses(settings: Settings, store: 
 
     done = agent.reconcile()
     assert done == {"attached": [created.task_id], "removed": [orphan.task_id], "lost": [vanished.task_id]}
-    finished = wait_for(lambda: (t := store.get_task(created.task_id)) and t.status.terminal and t, 60)
+    finished = wait_ended(store, created.task_id, 60)
     assert (finished.status, finished.exit_code, finished.container_id) == (S.FAILED, 4, created_cid)
     events = list(CloudAI(settings).follow(created.task_id))
     assert [e.text for e in events if isinstance(e, LogLine)] == ["started late"]

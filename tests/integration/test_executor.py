@@ -15,7 +15,7 @@ from cloudai.models import MiB, TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import executor, queued_task, register, run_in_thread, wait_for
+from tests.helpers import executor, queued_task, register, run_in_thread, wait_for, wait_started
 from tests.services import TEST_IMAGE
 
 S = TaskStatus
@@ -58,8 +58,7 @@ def test_limits_as_docker_applied_them_and_cancel_stops_the_container(
     task = queued_task(store, settings.worker_id, "trap 'exit 0' TERM; while true; do sleep 0.1; done",
                        req_memory=0.25, req_cpu=0.5, labels={"team": "ml"})
     thread, result = run_in_thread(executor(settings, store).run, {"task_id": task.task_id})
-    running = wait_for(lambda: (t := store.get_task(task.task_id)) and t.container_id and t.started_at and t,
-                       what="container start")
+    running = wait_started(store, task.task_id)
     info = docker.from_env().api.inspect_container(running.container_id)
     host = info["HostConfig"]
     assert host["NanoCpus"] == 500_000_000
