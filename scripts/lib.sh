@@ -17,22 +17,40 @@ as_root() {
     die "need root for: $* (run as root or install sudo)"; fi
 }
 
-ensure_packages() {
-  local missing=()
-  command -v redis-server >/dev/null || missing+=(redis-server)
-  command -v dockerd >/dev/null || missing+=(docker.io)
-  if ! { [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; }; then missing+=(busybox-static); fi
-  python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
-  command -v git >/dev/null || missing+=(git)
-  if [ "${CLOUDAI_TEST_TOOLS:-0}" = 1 ]; then  # the browser test and the compose check
-    command -v chromium >/dev/null || missing+=(chromium)
-    command -v chromedriver >/dev/null || missing+=(chromium-driver)
-    command -v docker-compose >/dev/null || missing+=(docker-compose)
+# The Debian packages MODE still lacks, one a line. MODE is `demo` (what CloudAI needs to run) or `test` (that
+# plus Chromium and its driver for the browser tests, and docker-compose for the compose checks). A function of
+# PATH and of $CLOUDAI_BUSYBOX alone, so tests/unit/test_setup_scripts.py can call it with a PATH that lacks
+# the tools. The mode is an argument, never an environment variable: `VAR=1 source lib.sh` would not last.
+packages_needed() {
+  local mode="${1:-}"
+  case "$mode" in demo|test) ;; *) echo "packages_needed: mode must be demo or test, not '$mode'" >&2; return 2;; esac
+  local busybox="${CLOUDAI_BUSYBOX:-/bin/busybox}"
+  command -v redis-server >/dev/null 2>&1 || echo redis-server
+  { command -v dockerd >/dev/null 2>&1 && command -v docker >/dev/null 2>&1; } || echo docker.io
+  # a static busybox: the test image is built from it with `docker import` (no registry needed)
+  if ! { [ -x "$busybox" ] && ! ldd "$busybox" >/dev/null 2>&1; }; then echo busybox-static; fi
+  { command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null; } || echo python3-venv
+  command -v git >/dev/null 2>&1 || echo git
+  if [ "$mode" = test ]; then
+    command -v chromium >/dev/null 2>&1 || echo chromium
+    command -v chromedriver >/dev/null 2>&1 || echo chromium-driver
+    command -v docker-compose >/dev/null 2>&1 || echo docker-compose
   fi
-  if [ ${#missing[@]} -gt 0 ]; then
-    log "installing ${missing[*]}"
+  return 0
+}
+
+ensure_packages() {
+  local missing
+  missing="$(packages_needed "$1")" || die "packages_needed $1 failed"
+  if [ -n "$missing" ]; then
+    # shellcheck disable=SC2086 # one package a line
+    log "installing" $missing
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    # shellcheck disable=SC2086
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+    local still
+    still="$(packages_needed "$1")"
+    [ -z "$still" ] || die "still missing after apt-get install: $still"
   fi
 }
 
@@ -112,8 +130,11 @@ stop_started() {
   done
 }
 
+# MODE: demo (scripts/demo, scripts/bench) or test (scripts/test, .ci/run).
+# With CLOUDAI_SETUP_PLAN=1 it only prints the packages it would install, and the script exits (tests use it).
 setup_all() {
-  ensure_packages
+  if [ "${CLOUDAI_SETUP_PLAN:-}" = 1 ]; then packages_needed "${1:-}"; exit $?; fi
+  ensure_packages "${1:?setup_all demo|test}"
   ensure_venv
   ensure_dockerd
   build_test_image
