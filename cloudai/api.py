@@ -17,7 +17,7 @@ from cloudai.errors import (
     ValidationError,
     WorkerNotFound,
 )
-from cloudai.logs import LogBus, LogEnd, LogEvent, LogLine, parse_archive_line
+from cloudai.logs import LogBus, LogEnd, LogEvent, follow_batches
 from cloudai.models import (
     LIVE,
     GiB,
@@ -230,70 +230,15 @@ class CloudAI:
     def follow_batches(self, task_id: str, after_seq: int = 0, follow: bool = True,
                        on_reconnect: Callable[[Exception], None] | None = None,
                        reconnect_for_s: float = 60.0) -> Iterator[list[LogEvent]]:
-        """The task's log from line ``after_seq + 1`` in batches as Redis hands them over: history, then (with
-        ``follow``) live lines until the end marker, which comes last. No gap, no duplicate; a dropped Redis
-        connection is retried for ``reconnect_for_s`` and resumes after the last line seen. Once the stream
-        has expired, the archive."""
-        task = self.get(task_id)
-        seq = after_seq
-        cursor: str | None = None  # the last stream entry read
-        idle_since = time.monotonic()
-        broken_since: float | None = None
-        while True:
-            try:
-                if cursor is None:
-                    cursor = self.bus.cursor(task_id, seq)
-                events, cursor = self.bus.read(task_id, cursor, seq, block_ms=1000 if follow else None)
-                broken_since = None
-            except RedisUnavailable as exc:
-                now = time.monotonic()
-                broken_since = broken_since or now
-                if now - broken_since > reconnect_for_s:
-                    raise
-                if on_reconnect is not None:
-                    on_reconnect(exc)
-                time.sleep(min(1.0, reconnect_for_s / 10))
-                continue
-            batch: list[LogEvent] = []
-            for event in events:
-                if isinstance(event, LogEnd):
-                    batch.append(event)
-                    yield batch
-                    return
-                if event.seq <= seq:
-                    continue
-                if event.seq > seq + 1:  # trimmed from the stream's history before we read it
-                    batch.append(LogLine(seq + 1, f"[cloudai] {event.seq - seq - 1} earlier lines were trimmed "
-                                                  "from the live log; `cloudai logs` shows them once the task ends"))
-                seq = event.seq
-                batch.append(event)
-            if batch or follow:
-                yield batch  # an empty batch lets a viewer check for a key press while nothing arrives
-            if events:
-                idle_since = time.monotonic()
-                continue
-            # nothing new: the stream may be gone (expired after the end) or the task may have ended without
-            # a marker (its worker died): the store decides
-            if not follow or time.monotonic() - idle_since >= 2.0:
-                idle_since = time.monotonic()
-                task = self.get(task_id)
-                if task.status.terminal:
-                    if not self.bus.exists(task_id):
-                        archived: list[LogEvent] = list(self._archived(task_id, seq)) if seq == after_seq else []
-                        yield [*archived, _end_of(task)]
-                        return
-                    last_seq, last = self.bus.last_entry(task_id)
-                    if last_seq <= seq and not isinstance(last, LogEnd):
-                        yield [_end_of(task)]
-                        return
-                elif not follow:
-                    return
+        """The task's log from line ``after_seq + 1`` in batches (see :func:`cloudai.logs.follow_batches`)."""
+        self.get(task_id)  # an unknown task is an error before anything is read
+        return follow_batches(self.bus, task_id, lambda: self.end_of(task_id), lambda: self.store.read_log(task_id),
+                              after_seq, follow, on_reconnect, reconnect_for_s)
 
-    def _archived(self, task_id: str, after_seq: int) -> Iterator[LogLine]:
-        for n, line in enumerate(self.store.read_log(task_id) or [], start=1):
-            if n > after_seq:
-                ts, text = parse_archive_line(line)
-                yield LogLine(n, text, ts)
+    def end_of(self, task_id: str) -> LogEnd | None:
+        """The end marker a finished task's log would close with; None while it is not finished."""
+        task = self.get(task_id)
+        return _end_of(task) if task.status.terminal else None
 
     def logs(self, task_id: str) -> Iterator[LogEvent]:
         """The log so far (no waiting): from the live stream, or the archive once the stream expired."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -330,3 +330,74 @@ class LogWriter:
                     raise RedisUnavailable(self.bus.url, f"could not write log lines of task {self.task_id}") from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+
+def follow_batches(bus: LogBus, task_id: str, end_of_task: Callable[[], LogEnd | None],
+                   read_archive: Callable[[], list[str] | None], after_seq: int = 0, follow: bool = True,
+                   on_reconnect: Callable[[Exception], None] | None = None,
+                   reconnect_for_s: float = 60.0) -> Iterator[list[LogEvent]]:
+    """A task's log from line ``after_seq + 1`` in batches as Redis hands them over: history, then (with
+    ``follow``) live lines until the end marker, which comes last. No gap, no duplicate; a dropped Redis
+    connection is retried for ``reconnect_for_s`` and resumes after the last line seen. Once the stream has
+    expired, the archive. ``end_of_task`` asks the store whether the task has finished (the end marker it would
+    have, or None); ``read_archive`` reads its archived log. Shared by the CLI and the master's log endpoints."""
+    seq = after_seq
+    cursor: str | None = None  # the last stream entry read
+    idle_since = time.monotonic()
+    broken_since: float | None = None
+    while True:
+        try:
+            if cursor is None:
+                cursor = bus.cursor(task_id, seq)
+            events, cursor = bus.read(task_id, cursor, seq, block_ms=1000 if follow else None)
+            broken_since = None
+        except RedisUnavailable as exc:
+            now = time.monotonic()
+            broken_since = broken_since or now
+            if now - broken_since > reconnect_for_s:
+                raise
+            if on_reconnect is not None:
+                on_reconnect(exc)
+            time.sleep(min(1.0, reconnect_for_s / 10))
+            continue
+        batch: list[LogEvent] = []
+        for event in events:
+            if isinstance(event, LogEnd):
+                batch.append(event)
+                yield batch
+                return
+            if event.seq <= seq:
+                continue
+            if event.seq > seq + 1:  # trimmed from the stream's history before we read it
+                batch.append(LogLine(seq + 1, f"[cloudai] {event.seq - seq - 1} earlier lines were trimmed "
+                                              "from the live log; `cloudai logs` shows them once the task ends"))
+            seq = event.seq
+            batch.append(event)
+        if batch or follow:
+            yield batch  # an empty batch lets a viewer check for a key press while nothing arrives
+        if events:
+            idle_since = time.monotonic()
+            continue
+        # nothing new: the stream may be gone (expired after the end) or the task may have ended without
+        # a marker (its worker died): the store decides
+        if not follow or time.monotonic() - idle_since >= 2.0:
+            idle_since = time.monotonic()
+            end = end_of_task()
+            if end is not None:
+                if not bus.exists(task_id):
+                    archived: list[LogEvent] = list(_archived(read_archive(), seq)) if seq == after_seq else []
+                    yield [*archived, end]
+                    return
+                last_seq, last = bus.last_entry(task_id)
+                if last_seq <= seq and not isinstance(last, LogEnd):
+                    yield [end]
+                    return
+            elif not follow:
+                return
+
+
+def _archived(lines: list[str] | None, after_seq: int) -> Iterator[LogLine]:
+    for n, line in enumerate(lines or [], start=1):
+        if n > after_seq:
+            ts, text = parse_archive_line(line)
+            yield LogLine(n, text, ts)
