@@ -1,0 +1,197 @@
+"""What a user sees: whole ``cloudai`` processes against plain ``docker run --rm`` (attached), in the same run.
+
+Every case alternates A B A B after a warm-up and reports the median, min-max and the ratio of the medians,
+so a noisy, shared machine moves both sides alike. Cases:
+
+- ``trivial``: ``cloudai submit -f --worker W IMG -- true`` vs ``docker run --rm IMG true``.
+- ``lines``: ``cloudai submit -f IMG -- seq 1 N`` vs ``docker run --rm IMG seq 1 N``, both into a pipe that
+  counts every line (a run that loses one fails the benchmark); peak RSS of the CLI and of the worker.
+- ``many``: 100 trivial tasks submitted with ``xargs -P 8 cloudai submit -q`` and waited for (first submit to
+  last completed) vs the same 100 ``docker run --rm`` with ``xargs -P 8``.
+- ``help``: ``cloudai --help``, absolute (no baseline exists).
+
+The worker must already run (``./scripts/bench`` starts one and passes its id and pid). With
+``CLOUDAI_API_URL`` set, the ``cloudai`` commands go through the master, as a remote user's would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+IMAGE = os.environ.get("CLOUDAI_TEST_IMAGE", "cloudai/busybox:local")
+
+
+@dataclass
+class Sample:
+    seconds: float
+    peak_rss_kib: int = 0  # the measured command's own peak RSS
+
+
+@dataclass
+class Row:
+    case: str
+    ours: list[Sample]
+    base: list[Sample]
+    note: str = ""
+
+    @staticmethod
+    def _median(samples: list[Sample]) -> float:
+        return statistics.median(s.seconds for s in samples)
+
+    def line(self) -> str:
+        o = self._median(self.ours)
+        spread = f"{min(s.seconds for s in self.ours):.3f}-{max(s.seconds for s in self.ours):.3f}"
+        if not self.base:
+            return f"| {self.case} | {o:.3f} s ({spread}) | | | {self.note} |"
+        b = self._median(self.base)
+        bspread = f"{min(s.seconds for s in self.base):.3f}-{max(s.seconds for s in self.base):.3f}"
+        return f"| {self.case} | {o:.3f} s ({spread}) | {b:.3f} s ({bspread}) | {o / b:.2f}x | {self.note} |"
+
+
+def cloudai_cmd() -> list[str]:
+    """The installed console script, as a user runs it (not ``python -m``)."""
+    found = shutil.which("cloudai")
+    if found is None:
+        sys.exit("the cloudai command is not on PATH; run ./scripts/bench")
+    return [found]
+
+
+def timed(argv: Sequence[str], count_lines: int | None = None, shell: bool = False) -> Sample:
+    """Run ``argv`` to its end; with ``count_lines``, its stdout must carry exactly lines 1..N of ``seq``."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(argv if not shell else argv[0], shell=shell, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    assert proc.stdout is not None
+    expected = 1
+    numbered = 0
+    for raw in proc.stdout:
+        if count_lines is not None and raw[:1].isdigit():
+            value = int(raw)
+            if value != expected:
+                raise SystemExit(f"{' '.join(argv)}: line {expected} expected, got {value}")
+            expected += 1
+            numbered += 1
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(argv)} exited {proc.returncode}")
+    if count_lines is not None and numbered != count_lines:
+        raise SystemExit(f"{' '.join(argv)}: {numbered} of {count_lines} lines arrived")
+    return Sample(elapsed, usage.ru_maxrss)
+
+
+def alternate(ours: Callable[[], Sample], base: Callable[[], Sample] | None, runs: int,
+              warmup: int = 1) -> tuple[list[Sample], list[Sample]]:
+    for _ in range(warmup):
+        ours()
+        if base:
+            base()
+    a: list[Sample] = []
+    b: list[Sample] = []
+    for _ in range(runs):
+        a.append(ours())
+        if base:
+            b.append(base())
+    return a, b
+
+
+def worker_peak_rss_kib(pid: int | None) -> int:
+    """The worker's peak RSS so far (VmHWM), 0 when unknown."""
+    if not pid:
+        return 0
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def docker_cmd(*command: str) -> list[str]:
+    return ["docker", "run", "--rm", IMAGE, *command]
+
+
+def case_trivial(worker: str, runs: int) -> Row:
+    cli = cloudai_cmd()
+    ours, base = alternate(lambda: timed([*cli, "submit", "-f", "--worker", worker, "--cpus", "0.5", "-m", "64m",
+                                          IMAGE, "--", "true"]),
+                           lambda: timed(docker_cmd("true")), runs)
+    return Row("trivial task, submit -f vs docker run --rm", ours, base)
+
+
+def case_lines(lines: int, runs: int, worker_pid: int | None) -> Row:
+    cli = cloudai_cmd()
+    ours, base = alternate(lambda: timed([*cli, "submit", "-f", "-m", "256m", IMAGE, "--", "seq", "1", str(lines)],
+                                         count_lines=lines),
+                           lambda: timed(docker_cmd("seq", "1", str(lines)), count_lines=lines), runs)
+    cli_rss = max(s.peak_rss_kib for s in ours) // 1024
+    worker_rss = worker_peak_rss_kib(worker_pid) // 1024
+    return Row(f"{lines:,} lines into a pipe", ours, base,
+               f"all lines, in order; peak RSS: CLI {cli_rss} MiB, worker {worker_rss or '?'} MiB")
+
+
+def case_many(tasks: int, parallel: int, runs: int) -> Row:
+    cli = " ".join(cloudai_cmd())
+    ours_cmd = (f"seq 1 {tasks} | xargs -P {parallel} -I{{}} {cli} submit -f -q --cpus 0.2 -m 32m {IMAGE} "
+                "-- true >/dev/null")
+    base_cmd = f"seq 1 {tasks} | xargs -P {parallel} -I{{}} docker run --rm {IMAGE} true >/dev/null"
+    ours, base = alternate(lambda: timed([ours_cmd], shell=True), lambda: timed([base_cmd], shell=True), runs,
+                           warmup=0)
+    return Row(f"{tasks} trivial tasks, {parallel} at a time", ours, base,
+               "each task followed to its end (submit -f), so the time is first submit to last completed")
+
+
+def case_help(runs: int) -> Row:
+    cli = cloudai_cmd()
+    ours, _ = alternate(lambda: timed([*cli, "--help"]), None, runs)
+    return Row("cloudai --help", ours, [], "no baseline; target 0.15 s")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5, help="measured runs per side (after one warm-up)")
+    parser.add_argument("--lines", type=int, default=100_000)
+    parser.add_argument("--million", action="store_true", help="also 1,000,000 lines (slow)")
+    parser.add_argument("--many", type=int, default=100, help="tasks in the many-small-tasks case (0: skip)")
+    parser.add_argument("--cases", default="help,trivial,lines,many")
+    args = parser.parse_args()
+    worker = os.environ.get("CLOUDAI_BENCH_WORKER", "bench-worker")
+    worker_pid = int(os.environ["CLOUDAI_BENCH_WORKER_PID"]) if os.environ.get("CLOUDAI_BENCH_WORKER_PID") else None
+    cases = set(args.cases.split(","))
+    mode = f"through the master at {os.environ['CLOUDAI_API_URL']}" if os.environ.get("CLOUDAI_API_URL") else "direct"
+    print(f"# cloudai ({mode}) vs docker run --rm; {args.runs} alternating runs each, median (min-max)\n")
+    print("| what | cloudai | docker run --rm | ratio | notes |\n|---|---|---|---|---|")
+    rows: list[Row] = []
+    if "help" in cases:
+        rows.append(case_help(args.runs))
+        print(rows[-1].line(), flush=True)
+    if "trivial" in cases:
+        rows.append(case_trivial(worker, args.runs))
+        print(rows[-1].line(), flush=True)
+    if "lines" in cases:
+        rows.append(case_lines(args.lines, args.runs, worker_pid))
+        print(rows[-1].line(), flush=True)
+        if args.million:
+            rows.append(case_lines(1_000_000, max(1, args.runs // 2), worker_pid))
+            print(rows[-1].line(), flush=True)
+    if "many" in cases and args.many:
+        rows.append(case_many(args.many, 8, max(1, args.runs // 3)))
+        print(rows[-1].line(), flush=True)
+    print(f"\n(self: peak RSS of this script {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
