@@ -63,6 +63,8 @@ def make_app(s: Settings) -> Celery:
             "reap-dead-workers": {"task": "cloudai.maintenance.reap", "schedule": tick, "options": maintenance},
             "place-pending": {"task": "cloudai.maintenance.place_pending", "schedule": tick,
                               "options": maintenance},
+            "reconcile-reservations": {"task": "cloudai.maintenance.reconcile", "schedule": 30.0,
+                                       "options": {**maintenance, "expires": 30.0}},
             "redispatch-lost-messages": {"task": "cloudai.maintenance.redispatch", "schedule": 60.0,
                                          "options": {**maintenance, "expires": 60.0}},
             "expire-logs": {"task": "cloudai.maintenance.expire_logs", "schedule": 300.0,
