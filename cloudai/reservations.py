@@ -92,7 +92,7 @@ for i = 0, n - 1 do
     if em > maxm then maxm = em end
     if eg > maxg then maxg = eg end
     if es > maxs then maxs = es end
-    if cpu <= ec and mem <= em and gpus <= eg and es >= 1 then
+    if cpu <= ec and mem <= em and (gpus == 0 or gpus <= eg) and es >= 1 then
       local load = math.max(1 - (rc - cpu) / capc, 1 - (rm - mem) / capm, 1 - (rs - 1) / caps)
       if best == nil or (policy == 'pack' and load > best_score) or (policy ~= 'pack' and load < best_score) then
         best, best_score = w, load
