@@ -37,10 +37,9 @@ def lock(name: str) -> str:
 SCHED_PREFIX = "cloudai:sched:"
 
 
-def sched_free(worker_id: str) -> str:
-    """Hash: a worker's free ``cpu`` (milli-CPUs), ``mem`` (bytes), ``slots`` and the ``sig`` of the capacity
-    they were computed from."""
-    return f"{SCHED_PREFIX}free:{worker_id}"
+SCHED_FREE = f"{SCHED_PREFIX}free"
+"""Hash: worker id -> ``cpu|mem|slots|capc|capm|caps|capg|sig``: free milli-CPUs, bytes and slots, the capacity
+(CPUs, memory, slots, number of GPUs) and the signature of the capacity they were computed from."""
 
 
 def sched_gpus(worker_id: str) -> str:
@@ -75,5 +74,6 @@ def sched_user_tasks(user_id: str) -> str:
 
 SCHED_USAGE = f"{SCHED_PREFIX}usage"  # hash user -> fair-share usage (CPU-seconds, decayed), as of SCHED_USAGE_AT
 SCHED_USAGE_AT = f"{SCHED_PREFIX}usage_at"  # hash user -> Redis time of the last update of its usage
+SCHED_CLAIMED = f"{SCHED_PREFIX}claimed"  # set: workers that have a claim (a placement reads only those)
 SCHED_CLAIM_GEN = f"{SCHED_PREFIX}claimgen"  # counter: one generation of claims per placement pass
 SCHED_PASS_DIRTY = f"{SCHED_PREFIX}dirty"  # set when a placement pass is asked for while one runs

@@ -10,6 +10,7 @@ computed for another capacity is rebuilt on first use."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -39,6 +40,27 @@ local function charge(user, amount, t, hl)
   redis.call('HSET', P .. 'usage', user, tostring(u + amount))
   redis.call('HSET', P .. 'usage_at', user, tostring(t))
 end
+-- a worker's free state is one field of the hash P..'free': cpu|mem|slots|capc|capm|caps|capg|sig, so one
+-- HMGET reads every candidate (one call per worker would cost more than the placement itself)
+local function decode(v)
+  if not v then return nil end
+  local c, m, s, cc, cm, cs, cg, sig = string.match(v,
+    '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  if not c then return nil end
+  return {cpu = tonumber(c), mem = tonumber(m), slots = tonumber(s), capc = tonumber(cc), capm = tonumber(cm),
+          caps = tonumber(cs), capg = tonumber(cg), sig = sig}
+end
+local function putfree(w, f)
+  redis.call('HSET', P .. 'free', w, string.format('%d|%d|%d|%d|%d|%d|%d|', f.cpu, f.mem, f.slots, f.capc,
+             f.capm, f.caps, f.capg) .. f.sig)
+end
+local function addfree(w, dc, dm, ds)
+  local f = decode(redis.call('HGET', P .. 'free', w))
+  if not f then return false end
+  f.cpu, f.mem, f.slots = f.cpu + dc, f.mem + dm, f.slots + ds
+  putfree(w, f)
+  return true
+end
 local function split(csv)
   local out = {}
   if csv == nil or csv == '' then return out end
@@ -49,7 +71,8 @@ end
 
 # ARGV: prefix, task, attempt, user, cpu (milli), mem, gpus, quota cpu/mem/gpus/tasks (-1: none), mode
 # (reserve|dry), policy (spread|pack), claim generation ('' on submit: every claim binds), claim ('1': claim a
-# worker when nothing fits), charge, half-life, claim ttl, weight, then per worker: id, sig, cpu, mem, slots, gpus
+# worker when nothing fits), charge, half-life, claim ttl, weight, then the candidates as one string of lines
+# alternating worker id and capacity signature (one argument: packing hundreds costs more than placing)
 _PLACE = _LIB + """
 local task, attempt, user = ARGV[2], ARGV[3], ARGV[4]
 local cpu, mem, gpus = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -67,19 +90,30 @@ end
 local init, best, best_score, own_claim = {}, nil, nil, nil
 local maxc, maxm, maxg, maxs, blocked_by = -1, -1, -1, -1, ''
 local claimable, claim_best = nil, nil
-local n = (#ARGV - 19) / 6
-for i = 0, n - 1 do
-  local b = 20 + i * 6
-  local w, sig = ARGV[b], ARGV[b + 1]
-  local capc, capm, caps, capg = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]),
-                                 tonumber(ARGV[b + 5])
-  local f = redis.call('HMGET', P .. 'free:' .. w, 'cpu', 'mem', 'slots', 'sig')
-  if f[4] ~= sig then
+local claimed = {}
+for _, w in ipairs(redis.call('SMEMBERS', P .. 'claimed')) do claimed[w] = true end
+local lines = {}
+for line in string.gmatch(ARGV[20], '([^\\n]+)') do table.insert(lines, line) end
+local ids, sigs, vals = {}, {}, {}
+for i = 1, #lines - 1, 2 do
+  ids[#ids + 1] = lines[i]
+  sigs[#sigs + 1] = lines[i + 1]
+end
+if #ids > 0 then vals = redis.call('HMGET', P .. 'free', unpack(ids)) end
+for i, w in ipairs(ids) do
+  local f = decode(vals[i])
+  if not f or f.sig ~= sigs[i] then
     table.insert(init, w)
   else
-    local rc, rm, rs = tonumber(f[1]), tonumber(f[2]), tonumber(f[3])
-    local rg = redis.call('SCARD', P .. 'gpus:' .. w)
-    local c = redis.call('HMGET', P .. 'claim:' .. w, 'owner', 'cpu', 'mem', 'gpus', 'gen')
+    local capc, capm, caps, capg = f.capc, f.capm, f.caps, f.capg
+    local rc, rm, rs = f.cpu, f.mem, f.slots
+    local rg = 0
+    if gpus > 0 then rg = redis.call('SCARD', P .. 'gpus:' .. w) end  -- only a GPU task looks at GPUs
+    local c = {false, 0, 0, 0, false}
+    if claimed[w] then
+      c = redis.call('HMGET', P .. 'claim:' .. w, 'owner', 'cpu', 'mem', 'gpus', 'gen')
+      if not c[1] then redis.call('SREM', P .. 'claimed', w) end  -- lapsed
+    end
     local ec, em, eg, es = rc, rm, rg, rs
     local bound = false
     if c[1] == task then
@@ -115,8 +149,12 @@ end
 if best == nil then
   local claimed = ''
   if mode == 'reserve' and want_claim == '1' and claimable ~= nil then
-    if own_claim and own_claim ~= claimable then redis.call('DEL', P .. 'claim:' .. own_claim) end
+    if own_claim and own_claim ~= claimable then
+      redis.call('DEL', P .. 'claim:' .. own_claim)
+      redis.call('SREM', P .. 'claimed', own_claim)
+    end
     local key = P .. 'claim:' .. claimable
+    redis.call('SADD', P .. 'claimed', claimable)
     redis.call('DEL', key)
     redis.call('HSET', key, 'owner', task, 'cpu', cpu, 'mem', mem, 'gpus', gpus, 'gen', gen == '' and 's' or gen)
     redis.call('EXPIRE', key, ttl)
@@ -139,10 +177,7 @@ for i = 1, gpus do
   redis.call('SREM', P .. 'gpus:' .. best, ids[i])
 end
 local csv = table.concat(taken, ',')
-local fk = P .. 'free:' .. best
-redis.call('HINCRBY', fk, 'cpu', 0 - cpu)
-redis.call('HINCRBY', fk, 'mem', 0 - mem)
-redis.call('HINCRBY', fk, 'slots', 0 - 1)
+addfree(best, 0 - cpu, 0 - mem, -1)
 local t = now()
 redis.call('HSET', P .. 'res:' .. task, 'worker', best, 'cpu', cpu, 'mem', mem, 'gpus', csv, 'ngpus', gpus,
            'user', user, 'attempt', attempt, 'at', tostring(t), 'w', weight)
@@ -154,7 +189,10 @@ redis.call('HINCRBY', uk, 'mem', mem)
 redis.call('HINCRBY', uk, 'gpus', gpus)
 redis.call('HINCRBY', uk, 'tasks', 1)
 charge(user, amount, t, hl)
-if own_claim then redis.call('DEL', P .. 'claim:' .. own_claim) end
+if own_claim then
+  redis.call('DEL', P .. 'claim:' .. own_claim)
+  redis.call('SREM', P .. 'claimed', own_claim)
+end
 return {'ok', best, csv}
 """
 
@@ -165,11 +203,7 @@ local r = redis.call('HMGET', key, 'worker', 'cpu', 'mem', 'gpus', 'ngpus', 'use
 if not r[1] then return 0 end
 if ARGV[3] ~= '' and r[7] ~= ARGV[3] then return 0 end
 local w, cpu, mem, user = r[1], tonumber(r[2]), tonumber(r[3]), r[6]
-local fk = P .. 'free:' .. w
-if redis.call('EXISTS', fk) == 1 then
-  redis.call('HINCRBY', fk, 'cpu', cpu)
-  redis.call('HINCRBY', fk, 'mem', mem)
-  redis.call('HINCRBY', fk, 'slots', 1)
+if addfree(w, cpu, mem, 1) then
   local hold = {}
   for _, id in ipairs(split(ARGV[6])) do hold[id] = true end
   for _, id in ipairs(split(r[4])) do
@@ -201,11 +235,7 @@ if old then
 end
 local w, user, cpu, mem = ARGV[4], ARGV[5], tonumber(ARGV[6]), tonumber(ARGV[7])
 local ids = split(ARGV[8])
-local fk = P .. 'free:' .. w
-if redis.call('EXISTS', fk) == 1 then
-  redis.call('HINCRBY', fk, 'cpu', 0 - cpu)
-  redis.call('HINCRBY', fk, 'mem', 0 - mem)
-  redis.call('HINCRBY', fk, 'slots', 0 - 1)
+if addfree(w, 0 - cpu, 0 - mem, -1) then
   for _, id in ipairs(ids) do redis.call('SREM', P .. 'gpus:' .. w, id) end
 end
 redis.call('HSET', key, 'worker', w, 'cpu', cpu, 'mem', mem, 'gpus', ARGV[8], 'ngpus', #ids, 'user', user,
@@ -220,8 +250,8 @@ redis.call('HINCRBY', uk, 'tasks', 1)
 return ''
 """
 
-# ARGV: prefix, worker, sig, cpu, mem, slots, GPU ids offered (csv). Free = capacity minus the worker's
-# reservation records, in one atomic step.
+# ARGV: prefix, worker, sig, cpu, mem, slots, GPU ids offered (csv), number of GPUs. Free = capacity minus the
+# worker's reservation records, in one atomic step.
 _RECOMPUTE_WORKER = _LIB + """
 local w = ARGV[2]
 local c, m, s = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -235,9 +265,9 @@ for _, t in ipairs(redis.call('SMEMBERS', P .. 'wres:' .. w)) do
     for _, id in ipairs(split(r[3])) do used[id] = true end
   end
 end
-local fk = P .. 'free:' .. w
-redis.call('DEL', fk, P .. 'gpus:' .. w)
-redis.call('HSET', fk, 'cpu', c, 'mem', m, 'slots', s, 'sig', ARGV[3])
+redis.call('DEL', P .. 'gpus:' .. w)
+putfree(w, {cpu = c, mem = m, slots = s, capc = tonumber(ARGV[4]), capm = tonumber(ARGV[5]),
+            caps = tonumber(ARGV[6]), capg = tonumber(ARGV[8]), sig = ARGV[3]})
 for _, id in ipairs(split(ARGV[7])) do
   if not used[id] then redis.call('SADD', P .. 'gpus:' .. w, id) end
 end
@@ -268,6 +298,7 @@ for i = 3, #ARGV do
   local key = P .. 'claim:' .. ARGV[i]
   local g = redis.call('HGET', key, 'gen')
   if g and g ~= ARGV[2] then n = n + redis.call('DEL', key) end
+  if not g or g ~= ARGV[2] then redis.call('SREM', P .. 'claimed', ARGV[i]) end
 end
 return n
 """
@@ -279,7 +310,12 @@ def milli(cpus: float) -> int:
 
 def signature(worker: WorkerInfo) -> str:
     """The capacity a worker's free counters were computed from; a change makes them be rebuilt."""
-    return f"{milli(worker.cpus)}:{worker.memory}:{worker.slots}:{','.join(sorted(worker.gpu_ids))}"
+    return _signature(worker.cpus, worker.memory, worker.slots, tuple(worker.gpu_ids))
+
+
+@functools.lru_cache(maxsize=4096)
+def _signature(cpus: float, memory: int, slots: int, gpu_ids: tuple[str, ...]) -> str:
+    return f"{milli(cpus)}:{memory}:{slots}:{','.join(sorted(gpu_ids))}"
 
 
 def weight(task: Task) -> float:
@@ -361,8 +397,8 @@ class Reservations:
             "dry" if dry else "reserve", policy, generation, "1" if claim else "0",
             repr(weight(task) * MIN_CHARGE_S), repr(self.halflife_s), CLAIM_TTL_S, repr(weight(task)),
         ]
-        for w in sorted(candidates, key=lambda w: w.worker_id):
-            args += [w.worker_id, signature(w), milli(w.cpus), w.memory, w.slots, len(w.gpu_ids)]
+        ordered = sorted(candidates, key=lambda w: w.worker_id)
+        args.append("\n".join(f"{w.worker_id}\n{signature(w)}" for w in ordered))
         by_id = {w.worker_id: w for w in candidates}
         for _ in range(3):
             out = [_text(x) for x in self._place(args=args)]
@@ -402,9 +438,12 @@ class Reservations:
         if self.live_on is not None:
             for task in self.live_on(worker.worker_id):
                 self.adopt(task)
+        self._recompute(worker)
+
+    def _recompute(self, worker: WorkerInfo) -> None:
         offered = [g for g in worker.gpu_ids if g not in self.fenced_gpu_ids(worker.worker_id)]
         self._recompute_worker(args=[P, worker.worker_id, signature(worker), milli(worker.cpus), worker.memory,
-                                     worker.slots, ",".join(offered)])
+                                     worker.slots, ",".join(offered), len(worker.gpu_ids)])
 
     # -- backfill claims --------------------------------------------------------------------------------
     def new_generation(self) -> str:
@@ -420,25 +459,29 @@ class Reservations:
         for w in worker_ids:
             if _text(self.redis.hget(keys.sched_claim(w), "owner") or "") == task_id:
                 self.redis.delete(keys.sched_claim(w))
+                self.redis.srem(keys.SCHED_CLAIMED, w)
 
     # -- views ------------------------------------------------------------------------------------------
     def free(self, workers: list[WorkerInfo]) -> dict[str, FreeView]:
         """What each worker has free now (rebuilt first where missing)."""
-        stale = [w for w in workers if _text(self.redis.hget(keys.sched_free(w.worker_id), "sig") or "")
-                 != signature(w)]
-        for w in stale:
-            self.rebuild(w)
+        if not workers:
+            return {}
+        ids = [w.worker_id for w in workers]
+        raw = [_text(v).split("|", 7) if v else None for v in self.redis.hmget(keys.SCHED_FREE, ids)]
+        for w, fields in zip(workers, raw, strict=True):
+            if fields is None or len(fields) < 8 or fields[7] != signature(w):
+                self.rebuild(w)
         pipe = self.redis.pipeline(transaction=False)
+        pipe.hmget(keys.SCHED_FREE, ids)
         for w in workers:
-            pipe.hmget(keys.sched_free(w.worker_id), "cpu", "mem", "slots")
             pipe.smembers(keys.sched_gpus(w.worker_id))
             pipe.hget(keys.sched_claim(w.worker_id), "owner")
         out = pipe.execute()
         views = {}
         for i, w in enumerate(workers):
-            (cpu, mem, slots), gpu_set, owner = out[3 * i], out[3 * i + 1], out[3 * i + 2]
-            views[w.worker_id] = FreeView(int(cpu or 0) / 1000, int(mem or 0), int(slots or 0),
-                                          sorted((_text(g) for g in gpu_set), key=gpu_order),
+            cpu, mem, slots = (int(x) for x in _text(out[0][i]).split("|")[:3])
+            gpu_set, owner = out[1 + 2 * i], out[2 + 2 * i]
+            views[w.worker_id] = FreeView(cpu / 1000, mem, slots, sorted((_text(g) for g in gpu_set), key=gpu_order),
                                           _text(owner) if owner else None)
         return views
 
@@ -491,9 +534,7 @@ class Reservations:
                 self.adopt(task)
                 adopted += 1
         for worker in workers:
-            offered = [g for g in worker.gpu_ids if g not in self.fenced_gpu_ids(worker.worker_id)]
-            self._recompute_worker(args=[P, worker.worker_id, signature(worker), milli(worker.cpus),
-                                         worker.memory, worker.slots, ",".join(offered)])
+            self._recompute(worker)
         users = {t.user_id for t in live} | {rec.get("user", "") for rec in records.values()}
         for key in self.redis.scan_iter(match=keys.sched_user("*"), count=1000):
             users.add(_text(key)[len(keys.sched_user("")):])

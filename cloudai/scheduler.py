@@ -119,7 +119,8 @@ class Scheduler:
 
     def _candidates(self, task: Task, workers: list[WorkerInfo]) -> list[WorkerInfo]:
         """Active workers with a fresh heartbeat that have the task's labels (and are its pinned worker)."""
-        return [w for w in workers if self._alive(w)
+        now, timeout = utcnow(), self.settings.heartbeat_timeout_s
+        return [w for w in workers if w.state == WorkerState.ACTIVE and w.alive(now, timeout)
                 and (not task.pinned_worker or w.worker_id == task.pinned_worker)
                 and all(w.labels.get(k) == v for k, v in task.constraints.items())]
 

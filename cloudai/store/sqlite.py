@@ -4,6 +4,7 @@ across processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -58,6 +59,7 @@ class SQLiteStore(TaskStore):
         self.path = path
         self.url = f"sqlite:///{path}"
         self._local = threading.local()
+        self._parsed_workers: dict[str, WorkerInfo] = {}
         directory = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(directory, exist_ok=True)
@@ -224,8 +226,18 @@ class SQLiteStore(TaskStore):
         return WorkerInfo.from_doc(json.loads(row["doc"])) if row else None
 
     def list_workers(self) -> list[WorkerInfo]:
-        rows = self._conn().execute("SELECT doc FROM workers ORDER BY worker_id")
-        return [WorkerInfo.from_doc(json.loads(r["doc"])) for r in rows]
+        rows = self._conn().execute("SELECT doc FROM workers ORDER BY worker_id").fetchall()
+        return [self._worker(r["doc"]) for r in rows]
+
+    def _worker(self, doc: str) -> WorkerInfo:
+        # every placement lists the workers: parse each distinct record once (a copy, so callers may change it)
+        cache = self._parsed_workers
+        info = cache.get(doc)
+        if info is None:
+            if len(cache) > 4096:
+                cache.clear()
+            info = cache[doc] = WorkerInfo.from_doc(json.loads(doc))
+        return dataclasses.replace(info, gpu_ids=list(info.gpu_ids), labels=dict(info.labels))
 
     def set_worker_state(self, worker_id: str, state: WorkerState, expected: WorkerState | None = None) -> bool:
         return self._update_worker(worker_id, expected, state=state.value)
