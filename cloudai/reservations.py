@@ -535,6 +535,10 @@ class Reservations:
                 adopted += 1
         for worker in workers:
             self._recompute(worker)
+        registered = {w.worker_id for w in workers}
+        for gone in {_text(k) for k in self.redis.hkeys(keys.SCHED_FREE)} - registered:  # removed workers
+            self.redis.hdel(keys.SCHED_FREE, gone)
+            self.redis.delete(keys.sched_gpus(gone), keys.sched_claim(gone))
         users = {t.user_id for t in live} | {rec.get("user", "") for rec in records.values()}
         for key in self.redis.scan_iter(match=keys.sched_user("*"), count=1000):
             users.add(_text(key)[len(keys.sched_user("")):])

@@ -15,10 +15,11 @@ from cloudai import keys
 from cloudai.api import CloudAI, SubmitRequest
 from cloudai.errors import ExitCode, PlacementError, ValidationError
 from cloudai.maintenance import Maintenance
-from cloudai.models import GiB, Quota, Resources, Task, TaskStatus, utcnow
+from cloudai.models import GiB, Quota, Resources, Task, TaskStatus, WorkerState, utcnow
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import register
+from tests.helpers import executor, register
+from tests.services import TEST_IMAGE
 
 S = TaskStatus
 
@@ -247,3 +248,46 @@ def test_beat_reconciles_a_reservation_whose_release_was_lost(api: CloudAI, stor
     assert maintenance.reconcile_reservations(grace_s=0.0)["released"] == 1
     assert _status(api, waiting).status == S.QUEUED
     assert store.get_quota("nobody") is None and Quota("x").exceeded_alone(Resources()) is None
+
+
+def test_reaper_releases_what_a_dead_workers_tasks_held(api: CloudAI, store: SQLiteStore, settings: Settings) -> None:
+    register(store, "dead", cpus=2, gpu_ids=["0"])
+    task = api.submit(_req(cpus=2, gpus=1, user="dora"))
+    assert api.quota_usage("dora")[1]["gpus"] == 1
+    store.heartbeat("dead", utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 5))
+    maintenance = Maintenance(settings, store, api.bus, api.scheduler)
+    assert maintenance.reap()["lost"] == [task.task_id]
+    assert api.quota_usage("dora")[1] == {"cpus": 0, "memory": 0, "gpus": 0, "tasks": 0}
+    store.heartbeat("dead")
+    store.set_worker_state("dead", WorkerState.ACTIVE)
+    assert api.submit(_req(cpus=2, gpus=1)).gpu_ids == ["0"]  # its GPU and CPUs are free again
+
+
+def test_cli_submit_after_status_and_list_show_the_dependency(settings: Settings, store: SQLiteStore) -> None:
+    register(store, "w", cpus=4)
+    env = {"CLOUDAI_REDIS_URL": settings.redis_url, "CLOUDAI_STORE_URL": settings.store_url,
+           "CLOUDAI_USER": "erin"}
+    runner = CliRunner()
+    first = runner.invoke(cli, ["submit", "-q", "busybox", "true"], env=env).output.strip()
+    second = runner.invoke(cli, ["submit", "-q", "--after", first, "busybox", "true"], env=env)
+    assert second.exit_code == 0, second.output
+    status = runner.invoke(cli, ["status", second.output.strip()], env=env).output
+    assert f"after: {first}" in status and f"waiting: waiting for {first} to complete" in status
+    listed = runner.invoke(cli, ["list"], env=env).output
+    assert f"waiting for {first} to complete" in listed
+    bad = runner.invoke(cli, ["submit", "--after", f"{first},nosuch", "busybox", "true"], env=env)
+    assert bad.exit_code == 2 and "invalid after 'nosuch'" in bad.output
+
+
+@pytest.mark.usefixtures("docker_ready")
+def test_a_task_ending_on_a_real_worker_frees_its_reservation(settings: Settings, store: SQLiteStore) -> None:
+    register(store, settings.worker_id, cpus=1)
+    sent: list[Task] = []
+    api = CloudAI(settings, dispatch=sent.append)
+    request = SubmitRequest(image=TEST_IMAGE, command="echo hi", resources=Resources.parse(1, "64m"))
+    first, waiting = api.submit(request), api.submit(request)
+    assert first.status == S.QUEUED and waiting.status == S.PENDING
+    run = executor(settings, store)
+    run.after_finish = lambda _task: api.scheduler.place_pending()  # as a worker process wires it
+    assert run.run(sent[0].to_message()) == "completed"
+    assert _status(api, waiting).status == S.QUEUED and sent[-1].task_id == waiting.task_id
