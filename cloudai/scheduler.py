@@ -31,7 +31,7 @@ from cloudai.models import (
     format_bytes,
     utcnow,
 )
-from cloudai.reservations import NoFit, OverQuota, Placed, Reservations, gpu_order
+from cloudai.reservations import Held, NoFit, OverQuota, Placed, Reservations, gpu_order
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
 
@@ -239,6 +239,8 @@ class Scheduler:
             return f"queued on worker {outcome.worker_id}"
         if isinstance(outcome, OverQuota):
             return "pending: " + quota_reason(task.user_id, outcome)
+        if isinstance(outcome, Held):  # dry runs reserve nothing, so never
+            return "pending: already being placed"
         return "pending: " + self._nofit_reason(task, outcome)
 
     def submit(self, task: Task) -> Task:
@@ -265,6 +267,8 @@ class Scheduler:
                 return task
             if isinstance(outcome, OverQuota):
                 return self._record_pending(task, quota_reason(task.user_id, outcome))
+            if isinstance(outcome, Held):  # a task id that is already reserved: never a new task's
+                raise PlacementError(f"task {task.task_id} is already being placed")
             return self._record_pending(task, self._nofit_reason(task, outcome))
         except redis.RedisError as exc:
             raise ServiceUnavailable(f"Redis error during placement: {exc}") from exc
@@ -349,7 +353,7 @@ class Scheduler:
         cancelled = False
         for task in ordered:
             reason: str | None = None
-            outcome: Placed | NoFit | OverQuota
+            outcome: Placed | NoFit | OverQuota | Held
             if task.after:
                 state, why = self._dependencies(task, cache)
                 if state == "cancel":
@@ -378,6 +382,8 @@ class Scheduler:
                         log.exception("placing pending task %s failed", task.task_id)
                         break
                     continue
+                if isinstance(outcome, Held):
+                    continue  # another pass is placing it
                 if isinstance(outcome, OverQuota):
                     reason = quota_reason(task.user_id, outcome)
                 else:

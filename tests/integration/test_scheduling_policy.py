@@ -291,3 +291,13 @@ def test_a_task_ending_on_a_real_worker_frees_its_reservation(settings: Settings
     run.after_finish = lambda _task: api.scheduler.place_pending()  # as a worker process wires it
     assert run.run(sent[0].to_message()) == "completed"
     assert _status(api, waiting).status == S.QUEUED and sent[-1].task_id == waiting.task_id
+
+
+def test_a_task_is_never_reserved_twice(api: CloudAI, store: SQLiteStore) -> None:
+    from cloudai.reservations import Held, Placed
+
+    workers = [register(store, "w", cpus=4)]
+    task = api.build_task(_req())
+    assert isinstance(api.scheduler.reservations.place(task, workers, None), Placed)
+    assert isinstance(api.scheduler.reservations.place(task, workers, None), Held)  # a second pass: no-op
+    assert api.scheduler.reservations.free(workers)["w"].cpus == 3
