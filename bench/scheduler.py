@@ -73,6 +73,7 @@ class Cluster:
             self.api.store.upsert_worker(WorkerInfo(worker_id=wid, hostname="bench", queue=f"cloudai.worker.{wid}",
                                                     cpus=64, memory=256 * GiB, slots=4096))
         self.live = 0
+        self.submit(50)  # warm-up, untimed: a fresh process declares each worker's queue once
 
     def submit(self, n: int) -> float:
         """Seconds for ``n`` submits through the library; each must end queued and dispatched."""
@@ -145,13 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.workers} workers, {args.tasks} submits (all queued and dispatched), {args.rounds} round(s)")
     print(f"submits/s per block of {args.block}, growing backlog:", " ".join(f"{g:.0f}" for g in grow))
     print(f"submits/s per block of {args.block}, empty baseline: ", " ".join(f"{b:.0f}" for b in base))
-    print(f"first {args.block}: {first:.0f}/s   last {args.block} (with {args.tasks - args.block} live tasks): "
+    print(f"first {args.block}: {first:.0f}/s   last {args.block} (with {args.tasks - args.block + 50} live tasks): "
           f"{last:.0f}/s   last/first = {last / first:.2f}   overall {total:.0f}/s")
     print(f"against the empty baseline measured alongside: first {first / base[0]:.2f}, last {last / base[-1]:.2f}"
           f"   -> flatness {flat:.2f} (1.00 = no cost from the backlog)")
     rate_ok, flat_ok = total >= 500, flat >= 0.75
-    print(f"targets: >= 500 submits/s overall: {'met' if rate_ok else 'NOT met'};  last 1000 within 25% of the "
-          f"first (against the baseline): {'met' if flat_ok else 'NOT met'}")
+    print(f"targets: >= 500 submits/s overall: {'met' if rate_ok else 'NOT met'};  last {args.block} within 25% "
+          f"of the first (against the baseline): {'met' if flat_ok else 'NOT met'}")
     return 0 if rate_ok and flat_ok else 1
 
 
