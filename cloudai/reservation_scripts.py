@@ -1,6 +1,7 @@
 """The Lua scripts of :mod:`cloudai.reservations`: each runs atomically in Redis, so a reservation is checked
 and taken (or given back) in one step that no other placement can interleave with. Key names come from
-:data:`cloudai.keys.SCHED_PREFIX`, passed as ARGV[1]."""
+:data:`cloudai.keys.SCHED_PREFIX`, passed as ARGV[1] (so one script serves any worker: a single Redis, not
+Redis Cluster). They read Redis's own clock (TIME) before writing, which needs Redis 5 or later."""
 
 LIB = """
 local P = ARGV[1]
