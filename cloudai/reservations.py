@@ -185,13 +185,6 @@ class Reservations:
         if ids:
             self._end_pass(args=[P, generation, *ids])
 
-    def drop_claims_of(self, task_id: str, worker_ids: Iterable[str]) -> None:
-        """A claimant that left the queue (cancelled): its claims stop holding resources now."""
-        for w in worker_ids:
-            if _text(self.redis.hget(keys.sched_claim(w), "owner") or "") == task_id:
-                self.redis.delete(keys.sched_claim(w))
-                self.redis.srem(keys.SCHED_CLAIMED, w)
-
     # -- views ------------------------------------------------------------------------------------------
     def free(self, workers: list[WorkerInfo]) -> dict[str, FreeView]:
         """What each worker has free now (rebuilt first where missing)."""

@@ -5,13 +5,15 @@ stored with the task, and used exactly by the worker.
 Waiting tasks are placed by passes (after a task ends, on beat's tick, on undrain): in fair-share order across
 users (:mod:`cloudai.fairshare`), priority then age within a user; dependencies and quotas are checked first. A
 waiting task that fits nowhere claims the worker it is closest to fitting on: later tasks may use that
-worker's resources only beyond the claim (backfill), so the head is never starved yet blocks nothing else."""
+worker's resources only beyond the claim (backfill), so the head is never starved yet blocks nothing else.
+
+Which GPU ids of a worker count as free besides the reservations (a lost attempt may still hold some) is
+decided in one place: :meth:`cloudai.reservations.Reservations.fenced_gpu_ids`."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import timedelta
 
 import redis
@@ -43,31 +45,6 @@ EPS = 1e-9
 
 class QuotaExceeded(PlacementError):
     """The task asks for more than its user's quota allows even with nothing else running."""
-
-
-@dataclass
-class Free:
-    """What one worker has free (used by views that compute it from the store)."""
-
-    worker: WorkerInfo
-    cpus: float
-    memory: int
-    gpu_ids: list[str] = field(default_factory=list)
-
-    def take(self, task: Task, gpu_ids: list[str]) -> None:
-        self.cpus -= task.req_cpu
-        self.memory -= task.memory_bytes
-        self.gpu_ids = [g for g in self.gpu_ids if g not in gpu_ids]
-
-
-def free_capacity(workers: Iterable[WorkerInfo], live: Iterable[Task]) -> dict[str, Free]:
-    """What each worker has left after the reservations of its live tasks, from the store alone."""
-    free = {w.worker_id: Free(w, w.cpus, w.memory, list(w.gpu_ids)) for w in workers}
-    for task in live:
-        slot = free.get(task.worker_id or "")
-        if slot is not None and task.status in LIVE:
-            slot.take(task, task.gpu_ids)
-    return free
 
 
 def fits(task: Task, cpus: float, memory: int, gpus: int, labels: dict[str, str]) -> bool:
@@ -398,4 +375,4 @@ class Scheduler:
         return placed
 
 
-__all__ = ["Scheduler", "Free", "free_capacity", "fits", "gpu_order", "QuotaExceeded", "quota_reason"]
+__all__ = ["Scheduler", "fits", "gpu_order", "QuotaExceeded", "quota_reason"]
