@@ -36,6 +36,12 @@ def place_pending() -> list[str]:
     return maintenance().place_pending()
 
 
+@app.task(name="cloudai.maintenance.reconcile", ignore_result=True)
+def reconcile() -> dict[str, int]:
+    """Rebuild the scheduler's reservations in Redis from the store."""
+    return maintenance().reconcile_reservations()
+
+
 @app.task(name="cloudai.maintenance.redispatch", ignore_result=True)
 def redispatch() -> list[str]:
     """Send again the messages of queued tasks that their worker's queue lost."""

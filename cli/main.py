@@ -12,6 +12,7 @@ import click
 import redis
 
 from cli import follow as viewer
+from cli import quota as quota_cli
 from cli import render
 from cloudai.api import CloudAI, SubmitRequest, parse_key_values, read_env_file
 from cloudai.errors import CloudAIError, ExitCode, RedisUnavailable
@@ -90,6 +91,8 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
         click.echo(task.task_id)
     else:
         where = f"queued on {task.worker_id}" if task.status == S.QUEUED else f"pending: {task.pending_reason}"
+        if task.status.terminal:  # a dependency had already failed
+            where = f"{task.status.value}: {task.error.message if task.error else ''}"
         click.echo(f"{task.task_id}  ({where})", err=follow)
     if follow:
         sys.exit(viewer.monitor(api, task.task_id, header=False))
@@ -115,6 +118,8 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
 @click.option("--pull", "pull_policy", type=click.Choice(["missing", "always", "never"]), default="missing",
               show_default=True, help="Image pull policy on the worker.")
 @click.option("--name", help="A name to recognise the task by.")
+@click.option("--after", "after", multiple=True, metavar="ID[,ID...]",
+              help="Start only after these tasks completed (cancelled if one ends otherwise).")
 @click.option("--user", envvar="CLOUDAI_USER", help="Submit as this user.  [env: CLOUDAI_USER]")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the task id.")
 @click.option("--json", "as_json", is_flag=True, help="Print the task record as JSON.")
@@ -125,7 +130,8 @@ def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None,
            gpus: str | None, storage: str | None, env: tuple[str, ...], env_file: tuple[str, ...],
            workdir: str | None, label: tuple[str, ...], worker: str | None, constraint: tuple[str, ...],
            timeout: str | None, retries: int, priority: int, pull_policy: str, name: str | None,
-           user: str | None, quiet: bool, as_json: bool, follow: bool, dry_run: bool) -> None:
+           after: tuple[str, ...], user: str | None, quiet: bool, as_json: bool, follow: bool,
+           dry_run: bool) -> None:
     """Run COMMAND (with /bin/sh -c) in IMAGE on the cluster, like `docker run` runs it locally.
 
     Options go before IMAGE; everything after it is the command, e.g.
@@ -151,6 +157,7 @@ def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None,
         constraints=_parse(parse_key_values, constraint, "constraint", param="--constraint"),
         priority=priority,
         pull_policy=pull_policy,
+        after=[i.strip() for item in after for i in item.split(",") if i.strip()],
     )
     _parse(request.validate, param="submit")
     _submit(ctx, request, quiet, as_json, follow, dry_run)
@@ -359,7 +366,8 @@ def worker_start(ctx: Context, worker_id: str | None, cpus: str | None, memory: 
         raise click.UsageError(str(exc)) from exc
     # the worker process reads these through Settings.from_env()
     _export(ctx, CLOUDAI_WORKER_ID=worker_id, CLOUDAI_WORKER_CPUS=cpus or "", CLOUDAI_WORKER_MEMORY=memory or "",
-            CLOUDAI_WORKER_GPUS=gpus, CLOUDAI_WORKER_LABELS=label_text)
+            CLOUDAI_WORKER_GPUS=gpus, CLOUDAI_WORKER_LABELS=label_text,
+            CLOUDAI_WORKER_CONCURRENCY=str(concurrency))  # its slots: part of the capacity placement counts
     from cloudai import keys
     from cloudai.celery_app import run_worker
     from workers import bootstrap
@@ -400,6 +408,9 @@ def flower(ctx: Context, port: int, basic_auth: str | None, flower_args: tuple[s
     if basic_auth:
         args.append(f"--basic-auth={basic_auth}")
     run_celery(args)
+
+
+quota_cli.register(cli, Context, pass_ctx)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ from typing import Any, TextIO
 import click
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from cloudai.api import WorkerView
 from cloudai.errors import ExitCode
@@ -88,6 +89,8 @@ def status_lines(task: Task) -> list[tuple[str, str]]:
         rows.append(("exit code", str(task.exit_code)))
     if task.oom_killed:
         rows.append(("oom killed", "yes"))
+    if task.after:
+        rows.append(("after", ", ".join(task.after)))
     if task.status == S.PENDING and task.pending_reason:
         rows.append(("waiting", task.pending_reason))
     if task.error:
@@ -118,15 +121,24 @@ def final_block(end: LogEnd, color: bool) -> str:
 
 def task_table(tasks: list[Task]) -> Table:
     table = Table(box=None, header_style="bold")
-    for col in ("TASK", "USER", "STATUS", "WORKER", "IMAGE", "COMMAND", "LIMITS", "CREATED", "EXIT"):
+    for col in ("TASK", "USER", "STATUS", "WORKER", "IMAGE", "COMMAND", "LIMITS", "CREATED", "EXIT", "NOTE"):
         table.add_column(col, no_wrap=True)
     for t in tasks:
         table.add_row(
             t.task_id, t.user_id, f"[{STATUS_STYLE.get(t.status.value, 'white')}]{t.status.value}[/]",
             t.worker_id or "-", t.docker_image, _one_line(t.command or "", 60), t.resources.describe(),
-            age(t.created_at), "-" if t.exit_code is None else str(t.exit_code),
+            age(t.created_at), "-" if t.exit_code is None else str(t.exit_code), Text(_note(t)),
         )
     return table
+
+
+def _note(task: Task) -> str:
+    """Why a task waits (pending), or why it ended without running (a failed dependency, an error)."""
+    if task.status == S.PENDING:
+        return _one_line(task.pending_reason or "", 70)
+    if task.status.terminal and task.error and task.exit_code is None:
+        return _one_line(task.error.message, 70)
+    return ""
 
 
 def _one_line(text: str, width: int) -> str:
@@ -145,7 +157,7 @@ def worker_table(views: list[WorkerView]) -> Table:
         gpus = f"{len(v.used_gpu_ids)}/{len(w.gpu_ids)}" + (f" [{','.join(w.gpu_ids)}]" if w.gpu_ids else "")
         table.add_row(
             w.worker_id, state, f"{v.used_cpus:g}/{w.cpus:g}",
-            f"{format_bytes(v.used_memory)}/{format_bytes(w.memory)}", gpus, str(v.tasks),
+            f"{format_bytes(v.used_memory)}/{format_bytes(w.memory)}", gpus, f"{v.tasks}/{w.slots}",
             f"{v.heartbeat_age_s:.0f}s ago", ",".join(f"{k}={val}" for k, val in w.labels.items()) or "-",
         )
     return table
@@ -154,7 +166,8 @@ def worker_table(views: list[WorkerView]) -> Table:
 def worker_json(views: list[WorkerView]) -> str:
     return to_json([
         {**v.info.to_doc(), "alive": v.alive, "heartbeat_age_s": round(v.heartbeat_age_s, 1),
-         "used_cpus": v.used_cpus, "used_memory": v.used_memory, "used_gpu_ids": v.used_gpu_ids, "tasks": v.tasks}
+         "used_cpus": v.used_cpus, "used_memory": v.used_memory, "used_gpu_ids": v.used_gpu_ids, "tasks": v.tasks,
+         "claimed_by": v.claimed_by}
         for v in views
     ])
 

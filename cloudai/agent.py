@@ -30,6 +30,7 @@ class Capacity:
     memory: int
     gpu_ids: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
+    slots: int = 16  # tasks run at once (the Celery concurrency)
 
 
 class WorkerAgent:
@@ -69,6 +70,7 @@ class WorkerAgent:
             gpu_ids=list(self.capacity.gpu_ids),
             labels=dict(self.capacity.labels),
             state=state,
+            slots=self.capacity.slots,
         )
         self.store.upsert_worker(info)
         log.info("worker %s registered: %g CPUs, %d bytes, GPUs %s", self.worker_id, info.cpus, info.memory,
@@ -155,7 +157,7 @@ class WorkerAgent:
         return done
 
 
-def host_capacity(cpus: str, memory: str, gpus: str, labels: str) -> Capacity:
+def host_capacity(cpus: str, memory: str, gpus: str, labels: str, slots: int = 16) -> Capacity:
     """This host's offer from ``cloudai worker start`` flags / CLOUDAI_WORKER_* (empty: the whole host)."""
     from cloudai.gpus import detect_gpus
     from cloudai.models import parse_cpus, parse_size
@@ -172,6 +174,7 @@ def host_capacity(cpus: str, memory: str, gpus: str, labels: str) -> Capacity:
         memory=parse_size(memory) if memory else total_memory,
         gpu_ids=detect_gpus(gpus),
         labels=label_map,
+        slots=max(1, slots),
     )
 
 
@@ -201,10 +204,10 @@ def build_worker(settings: Settings, dispatch: Dispatch) -> WorkerProcess:
 
     executor = Executor(settings, store, bus, runtime, bus.redis, after_finish=after_finish)
     capacity = host_capacity(settings.worker_cpus, settings.worker_memory, settings.worker_gpus,
-                             settings.worker_labels)
+                             settings.worker_labels, settings.worker_concurrency)
 
     def on_lost(task: Task, reason: str) -> None:
-        if lose_task(store, bus, task, reason) is not None:
+        if lose_task(store, bus, task, reason, scheduler.reservations) is not None:
             scheduler.place_pending()
 
     agent = WorkerAgent(store, runtime, executor, capacity, settings.heartbeat_interval_s, on_lost=on_lost)

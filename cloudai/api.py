@@ -21,6 +21,7 @@ from cloudai.logs import LogBus, LogEnd, LogEvent, follow_batches
 from cloudai.models import (
     LIVE,
     GiB,
+    Quota,
     Resources,
     Task,
     TaskError,
@@ -31,7 +32,7 @@ from cloudai.models import (
     utcnow,
 )
 from cloudai.runtime import PULL_POLICIES
-from cloudai.scheduler import Dispatch, Scheduler, free_capacity
+from cloudai.scheduler import Dispatch, Scheduler
 from cloudai.settings import Settings
 from cloudai.store import TaskStore, open_store
 
@@ -57,6 +58,7 @@ class SubmitRequest:
     constraints: dict[str, str] = field(default_factory=dict)
     priority: int = 0
     pull_policy: str = "missing"
+    after: list[str] = field(default_factory=list)  # task ids that must complete first
 
     def validate(self) -> None:
         if not self.image or any(c.isspace() for c in self.image):
@@ -104,6 +106,7 @@ class WorkerView:
     used_memory: int
     used_gpu_ids: list[str]
     tasks: int
+    claimed_by: str | None = None  # the waiting task that has first right to its free resources (backfill)
 
 
 class CloudAI:
@@ -163,18 +166,30 @@ class CloudAI:
             constraints=dict(request.constraints),
             priority=request.priority,
             pull_policy=request.pull_policy,
+            after=list(dict.fromkeys(request.after)),
         )
+
+    def check_dependencies(self, task: Task) -> None:
+        """Every ``after`` id must be a task of the same user (another user's task reads as unknown)."""
+        for dep_id in task.after:
+            dep = self.store.get_task(dep_id)
+            if dep is None or dep.user_id != task.user_id or dep_id == task.task_id:
+                raise ValidationError("after", dep_id, f"no task with this id belongs to {task.user_id}; "
+                                      "`cloudai list` shows your tasks")
 
     def submit(self, request: SubmitRequest) -> Task:
         """Validate, record and place a task (queued on a worker, or pending with a reason)."""
         task = self.build_task(request)
         self.store.ping()
         self.ping_redis()
+        self.check_dependencies(task)
         return self.scheduler.submit(task)
 
     def dry_run(self, request: SubmitRequest) -> str:
         """Where the task would go now, without recording anything."""
-        return self.scheduler.preview(self.build_task(request))
+        task = self.build_task(request)
+        self.check_dependencies(task)
+        return self.scheduler.preview(task)
 
     def get(self, task_id: str) -> Task:
         task = self.store.get_task(task_id)
@@ -197,8 +212,8 @@ class CloudAI:
                                      error=TaskError("Cancelled", f"cancelled by {who}")):
                 self.bus.end(task_id, S.CANCELLED.value, None, f"cancelled by {who}")
                 self.bus.expire(task_id, self.settings.log_retention_s)
-                if task.status == S.QUEUED:
-                    self.scheduler.place_pending()  # its reservation is free now
+                self.scheduler.release(task)
+                self.scheduler.place_pending()  # its reservation or its claim is free now
                 return self.get(task_id)
             task = self.get(task_id)
         if task.status != S.RUNNING:
@@ -210,6 +225,8 @@ class CloudAI:
             if self.store.transition(task_id, S.RUNNING, S.CANCELLED, completed_at=utcnow(),
                                      error=TaskError("Cancelled", f"cancelled by {who} (worker not responding)")):
                 self.bus.end(task_id, S.CANCELLED.value, None, f"cancelled by {who}")
+                self.scheduler.release(task)
+                self.scheduler.place_pending()
             return self.get(task_id)
         deadline = time.monotonic() + (wait_s if wait_s is not None else self.settings.stop_grace_s + 15)
         while time.monotonic() < deadline:
@@ -248,8 +265,7 @@ class CloudAI:
     def workers(self) -> list[WorkerView]:
         now = utcnow()
         workers = self.store.list_workers()
-        live = self.store.list_tasks(status=LIVE, limit=None)
-        free = free_capacity(workers, live)
+        free = self.scheduler.reservations.free(workers)  # what the reservations hold: O(workers)
         views = []
         for w in workers:
             slot = free[w.worker_id]
@@ -260,7 +276,8 @@ class CloudAI:
                 used_cpus=w.cpus - slot.cpus,
                 used_memory=w.memory - slot.memory,
                 used_gpu_ids=[g for g in w.gpu_ids if g not in slot.gpu_ids],
-                tasks=sum(1 for t in live if t.worker_id == w.worker_id),
+                tasks=w.slots - slot.slots,
+                claimed_by=slot.claimed_by,
             ))
         return views
 
@@ -283,6 +300,36 @@ class CloudAI:
                 f"worker {worker_id} still holds {len(live)} live task(s); drain it and wait, or use --force"
             )
         self.store.delete_worker(worker_id)
+
+    # -- quotas -----------------------------------------------------------------------------------------
+    def set_quota(self, user: str, cpus: float | None = None, memory: int | None = None, gpus: int | None = None,
+                  tasks: int | None = None) -> Quota:
+        """Set ``user``'s quota (admin). Limits not given are unlimited; at least one is needed."""
+        if not user.strip():
+            raise ValidationError("user", user, "name the user whose quota to set")
+        if cpus is None and memory is None and gpus is None and tasks is None:
+            raise ValidationError("quota", user, "give at least one of --cpus, --memory, --gpus, --tasks")
+        for name, value in (("gpus", gpus), ("tasks", tasks)):
+            if value is not None and value < 0:
+                raise ValidationError(name, value, "use a whole number from 0")
+        quota = Quota(user, cpus=cpus, memory=memory, gpus=gpus, tasks=tasks, updated_at=utcnow())
+        self.store.set_quota(quota)
+        self.scheduler.place_pending()  # a raised quota may let waiting tasks start
+        return quota
+
+    def clear_quota(self, user: str) -> None:
+        """Remove ``user``'s quota (admin); a user without one is an error."""
+        if not self.store.delete_quota(user):
+            raise CloudAIError(f"user {user!r} has no quota; `cloudai admin quota list` shows the quotas")
+        self.scheduler.place_pending()
+
+    def quotas(self) -> list[Quota]:
+        return self.store.list_quotas()
+
+    def quota_usage(self, user: str | None = None) -> tuple[Quota | None, dict[str, float]]:
+        """``user``'s quota (None: no limits) and what their queued and running tasks hold now."""
+        who = user or self.settings.user
+        return self.store.get_quota(who), self.scheduler.reservations.user_usage(who)
 
 
 def _end_of(task: Task) -> LogEnd:

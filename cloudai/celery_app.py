@@ -63,6 +63,8 @@ def make_app(s: Settings) -> Celery:
             "reap-dead-workers": {"task": "cloudai.maintenance.reap", "schedule": tick, "options": maintenance},
             "place-pending": {"task": "cloudai.maintenance.place_pending", "schedule": tick,
                               "options": maintenance},
+            "reconcile-reservations": {"task": "cloudai.maintenance.reconcile", "schedule": 30.0,
+                                       "options": {**maintenance, "expires": 30.0}},
             "redispatch-lost-messages": {"task": "cloudai.maintenance.redispatch", "schedule": 60.0,
                                          "options": {**maintenance, "expires": 60.0}},
             "expire-logs": {"task": "cloudai.maintenance.expire_logs", "schedule": 300.0,
@@ -84,18 +86,21 @@ class Dispatcher:
         self.redis_url = redis_url
         self._lock = threading.Lock()
         self._connection: Any = None
+        self._producer: Any = None
 
     def __call__(self, task: Task) -> None:
         assert task.worker_id, "dispatch needs a placed task"
         with self._lock:  # a kombu connection is not for concurrent publishers
-            if self._connection is None:
+            if self._producer is None:
+                # one producer for the process: acquiring one per message costs more than placing the task
                 self._connection = app.connection_for_write(self.redis_url)
+                self._producer = app.amqp.Producer(self._connection, auto_declare=False)
             app.send_task(
                 keys.RUN_CONTAINER_TASK,
                 args=[task.to_message()],
-                queue=queue(keys.worker_queue(task.worker_id)),
+                queue=queue(keys.worker_queue(task.worker_id)),  # declared (once per channel) by send_task
                 task_id=f"{task.task_id}.{task.attempt}",
-                connection=self._connection,
+                producer=self._producer,
             )
 
 

@@ -20,6 +20,7 @@ from cloudai.errors import ImageError, RedisUnavailable, RuntimeFailure, StoreUn
 from cloudai.gpus import GpuLeases
 from cloudai.logs import LogBus, LogWriter, archive_line, split_frames
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
+from cloudai.reservations import Reservations
 from cloudai.runtime import ContainerSpec, DockerRuntime, oom_reason
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
@@ -61,6 +62,7 @@ class Executor:
         self.runtime = runtime
         self.redis = redis_client
         self.gpus = GpuLeases(redis_client, self.worker_id)
+        self.reservations = Reservations(redis_client, settings.fairshare_halflife_s)
         self.after_finish = after_finish
         self._active: set[str] = set()
         self._lock = threading.Lock()
@@ -130,6 +132,7 @@ class Executor:
             if self.store.transition(task_id, S.QUEUED, S.FAILED, completed_at=utcnow(),
                                      error=TaskError("GpuBusy", held)):
                 self.bus.end(task_id, S.FAILED.value, None, held)
+                _quietly(self.reservations.release, task_id, task.attempt, self.worker_id)
             return S.FAILED.value
         if not _retry(lambda: self.store.transition(task_id, S.QUEUED, S.RUNNING, worker_id=self.worker_id),
                       f"claim of {task_id}"):
@@ -306,6 +309,8 @@ class Executor:
                 _quietly(self.runtime.remove, container_id)
             _quietly(self.gpus.release, task_id, task.gpu_ids)
             _quietly(self.redis.delete, keys.cancel_flag(task_id))
+            # this attempt's reservation only: a newer attempt of the same task keeps its own
+            _quietly(self.reservations.release, task_id, task.attempt, self.worker_id)
             if self.after_finish is not None:
                 _quietly(self.after_finish, task)
 

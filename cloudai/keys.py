@@ -31,3 +31,49 @@ def gpu_lease(worker_id: str, gpu_id: str) -> str:
 def lock(name: str) -> str:
     """A cluster-wide lock (placement, maintenance jobs)."""
     return f"cloudai:lock:{name}"
+
+
+# -- scheduler state (cloudai/reservations.py). The Lua scripts get SCHED_PREFIX and build the same names.
+SCHED_PREFIX = "cloudai:sched:"
+
+
+SCHED_FREE = f"{SCHED_PREFIX}free"
+"""Hash: worker id -> ``cpu|mem|slots|capc|capm|caps|capg|sig``: free milli-CPUs, bytes and slots, the capacity
+(CPUs, memory, slots, number of GPUs) and the signature of the capacity they were computed from."""
+
+
+def sched_gpus(worker_id: str) -> str:
+    """Set: a worker's free GPU ids."""
+    return f"{SCHED_PREFIX}gpus:{worker_id}"
+
+
+def sched_claim(worker_id: str) -> str:
+    """Hash: the waiting task that holds a claim on a worker's resources (backfill), and how much."""
+    return f"{SCHED_PREFIX}claim:{worker_id}"
+
+
+def sched_reservation(task_id: str) -> str:
+    """Hash: what a queued/running task holds (worker, cpu, mem, gpus, user, attempt, at)."""
+    return f"{SCHED_PREFIX}res:{task_id}"
+
+
+def sched_worker_tasks(worker_id: str) -> str:
+    """Set: ids of the tasks holding a reservation on a worker."""
+    return f"{SCHED_PREFIX}wres:{worker_id}"
+
+
+def sched_user(user_id: str) -> str:
+    """Hash: what a user's reservations hold now (``cpu`` milli-CPUs, ``mem``, ``gpus``, ``tasks``)."""
+    return f"{SCHED_PREFIX}user:{user_id}"
+
+
+def sched_user_tasks(user_id: str) -> str:
+    """Set: ids of the tasks holding a reservation for a user."""
+    return f"{SCHED_PREFIX}ures:{user_id}"
+
+
+SCHED_USAGE = f"{SCHED_PREFIX}usage"  # hash user -> fair-share usage (CPU-seconds, decayed), as of SCHED_USAGE_AT
+SCHED_USAGE_AT = f"{SCHED_PREFIX}usage_at"  # hash user -> Redis time of the last update of its usage
+SCHED_CLAIMED = f"{SCHED_PREFIX}claimed"  # set: workers that have a claim (a placement reads only those)
+SCHED_CLAIM_GEN = f"{SCHED_PREFIX}claimgen"  # counter: one generation of claims per placement pass
+SCHED_PASS_DIRTY = f"{SCHED_PREFIX}dirty"  # set when a placement pass is asked for while one runs

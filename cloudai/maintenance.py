@@ -12,6 +12,7 @@ import redis
 from cloudai import keys
 from cloudai.logs import LogBus, archive_line
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, WorkerState, utcnow
+from cloudai.reservations import Reservations
 from cloudai.scheduler import Scheduler
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
@@ -36,9 +37,17 @@ def job_lock(client: redis.Redis, name: str, ttl_s: float) -> Iterator[bool]:
                 pass
 
 
-def lose_task(store: TaskStore, bus: LogBus, task: Task, reason: str) -> TaskStatus | None:
-    """A task whose worker died: a new attempt (pending, same id) when retries are left, else ``lost``.
-    Returns the new status, or None when the task had moved on meanwhile."""
+def lose_task(store: TaskStore, bus: LogBus, task: Task, reason: str,
+              reservations: Reservations | None = None) -> TaskStatus | None:
+    """A task whose worker died: a new attempt (pending, same id) when retries are left, else ``lost``; the
+    lost attempt's reservation is released. Returns the new status, or None when the task had moved on."""
+    new = _lose(store, bus, task, reason)
+    if new is not None and reservations is not None:
+        reservations.release(task.task_id, task.attempt, task.worker_id)
+    return new
+
+
+def _lose(store: TaskStore, bus: LogBus, task: Task, reason: str) -> TaskStatus | None:
     expected = [task.status] if task.status in LIVE else [S.QUEUED, S.RUNNING]
     if task.attempt <= task.retries:
         note = f"{reason}; retrying (attempt {task.attempt + 1} of {task.retries + 1})"
@@ -91,7 +100,7 @@ class Maintenance:
                 else:
                     age = (now - holder.last_heartbeat).total_seconds()
                     reason = f"worker {task.worker_id} stopped heartbeating {age:.0f}s ago"
-                new = lose_task(self.store, self.bus, task, reason)
+                new = lose_task(self.store, self.bus, task, reason, self.scheduler.reservations)
                 if new == S.PENDING:
                     done["retried"].append(task.task_id)
                 elif new == S.LOST:
@@ -102,6 +111,18 @@ class Maintenance:
 
     def place_pending(self) -> list[str]:
         return [t.task_id for t in self.scheduler.place_pending()]
+
+    def reconcile_reservations(self, grace_s: float = 60.0) -> dict[str, int]:
+        """Make the scheduler's Redis state agree with the store (it is kept incrementally; this repairs
+        what a crash between two steps, or a Redis restart, left behind)."""
+        with job_lock(self.redis, "reconcile", 120) as got:
+            if not got:
+                return {}
+            done = self.scheduler.reservations.reconcile(self.store.list_workers(),
+                                                         self.store.list_tasks(status=LIVE, limit=None), grace_s)
+        if done.get("released"):
+            self.scheduler.place_pending()
+        return done
 
     def redispatch_lost_messages(self, grace_s: float = 60.0) -> list[str]:
         """Queued tasks whose message is nowhere (not in their worker's queue, not being delivered) after

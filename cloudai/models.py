@@ -248,6 +248,7 @@ class Task:
     pull_policy: str = "missing"
     pending_reason: str | None = None
     log_base: int = 0  # log lines of earlier attempts: this attempt's container output starts after them
+    after: list[str] = field(default_factory=list)  # ids of tasks that must complete before this one starts
 
     @property
     def resources(self) -> Resources:
@@ -326,6 +327,7 @@ class WorkerInfo:
     state: WorkerState = WorkerState.ACTIVE
     last_heartbeat: datetime = field(default_factory=utcnow)
     started_at: datetime = field(default_factory=utcnow)
+    slots: int = 16  # tasks it runs at once (its Celery concurrency): part of its capacity
 
     def to_doc(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -354,3 +356,40 @@ class Assignment:
     task_id: str
     worker_id: str
     assigned_at: datetime = field(default_factory=utcnow)
+
+
+@dataclass
+class Quota:
+    """What one user's queued and running tasks may hold at once (admin-set); ``None`` means no limit."""
+
+    user_id: str
+    cpus: float | None = None
+    memory: int | None = None  # bytes
+    gpus: int | None = None
+    tasks: int | None = None
+    updated_at: datetime = field(default_factory=utcnow)
+
+    def to_doc(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Quota:
+        names = {f.name for f in dataclasses.fields(cls)}
+        data = {k: v for k, v in doc.items() if k in names}
+        data["updated_at"] = as_utc(data.get("updated_at")) or utcnow()
+        return cls(**data)
+
+    def exceeded_alone(self, resources: Resources) -> str | None:
+        """Why a task with ``resources`` could never run under this quota (even with nothing else running)."""
+        over = [
+            (self.cpus is not None and resources.cpus > self.cpus + 1e-9, f"{resources.cpus:g} CPUs",
+             f"{self.cpus:g}" if self.cpus is not None else ""),
+            (self.memory is not None and resources.memory > self.memory, format_bytes(resources.memory),
+             format_bytes(self.memory)),
+            (self.gpus is not None and resources.gpus > self.gpus, f"{resources.gpus} GPUs", str(self.gpus)),
+            (self.tasks is not None and self.tasks < 1, "1 task", str(self.tasks)),
+        ]
+        for hit, wanted, limit in over:
+            if hit:
+                return f"the task needs {wanted} but the quota of {self.user_id} allows {limit}"
+        return None

@@ -1,20 +1,39 @@
-"""Placement: pick a worker whose free capacity fits a task and reserve it atomically.
+"""Placement: pick a worker whose free capacity fits a task and reserve it, in one atomic Redis step
+(:mod:`cloudai.reservations`); a submit costs O(workers), never O(live tasks). GPU ids are chosen there,
+stored with the task, and used exactly by the worker.
 
-Free capacity = a worker's capacity minus what its queued and running tasks reserve (the store is the truth;
-nothing is counted twice). Every placement runs under one Redis lock, so concurrent submitters never
-over-commit a worker. GPU ids are chosen here, stored with the task, and used exactly by the worker."""
+Waiting tasks are placed by passes (after a task ends, on beat's tick, on undrain): in fair-share order across
+users (:mod:`cloudai.fairshare`), priority then age within a user; dependencies and quotas are checked first. A
+waiting task that fits nowhere claims the worker it is closest to fitting on: later tasks may use that
+worker's resources only beyond the claim (backfill), so the head is never starved yet blocks nothing else.
+
+Which GPU ids of a worker count as free besides the reservations (a lost attempt may still hold some) is
+decided in one place: :meth:`cloudai.reservations.Reservations.fenced_gpu_ids`."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from datetime import timedelta
 
 import redis
 
 from cloudai import keys
 from cloudai.errors import CloudAIError, PlacementError, ServiceUnavailable, WorkerNotFound
-from cloudai.models import LIVE, Task, TaskStatus, WorkerInfo, WorkerState, format_bytes, utcnow
+from cloudai.fairshare import rank
+from cloudai.logs import LogBus
+from cloudai.models import (
+    LIVE,
+    Quota,
+    Task,
+    TaskError,
+    TaskStatus,
+    WorkerInfo,
+    WorkerState,
+    format_bytes,
+    utcnow,
+)
+from cloudai.reservations import Held, NoFit, OverQuota, Placed, Reservations, gpu_order
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
 
@@ -24,27 +43,8 @@ Dispatch = Callable[[Task], None]
 EPS = 1e-9
 
 
-@dataclass
-class Free:
-    worker: WorkerInfo
-    cpus: float
-    memory: int
-    gpu_ids: list[str] = field(default_factory=list)
-
-    def take(self, task: Task, gpu_ids: list[str]) -> None:
-        self.cpus -= task.req_cpu
-        self.memory -= task.memory_bytes
-        self.gpu_ids = [g for g in self.gpu_ids if g not in gpu_ids]
-
-
-def free_capacity(workers: Iterable[WorkerInfo], live: Iterable[Task]) -> dict[str, Free]:
-    """What each worker has left after the reservations of its live tasks."""
-    free = {w.worker_id: Free(w, w.cpus, w.memory, list(w.gpu_ids)) for w in workers}
-    for task in live:
-        slot = free.get(task.worker_id or "")
-        if slot is not None and task.status in LIVE:
-            slot.take(task, task.gpu_ids)
-    return free
+class QuotaExceeded(PlacementError):
+    """The task asks for more than its user's quota allows even with nothing else running."""
 
 
 def fits(task: Task, cpus: float, memory: int, gpus: int, labels: dict[str, str]) -> bool:
@@ -56,63 +56,86 @@ def fits(task: Task, cpus: float, memory: int, gpus: int, labels: dict[str, str]
     )
 
 
+def could_ever_run(task: Task, worker: WorkerInfo) -> bool:
+    """``worker`` fits ``task`` when it runs nothing else."""
+    return worker.slots >= 1 and fits(task, worker.cpus, worker.memory, len(worker.gpu_ids), worker.labels)
+
+
+_QUOTA_NAMES = {"cpu": "CPUs", "mem": "memory", "gpus": "GPUs", "tasks": "tasks"}
+
+
+def quota_reason(user: str, over: OverQuota) -> str:
+    """``quota: alice uses 2 of 2 GPUs``."""
+    if over.resource == "cpu":
+        used, limit = f"{over.used / 1000:g}", f"{over.limit / 1000:g}"
+    elif over.resource == "mem":
+        used, limit = format_bytes(int(over.used)), format_bytes(int(over.limit))
+    else:
+        used, limit = f"{over.used:g}", f"{over.limit:g}"
+    return f"quota: {user} uses {used} of {limit} {_QUOTA_NAMES[over.resource]}"
+
+
 class Scheduler:
     """Places tasks on workers; ``dispatch`` puts a queued task's message on its worker's queue."""
+
+    STARVATION_S = 3600.0  # a task waiting longer goes before fair share and priority (oldest first)
 
     def __init__(self, settings: Settings, store: TaskStore, client: redis.Redis, dispatch: Dispatch) -> None:
         self.settings = settings
         self.store = store
         self.redis = client
         self.dispatch = dispatch
+        self.reservations = Reservations(
+            client, settings.fairshare_halflife_s,
+            live_on=lambda worker_id: store.list_tasks(status=LIVE, worker_id=worker_id, limit=None),
+        )
 
-    def _lock(self) -> redis.lock.Lock:
-        return self.redis.lock(keys.lock("placement"), timeout=60, blocking_timeout=60)
+    # -- candidates and reasons -------------------------------------------------------------------------
+    def _alive(self, worker: WorkerInfo) -> bool:
+        return worker.state == WorkerState.ACTIVE and worker.alive(utcnow(), self.settings.heartbeat_timeout_s)
 
     def _candidates(self, task: Task, workers: list[WorkerInfo]) -> list[WorkerInfo]:
-        now = utcnow()
-        alive = [w for w in workers if w.state == WorkerState.ACTIVE
-                 and w.alive(now, self.settings.heartbeat_timeout_s)]
-        if task.pinned_worker:
-            return [w for w in alive if w.worker_id == task.pinned_worker]
-        return alive
+        """Active workers with a fresh heartbeat that have the task's labels (and are its pinned worker)."""
+        now, timeout = utcnow(), self.settings.heartbeat_timeout_s
+        return [w for w in workers if w.state == WorkerState.ACTIVE and w.alive(now, timeout)
+                and (not task.pinned_worker or w.worker_id == task.pinned_worker)
+                and all(w.labels.get(k) == v for k, v in task.constraints.items())]
 
-    def _choose(self, task: Task, candidates: list[WorkerInfo], free: dict[str, Free]) -> Free | None:
-        options = [free[w.worker_id] for w in candidates if w.worker_id in free]
-        options = [f for f in options if fits(task, f.cpus, f.memory, len(f.gpu_ids), f.worker.labels)]
-        if not options:
+    def _unavailable(self, task: Task, workers: list[WorkerInfo], candidates: list[WorkerInfo]) -> str | None:
+        """Why no usable worker could run ``task`` even empty (it waits for one to come back), else None."""
+        if any(could_ever_run(task, w) for w in candidates):
             return None
-
-        def load_after(f: Free) -> float:  # the larger used share of CPU and memory once the task is placed
-            cpu = 1 - (f.cpus - task.req_cpu) / f.worker.cpus if f.worker.cpus else 1.0
-            mem = 1 - (f.memory - task.memory_bytes) / f.worker.memory if f.worker.memory else 1.0
-            return max(cpu, mem)
-
-        if self.settings.placement_policy == "pack":
-            return min(options, key=lambda f: (-load_after(f), f.worker.worker_id))
-        return min(options, key=lambda f: (load_after(f), f.worker.worker_id))
-
-    def _pending_reason(self, task: Task, candidates: list[WorkerInfo], free: dict[str, Free]) -> str:
-        if not candidates:
-            if task.pinned_worker:
-                return f"worker {task.pinned_worker} is not active"
+        if task.pinned_worker and not candidates:
+            return f"worker {task.pinned_worker} is not active"
+        able = [w for w in workers if could_ever_run(task, w)
+                and (not task.pinned_worker or w.worker_id == task.pinned_worker)]
+        if not candidates and not able:
+            if task.constraints and any(self._alive(w) for w in workers):
+                wanted = ",".join(f"{k}={v}" for k, v in task.constraints.items())
+                return f"no active worker has the labels {wanted}"
             return "no active worker (none with a fresh heartbeat that is not draining)"
-        slots = [free[w.worker_id] for w in candidates if w.worker_id in free]
-        matching = [f for f in slots if all(f.worker.labels.get(k) == v for k, v in task.constraints.items())]
-        if not matching:
-            wanted = ",".join(f"{k}={v}" for k, v in task.constraints.items())
-            return f"no active worker has the labels {wanted}"
-        most_gpus = max(len(f.gpu_ids) for f in matching)
-        if task.req_gpu > most_gpus:
+        names = ", ".join(w.worker_id for w in able[:3]) + (" ..." if len(able) > 3 else "")
+        states = {("draining" if w.state == WorkerState.DRAINING else "offline") for w in able}
+        kind = " or ".join(sorted(states)) or "offline"
+        plural = "s" if len(able) > 1 else ""
+        return f"no active worker can run it: only {kind} worker{plural} {names} could; it waits for one to return"
+
+    @staticmethod
+    def _nofit_reason(task: Task, nofit: NoFit) -> str:
+        if nofit.blocked_by:
+            return (f"waiting behind task {nofit.blocked_by}, which waited longer for the resources it would "
+                    "use (backfill keeps them for it)")
+        if task.req_gpu > nofit.gpus:
             plural = "s" if task.req_gpu > 1 else ""
-            return f"needs {task.req_gpu} GPU{plural}; the most free on any worker is {most_gpus}"
-        most_cpus = max(f.cpus for f in matching)
-        if task.req_cpu > most_cpus + EPS:
-            return f"needs {task.req_cpu:g} CPUs; the most free on any worker is {max(most_cpus, 0):g}"
-        most_mem = max(f.memory for f in matching)
-        if task.memory_bytes > most_mem:
+            return f"needs {task.req_gpu} GPU{plural}; the most free on any worker is {nofit.gpus}"
+        if task.req_cpu > nofit.cpus + EPS:
+            return f"needs {task.req_cpu:g} CPUs; the most free on any worker is {nofit.cpus:g}"
+        if task.memory_bytes > nofit.memory:
             return (f"needs {format_bytes(task.memory_bytes)} memory; the most free on any worker is "
-                    f"{format_bytes(max(most_mem, 0))}")
-        return "no worker has all of the CPUs, memory and GPUs free at once"
+                    f"{format_bytes(nofit.memory)}")
+        if nofit.slots < 1:
+            return "every worker that fits it runs as many tasks as it has slots"
+        return "no worker has all of the CPUs, memory, GPUs and a slot free at once"
 
     def _check_possible(self, task: Task, workers: list[WorkerInfo]) -> None:
         """Refuse a task that no registered worker could ever run, even empty."""
@@ -125,7 +148,7 @@ class Scheduler:
             workers = [pinned]
         if not workers:
             raise PlacementError("no workers are registered; start one with `cloudai worker start`")
-        if any(fits(task, w.cpus, w.memory, len(w.gpu_ids), w.labels) for w in workers):
+        if any(could_ever_run(task, w) for w in workers):
             return
         where = f"worker {task.pinned_worker}" if task.pinned_worker else "any registered worker"
         biggest = max(workers, key=lambda w: (len(w.gpu_ids), w.cpus, w.memory))
@@ -136,61 +159,125 @@ class Scheduler:
             f"{format_bytes(biggest.memory)}, {len(biggest.gpu_ids)} GPUs); lower the request or add a worker"
         )
 
+    def _quota(self, task: Task) -> Quota | None:
+        quota = self.store.get_quota(task.user_id)
+        if quota is not None:
+            why = quota.exceeded_alone(task.resources)
+            if why:
+                raise QuotaExceeded(f"{why}; lower the request or ask an admin (`cloudai admin quota set`)")
+        return quota
+
+    # -- dependencies -----------------------------------------------------------------------------------
+    def _dependencies(self, task: Task, cache: dict[str, Task | None]) -> tuple[str, str]:
+        """('ok', ''), ('wait', reason) or ('cancel', reason) for a task's ``after`` list."""
+        waiting = []
+        for dep_id in task.after:
+            if dep_id not in cache:
+                cache[dep_id] = self.store.get_task(dep_id)
+            dep = cache[dep_id]
+            if dep is None:
+                return "cancel", f"dependency {dep_id} no longer exists"
+            if dep.status == S.COMPLETED:
+                continue
+            if dep.status.terminal:
+                return "cancel", f"dependency {dep_id} ended {dep.status.value}"
+            waiting.append(dep_id)
+        if waiting:
+            return "wait", f"waiting for {', '.join(waiting)} to complete"
+        return "ok", ""
+
+    def _cancel_for_dependency(self, task: Task, reason: str, create: bool) -> None:
+        error = TaskError("DependencyFailed", reason)
+        if create:
+            task.status, task.completed_at, task.error, task.pending_reason = S.CANCELLED, utcnow(), error, None
+            self.store.create_task(task)
+        elif not self.store.transition(task.task_id, S.PENDING, S.CANCELLED, completed_at=utcnow(), error=error,
+                                       pending_reason=None):
+            return
+        bus = LogBus(self.redis, self.settings.log_stream_maxlen)
+        bus.end(task.task_id, S.CANCELLED.value, None, reason)
+        bus.expire(task.task_id, self.settings.log_retention_s)
+
+    # -- submit -----------------------------------------------------------------------------------------
     def preview(self, task: Task) -> str:
         """Where ``task`` would go now (``--dry-run``); records nothing. Raises like :meth:`submit`."""
         workers = self.store.list_workers()
         self._check_possible(task, workers)
-        free = free_capacity(workers, self.store.list_tasks(status=LIVE, limit=None))
+        quota = self._quota(task)
         candidates = self._candidates(task, workers)
-        slot = self._choose(task, candidates, free)
-        if slot is None:
-            return "pending: " + self._pending_reason(task, candidates, free)
-        return f"queued on worker {slot.worker.worker_id}"
+        why = self._unavailable(task, workers, candidates)
+        if why:
+            return "pending: " + why
+        try:
+            outcome = self.reservations.place(task, candidates, quota, self.settings.placement_policy, dry=True)
+        except redis.RedisError as exc:
+            raise ServiceUnavailable(f"Redis error during placement: {exc}") from exc
+        if isinstance(outcome, Placed):
+            return f"queued on worker {outcome.worker_id}"
+        if isinstance(outcome, OverQuota):
+            return "pending: " + quota_reason(task.user_id, outcome)
+        if isinstance(outcome, Held):  # dry runs reserve nothing, so never
+            return "pending: already being placed"
+        return "pending: " + self._nofit_reason(task, outcome)
 
     def submit(self, task: Task) -> Task:
         """Record ``task`` as queued on a worker that fits (and enqueue it), or as pending with a reason.
         On an enqueue failure nothing stays recorded."""
         try:
-            with self._lock():
-                workers = self.store.list_workers()
-                self._check_possible(task, workers)
-                free = free_capacity(workers, self.store.list_tasks(status=LIVE, limit=None))
-                candidates = self._candidates(task, workers)
-                older_pending = self.store.list_tasks(status=S.PENDING, limit=1)
-                # first come, first served: a new task does not overtake pending ones
-                slot = None if older_pending else self._choose(task, candidates, free)
-                if slot is None:
-                    task.status = S.PENDING
-                    task.pending_reason = (
-                        "waiting behind earlier pending tasks" if older_pending and candidates
-                        else self._pending_reason(task, candidates, free)
-                    )
-                    self.store.create_task(task)
-                    if older_pending:
-                        self._place_pending_locked()
-                        return self.store.get_task(task.task_id) or task
+            workers = self.store.list_workers()
+            self._check_possible(task, workers)
+            quota = self._quota(task)
+            if task.after:
+                state, why = self._dependencies(task, {})
+                if state == "cancel":
+                    self._cancel_for_dependency(task, why, create=True)
                     return task
-                self._queue_on(task, slot, create=True)
+                if state == "wait":
+                    return self._record_pending(task, why)
+            candidates = self._candidates(task, workers)
+            unavailable = self._unavailable(task, workers, candidates)
+            if unavailable:
+                return self._record_pending(task, unavailable)
+            outcome = self.reservations.place(task, candidates, quota, self.settings.placement_policy, claim=True)
+            if isinstance(outcome, Placed):
+                self._queue(task, outcome, create=True)
                 return task
-        except redis.exceptions.LockError as exc:
-            raise ServiceUnavailable(f"placement lock not acquired: {exc}") from exc
+            if isinstance(outcome, OverQuota):
+                return self._record_pending(task, quota_reason(task.user_id, outcome))
+            if isinstance(outcome, Held):  # a task id that is already reserved: never a new task's
+                raise PlacementError(f"task {task.task_id} is already being placed")
+            return self._record_pending(task, self._nofit_reason(task, outcome))
         except redis.RedisError as exc:
             raise ServiceUnavailable(f"Redis error during placement: {exc}") from exc
 
-    def _queue_on(self, task: Task, slot: Free, create: bool) -> bool:
-        """Record ``task`` queued on ``slot`` (a new record, or pending → queued) and send its message."""
-        gpu_ids = sorted(slot.gpu_ids, key=_gpu_order)[: task.req_gpu]
-        worker_id = slot.worker.worker_id
-        if create:
-            task.worker_id, task.gpu_ids, task.pending_reason, task.status = worker_id, gpu_ids, None, S.QUEUED
-            self.store.create_task(task)
-        elif not self.store.transition(task.task_id, S.PENDING, S.QUEUED, worker_id=worker_id, gpu_ids=gpu_ids,
-                                       pending_reason=None):
-            return False
-        else:
-            task.worker_id, task.gpu_ids, task.pending_reason, task.status = worker_id, gpu_ids, None, S.QUEUED
-        self.store.create_assignment(task.task_id, slot.worker.worker_id)
+    def _record_pending(self, task: Task, reason: str) -> Task:
+        task.status, task.pending_reason = S.PENDING, reason
+        self.store.create_task(task)
+        return task
+
+    def release(self, task: Task) -> bool:
+        """Give back what ``task``'s current attempt holds on its worker (idempotent)."""
+        return self.reservations.release(task.task_id, task.attempt, task.worker_id)
+
+    def _queue(self, task: Task, placed: Placed, create: bool) -> bool:
+        """Record ``task`` queued where it was reserved (a new record, or pending -> queued) and send its
+        message. Whatever fails gives the reservation back."""
+        fields = {"worker_id": placed.worker_id, "gpu_ids": placed.gpu_ids, "pending_reason": None}
         try:
+            if create:
+                task.worker_id, task.gpu_ids, task.pending_reason, task.status = (
+                    placed.worker_id, placed.gpu_ids, None, S.QUEUED)
+                self.store.create_task(task)
+            elif not self.store.transition(task.task_id, S.PENDING, S.QUEUED, **fields):
+                self.reservations.release(task.task_id, task.attempt)
+                return False
+        except BaseException:
+            self.reservations.release(task.task_id, task.attempt)
+            raise
+        task.worker_id, task.gpu_ids, task.pending_reason, task.status = (
+            placed.worker_id, placed.gpu_ids, None, S.QUEUED)
+        try:
+            self.store.create_assignment(task.task_id, placed.worker_id)
             self.dispatch(task)
         except Exception as exc:
             if create:
@@ -199,54 +286,93 @@ class Scheduler:
                 self.store.transition(task.task_id, S.QUEUED, S.PENDING, worker_id=None, gpu_ids=[],
                                       pending_reason=f"enqueue failed: {exc}")
                 self.store.delete_assignment(task.task_id)
-            raise ServiceUnavailable(f"could not enqueue task {task.task_id} on {slot.worker.queue}: {exc}") from exc
-        slot.take(task, gpu_ids)
+            self.reservations.release(task.task_id, task.attempt)
+            raise ServiceUnavailable(
+                f"could not enqueue task {task.task_id} on {keys.worker_queue(placed.worker_id)}: {exc}") from exc
         return True
 
+    # -- waiting tasks ----------------------------------------------------------------------------------
     def place_pending(self) -> list[Task]:
-        """Queue pending tasks that fit now, in order (higher ``priority`` first, then submit time)."""
+        """Queue waiting tasks that fit now (a pass; see the module doc). A call while another process runs a
+        pass makes that one run again instead, so no freed resource waits for beat's next tick."""
+        placed: list[Task] = []
         try:
-            with self._lock():
-                return self._place_pending_locked()
-        except redis.exceptions.LockError:
-            log.warning("placement lock busy; pending tasks wait for the next tick")
-            return []
+            self.redis.set(keys.SCHED_PASS_DIRTY, "1")
+            for _ in range(5):
+                lock = self.redis.lock(keys.lock("placement"), timeout=120)
+                if not lock.acquire(blocking=False):
+                    return placed  # its holder sees the flag and runs again
+                try:
+                    while self.redis.delete(keys.SCHED_PASS_DIRTY):
+                        placed += self._pass()
+                finally:
+                    try:
+                        lock.release()
+                    except redis.exceptions.LockError:
+                        pass  # it expired during a long pass: harmless, every step is atomic on its own
+                if not self.redis.exists(keys.SCHED_PASS_DIRTY):
+                    break
+        except redis.RedisError as exc:
+            log.warning("placement pass stopped (%s); waiting tasks wait for the next tick", exc)
+        return placed
 
-    def _place_pending_locked(self) -> list[Task]:
+    def _pass(self) -> list[Task]:
         pending = self.store.list_tasks(status=S.PENDING, limit=None)
         if not pending:
             return []
-        pending.sort(key=lambda t: (-t.priority, t.created_at, t.task_id))
         workers = self.store.list_workers()
-        free = free_capacity(workers, self.store.list_tasks(status=LIVE, limit=None))
+        quotas = {q.user_id: q for q in self.store.list_quotas()}
+        ordered = rank(pending, self.reservations.usage(), utcnow() - timedelta(seconds=self.STARVATION_S))
+        generation = self.reservations.new_generation()
+        cache: dict[str, Task | None] = {}
+        hopeless: dict[tuple[object, ...], str] = {}  # shapes that found nothing and could claim nothing
         placed: list[Task] = []
-        blocked_all = False  # an unpinned task that doesn't fit holds back later unpinned ones
-        blocked: set[str] = set()  # workers whose pinned head task doesn't fit
-        for task in pending:
-            if task.pinned_worker:
-                if task.pinned_worker in blocked:
+        cancelled = False
+        for task in ordered:
+            reason: str | None = None
+            outcome: Placed | NoFit | OverQuota | Held
+            if task.after:
+                state, why = self._dependencies(task, cache)
+                if state == "cancel":
+                    self._cancel_for_dependency(task, why, create=False)
+                    cache[task.task_id] = self.store.get_task(task.task_id)
+                    cancelled = True
                     continue
-            elif blocked_all:
-                continue
-            candidates = self._candidates(task, workers)
-            slot = self._choose(task, candidates, free)
-            if slot is None:
-                reason = self._pending_reason(task, candidates, free)
-                if reason != task.pending_reason:
-                    self.store.update_task(task.task_id, S.PENDING, pending_reason=reason)
-                if task.pinned_worker:
-                    blocked.add(task.pinned_worker)
+                if state == "wait":
+                    reason = why
+            candidates = self._candidates(task, workers) if reason is None else []
+            if reason is None:
+                reason = self._unavailable(task, workers, candidates)
+            shape = (task.pinned_worker, tuple(sorted(task.constraints.items())), task.req_cpu,
+                     task.memory_bytes, task.req_gpu)
+            if reason is None and shape in hopeless and task.user_id not in quotas:
+                reason = hopeless[shape]
+            if reason is None:
+                outcome = self.reservations.place(task, candidates, quotas.get(task.user_id),
+                                                  self.settings.placement_policy, generation=generation,
+                                                  claim=True)
+                if isinstance(outcome, Placed):
+                    try:
+                        if self._queue(task, outcome, create=False):
+                            placed.append(task)
+                    except CloudAIError:
+                        log.exception("placing pending task %s failed", task.task_id)
+                        break
+                    continue
+                if isinstance(outcome, Held):
+                    continue  # another pass is placing it
+                if isinstance(outcome, OverQuota):
+                    reason = quota_reason(task.user_id, outcome)
                 else:
-                    blocked_all = True
-                continue
-            try:
-                if self._queue_on(task, slot, create=False):
-                    placed.append(task)
-            except CloudAIError:
-                log.exception("placing pending task %s failed", task.task_id)
-                break
+                    reason = self._nofit_reason(task, outcome)
+                    if not outcome.claimed:
+                        hopeless[shape] = reason
+            if reason != task.pending_reason:
+                self.store.update_task(task.task_id, S.PENDING, pending_reason=reason)
+        self.reservations.end_pass(generation, [w.worker_id for w in workers])
+        if cancelled:
+            self.redis.set(keys.SCHED_PASS_DIRTY, "1")  # dependents of what was cancelled: once more
         return placed
 
 
-def _gpu_order(gpu_id: str) -> tuple[int, str]:
-    return (int(gpu_id), gpu_id) if gpu_id.isdigit() else (1 << 30, gpu_id)
+__all__ = ["Scheduler", "fits", "gpu_order", "QuotaExceeded", "quota_reason"]

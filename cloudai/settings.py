@@ -62,6 +62,7 @@ class Settings:
     worker_gpus: str = "auto"  # auto | none | 0,1
     worker_labels: str = ""  # gpu=a100,zone=b
     worker_concurrency: int = 16
+    fairshare_halflife_s: float = 7 * 86400.0  # fair-share usage halves over this (Slurm's default: 7 days)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -90,6 +91,7 @@ class Settings:
             worker_gpus=env.get("CLOUDAI_WORKER_GPUS") or base.worker_gpus,
             worker_labels=env.get("CLOUDAI_WORKER_LABELS", ""),
             worker_concurrency=_int(env, "CLOUDAI_WORKER_CONCURRENCY", base.worker_concurrency),
+            fairshare_halflife_s=_float(env, "CLOUDAI_FAIRSHARE_HALFLIFE", base.fairshare_halflife_s),
         )
 
     def replace(self, **changes: object) -> Settings:

@@ -55,9 +55,9 @@ def executor(settings: Settings, store: TaskStore, runtime: DockerRuntime | None
 
 
 def register(store: TaskStore, worker_id: str, cpus: float = 4, memory: int = 8 * GiB,
-             gpu_ids: list[str] | None = None, labels: dict[str, str] | None = None) -> WorkerInfo:
+             gpu_ids: list[str] | None = None, labels: dict[str, str] | None = None, slots: int = 64) -> WorkerInfo:
     info = WorkerInfo(worker_id=worker_id, hostname="test", queue=f"cloudai.worker.{worker_id}", cpus=cpus,
-                      memory=memory, gpu_ids=gpu_ids or [], labels=labels or {})
+                      memory=memory, gpu_ids=gpu_ids or [], labels=labels or {}, slots=slots)
     store.upsert_worker(info)
     return info
 

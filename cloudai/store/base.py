@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import Enum
 from typing import Any
 
-from cloudai.models import Assignment, Task, TaskStatus, WorkerInfo, WorkerState
+from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState
 
 StatusFilter = TaskStatus | Iterable[TaskStatus] | None
 LOG_CHUNK_BYTES = 1024 * 1024  # archive chunks stay far below Mongo's 16 MB document limit
@@ -136,6 +136,22 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def delete_worker(self, worker_id: str) -> bool: ...
+
+    # -- quotas (admin-set, per user) -------------------------------------------------------------------
+    @abc.abstractmethod
+    def set_quota(self, quota: Quota) -> None:
+        """Create or replace ``quota.user_id``'s quota."""
+
+    @abc.abstractmethod
+    def get_quota(self, user_id: str) -> Quota | None: ...
+
+    @abc.abstractmethod
+    def list_quotas(self) -> list[Quota]:
+        """Every quota, by user id."""
+
+    @abc.abstractmethod
+    def delete_quota(self, user_id: str) -> bool:
+        """Remove a user's quota; returns whether there was one."""
 
     # -- log archive ------------------------------------------------------------------------------------
     @abc.abstractmethod

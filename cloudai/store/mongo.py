@@ -13,7 +13,7 @@ from pymongo.database import Database
 from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from cloudai.errors import StoreUnavailable, TaskExists
-from cloudai.models import Assignment, Task, TaskStatus, WorkerInfo, WorkerState, utcnow
+from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState, utcnow
 from cloudai.store.base import StatusFilter, TaskStore, check_transition, chunk_lines, plain_fields, status_values
 
 _SERVER_TIMEOUT_MS = 5000
@@ -29,6 +29,7 @@ class MongoStore(TaskStore):
         self.assignments: Collection = db["assignments"]
         self.workers: Collection = db["workers"]
         self.logs: Collection = db["log_archive"]
+        self.quotas: Collection = db["quotas"]
         try:
             self._ensure_indexes()
         except PyMongoError as exc:
@@ -55,6 +56,7 @@ class MongoStore(TaskStore):
         self.assignments.create_index("worker_id")
         self.workers.create_index("worker_id", unique=True)
         self.logs.create_index([("task_id", 1), ("chunk", 1)], unique=True)
+        self.quotas.create_index("user_id", unique=True)
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -176,6 +178,20 @@ class MongoStore(TaskStore):
 
     def delete_worker(self, worker_id: str) -> bool:
         return self._call(self.workers.delete_one, {"worker_id": worker_id}).deleted_count > 0
+
+    # -- quotas -----------------------------------------------------------------------------------------
+    def set_quota(self, quota: Quota) -> None:
+        self._call(self.quotas.replace_one, {"user_id": quota.user_id}, quota.to_doc(), upsert=True)
+
+    def get_quota(self, user_id: str) -> Quota | None:
+        doc = self._call(self.quotas.find_one, {"user_id": user_id})
+        return Quota.from_doc(doc) if doc else None
+
+    def list_quotas(self) -> list[Quota]:
+        return [Quota.from_doc(d) for d in self._call(list, self.quotas.find().sort("user_id", 1))]
+
+    def delete_quota(self, user_id: str) -> bool:
+        return self._call(self.quotas.delete_one, {"user_id": user_id}).deleted_count > 0
 
     # -- log archive ------------------------------------------------------------------------------------
     def save_log(self, task_id: str, lines: list[str]) -> None:

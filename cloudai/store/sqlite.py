@@ -4,6 +4,7 @@ across processes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sqlite3
@@ -15,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from cloudai.errors import StoreUnavailable, TaskExists
-from cloudai.models import Assignment, Task, TaskStatus, WorkerInfo, WorkerState, as_utc, utcnow
+from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState, as_utc, utcnow
 from cloudai.store.base import StatusFilter, TaskStore, check_transition, chunk_lines, plain_fields, status_values
 
 _SCHEMA = """
@@ -30,6 +31,7 @@ CREATE TABLE IF NOT EXISTS assignments (
     task_id TEXT PRIMARY KEY, ass_id TEXT NOT NULL, worker_id TEXT NOT NULL, assigned_at TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS assignments_worker ON assignments(worker_id);
 CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS quotas (user_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS log_archive (
     task_id TEXT NOT NULL, chunk INTEGER NOT NULL, text TEXT NOT NULL, PRIMARY KEY (task_id, chunk));
 """
@@ -57,6 +59,7 @@ class SQLiteStore(TaskStore):
         self.path = path
         self.url = f"sqlite:///{path}"
         self._local = threading.local()
+        self._parsed_workers: dict[str, WorkerInfo] = {}
         directory = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(directory, exist_ok=True)
@@ -223,8 +226,18 @@ class SQLiteStore(TaskStore):
         return WorkerInfo.from_doc(json.loads(row["doc"])) if row else None
 
     def list_workers(self) -> list[WorkerInfo]:
-        rows = self._conn().execute("SELECT doc FROM workers ORDER BY worker_id")
-        return [WorkerInfo.from_doc(json.loads(r["doc"])) for r in rows]
+        rows = self._conn().execute("SELECT doc FROM workers ORDER BY worker_id").fetchall()
+        return [self._worker(r["doc"]) for r in rows]
+
+    def _worker(self, doc: str) -> WorkerInfo:
+        # every placement lists the workers: parse each distinct record once (a copy, so callers may change it)
+        cache = self._parsed_workers
+        info = cache.get(doc)
+        if info is None:
+            if len(cache) > 4096:
+                cache.clear()
+            info = cache[doc] = WorkerInfo.from_doc(json.loads(doc))
+        return dataclasses.replace(info, gpu_ids=list(info.gpu_ids), labels=dict(info.labels))
 
     def set_worker_state(self, worker_id: str, state: WorkerState, expected: WorkerState | None = None) -> bool:
         return self._update_worker(worker_id, expected, state=state.value)
@@ -232,6 +245,24 @@ class SQLiteStore(TaskStore):
     def delete_worker(self, worker_id: str) -> bool:
         with self._tx() as db:
             return db.execute("DELETE FROM workers WHERE worker_id=?", (worker_id,)).rowcount > 0
+
+    # -- quotas -----------------------------------------------------------------------------------------
+    def set_quota(self, quota: Quota) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO quotas(user_id, doc) VALUES (?,?)",
+                       (quota.user_id, _dumps(quota.to_doc())))
+
+    def get_quota(self, user_id: str) -> Quota | None:
+        row = self._conn().execute("SELECT doc FROM quotas WHERE user_id=?", (user_id,)).fetchone()
+        return Quota.from_doc(json.loads(row["doc"])) if row else None
+
+    def list_quotas(self) -> list[Quota]:
+        rows = self._conn().execute("SELECT doc FROM quotas ORDER BY user_id")
+        return [Quota.from_doc(json.loads(r["doc"])) for r in rows]
+
+    def delete_quota(self, user_id: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM quotas WHERE user_id=?", (user_id,)).rowcount > 0
 
     # -- log archive ------------------------------------------------------------------------------------
     def save_log(self, task_id: str, lines: list[str]) -> None:

@@ -15,7 +15,7 @@ import mongomock
 import pytest
 
 from cloudai.errors import StoreUnavailable, TaskExists
-from cloudai.models import Task, TaskError, TaskStatus, WorkerInfo, WorkerState, utcnow
+from cloudai.models import GiB, Quota, Task, TaskError, TaskStatus, WorkerInfo, WorkerState, utcnow
 from cloudai.store import TaskStore, open_store
 from cloudai.store.mongo import MongoStore
 from cloudai.store.sqlite import SQLiteStore
@@ -145,6 +145,27 @@ def test_workers(backend: TaskStore) -> None:
     backend.upsert_worker(WorkerInfo(worker_id="w0", hostname="h", queue="q", cpus=1, memory=1))
     assert [x.worker_id for x in backend.list_workers()] == ["w0", "w1"]
     assert backend.delete_worker("w0") and backend.get_worker("w0") is None
+
+
+def test_quotas(backend: TaskStore) -> None:
+    assert backend.get_quota("ana") is None and backend.list_quotas() == []
+    backend.set_quota(Quota("bob", gpus=2))
+    backend.set_quota(Quota("ana", cpus=4.5, memory=8 * GiB, gpus=None, tasks=10))
+    got = backend.get_quota("ana")
+    assert got is not None and (got.cpus, got.memory, got.gpus, got.tasks) == (4.5, 8 * GiB, None, 10)
+    assert [q.user_id for q in backend.list_quotas()] == ["ana", "bob"]
+    backend.set_quota(Quota("bob", tasks=1))  # replaces the whole quota
+    bob = backend.get_quota("bob")
+    assert bob is not None and (bob.gpus, bob.tasks) == (None, 1)
+    assert backend.delete_quota("bob") and not backend.delete_quota("bob")
+    assert [q.user_id for q in backend.list_quotas()] == ["ana"]
+
+
+def test_dependencies_and_worker_slots_round_trip(backend: TaskStore) -> None:
+    backend.create_task(_task(1, status=S.PENDING, worker=None, after=["t0", "tx"]))
+    assert backend.get_task("t1").after == ["t0", "tx"]  # type: ignore[union-attr]
+    backend.upsert_worker(WorkerInfo(worker_id="w1", hostname="h", queue="q", cpus=1, memory=GiB, slots=3))
+    assert backend.get_worker("w1").slots == 3  # type: ignore[union-attr]
 
 
 def test_log_archive(backend: TaskStore) -> None:

@@ -95,6 +95,7 @@ def test_seed_task_syntax_and_listing(settings: Settings, store: SQLiteStore, wo
     assert proc.worker_id in run(settings, "workers").stdout
     workers_json = json.loads(run(settings, "workers", "--json").stdout)
     assert workers_json[0]["worker_id"] == proc.worker_id and workers_json[0]["alive"] is True
+    assert workers_json[0]["slots"] == 4  # worker start --concurrency 4: its task slots
 
 
 def test_pending_tasks_run_when_capacity_frees_in_order(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]

@@ -37,9 +37,12 @@ def api(settings: Settings, sent: Recorder) -> CloudAI:
     return CloudAI(settings, dispatch=sent)
 
 
-def _finish(store: SQLiteStore, task_id: str) -> None:
+def _finish(store: SQLiteStore, task_id: str, api: CloudAI | None = None) -> None:
+    """What the executor does when a task ends: record the outcome, release the reservation."""
     assert store.transition(task_id, S.QUEUED, S.RUNNING)
     assert store.transition(task_id, S.RUNNING, S.COMPLETED)
+    if api is not None:
+        api.scheduler.release(store.get_task(task_id))  # type: ignore[arg-type]
 
 
 def _req(cpus: float = 1, memory: str = "1g", gpus: int = 0, **kw: object) -> SubmitRequest:
@@ -74,7 +77,7 @@ def test_gpus_are_reserved_by_exact_id_and_never_twice(api: CloudAI, store: SQLi
     ids = [g for t in live for g in t.gpu_ids]
     assert len(ids) == len(set(ids)) == 3
     # the end of the first frees GPUs 0 and 1: the pending task gets one of them
-    _finish(store, first.task_id)
+    _finish(store, first.task_id, api)
     placed = api.scheduler.place_pending()
     assert [t.task_id for t in placed] == [third.task_id]
     assert store.get_task(third.task_id).gpu_ids == ["0"]  # type: ignore[union-attr]
@@ -121,7 +124,7 @@ def test_pending_tasks_start_in_order_priority_first(api: CloudAI, store: SQLite
     order = []
     current = running
     for _ in range(3):
-        _finish(store, current.task_id)
+        _finish(store, current.task_id, api)
         placed = api.scheduler.place_pending()
         assert len(placed) == 1
         order.append(placed[0].task_id)

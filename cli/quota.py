@@ -1,0 +1,116 @@
+"""``cloudai admin quota set|list|clear`` (admin-set per-user limits) and ``cloudai quota`` (your usage)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+from rich.table import Table
+
+from cli import render
+from cloudai.errors import CloudAIError
+from cloudai.models import Quota, format_bytes, parse_cpus, parse_size
+
+_ROWS = (("cpus", "CPUs"), ("memory", "memory"), ("gpus", "GPUs"), ("tasks", "tasks"))
+
+
+def _show(name: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return format_bytes(int(value)) if name == "memory" else f"{value:g}"
+
+
+def _parsed(fn: Any, value: str | None, param: str) -> Any:
+    if value is None:
+        return None
+    try:
+        return fn(value)
+    except CloudAIError as exc:
+        raise click.BadParameter(str(exc), param_hint=param) from exc
+
+
+def quota_json(quota: Quota | None, user: str, usage: dict[str, float] | None = None) -> dict[str, Any]:
+    limits = {name: getattr(quota, name) if quota else None for name, _ in _ROWS}
+    out: dict[str, Any] = {"user": user, "quota": limits}
+    if usage is not None:
+        out["used"] = usage
+    return out
+
+
+def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
+    """Add ``admin quota ...`` (to the ``admin`` group, made here if the CLI has none yet) and ``quota``."""
+    found = cli.commands.get("admin")
+    if isinstance(found, click.Group):
+        admin = found
+    else:
+        @cli.group("admin")
+        def admin_group() -> None:
+            """Cluster administration (direct mode): quotas."""
+
+        admin = admin_group
+
+    @admin.group("quota")
+    def quota_group() -> None:
+        """Per-user limits on what queued and running tasks hold at once."""
+
+    @quota_group.command("set")
+    @click.argument("user")
+    @click.option("--cpus", help="Most CPU cores the user's tasks hold at once, such as 8 or 0.5.")
+    @click.option("--memory", help="Most memory, such as 64g.")
+    @click.option("--gpus", type=click.IntRange(min=0), help="Most GPUs.")
+    @click.option("--tasks", type=click.IntRange(min=0), help="Most queued and running tasks.")
+    @pass_ctx
+    def quota_set(ctx: Any, user: str, cpus: str | None, memory: str | None, gpus: int | None,
+                  tasks: int | None) -> None:
+        """Set USER's quota; limits not given are unlimited (this replaces the whole quota)."""
+        if cpus is None and memory is None and gpus is None and tasks is None:
+            raise click.UsageError("give at least one of --cpus, --memory, --gpus, --tasks")
+        quota = ctx.api.set_quota(user, cpus=_parsed(parse_cpus, cpus, "--cpus"),
+                                  memory=_parsed(parse_size, memory, "--memory"), gpus=gpus, tasks=tasks)
+        click.echo(f"{user}: " + ", ".join(f"{label} {_show(name, getattr(quota, name))}" for name, label in _ROWS))
+
+    @quota_group.command("list")
+    @click.option("--json", "as_json", is_flag=True)
+    @pass_ctx
+    def quota_list(ctx: Any, as_json: bool) -> None:
+        """Every user's quota."""
+        quotas = ctx.api.quotas()
+        if as_json:
+            click.echo(render.to_json([quota_json(q, q.user_id) for q in quotas]))
+            return
+        if not quotas:
+            click.echo("no quotas set; every user may use the whole cluster", err=True)
+            return
+        table = Table(box=None, header_style="bold")
+        for col in ("USER", "CPUS", "MEMORY", "GPUS", "TASKS"):
+            table.add_column(col, no_wrap=True)
+        for q in quotas:
+            table.add_row(q.user_id, *(_show(name, getattr(q, name)) for name, _ in _ROWS))
+        render.console().print(table)
+
+    @quota_group.command("clear")
+    @click.argument("user")
+    @pass_ctx
+    def quota_clear(ctx: Any, user: str) -> None:
+        """Remove USER's quota (no limits)."""
+        ctx.api.clear_quota(user)
+        click.echo(f"{user}: quota cleared")
+
+    @cli.command("quota")
+    @click.option("--user", envvar="CLOUDAI_USER", help="Whose quota.  [env: CLOUDAI_USER]")
+    @click.option("--json", "as_json", is_flag=True)
+    @pass_ctx
+    def quota_view(ctx: Any, user: str | None, as_json: bool) -> None:
+        """What your queued and running tasks hold now, against your quota."""
+        who = user or ctx.settings.user
+        quota, usage = ctx.api.quota_usage(who)
+        if as_json:
+            click.echo(render.to_json(quota_json(quota, who, usage)))
+            return
+        table = Table(box=None, header_style="bold", title=f"quota of {who}", title_justify="left")
+        for col in ("RESOURCE", "USED", "LIMIT"):
+            table.add_column(col, no_wrap=True)
+        for name, label in _ROWS:
+            table.add_row(label, _show(name, usage[name]), _show(name, getattr(quota, name) if quota else None)
+                          if quota and getattr(quota, name) is not None else "no limit")
+        render.console().print(table)
