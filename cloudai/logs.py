@@ -19,38 +19,19 @@ import json
 import logging
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import redis
 
 from cloudai import keys
 from cloudai.errors import RedisUnavailable
+from cloudai.logevents import LogEnd, LogEvent, LogLine
 
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 64 * 1024
 BATCH_LINES = 500
 BATCH_SECONDS = 0.05
-
-
-@dataclass(frozen=True)
-class LogLine:
-    seq: int
-    text: str
-    ts: str = ""
-
-
-@dataclass(frozen=True)
-class LogEnd:
-    """The end marker: the task's final status, its container's exit code and a readable reason."""
-
-    status: str
-    exit_code: int | None = None
-    reason: str | None = None
-
-
-LogEvent = LogLine | LogEnd
 
 
 class LineSplitter:
@@ -162,12 +143,7 @@ class LogBus:
             entries: Any = self.redis.xrevrange(keys.log_stream(task_id), count=1)
         except redis.RedisError as exc:
             raise self._guard(exc) from exc
-        if not entries:
-            return 0, None
-        entry_id, fields = entries[0]
-        events = _events(entry_id, fields)
-        last = events[-1] if events else None
-        return (last.seq if isinstance(last, LogLine) else _seq(entry_id)), last
+        return parse_last_entry(entries)
 
     def writer(self, task_id: str, next_seq: int | None = None) -> LogWriter:
         if next_seq is None:
@@ -201,15 +177,14 @@ class LogBus:
 
     def cursor(self, task_id: str, after_seq: int) -> str:
         """Where :meth:`read` starts so that line ``after_seq + 1`` comes first (it may sit inside a batch)."""
-        if after_seq <= 0:
+        top = cursor_query(after_seq)
+        if top is None:
             return "0-0"
         try:
-            entries: Any = self.redis.xrevrange(keys.log_stream(task_id), max=_entry_id(after_seq + 1), count=1)
+            entries: Any = self.redis.xrevrange(keys.log_stream(task_id), max=top, count=1)
         except redis.RedisError as exc:
             raise self._guard(exc) from exc
-        if not entries:
-            return "0-0"
-        return _entry_id(_seq(entries[0][0]) - 1)
+        return cursor_before(entries)
 
     def read(self, task_id: str, cursor: str = "0-0", after_seq: int = 0, block_ms: int | None = None,
              count: int = 50) -> tuple[list[LogEvent], str]:
@@ -220,12 +195,7 @@ class LogBus:
             reply: Any = self.redis.xread({key: cursor}, count=count, block=block_ms)
         except redis.RedisError as exc:
             raise self._guard(exc) from exc
-        events: list[LogEvent] = []
-        for _key, entries in reply or []:  # RESP2: [[key, [(id, fields), ...]]]
-            for entry_id, fields in entries:
-                events.extend(e for e in _events(entry_id, fields) if not isinstance(e, LogLine) or e.seq > after_seq)
-                cursor = entry_id
-        return events, cursor
+        return parse_read(reply, cursor, after_seq)
 
     def history(self, task_id: str, upto_seq: int | None = None) -> list[LogLine]:
         """Every line the stream still holds (up to ``upto_seq``), without waiting."""
@@ -239,6 +209,36 @@ class LogBus:
                 if isinstance(event, LogEnd) or (upto_seq is not None and event.seq > upto_seq):
                     return lines
                 lines.append(event)
+
+
+def parse_last_entry(entries: Any) -> tuple[int, LogEvent | None]:
+    """:meth:`LogBus.last_entry` from an ``XREVRANGE ... COUNT 1`` reply (shared with the master's async bus)."""
+    if not entries:
+        return 0, None
+    entry_id, fields = entries[0]
+    events = _events(entry_id, fields)
+    last = events[-1] if events else None
+    return (last.seq if isinstance(last, LogLine) else _seq(entry_id)), last
+
+
+def cursor_before(entries: Any) -> str:
+    """:meth:`LogBus.cursor` from an ``XREVRANGE key <after_seq + 1>-0 - COUNT 1`` reply."""
+    return _entry_id(_seq(entries[0][0]) - 1) if entries else "0-0"
+
+
+def cursor_query(after_seq: int) -> str | None:
+    """The XREVRANGE max for :meth:`LogBus.cursor`; None when reading starts at the beginning."""
+    return _entry_id(after_seq + 1) if after_seq > 0 else None
+
+
+def parse_read(reply: Any, cursor: str, after_seq: int) -> tuple[list[LogEvent], str]:
+    """:meth:`LogBus.read` from an ``XREAD`` reply: the events past ``after_seq`` and the new cursor."""
+    events: list[LogEvent] = []
+    for _key, entries in reply or []:  # RESP2: [[key, [(id, fields), ...]]]
+        for entry_id, fields in entries:
+            events.extend(e for e in _events(entry_id, fields) if not isinstance(e, LogLine) or e.seq > after_seq)
+            cursor = entry_id
+    return events, cursor
 
 
 def _events(entry_id: str, fields: dict[str, str]) -> list[LogEvent]:

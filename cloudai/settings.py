@@ -62,6 +62,9 @@ class Settings:
     worker_gpus: str = "auto"  # auto | none | 0,1
     worker_labels: str = ""  # gpu=a100,zone=b
     worker_concurrency: int = 16
+    # the master's URL: when set, the CLI's user commands go through its API with this token
+    api_url: str | None = None
+    token: str | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -90,6 +93,8 @@ class Settings:
             worker_gpus=env.get("CLOUDAI_WORKER_GPUS") or base.worker_gpus,
             worker_labels=env.get("CLOUDAI_WORKER_LABELS", ""),
             worker_concurrency=_int(env, "CLOUDAI_WORKER_CONCURRENCY", base.worker_concurrency),
+            api_url=(env.get("CLOUDAI_API_URL") or "").rstrip("/") or None,
+            token=env.get("CLOUDAI_TOKEN") or None,
         )
 
     def replace(self, **changes: object) -> Settings:
