@@ -29,7 +29,6 @@ from cloudai.server import create_app
 from cloudai.server.errors import http_status
 from cloudai.server.logstream import sse_events
 from cloudai.settings import Settings
-from cloudai.store.sqlite import SQLiteStore
 
 
 @pytest.mark.parametrize("error, status", [
