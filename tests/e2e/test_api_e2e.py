@@ -206,3 +206,27 @@ def test_monitor_through_the_api_keeps_header_live_log_and_final_block(
     assert any(ln.strip().startswith("task:") and task_id in ln for ln in out)
     assert [ln for ln in out if ln.startswith("tick")] == ["tick 1", "tick 2", "tick 3"]
     assert out[-1] == "Task Completed"
+
+
+def test_awkward_output_arrives_through_the_api_exactly_as_in_direct_mode(
+    api_server: ServerProc, settings: Settings, store: SQLiteStore, workers  # type: ignore[no-untyped-def]
+) -> None:
+    from cli.remote import RemoteCloud
+    from cloudai.api import CloudAI
+    from cloudai.logevents import LogEnd, LogLine
+    from cloudai.submission import SubmitRequest
+
+    workers()
+    remote = RemoteCloud(api_server.url, api_server.token(settings.user))
+
+    script = ("printf 'bad \\377 byte\\n'; head -c 1048576 /dev/zero | tr '\\0' x; echo; "
+              "printf '10%%\\r50%%\\r100%%\\n'; printf 'tab\\tand\\013vt\\n'; echo last")
+    task = remote.submit(SubmitRequest(TEST_IMAGE, script))
+    followed = [e for batch in remote.follow_batches(task.task_id) for e in batch]
+    direct = list(CloudAI(settings).logs(task.task_id))
+    assert isinstance(followed[-1], LogEnd) and followed[-1].status == "completed"
+    texts = [e.text for e in followed if isinstance(e, LogLine)]
+    assert texts == [e.text for e in direct if isinstance(e, LogLine)]
+    assert [e.seq for e in followed if isinstance(e, LogLine)] == list(range(1, len(texts) + 1))
+    assert texts[0] == "bad \ufffd byte" and texts[-3:] == ["100%", "tab\tand\x0bvt", "last"]
+    assert "".join(texts[1:-3]) == "x" * 1048576  # the 1 MiB line, in 64 KiB chunks
