@@ -163,6 +163,9 @@ class RemoteCloud:
                             end = json.loads("\n".join(event.data))
                             yield [LogEnd(end["status"], end.get("exit_code"), end.get("reason"))]
                             return
+                        if event.kind == "error":
+                            err = json.loads("\n".join(event.data))
+                            raise ApiError(200, err["type"], err["message"], int(err["exit_code"]))
                         if event.kind == "comment":
                             if follow:
                                 yield []  # a viewer checks for a key press

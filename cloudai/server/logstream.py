@@ -1,8 +1,9 @@
 """Logs over HTTP: the whole log as text, or Server-Sent Events that follow it live.
 
 SSE format: one event per batch of lines, ``id:`` = the seq of the batch's last line, one ``data:`` field per
-line; a keep-alive comment while nothing arrives; last ``event: end`` with JSON ``{status, exit_code, reason}``.
-A client resumes after ``Last-Event-ID`` (or ``?after=SEQ``) with no gap and no duplicate.
+line; a keep-alive comment while nothing arrives; last ``event: end`` with JSON ``{status, exit_code, reason}``
+(or, when the log can't be read any more, ``event: error`` with ``{type, message, exit_code}``). A client
+resumes after ``Last-Event-ID`` (or ``?after=SEQ``) with no gap and no duplicate.
 
 Following is :class:`cloudai.logs.LogFollow` (the CLI's state machine) driven with asyncio: ``XREAD BLOCK``
 through ``redis.asyncio``, so an idle follower holds a Redis connection and a coroutine, never a thread. Only
@@ -22,7 +23,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from cloudai import keys
-from cloudai.errors import RedisUnavailable, ValidationError
+from cloudai.errors import CloudAIError, RedisUnavailable, ValidationError
 from cloudai.logs import (
     LogEnd,
     LogEvent,
@@ -171,8 +172,12 @@ async def task_logs(request: Request, task_id: str, who: Caller, follow: bool = 
 
 async def _sse(batches: AsyncIterator[list[LogEvent]], timestamps: bool) -> AsyncIterator[str]:
     yield "retry: 1000\n\n"
-    async for batch in batches:
-        yield sse_events(batch, timestamps) if batch else ": keep-alive\n\n"
+    try:
+        async for batch in batches:
+            yield sse_events(batch, timestamps) if batch else ": keep-alive\n\n"
+    except CloudAIError as exc:  # the headers are sent: say it in the stream (Redis gone for too long)
+        data = json.dumps({"type": type(exc).__name__, "message": str(exc), "exit_code": int(exc.exit_code)})
+        yield f"event: error\ndata: {data}\n\n"
 
 
 async def _text(batches: AsyncIterator[list[LogEvent]], timestamps: bool) -> AsyncIterator[str]:

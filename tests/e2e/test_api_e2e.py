@@ -230,3 +230,33 @@ def test_awkward_output_arrives_through_the_api_exactly_as_in_direct_mode(
     assert [e.seq for e in followed if isinstance(e, LogLine)] == list(range(1, len(texts) + 1))
     assert texts[0] == "bad \ufffd byte" and texts[-3:] == ["100%", "tab\tand\x0bvt", "last"]
     assert "".join(texts[1:-3]) == "x" * 1048576  # the 1 MiB line, in 64 KiB chunks
+
+
+def test_idle_followers_hold_no_server_thread(api_server: ServerProc, people: dict[str, str]) -> None:
+    """More idle SSE followers than the server's thread pool has threads (40), and it still answers at once."""
+    import asyncio
+
+    headers = auth(people["ana"])
+    task_id = httpx.post(f"{api_server.url}/v1/tasks", json={"image": TEST_IMAGE, "command": "true"},
+                         headers=headers).json()["task_id"]  # queued on a worker nobody runs: stays silent
+
+    async def scenario() -> float:
+        async with httpx.AsyncClient(base_url=api_server.url, headers=headers, timeout=30,
+                                     limits=httpx.Limits(max_connections=100)) as http:
+            streams = []
+            for _ in range(60):
+                cm = http.stream("GET", f"/v1/tasks/{task_id}/logs", params={"follow": "true"},
+                                 headers={"Accept": "text/event-stream"})
+                response = await cm.__aenter__()
+                assert response.status_code == 200
+                streams.append(cm)
+            await asyncio.sleep(1.5)  # every follower is now blocked in XREAD
+            started = time.monotonic()
+            r = await http.get("/v1/whoami")
+            took = time.monotonic() - started
+            assert r.status_code == 200
+            for cm in streams:
+                await cm.__aexit__(None, None, None)
+            return took
+
+    assert asyncio.run(scenario()) < 3.0
