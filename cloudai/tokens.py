@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from cloudai.errors import AuthError, ValidationError
-from cloudai.models import as_utc, parse_duration, utcnow
+from cloudai.models import as_utc, next_created_at, parse_duration, utcnow
 
 if TYPE_CHECKING:
     from cloudai.store.base import TaskStore
@@ -98,7 +98,7 @@ def create(store: TaskStore, user: str, admin: bool = False, expires: str | None
     if lifetime is not None and lifetime <= 0:
         raise ValidationError("expires", expires, "use a positive duration such as 90d or 12h")
     secret = new_secret()
-    now = utcnow()
+    now = next_created_at()  # strictly increasing here: `token list` shows tokens in creation order
     record = ApiToken(
         token_hash=hash_token(secret), prefix=display_prefix(secret), user_id=user,
         role="admin" if admin else "user", created_at=now,
