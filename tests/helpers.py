@@ -160,28 +160,35 @@ def flush(url: str) -> None:
 class ServerProc:
     """A real `cloudai server` subprocess on a free port of 127.0.0.1, with tokens made in its store."""
 
-    def __init__(self, settings: Settings, store: TaskStore, log_dir: Path) -> None:
+    def __init__(self, settings: Settings, store: TaskStore, log_dir: Path, *flags: str,
+                 ca_file: str | None = None) -> None:
         from tests.services import free_port
 
         self.settings = settings
         self.store = store
+        self.flags = flags
+        self.ca_file = ca_file  # with --ssl-certfile: the certificate clients trust
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> ServerProc:
+        import ssl
+
         import httpx
 
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(cloudai("server", "--port", str(self.port), "--log-level", "warning"),
+            self.proc = subprocess.Popen(cloudai("server", "--port", str(self.port), "--log-level", "warning",
+                                                 *self.flags),
                                          cwd=ROOT, env=cli_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
         def healthy() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.log_path.read_text()
             try:
-                return httpx.get(self.url + "/healthz", timeout=2).status_code == 200
+                return httpx.get(self.url + "/healthz", timeout=2, verify=verify).status_code == 200
             except httpx.TransportError:
                 return False
 

@@ -260,3 +260,24 @@ def test_idle_followers_hold_no_server_thread(api_server: ServerProc, people: di
             return took
 
     assert asyncio.run(scenario()) < 3.0
+
+
+def test_tls_with_the_servers_own_certificate(settings: Settings, store: SQLiteStore, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                           "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key),
+                           "-out", str(cert)], capture_output=True, text=True)
+    assert made.returncode == 0, made.stderr
+    server = ServerProc(settings, store, tmp_path, "--ssl-certfile", str(cert), "--ssl-keyfile", str(key),
+                        ca_file=str(cert)).start()
+    try:
+        assert server.url.startswith("https://")
+        env = server.cli_env(server.token("ana"), SSL_CERT_FILE=str(cert))  # a private CA, as users would set it
+        who = cli(env, "whoami")
+        assert who.returncode == 0 and who.stdout.startswith("ana (user"), who.stderr
+        untrusted = cli({k: v for k, v in env.items() if k != "SSL_CERT_FILE"}, "whoami")
+        assert untrusted.returncode == 123 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
+        plain = cli({**env, "CLOUDAI_API_URL": server.url.replace("https", "http")}, "whoami")
+        assert plain.returncode == 123
+    finally:
+        server.stop()
