@@ -27,14 +27,15 @@ from cloudai.models import (
     new_task_id,
     utcnow,
 )
-
-__all__ = ["CloudAI", "SubmitRequest", "WorkerView", "parse_key_values", "read_env_file"]
 from cloudai.scheduler import Dispatch, Scheduler, free_capacity
 from cloudai.settings import Settings
 from cloudai.store import TaskStore, open_store
 from cloudai.submission import SubmitRequest, parse_key_values, read_env_file
 from cloudai.workerview import WorkerView
 
+# SubmitRequest, parse_key_values, read_env_file and WorkerView live in light modules (the CLI imports them
+# without Redis in API mode); they stay importable from here
+__all__ = ["CloudAI", "SubmitRequest", "WorkerView", "parse_key_values", "read_env_file"]
 S = TaskStatus
 
 
