@@ -11,10 +11,10 @@ from typing import TextIO
 
 import click
 
+from cli.client import Client
 from cli.render import exit_code_for, final_block, print_status
-from cloudai.api import CloudAI
 from cloudai.errors import ExitCode
-from cloudai.logs import LogEnd, LogLine
+from cloudai.logevents import LogEnd, LogLine
 
 
 class KeyWatcher:
@@ -55,7 +55,7 @@ def _interactive() -> bool:
     return sys.stdin.isatty() and sys.stdout.isatty()
 
 
-def stream(api: CloudAI, task_id: str, after_seq: int = 0, timestamps: bool = False, follow: bool = True,
+def stream(api: Client, task_id: str, after_seq: int = 0, timestamps: bool = False, follow: bool = True,
            out: TextIO | None = None, stop: threading.Event | None = None) -> LogEnd | None:
     """Print the log from line ``after_seq + 1``; returns the end marker, or None when stopped early or (without
     ``follow``) when the task has not ended yet."""
@@ -85,7 +85,7 @@ def _format(line: LogLine, timestamps: bool) -> str:
     return f"{line.ts} {line.text}\n" if timestamps else line.text + "\n"
 
 
-def monitor(api: CloudAI, task_id: str, header: bool = True) -> int:
+def monitor(api: Client, task_id: str, header: bool = True) -> int:
     """The seed's monitor: header, the whole log then live, a final status block. Returns the exit code."""
     task = api.get(task_id)
     interactive = _interactive()

@@ -6,18 +6,21 @@ import os
 import sys
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-import redis
 
 from cli import follow as viewer
 from cli import quota as quota_cli
 from cli import render
-from cloudai.api import CloudAI, SubmitRequest, parse_key_values, read_env_file
+from cli.client import Client, open_client
 from cloudai.errors import CloudAIError, ExitCode, RedisUnavailable
 from cloudai.models import Resources, TaskStatus, WorkerState, join_command, parse_duration
 from cloudai.settings import Settings
+from cloudai.submission import SubmitRequest, parse_key_values, read_env_file
+
+if TYPE_CHECKING:
+    from cloudai.api import CloudAI
 
 S = TaskStatus
 
@@ -29,8 +32,21 @@ class Context:
     settings: Settings
 
     @cached_property
-    def api(self) -> CloudAI:
+    def api(self) -> Client:
+        """The master's API when ``CLOUDAI_API_URL`` (or ``cloudai login``) says so, else the cluster directly."""
+        return open_client(self.settings)
+
+    @cached_property
+    def direct(self) -> CloudAI:
+        """The cluster itself (Redis and the store), for operator commands such as ``cloudai admin``."""
+        from cloudai.api import CloudAI
+
         return CloudAI(self.settings)
+
+    def default_user(self) -> str:
+        """Whose tasks ``list`` shows by default: the token's user through the API, else ``CLOUDAI_USER``."""
+        whoami = getattr(self.api, "default_user", None)
+        return whoami() if whoami is not None else self.settings.user
 
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -45,7 +61,10 @@ class CloudAIGroup(click.Group):
         except CloudAIError as exc:
             click.echo(click.style("Error: ", fg="red", bold=True) + str(exc), err=True)
             ctx.exit(int(exc.exit_code))
-        except redis.RedisError as exc:
+        except Exception as exc:
+            redis = sys.modules.get("redis")  # imported only in direct mode
+            if redis is None or not isinstance(exc, redis.RedisError):
+                raise
             url = ctx.obj.settings.redis_url if isinstance(ctx.obj, Context) else "?"
             click.echo(click.style("Error: ", fg="red", bold=True) + str(RedisUnavailable(url, exc)), err=True)
             ctx.exit(int(ExitCode.UNAVAILABLE))
@@ -62,7 +81,11 @@ def cli(ctx: click.Context, redis_url: str | None, store_url: str | None) -> Non
 
     \b
     Tasks:    submit, task, monitor, logs, status, list, cancel
-    Cluster:  workers, worker start, beat, flower
+    Cluster:  workers, worker start, beat, flower, server, admin token
+    Identity: login, logout, whoami
+
+    With CLOUDAI_API_URL set (or after `cloudai login URL`) the task and worker commands go through the
+    master's API with your token; otherwise they use Redis and the store directly.
     """
     try:
         settings = Settings.from_env().replace(redis_url=redis_url, store_url=store_url)
@@ -250,7 +273,7 @@ def status(ctx: Context, task_id: str, as_json: bool) -> None:
 def list_tasks(ctx: Context, user: str | None, statuses: tuple[str, ...], worker: str | None, limit: int,
                as_json: bool) -> None:
     """List tasks, newest first."""
-    who = None if user == "all" else (user or ctx.settings.user)
+    who = None if user == "all" else (user or ctx.default_user())
     tasks = ctx.api.list_tasks(user=who, status=[S(s) for s in statuses], worker=worker, limit=limit)
     if as_json:
         click.echo(render.to_json([t.to_doc() for t in tasks]))
@@ -410,6 +433,11 @@ def flower(ctx: Context, port: int, basic_auth: str | None, flower_args: tuple[s
     run_celery(args)
 
 
+from cli.admin import admin  # noqa: E402  (commands defined beside this module)
+from cli.identity import login, logout, server, whoami  # noqa: E402
+
+for _command in (admin, login, logout, whoami, server):
+    cli.add_command(_command)
 quota_cli.register(cli, Context, pass_ctx)
 
 

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from cli import render
 from cloudai.errors import CloudAIError
-from cloudai.models import Quota, format_bytes, parse_cpus, parse_size
+from cloudai.models import format_bytes, parse_cpus, parse_size, quota_doc
 
 _ROWS = (("cpus", "CPUs"), ("memory", "memory"), ("gpus", "GPUs"), ("tasks", "tasks"))
 
@@ -27,14 +27,6 @@ def _parsed(fn: Any, value: str | None, param: str) -> Any:
         return fn(value)
     except CloudAIError as exc:
         raise click.BadParameter(str(exc), param_hint=param) from exc
-
-
-def quota_json(quota: Quota | None, user: str, usage: dict[str, float] | None = None) -> dict[str, Any]:
-    limits = {name: getattr(quota, name) if quota else None for name, _ in _ROWS}
-    out: dict[str, Any] = {"user": user, "quota": limits}
-    if usage is not None:
-        out["used"] = usage
-    return out
 
 
 def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
@@ -65,7 +57,7 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
         """Set USER's quota; limits not given are unlimited (this replaces the whole quota)."""
         if cpus is None and memory is None and gpus is None and tasks is None:
             raise click.UsageError("give at least one of --cpus, --memory, --gpus, --tasks")
-        quota = ctx.api.set_quota(user, cpus=_parsed(parse_cpus, cpus, "--cpus"),
+        quota = ctx.direct.set_quota(user, cpus=_parsed(parse_cpus, cpus, "--cpus"),
                                   memory=_parsed(parse_size, memory, "--memory"), gpus=gpus, tasks=tasks)
         click.echo(f"{user}: " + ", ".join(f"{label} {_show(name, getattr(quota, name))}" for name, label in _ROWS))
 
@@ -74,9 +66,9 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
     @pass_ctx
     def quota_list(ctx: Any, as_json: bool) -> None:
         """Every user's quota."""
-        quotas = ctx.api.quotas()
+        quotas = ctx.direct.quotas()
         if as_json:
-            click.echo(render.to_json([quota_json(q, q.user_id) for q in quotas]))
+            click.echo(render.to_json([quota_doc(q.user_id, q) for q in quotas]))
             return
         if not quotas:
             click.echo("no quotas set; every user may use the whole cluster", err=True)
@@ -93,7 +85,7 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
     @pass_ctx
     def quota_clear(ctx: Any, user: str) -> None:
         """Remove USER's quota (no limits)."""
-        ctx.api.clear_quota(user)
+        ctx.direct.clear_quota(user)
         click.echo(f"{user}: quota cleared")
 
     @cli.command("quota")
@@ -102,10 +94,10 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
     @pass_ctx
     def quota_view(ctx: Any, user: str | None, as_json: bool) -> None:
         """What your queued and running tasks hold now, against your quota."""
-        who = user or ctx.settings.user
+        who = user or ctx.default_user()
         quota, usage = ctx.api.quota_usage(who)
         if as_json:
-            click.echo(render.to_json(quota_json(quota, who, usage)))
+            click.echo(render.to_json(quota_doc(who, quota, usage)))
             return
         table = Table(box=None, header_style="bold", title=f"quota of {who}", title_justify="left")
         for col in ("RESOURCE", "USED", "LIMIT"):

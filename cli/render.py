@@ -12,10 +12,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from cloudai.api import WorkerView
 from cloudai.errors import ExitCode
-from cloudai.logs import LogEnd
+from cloudai.logevents import LogEnd
 from cloudai.models import Task, TaskStatus, format_bytes, utcnow
+from cloudai.workerview import WorkerView
 
 S = TaskStatus
 STATUS_STYLE = {
@@ -164,12 +164,7 @@ def worker_table(views: list[WorkerView]) -> Table:
 
 
 def worker_json(views: list[WorkerView]) -> str:
-    return to_json([
-        {**v.info.to_doc(), "alive": v.alive, "heartbeat_age_s": round(v.heartbeat_age_s, 1),
-         "used_cpus": v.used_cpus, "used_memory": v.used_memory, "used_gpu_ids": v.used_gpu_ids, "tasks": v.tasks,
-         "claimed_by": v.claimed_by}
-        for v in views
-    ])
+    return to_json([v.to_doc() for v in views])
 
 
 def console() -> Console:

@@ -123,3 +123,15 @@ def _short(reason: object) -> str:
     for cut in (" (configured timeouts", ", Timeout:"):
         text = text.split(cut, 1)[0]
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+class AuthError(CloudAIError):
+    """No usable API token: missing, unknown, revoked or expired (HTTP 401)."""
+
+    exit_code = ExitCode.ERROR
+
+
+class Forbidden(CloudAIError):
+    """The token is valid but its role may not do this (HTTP 403)."""
+
+    exit_code = ExitCode.ERROR

@@ -18,39 +18,20 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterable, Iterator
 from typing import Any
 
 import redis
 
 from cloudai import keys
 from cloudai.errors import RedisUnavailable
+from cloudai.logevents import LogEnd, LogEvent, LogLine
 
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 64 * 1024
 BATCH_LINES = 500
 BATCH_SECONDS = 0.05
-
-
-@dataclass(frozen=True)
-class LogLine:
-    seq: int
-    text: str
-    ts: str = ""
-
-
-@dataclass(frozen=True)
-class LogEnd:
-    """The end marker: the task's final status, its container's exit code and a readable reason."""
-
-    status: str
-    exit_code: int | None = None
-    reason: str | None = None
-
-
-LogEvent = LogLine | LogEnd
 
 
 class LineSplitter:
@@ -162,12 +143,7 @@ class LogBus:
             entries: Any = self.redis.xrevrange(keys.log_stream(task_id), count=1)
         except redis.RedisError as exc:
             raise self._guard(exc) from exc
-        if not entries:
-            return 0, None
-        entry_id, fields = entries[0]
-        events = _events(entry_id, fields)
-        last = events[-1] if events else None
-        return (last.seq if isinstance(last, LogLine) else _seq(entry_id)), last
+        return parse_last_entry(entries)
 
     def writer(self, task_id: str, next_seq: int | None = None) -> LogWriter:
         if next_seq is None:
@@ -201,15 +177,14 @@ class LogBus:
 
     def cursor(self, task_id: str, after_seq: int) -> str:
         """Where :meth:`read` starts so that line ``after_seq + 1`` comes first (it may sit inside a batch)."""
-        if after_seq <= 0:
+        top = cursor_query(after_seq)
+        if top is None:
             return "0-0"
         try:
-            entries: Any = self.redis.xrevrange(keys.log_stream(task_id), max=_entry_id(after_seq + 1), count=1)
+            entries: Any = self.redis.xrevrange(keys.log_stream(task_id), max=top, count=1)
         except redis.RedisError as exc:
             raise self._guard(exc) from exc
-        if not entries:
-            return "0-0"
-        return _entry_id(_seq(entries[0][0]) - 1)
+        return cursor_before(entries)
 
     def read(self, task_id: str, cursor: str = "0-0", after_seq: int = 0, block_ms: int | None = None,
              count: int = 50) -> tuple[list[LogEvent], str]:
@@ -220,12 +195,7 @@ class LogBus:
             reply: Any = self.redis.xread({key: cursor}, count=count, block=block_ms)
         except redis.RedisError as exc:
             raise self._guard(exc) from exc
-        events: list[LogEvent] = []
-        for _key, entries in reply or []:  # RESP2: [[key, [(id, fields), ...]]]
-            for entry_id, fields in entries:
-                events.extend(e for e in _events(entry_id, fields) if not isinstance(e, LogLine) or e.seq > after_seq)
-                cursor = entry_id
-        return events, cursor
+        return parse_read(reply, cursor, after_seq)
 
     def history(self, task_id: str, upto_seq: int | None = None) -> list[LogLine]:
         """Every line the stream still holds (up to ``upto_seq``), without waiting."""
@@ -239,6 +209,36 @@ class LogBus:
                 if isinstance(event, LogEnd) or (upto_seq is not None and event.seq > upto_seq):
                     return lines
                 lines.append(event)
+
+
+def parse_last_entry(entries: Any) -> tuple[int, LogEvent | None]:
+    """:meth:`LogBus.last_entry` from an ``XREVRANGE ... COUNT 1`` reply (shared with the master's async bus)."""
+    if not entries:
+        return 0, None
+    entry_id, fields = entries[0]
+    events = _events(entry_id, fields)
+    last = events[-1] if events else None
+    return (last.seq if isinstance(last, LogLine) else _seq(entry_id)), last
+
+
+def cursor_before(entries: Any) -> str:
+    """:meth:`LogBus.cursor` from an ``XREVRANGE key <after_seq + 1>-0 - COUNT 1`` reply."""
+    return _entry_id(_seq(entries[0][0]) - 1) if entries else "0-0"
+
+
+def cursor_query(after_seq: int) -> str | None:
+    """The XREVRANGE max for :meth:`LogBus.cursor`; None when reading starts at the beginning."""
+    return _entry_id(after_seq + 1) if after_seq > 0 else None
+
+
+def parse_read(reply: Any, cursor: str, after_seq: int) -> tuple[list[LogEvent], str]:
+    """:meth:`LogBus.read` from an ``XREAD`` reply: the events past ``after_seq`` and the new cursor."""
+    events: list[LogEvent] = []
+    for _key, entries in reply or []:  # RESP2: [[key, [(id, fields), ...]]]
+        for entry_id, fields in entries:
+            events.extend(e for e in _events(entry_id, fields) if not isinstance(e, LogLine) or e.seq > after_seq)
+            cursor = entry_id
+    return events, cursor
 
 
 def _events(entry_id: str, fields: dict[str, str]) -> list[LogEvent]:
@@ -332,6 +332,97 @@ class LogWriter:
                 delay = min(delay * 2, 2.0)
 
 
+BLOCK_MS = 1000  # one XREAD BLOCK; a follower looks at its viewer (a key press, a closed connection) this often
+IDLE_CHECK_S = 2.0  # with nothing new for this long, ask the store whether the task ended without a marker
+
+FollowStep = tuple[str, Any]
+
+
+class LogFollow:
+    """The log-following state machine, without I/O (sans-IO): seq and cursor, idle and reconnect timers, and
+    what to ask Redis or the store next. :meth:`steps` is a generator of ``(kind, argument)`` requests:
+
+    - ``("cursor", seq)`` -> send :meth:`LogBus.cursor`; ``("read", (cursor, seq, block_ms))`` -> send the
+      ``(events, cursor)`` of :meth:`LogBus.read`; a :class:`RedisUnavailable` from either is thrown in instead;
+    - ``("end_of_task", None)`` -> the store's end marker or None; ``("exists", None)`` -> whether the stream
+      exists; ``("last_entry", None)`` -> :meth:`LogBus.last_entry`; ``("archive", None)`` -> the archived log;
+    - ``("wait", (exc, seconds))``: Redis is unreachable, sleep and tell the viewer; ``("emit", batch)``: hand
+      this batch of events to the viewer (an empty one while following: nothing arrived during one block).
+
+    :func:`follow_batches` drives it with blocking calls (the CLI); the master drives the same steps with
+    asyncio (``cloudai.server.logstream``), so both follow a log the same way."""
+
+    def __init__(self, after_seq: int = 0, follow: bool = True, reconnect_for_s: float = 60.0) -> None:
+        self.start_seq = after_seq
+        self.seq = after_seq  # the last line handed over
+        self.cursor: str | None = None  # the last stream entry read
+        self.follow = follow
+        self.reconnect_for_s = reconnect_for_s
+        self.ended = False
+
+    def take(self, events: list[LogEvent]) -> list[LogEvent]:
+        """The batch a read's events make: lines after ``seq`` in order (a note where trimming left a gap),
+        and the end marker last. The one place where events read from the stream are interpreted."""
+        batch: list[LogEvent] = []
+        for event in events:
+            if isinstance(event, LogEnd):
+                batch.append(event)
+                self.ended = True
+                return batch
+            if event.seq <= self.seq:
+                continue
+            if event.seq > self.seq + 1:  # trimmed from the stream's history before we read it
+                batch.append(LogLine(self.seq + 1, f"[cloudai] {event.seq - self.seq - 1} earlier lines were "
+                                     "trimmed from the live log; `cloudai logs` shows them once the task ends"))
+            self.seq = event.seq
+            batch.append(event)
+        return batch
+
+    def steps(self) -> Generator[FollowStep, Any, None]:
+        """The requests, in order (see the class docstring)."""
+        idle_since = time.monotonic()
+        broken_since: float | None = None
+        while True:
+            try:
+                if self.cursor is None:
+                    self.cursor = yield ("cursor", self.seq)
+                events, self.cursor = yield ("read", (self.cursor, self.seq, BLOCK_MS if self.follow else None))
+                broken_since = None
+            except RedisUnavailable as exc:
+                now = time.monotonic()
+                broken_since = broken_since or now
+                if now - broken_since > self.reconnect_for_s:
+                    raise
+                yield ("wait", (exc, min(1.0, self.reconnect_for_s / 10)))
+                continue
+            batch = self.take(events)
+            if batch or self.follow:
+                yield ("emit", batch)  # an empty batch lets a viewer check for a key press while nothing arrives
+            if self.ended:
+                return
+            if events:
+                idle_since = time.monotonic()
+                continue
+            # nothing new: the stream may be gone (expired after the end) or the task may have ended without
+            # a marker (its worker died): the store decides
+            if self.follow and time.monotonic() - idle_since < IDLE_CHECK_S:
+                continue
+            idle_since = time.monotonic()
+            end: LogEnd | None = yield ("end_of_task", None)
+            if end is None:
+                if not self.follow:
+                    return
+                continue
+            if not (yield ("exists", None)):
+                archive = (yield ("archive", None)) if self.seq == self.start_seq else None
+                yield ("emit", [*_archived(archive, self.seq), end])
+                return
+            last_seq, last = yield ("last_entry", None)
+            if last_seq <= self.seq and not isinstance(last, LogEnd):
+                yield ("emit", [end])
+                return
+
+
 def follow_batches(bus: LogBus, task_id: str, end_of_task: Callable[[], LogEnd | None],
                    read_archive: Callable[[], list[str] | None], after_seq: int = 0, follow: bool = True,
                    on_reconnect: Callable[[Exception], None] | None = None,
@@ -340,60 +431,35 @@ def follow_batches(bus: LogBus, task_id: str, end_of_task: Callable[[], LogEnd |
     ``follow``) live lines until the end marker, which comes last. No gap, no duplicate; a dropped Redis
     connection is retried for ``reconnect_for_s`` and resumes after the last line seen. Once the stream has
     expired, the archive. ``end_of_task`` asks the store whether the task has finished (the end marker it would
-    have, or None); ``read_archive`` reads its archived log. Shared by the CLI and the master's log endpoints."""
-    seq = after_seq
-    cursor: str | None = None  # the last stream entry read
-    idle_since = time.monotonic()
-    broken_since: float | None = None
+    have, or None); ``read_archive`` reads its archived log. Drives :class:`LogFollow` with blocking calls."""
+    io: dict[str, Callable[[Any], Any]] = {
+        "cursor": lambda seq: bus.cursor(task_id, seq),
+        "read": lambda a: bus.read(task_id, a[0], a[1], block_ms=a[2]),
+        "end_of_task": lambda _: end_of_task(),
+        "exists": lambda _: bus.exists(task_id),
+        "last_entry": lambda _: bus.last_entry(task_id),
+        "archive": lambda _: read_archive(),
+    }
+    plan = LogFollow(after_seq, follow, reconnect_for_s).steps()
+    reply: Any = None
+    error: RedisUnavailable | None = None
     while True:
         try:
-            if cursor is None:
-                cursor = bus.cursor(task_id, seq)
-            events, cursor = bus.read(task_id, cursor, seq, block_ms=1000 if follow else None)
-            broken_since = None
-        except RedisUnavailable as exc:
-            now = time.monotonic()
-            broken_since = broken_since or now
-            if now - broken_since > reconnect_for_s:
-                raise
+            kind, arg = plan.throw(error) if error is not None else plan.send(reply)
+        except StopIteration:
+            return
+        reply, error = None, None
+        if kind == "emit":
+            yield arg
+        elif kind == "wait":
             if on_reconnect is not None:
-                on_reconnect(exc)
-            time.sleep(min(1.0, reconnect_for_s / 10))
-            continue
-        batch: list[LogEvent] = []
-        for event in events:
-            if isinstance(event, LogEnd):
-                batch.append(event)
-                yield batch
-                return
-            if event.seq <= seq:
-                continue
-            if event.seq > seq + 1:  # trimmed from the stream's history before we read it
-                batch.append(LogLine(seq + 1, f"[cloudai] {event.seq - seq - 1} earlier lines were trimmed "
-                                              "from the live log; `cloudai logs` shows them once the task ends"))
-            seq = event.seq
-            batch.append(event)
-        if batch or follow:
-            yield batch  # an empty batch lets a viewer check for a key press while nothing arrives
-        if events:
-            idle_since = time.monotonic()
-            continue
-        # nothing new: the stream may be gone (expired after the end) or the task may have ended without
-        # a marker (its worker died): the store decides
-        if not follow or time.monotonic() - idle_since >= 2.0:
-            idle_since = time.monotonic()
-            end = end_of_task()
-            if end is not None:
-                if not bus.exists(task_id):
-                    archived: list[LogEvent] = list(_archived(read_archive(), seq)) if seq == after_seq else []
-                    yield [*archived, end]
-                    return
-                last_seq, last = bus.last_entry(task_id)
-                if last_seq <= seq and not isinstance(last, LogEnd):
-                    yield [end]
-                    return
-            elif not follow:
-                return
+                on_reconnect(arg[0])
+            time.sleep(arg[1])
+        else:
+            try:
+                reply = io[kind](arg)
+            except RedisUnavailable as exc:
+                error = exc
 
 
 def _archived(lines: list[str] | None, after_seq: int) -> Iterator[LogLine]:

@@ -358,6 +358,17 @@ class Assignment:
     assigned_at: datetime = field(default_factory=utcnow)
 
 
+QUOTA_LIMITS = ("cpus", "memory", "gpus", "tasks")
+
+
+def quota_doc(user: str, quota: Quota | None, usage: dict[str, float] | None = None) -> dict[str, Any]:
+    """A user's quota (and what their live tasks hold) as ``cloudai quota --json`` and the API show it."""
+    doc: dict[str, Any] = {"user": user, "quota": quota.limits() if quota else dict.fromkeys(QUOTA_LIMITS)}
+    if usage is not None:
+        doc["used"] = usage
+    return doc
+
+
 @dataclass
 class Quota:
     """What one user's queued and running tasks may hold at once (admin-set); ``None`` means no limit."""
@@ -378,6 +389,10 @@ class Quota:
         data = {k: v for k, v in doc.items() if k in names}
         data["updated_at"] = as_utc(data.get("updated_at")) or utcnow()
         return cls(**data)
+
+    def limits(self) -> dict[str, float | None]:
+        """The four limits by name (``None``: no limit)."""
+        return {name: getattr(self, name) for name in QUOTA_LIMITS}
 
     def exceeded_alone(self, resources: Resources) -> str | None:
         """Why a task with ``resources`` could never run under this quota (even with nothing else running)."""

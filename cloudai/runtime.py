@@ -16,10 +16,9 @@ from docker.types import DeviceRequest
 from cloudai import keys
 from cloudai.errors import DockerUnavailable, ImageError, RuntimeFailure
 from cloudai.models import format_bytes
+from cloudai.submission import PULL_POLICIES
 
 log = logging.getLogger(__name__)
-
-PULL_POLICIES = ("missing", "always", "never")
 
 
 @dataclass

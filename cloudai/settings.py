@@ -63,6 +63,9 @@ class Settings:
     worker_labels: str = ""  # gpu=a100,zone=b
     worker_concurrency: int = 16
     fairshare_halflife_s: float = 7 * 86400.0  # fair-share usage halves over this (Slurm's default: 7 days)
+    # the master's URL: when set, the CLI's user commands go through its API with this token
+    api_url: str | None = None
+    token: str | None = dataclasses.field(default=None, repr=False)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -92,6 +95,8 @@ class Settings:
             worker_labels=env.get("CLOUDAI_WORKER_LABELS", ""),
             worker_concurrency=_int(env, "CLOUDAI_WORKER_CONCURRENCY", base.worker_concurrency),
             fairshare_halflife_s=_float(env, "CLOUDAI_FAIRSHARE_HALFLIFE", base.fairshare_halflife_s),
+            api_url=(env.get("CLOUDAI_API_URL") or "").rstrip("/") or None,
+            token=env.get("CLOUDAI_TOKEN") or None,
         )
 
     def replace(self, **changes: object) -> Settings:

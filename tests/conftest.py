@@ -110,3 +110,13 @@ def workers(settings: Settings, store: SQLiteStore, tmp_path: Path, docker_ready
         proc.stop()
     for wid in {p.worker_id for p in started}:
         remove_containers(wid)
+
+
+@pytest.fixture
+def api_server(settings: Settings, store: SQLiteStore, tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A real `cloudai server` process on this test's Redis and store (stopped after)."""
+    from tests.helpers import ServerProc
+
+    server = ServerProc(settings, store, tmp_path).start()
+    yield server
+    server.stop()

@@ -155,3 +155,63 @@ def remove_containers(worker_id: str) -> None:
 
 def flush(url: str) -> None:
     redis.Redis.from_url(url).flushdb()
+
+
+class ServerProc:
+    """A real `cloudai server` subprocess on a free port of 127.0.0.1, with tokens made in its store."""
+
+    def __init__(self, settings: Settings, store: TaskStore, log_dir: Path, *flags: str,
+                 ca_file: str | None = None) -> None:
+        from tests.services import free_port
+
+        self.settings = settings
+        self.store = store
+        self.flags = flags
+        self.ca_file = ca_file  # with --ssl-certfile: the certificate clients trust
+        self.port = free_port()
+        self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
+        self.log_path = log_dir / f"server-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServerProc:
+        import ssl
+
+        import httpx
+
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=self.ca_file) if self.ca_file else True
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cloudai("server", "--port", str(self.port), "--log-level", "warning",
+                                                 *self.flags),
+                                         cwd=ROOT, env=cli_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+        def healthy() -> bool:
+            assert self.proc is not None and self.proc.poll() is None, self.log_path.read_text()
+            try:
+                return httpx.get(self.url + "/healthz", timeout=2, verify=verify).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, 60, 0.1, f"cloudai server (log: {self.log_path})")
+        return self
+
+    def token(self, user: str, admin: bool = False, expires: str | None = None) -> str:
+        from cloudai import tokens
+
+        return tokens.create(self.store, user, admin, expires)[0]
+
+    def cli_env(self, token: str, **extra: str) -> dict[str, str]:
+        """A CLI environment that reaches the cluster only through this server: its Redis and store URLs point
+        nowhere, so a command that tried them would fail."""
+        return cli_env(self.settings, CLOUDAI_API_URL=self.url, CLOUDAI_TOKEN=token,
+                       CLOUDAI_REDIS_URL="redis://unused.invalid:1/0", CLOUDAI_STORE_URL="sqlite:////nonexistent/x",
+                       XDG_CONFIG_HOME=str(self.log_path.parent / "xdg"), **extra)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)

@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 
 from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState
+from cloudai.tokens import ApiToken
 
 StatusFilter = TaskStatus | Iterable[TaskStatus] | None
 LOG_CHUNK_BYTES = 1024 * 1024  # archive chunks stay far below Mongo's 16 MB document limit
@@ -161,6 +162,26 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def read_log(self, task_id: str) -> list[str] | None:
         """The archived log, or None when none was saved."""
+
+    # -- API tokens (only their SHA-256; see cloudai.tokens) ---------------------------------------------------
+    @abc.abstractmethod
+    def create_token(self, token: ApiToken) -> None:
+        """Record a new token."""
+
+    @abc.abstractmethod
+    def get_token(self, token_hash: str) -> ApiToken | None: ...
+
+    @abc.abstractmethod
+    def list_tokens(self, user_id: str | None = None) -> list[ApiToken]:
+        """Tokens (of ``user_id`` when given), oldest first."""
+
+    @abc.abstractmethod
+    def revoke_token(self, token_hash: str) -> bool:
+        """Mark a token revoked; False for an unknown one."""
+
+    @abc.abstractmethod
+    def touch_token(self, token_hash: str, at: datetime) -> None:
+        """Record the token's last use."""
 
     @abc.abstractmethod
     def ping(self) -> None:

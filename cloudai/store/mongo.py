@@ -15,6 +15,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 from cloudai.errors import StoreUnavailable, TaskExists
 from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState, utcnow
 from cloudai.store.base import StatusFilter, TaskStore, check_transition, chunk_lines, plain_fields, status_values
+from cloudai.tokens import ApiToken
 
 _SERVER_TIMEOUT_MS = 5000
 
@@ -30,6 +31,7 @@ class MongoStore(TaskStore):
         self.workers: Collection = db["workers"]
         self.logs: Collection = db["log_archive"]
         self.quotas: Collection = db["quotas"]
+        self.tokens: Collection = db["api_tokens"]
         try:
             self._ensure_indexes()
         except PyMongoError as exc:
@@ -57,6 +59,8 @@ class MongoStore(TaskStore):
         self.workers.create_index("worker_id", unique=True)
         self.logs.create_index([("task_id", 1), ("chunk", 1)], unique=True)
         self.quotas.create_index("user_id", unique=True)
+        self.tokens.create_index("token_hash", unique=True)
+        self.tokens.create_index("user_id")
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -211,6 +215,25 @@ class MongoStore(TaskStore):
         if not docs:
             return None
         return [line for d in docs for line in d["lines"]]
+
+    # -- API tokens -------------------------------------------------------------------------------------
+    def create_token(self, token: ApiToken) -> None:
+        self._call(self.tokens.insert_one, {"_id": token.token_hash, **token.to_doc()})
+
+    def get_token(self, token_hash: str) -> ApiToken | None:
+        doc = self._call(self.tokens.find_one, {"_id": token_hash})
+        return ApiToken.from_doc(doc) if doc else None
+
+    def list_tokens(self, user_id: str | None = None) -> list[ApiToken]:
+        query = {} if user_id is None else {"user_id": user_id}
+        docs = self._call(list, self.tokens.find(query).sort([("created_at", 1), ("_id", 1)]))
+        return [ApiToken.from_doc(d) for d in docs]
+
+    def revoke_token(self, token_hash: str) -> bool:
+        return self._call(self.tokens.update_one, {"_id": token_hash}, {"$set": {"revoked": True}}).matched_count > 0
+
+    def touch_token(self, token_hash: str, at: datetime) -> None:
+        self._call(self.tokens.update_one, {"_id": token_hash}, {"$set": {"last_used_at": at}})
 
     def ping(self) -> None:
         self._call(self.db.command, "ping")

@@ -18,6 +18,7 @@ from typing import Any
 from cloudai.errors import StoreUnavailable, TaskExists
 from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState, as_utc, utcnow
 from cloudai.store.base import StatusFilter, TaskStore, check_transition, chunk_lines, plain_fields, status_values
+from cloudai.tokens import ApiToken
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
@@ -34,6 +35,8 @@ CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, doc TEXT NOT NUL
 CREATE TABLE IF NOT EXISTS quotas (user_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS log_archive (
     task_id TEXT NOT NULL, chunk INTEGER NOT NULL, text TEXT NOT NULL, PRIMARY KEY (task_id, chunk));
+CREATE TABLE IF NOT EXISTS api_tokens (
+    token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, created_at TEXT NOT NULL, doc TEXT NOT NULL);
 """
 
 
@@ -283,6 +286,38 @@ class SQLiteStore(TaskStore):
         if not rows:
             return None
         return [line for r in rows for line in json.loads(r["text"])]
+
+    # -- API tokens -------------------------------------------------------------------------------------
+    def create_token(self, token: ApiToken) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO api_tokens(token_hash, user_id, created_at, doc) VALUES (?,?,?,?)",
+                       (token.token_hash, token.user_id, _ts(token.created_at), _dumps(token.to_doc())))
+
+    def get_token(self, token_hash: str) -> ApiToken | None:
+        row = self._conn().execute("SELECT doc FROM api_tokens WHERE token_hash=?", (token_hash,)).fetchone()
+        return ApiToken.from_doc(json.loads(row["doc"])) if row else None
+
+    def list_tokens(self, user_id: str | None = None) -> list[ApiToken]:
+        sql, args = "SELECT doc FROM api_tokens", []  # type: str, list[Any]
+        if user_id is not None:
+            sql, args = sql + " WHERE user_id=?", [user_id]
+        rows = self._conn().execute(sql + " ORDER BY created_at, rowid", args)
+        return [ApiToken.from_doc(json.loads(r["doc"])) for r in rows]
+
+    def _update_token(self, token_hash: str, **fields: Any) -> bool:
+        with self._tx() as db:
+            row = db.execute("SELECT doc FROM api_tokens WHERE token_hash=?", (token_hash,)).fetchone()
+            if row is None:
+                return False
+            doc = {**json.loads(row["doc"]), **fields}
+            db.execute("UPDATE api_tokens SET doc=? WHERE token_hash=?", (_dumps(doc), token_hash))
+            return True
+
+    def revoke_token(self, token_hash: str) -> bool:
+        return self._update_token(token_hash, revoked=True)
+
+    def touch_token(self, token_hash: str, at: datetime) -> None:
+        self._update_token(token_hash, last_used_at=at)
 
     def ping(self) -> None:
         try:

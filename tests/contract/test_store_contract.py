@@ -241,3 +241,54 @@ def test_unreachable_mongodb_is_a_clear_error_naming_the_url() -> None:
     message = str(err.value)
     assert "mongodb://app:***@127.0.0.1:9/cloudai" in message and "secret" not in message
     assert "CLOUDAI_STORE_URL" in message and len(message) < 400
+
+
+# -- API tokens ---------------------------------------------------------------------------------------------
+def test_tokens_keep_only_the_hash_and_round_trip(backend: TaskStore) -> None:
+    from cloudai import tokens
+
+    secret, record = tokens.create(backend, "ana", admin=True, expires="90d")
+    assert secret.startswith("cai_") and len(secret) >= 40 and record.prefix == secret[:12]
+    got = backend.get_token(tokens.hash_token(secret))
+    assert got == record and got.role == "admin" and got.expires_at is not None
+    assert got.expires_at.tzinfo is not None
+    # the secret itself is nowhere in what the store holds
+    assert all(secret not in str(t.to_doc()) for t in backend.list_tokens())
+    assert backend.get_token(tokens.hash_token(secret + "x")) is None
+
+
+def test_tokens_list_revoke_touch(backend: TaskStore) -> None:
+    from cloudai import tokens
+
+    s1, r1 = tokens.create(backend, "ana")
+    s2, r2 = tokens.create(backend, "bo")
+    assert [t.user_id for t in backend.list_tokens()] == ["ana", "bo"]
+    assert [t.prefix for t in backend.list_tokens(user_id="bo")] == [r2.prefix]
+    at = utcnow()
+    backend.touch_token(r1.token_hash, at)
+    assert backend.get_token(r1.token_hash).last_used_at == at  # type: ignore[union-attr]
+    assert backend.revoke_token(r2.token_hash)
+    assert backend.get_token(r2.token_hash).revoked  # type: ignore[union-attr]
+    assert not backend.get_token(r1.token_hash).revoked  # type: ignore[union-attr]
+    assert not backend.revoke_token("0" * 64)
+
+
+def test_token_verify_says_which_problem(backend: TaskStore) -> None:
+    from cloudai import tokens
+    from cloudai.errors import AuthError
+
+    secret, record = tokens.create(backend, "ana", expires="1h")
+    who = tokens.verify(backend, secret)
+    assert (who.user, who.admin) == ("ana", False)
+    assert backend.get_token(record.token_hash).last_used_at is not None  # type: ignore[union-attr]
+    with pytest.raises(AuthError, match="no API token"):
+        tokens.verify(backend, None)
+    with pytest.raises(AuthError, match="not a CloudAI API token"):
+        tokens.verify(backend, "hunter2")
+    with pytest.raises(AuthError, match="unknown API token"):
+        tokens.verify(backend, tokens.new_secret())
+    with pytest.raises(AuthError, match="expired"):
+        tokens.verify(backend, secret, now=utcnow() + timedelta(hours=2))
+    tokens.revoke(backend, record.prefix)
+    with pytest.raises(AuthError, match="revoked"):
+        tokens.verify(backend, secret)

@@ -18,11 +18,24 @@ from tests.helpers import ROOT, cli_env, cloudai, wait_ended, wait_for, wait_sta
 from tests.services import TEST_IMAGE
 
 S = TaskStatus
+_MODE_ENV: dict[str, str] = {}  # the CLI's environment in API mode; empty in direct mode
+
+
+@pytest.fixture(params=["direct", "api"], autouse=True)
+def mode(request: pytest.FixtureRequest, settings: Settings):  # type: ignore[no-untyped-def]
+    """Every test here runs twice: the CLI on Redis and the store directly, and through `cloudai server` with
+    a token of the same user (and no Redis or store URL). Same commands, same assertions."""
+    _MODE_ENV.clear()
+    if request.param == "api":
+        server = request.getfixturevalue("api_server")
+        _MODE_ENV.update(server.cli_env(server.token(settings.user)))
+    yield request.param
+    _MODE_ENV.clear()
 
 
 def run(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cloudai(*args), cwd=ROOT, env=cli_env(settings), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(cloudai(*args), cwd=ROOT, env=_MODE_ENV or cli_env(settings), capture_output=True,
+                          text=True, timeout=timeout)
 
 
 def submit(settings: Settings, *args: str) -> str:

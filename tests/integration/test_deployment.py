@@ -25,7 +25,7 @@ def test_compose_file_validates_with_gpu_profile() -> None:
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     services = config["services"]
-    assert {"redis", "mongo", "worker", "beat", "flower", "gpu-worker"} <= set(services)
+    assert {"redis", "mongo", "server", "worker", "beat", "flower", "gpu-worker"} <= set(services)
     devices = services["gpu-worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
     assert "/var/run/docker.sock:/var/run/docker.sock" in str(services["worker"]["volumes"])
@@ -39,3 +39,17 @@ def test_flower_refuses_to_start_without_a_password() -> None:
     binary = shutil.which("docker-compose") or missing("docker-compose (Debian package) is not installed")
     result = subprocess.run([str(binary), "config"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode != 0 and "FLOWER_BASIC_AUTH" in result.stderr
+
+
+def test_the_master_service_is_health_checked_on_healthz_and_published_on_localhost() -> None:
+    services = yaml.safe_load(_config(env={"FLOWER_BASIC_AUTH": "admin:pw"}).stdout)["services"]
+    server = services["server"]
+    assert server["command"][:1] == ["server"] and "--port" in server["command"]
+    assert "/healthz" in " ".join(server["healthcheck"]["test"])
+    assert server["depends_on"]["mongo"]["condition"] == "service_healthy"
+    published = server["ports"][0]  # docker-compose v1 writes "ip:host:container/proto", v2 a mapping
+    if isinstance(published, dict):
+        assert (published["host_ip"], str(published["published"]), published["target"]) == ("127.0.0.1", "8080", 8080)
+    else:
+        assert published.split("/")[0] == "127.0.0.1:8080:8080"
+    assert server["environment"]["CLOUDAI_STORE_URL"].startswith("mongodb://")

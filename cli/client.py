@@ -1,0 +1,91 @@
+"""The one interface the user commands talk to, with two implementations chosen once per process: direct
+mode (:class:`cloudai.api.CloudAI`: Redis and the store) and API mode (:class:`cli.remote.RemoteCloud`: the
+master over HTTP). Also the credentials file that ``cloudai login`` writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+from cloudai.errors import ConfigError
+from cloudai.logevents import LogEvent
+from cloudai.models import Quota, Task, TaskStatus, WorkerInfo, WorkerState
+from cloudai.settings import Settings
+from cloudai.submission import SubmitRequest
+from cloudai.workerview import WorkerView
+
+
+class Client(Protocol):
+    """What the CLI's user commands call."""
+
+    def submit(self, request: SubmitRequest) -> Task: ...
+    def dry_run(self, request: SubmitRequest) -> str: ...
+    def get(self, task_id: str) -> Task: ...
+    def list_tasks(self, user: str | None = None, status: list[TaskStatus] | None = None,
+                   worker: str | None = None, limit: int = 50) -> list[Task]: ...
+    def cancel(self, task_id: str, by: str | None = None, wait_s: float | None = None) -> Task: ...
+    def follow_batches(self, task_id: str, after_seq: int = 0, follow: bool = True,
+                       on_reconnect: Callable[[Exception], None] | None = None,
+                       reconnect_for_s: float = 60.0) -> Iterator[list[LogEvent]]: ...
+    def logs(self, task_id: str) -> Iterator[LogEvent]: ...
+    def workers(self) -> list[WorkerView]: ...
+    def set_worker_state(self, worker_id: str, state: WorkerState) -> WorkerInfo: ...
+    def remove_worker(self, worker_id: str, force: bool = False) -> None: ...
+    def quota_usage(self, user: str | None = None) -> tuple[Quota | None, dict[str, float]]: ...
+
+
+def credentials_path() -> Path:
+    """``$XDG_CONFIG_HOME/cloudai/credentials.json`` (default ``~/.config``)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "cloudai" / "credentials.json"
+
+
+def read_credentials() -> dict[str, str]:
+    path = credentials_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"can't read {path} ({exc}); run `cloudai login URL` again") from None
+    return {k: str(v) for k, v in data.items() if k in ("url", "token") and v}
+
+
+def write_credentials(url: str, token: str) -> Path:
+    """Write the file readable by its owner only (0600), replacing it atomically."""
+    path = credentials_path()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump({"url": url, "token": token}, fh)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def api_target(settings: Settings) -> tuple[str, str | None] | None:
+    """``(url, token)`` when the CLI should use the API: ``CLOUDAI_API_URL`` (token from ``CLOUDAI_TOKEN`` or,
+    for the same URL, the login file), else the URL ``cloudai login`` saved; None for direct mode."""
+    saved = read_credentials()
+    url = settings.api_url or saved.get("url")
+    if not url:
+        return None
+    url = url.rstrip("/")
+    token = settings.token or (saved.get("token") if saved.get("url", "").rstrip("/") == url else None)
+    return url, token
+
+
+def open_client(settings: Settings) -> Client:
+    """The client for this process: the API when configured, else the cluster directly."""
+    target = api_target(settings)
+    if target is not None:
+        from cli.remote import RemoteCloud
+
+        return RemoteCloud(*target)
+    from cloudai.api import CloudAI
+
+    return CloudAI(settings)

@@ -1,0 +1,225 @@
+"""The CLI's client of the master's HTTP API (``CLOUDAI_API_URL``): the same operations as
+:class:`cloudai.api.CloudAI`, over HTTP, so every command prints and exits the same in both modes. Imports no
+Redis, Docker, Celery or store code."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import httpx
+
+from cloudai.errors import CloudAIError, ExitCode, ServiceUnavailable, redact
+from cloudai.logevents import LogEnd, LogEvent, LogLine
+from cloudai.models import Quota, Task, TaskStatus, WorkerInfo, WorkerState
+from cloudai.submission import SubmitRequest
+from cloudai.workerview import WorkerView
+
+
+class ApiUnavailable(ServiceUnavailable):
+    def __init__(self, url: str, reason: object) -> None:
+        super().__init__(f"the CloudAI server at {redact(url)} can't be reached: {reason or type(reason).__name__}. "
+                         "Is `cloudai server` running there? Check CLOUDAI_API_URL (or run `cloudai login URL`).")
+
+
+class ApiError(CloudAIError):
+    """An error the server answered with; carries the exit code the CLI would have used in direct mode."""
+
+    def __init__(self, status: int, kind: str, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.exit_code = ExitCode(exit_code) if exit_code in ExitCode._value2member_map_ else ExitCode.ERROR
+
+
+def _api_error(response: httpx.Response) -> ApiError:
+    try:
+        err = response.json()["error"]
+        return ApiError(response.status_code, str(err["type"]), str(err["message"]),
+                        int(err.get("exit_code", ExitCode.ERROR)))
+    except (ValueError, KeyError, TypeError):
+        code = ExitCode.NOT_FOUND if response.status_code == 404 else ExitCode.ERROR
+        return ApiError(response.status_code, "HTTPError", f"the server answered {response.status_code} "
+                        f"{response.reason_phrase} (is {redact(str(response.url))} a CloudAI server?)", code)
+
+
+class SSEvent:
+    __slots__ = ("kind", "id", "data")
+
+    def __init__(self, kind: str, event_id: str | None, data: list[str]) -> None:
+        self.kind = kind
+        self.id = event_id
+        self.data = data
+
+
+def parse_sse(chunks: Iterable[bytes]) -> Iterator[SSEvent]:
+    """Server-Sent Events from a byte stream; a comment (keep-alive) is an event of kind ``comment``. Lines
+    split on ``\\n`` only: a log line may hold other characters that ``str.splitlines`` would split on."""
+    buf = b""
+    kind, event_id, data = "message", None, []  # type: str, str | None, list[str]
+    for chunk in chunks:
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").removesuffix("\r")
+            if not line:
+                if data or kind != "message":
+                    yield SSEvent(kind, event_id, data)
+                kind, event_id, data = "message", None, []
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if name == "":
+                yield SSEvent("comment", None, [value])
+            elif name == "data":
+                data.append(value)
+            elif name == "id":
+                event_id = value
+            elif name == "event":
+                kind = value
+
+
+class RemoteCloud:
+    """The master's API as the CLI uses it."""
+
+    def __init__(self, url: str, token: str | None, timeout_s: float = 30.0) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout_s, connect=5.0))
+
+    def _call(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise ApiUnavailable(self.url, exc) from None
+        if response.status_code >= 400:
+            raise _api_error(response)
+        return response.json()
+
+    # -- identity ---------------------------------------------------------------------------------------
+    def whoami(self) -> dict[str, Any]:
+        return self._call("GET", "/v1/whoami")  # type: ignore[no-any-return]
+
+    def default_user(self) -> str:
+        return str(self.whoami()["user"])
+
+    # -- tasks ------------------------------------------------------------------------------------------
+    @staticmethod
+    def _body(request: SubmitRequest) -> dict[str, Any]:
+        res = request.resources
+        return {
+            "image": request.image, "command": request.command, "cpus": res.cpus, "memory": f"{res.memory}b",
+            "gpus": res.gpus, "storage": None if res.storage is None else f"{res.storage}b", "env": request.env,
+            "workdir": request.workdir, "labels": request.labels, "timeout": request.timeout_s,
+            "retries": request.retries, "name": request.name, "worker": request.worker,
+            "constraints": request.constraints, "priority": request.priority, "pull": request.pull_policy,
+            "after": request.after,
+        }
+
+    def submit(self, request: SubmitRequest) -> Task:
+        request.validate()
+        return Task.from_doc(self._call("POST", "/v1/tasks", json=self._body(request)))
+
+    def dry_run(self, request: SubmitRequest) -> str:
+        request.validate()
+        return str(self._call("POST", "/v1/tasks", params={"dry_run": "true"}, json=self._body(request))["placement"])
+
+    def get(self, task_id: str) -> Task:
+        return Task.from_doc(self._call("GET", f"/v1/tasks/{_q(task_id)}"))
+
+    def list_tasks(self, user: str | None = None, status: list[TaskStatus] | None = None, worker: str | None = None,
+                   limit: int = 50) -> list[Task]:
+        params: list[tuple[str, str | int]] = [("user", user or "all"), ("limit", limit)]
+        params += [("status", s.value) for s in status or []]
+        if worker:
+            params.append(("worker", worker))
+        return [Task.from_doc(d) for d in self._call("GET", "/v1/tasks", params=params)]
+
+    def cancel(self, task_id: str, by: str | None = None, wait_s: float | None = None) -> Task:
+        params = {"wait": "false" if wait_s == 0 else "true"}
+        return Task.from_doc(self._call("POST", f"/v1/tasks/{_q(task_id)}/cancel", params=params,
+                                        timeout=httpx.Timeout(120.0, connect=5.0)))
+
+    # -- logs -------------------------------------------------------------------------------------------
+    def follow_batches(self, task_id: str, after_seq: int = 0, follow: bool = True,
+                       on_reconnect: Callable[[Exception], None] | None = None,
+                       reconnect_for_s: float = 60.0) -> Iterator[list[LogEvent]]:
+        """The log from line ``after_seq + 1`` in batches, over SSE; a dropped connection is resumed with
+        ``Last-Event-ID`` (no gap, no duplicate) for ``reconnect_for_s``."""
+        seq = after_seq
+        broken_since: float | None = None
+        params = {"follow": "true" if follow else "false", "timestamps": "true"}
+        while True:
+            try:
+                with self._http.stream("GET", f"/v1/tasks/{_q(task_id)}/logs", params=params,
+                                       headers={"Accept": "text/event-stream", "Last-Event-ID": str(seq)}) as resp:
+                    if resp.status_code >= 400:
+                        resp.read()
+                        raise _api_error(resp)
+                    for event in parse_sse(resp.iter_raw()):
+                        broken_since = None
+                        if event.kind == "end":
+                            end = json.loads("\n".join(event.data))
+                            yield [LogEnd(end["status"], end.get("exit_code"), end.get("reason"))]
+                            return
+                        if event.kind == "error":
+                            err = json.loads("\n".join(event.data))
+                            raise ApiError(200, err["type"], err["message"], int(err["exit_code"]))
+                        if event.kind == "comment":
+                            if follow:
+                                yield []  # a viewer checks for a key press
+                            continue
+                        if event.id is None or not event.data:
+                            continue
+                        last = int(event.id)
+                        first = last - len(event.data) + 1
+                        yield [_log_line(first + i, text) for i, text in enumerate(event.data)]
+                        seq = last
+                if not follow:
+                    return
+                raise httpx.RemoteProtocolError("the server closed the log stream before its end")
+            except (httpx.TransportError, httpx.StreamError) as exc:
+                now = time.monotonic()
+                broken_since = broken_since or now
+                if now - broken_since > reconnect_for_s:
+                    raise ApiUnavailable(self.url, exc) from None
+                if on_reconnect is not None:
+                    on_reconnect(ApiUnavailable(self.url, exc))
+                time.sleep(1.0)
+
+    def follow(self, task_id: str, after_seq: int = 0, follow: bool = True) -> Iterator[LogEvent]:
+        for batch in self.follow_batches(task_id, after_seq, follow):
+            yield from batch
+
+    def logs(self, task_id: str) -> Iterator[LogEvent]:
+        return self.follow(task_id, follow=False)
+
+    # -- workers ----------------------------------------------------------------------------------------
+    def workers(self) -> list[WorkerView]:
+        return [WorkerView.from_doc(d) for d in self._call("GET", "/v1/workers")]
+
+    def set_worker_state(self, worker_id: str, state: WorkerState) -> WorkerInfo:
+        action = "undrain" if state == WorkerState.ACTIVE else "drain"
+        return WorkerInfo.from_doc(self._call("POST", f"/v1/workers/{_q(worker_id)}/{action}"))
+
+    def remove_worker(self, worker_id: str, force: bool = False) -> None:
+        self._call("DELETE", f"/v1/workers/{_q(worker_id)}", params={"force": "true" if force else "false"})
+
+    def quota_usage(self, user: str | None = None) -> tuple[Quota | None, dict[str, float]]:
+        doc = self._call("GET", "/v1/quota", params={"user": user} if user else None)
+        limits = doc["quota"]
+        quota = Quota(doc["user"], **limits) if any(v is not None for v in limits.values()) else None
+        return quota, doc["used"]
+
+
+def _log_line(seq: int, data: str) -> LogLine:
+    ts, _, text = data.partition(" ")
+    return LogLine(seq, text, ts)
+
+
+def _q(part: str) -> str:
+    from urllib.parse import quote
+
+    return quote(part, safe="")

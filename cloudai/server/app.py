@@ -1,0 +1,93 @@
+"""The app factory: ``create_app(settings)`` builds the FastAPI app (nothing is built at import time)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cloudai.api import CloudAI
+from cloudai.errors import CloudAIError
+from cloudai.server import auth, errors, logstream, routes
+from cloudai.settings import Settings
+
+MAX_BODY_BYTES = 1024 * 1024  # a submit request with a long script and many env values fits easily
+
+
+class BodyLimit:
+    """Refuses request bodies over ``limit`` bytes with 413, whether or not they declare a Content-Length."""
+
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = errors.error_response(413, "PayloadTooLarge",
+                                     f"the request body is over {self.limit // 1024} KiB; send less")
+        await body(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings, cloud: CloudAI | None = None) -> FastAPI:
+    """The master's app for ``settings`` (``cloud``: the operations to use, by default ``CloudAI(settings)``)."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if app.state.log_bus is not None:
+            await app.state.log_bus.close()
+
+    app = FastAPI(title="CloudAI", summary="Run containers on a pool of GPU and CPU hosts", version="1",
+                  lifespan=lifespan)
+    app.state.settings = settings
+    app.state.cloud = cloud or CloudAI(settings)
+    app.state.log_bus = None
+    errors.install(app)
+    app.add_middleware(BodyLimit)
+    app.include_router(auth.router)
+    app.include_router(routes.router)
+    app.include_router(logstream.router)
+
+    @app.get("/healthz", tags=["health"])
+    def healthz(request: Request) -> Any:
+        """200 when the store and Redis answer, else 503 saying which does not (no token needed)."""
+        api: CloudAI = request.app.state.cloud
+        try:
+            api.store.ping()
+            api.ping_redis()
+        except CloudAIError as exc:
+            return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        return {"status": "ok"}
+
+    return app

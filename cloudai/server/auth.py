@@ -1,0 +1,88 @@
+"""Who a request comes from: ``Authorization: Bearer <token>`` or the cookie that ``POST /login`` sets.
+The user of every request is the token's; a client can't name another."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from urllib.parse import parse_qs
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from cloudai import tokens
+from cloudai.api import CloudAI
+from cloudai.errors import AuthError, Forbidden
+from cloudai.tokens import Identity
+
+COOKIE = "cloudai_token"
+MAX_FORM_BYTES = 4096
+
+
+def cloud(request: Request) -> CloudAI:
+    """The app's :class:`CloudAI` (one per server process; connections open on first use)."""
+    return request.app.state.cloud  # type: ignore[no-any-return]
+
+
+def presented_token(request: Request) -> str | None:
+    """The token from the Authorization header, else from the login cookie."""
+    header = request.headers.get("authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() != "bearer" or not value.strip():
+            raise AuthError("use the header `Authorization: Bearer <token>` (other schemes are not accepted)")
+        return value.strip()
+    return request.cookies.get(COOKIE) or None
+
+
+def identity(request: Request) -> Identity:
+    """The dependency every API route takes: the caller, or 401 saying what to do."""
+    return tokens.verify(cloud(request).store, presented_token(request))
+
+
+def admin(who: Annotated[Identity, Depends(identity)]) -> Identity:
+    """Only admins (403 for users)."""
+    if not who.admin:
+        raise Forbidden(f"user {who.user!r} may not administer workers; an admin token is needed")
+    return who
+
+
+Caller = Annotated[Identity, Depends(identity)]
+Admin = Annotated[Identity, Depends(admin)]
+
+router = APIRouter()
+
+
+@router.get("/v1/whoami", tags=["identity"])
+def whoami(who: Caller) -> dict[str, object]:
+    """The token's user and role."""
+    return {"user": who.user, "admin": who.admin, "token": who.prefix}
+
+
+@router.post("/login", tags=["identity"], response_model=None)
+async def login(request: Request) -> Response:
+    """Sign in with a token (form field ``token``): sets an HttpOnly, SameSite=Strict cookie that the API
+    accepts like a Bearer token. With a form field ``next`` (a path on this server), redirects there."""
+    body = await request.body()
+    if len(body) > MAX_FORM_BYTES:
+        raise AuthError("the login form is too large; send only the field `token`")
+    form = parse_qs(body.decode("utf-8", "replace"))
+    token = (form.get("token") or [""])[0].strip()
+    who = await run_in_threadpool(tokens.verify, cloud(request).store, token)
+    target = (form.get("next") or [""])[0]
+    response: Response
+    if target.startswith("/") and not target.startswith("//"):
+        response = RedirectResponse(target, status_code=303)
+    else:
+        response = JSONResponse({"user": who.user, "admin": who.admin, "token": who.prefix})
+    response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https",
+                        path="/", max_age=30 * 86400)
+    return response
+
+
+@router.post("/logout", tags=["identity"])
+def logout() -> Response:
+    """Forget the login cookie."""
+    response = JSONResponse({"ok": True})
+    response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+    return response

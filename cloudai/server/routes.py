@@ -1,0 +1,117 @@
+"""The task and worker endpoints. Each calls the same :class:`cloudai.api.CloudAI` operation the CLI calls in
+direct mode; what this module adds is who may do it. Sync handlers: FastAPI runs them in its thread pool."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+
+from cloudai.api import CloudAI
+from cloudai.errors import TaskNotFound, ValidationError
+from cloudai.models import Task, TaskStatus, WorkerState, quota_doc
+from cloudai.server.auth import Admin, Caller, cloud
+from cloudai.server.schemas import SubmitBody
+from cloudai.tokens import Identity
+
+router = APIRouter(prefix="/v1")
+Cloud = Annotated[CloudAI, Depends(cloud)]
+
+
+def owned_task(api: CloudAI, who: Identity, task_id: str) -> Task:
+    """The task if the caller may see it; another user's task is "not found", exactly like an unknown one."""
+    task = api.get(task_id)
+    if not who.admin and task.user_id != who.user:
+        raise TaskNotFound(task_id)
+    return task
+
+
+def task_doc(task: Task) -> dict[str, Any]:
+    return jsonable_encoder(task.to_doc())  # type: ignore[no-any-return]
+
+
+@router.post("/tasks", status_code=201, tags=["tasks"], response_model=None)
+def submit(body: SubmitBody, api: Cloud, who: Caller,
+           dry_run: Annotated[bool, Query(description="validate and say where it would go")] = False
+           ) -> dict[str, Any] | JSONResponse:
+    """Record and place a task owned by the caller (201 + the task); with ``dry_run``, only where it would go."""
+    request = body.to_request(who.user)
+    if dry_run:
+        return JSONResponse({"valid": True, "placement": api.dry_run(request)})
+    return task_doc(api.submit(request))
+
+
+@router.get("/tasks", tags=["tasks"])
+def list_tasks(api: Cloud, who: Caller, status: Annotated[list[str] | None, Query()] = None,
+               worker: str | None = None, user: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=10000)] = 50,
+               before: Annotated[str | None, Query(description="a task id: only tasks created before it")] = None,
+               ) -> list[dict[str, Any]]:
+    """Tasks, newest first: the caller's own; an admin's ``user`` may name anyone or ``all``."""
+    if who.admin:
+        owner = None if user == "all" else (user or who.user)
+    elif user not in (None, "all", who.user):
+        return []  # another user's tasks are not there for this caller
+    else:
+        owner = who.user
+    statuses = []
+    for value in status or []:
+        try:
+            statuses.append(TaskStatus(value))
+        except ValueError:
+            raise ValidationError("status", value, f"use one of {', '.join(s.value for s in TaskStatus)}") from None
+    if before is None:
+        return [task_doc(t) for t in api.list_tasks(user=owner, status=statuses, worker=worker, limit=limit)]
+    cutoff = owned_task(api, who, before).created_at
+    tasks = api.list_tasks(user=owner, status=statuses, worker=worker, limit=None)
+    return [task_doc(t) for t in tasks if t.created_at < cutoff][:limit]
+
+
+@router.get("/tasks/{task_id}", tags=["tasks"])
+def get_task(task_id: str, api: Cloud, who: Caller) -> dict[str, Any]:
+    """One task's record."""
+    return task_doc(owned_task(api, who, task_id))
+
+
+@router.post("/tasks/{task_id}/cancel", tags=["tasks"])
+def cancel(task_id: str, api: Cloud, who: Caller, wait: bool = True) -> dict[str, Any]:
+    """Cancel a task (a running one has its container stopped); with ``wait``, until the worker did."""
+    owned_task(api, who, task_id)
+    return task_doc(api.cancel(task_id, by=who.user, wait_s=None if wait else 0))
+
+
+@router.get("/quota", tags=["quotas"])
+def quota(api: Cloud, who: Caller, user: str | None = None) -> dict[str, Any]:
+    """The caller's quota and what their queued and running tasks hold (admins: any ``user``'s)."""
+    whose = user if who.admin and user else who.user
+    limits, used = api.quota_usage(whose)
+    return jsonable_encoder(quota_doc(whose, limits, used))  # type: ignore[no-any-return]
+
+
+@router.get("/workers", tags=["workers"])
+def workers(api: Cloud, who: Caller) -> list[dict[str, Any]]:
+    """Workers with capacity, use, GPUs, state and heartbeat age."""
+    return [jsonable_encoder(v.to_doc()) for v in api.workers()]
+
+
+@router.post("/workers/{worker_id}/drain", tags=["workers"])
+def drain(worker_id: str, api: Cloud, who: Admin) -> dict[str, Any]:
+    """Stop placing tasks on a worker (admins only)."""
+    return jsonable_encoder(api.set_worker_state(worker_id, WorkerState.DRAINING).to_doc())  # type: ignore[no-any-return]
+
+
+@router.post("/workers/{worker_id}/undrain", tags=["workers"])
+def undrain(worker_id: str, api: Cloud, who: Admin) -> dict[str, Any]:
+    """Place tasks on a worker again (admins only)."""
+    return jsonable_encoder(api.set_worker_state(worker_id, WorkerState.ACTIVE).to_doc())  # type: ignore[no-any-return]
+
+
+@router.delete("/workers/{worker_id}", tags=["workers"])
+def remove_worker(worker_id: str, api: Cloud, who: Admin, force: bool = False) -> dict[str, Any]:
+    """Forget a worker (admins only); one with live tasks needs ``force``."""
+    api.remove_worker(worker_id, force)
+    return {"removed": worker_id}
+
+

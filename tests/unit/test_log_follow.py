@@ -1,0 +1,66 @@
+"""The log-following state machine without I/O: the requests it makes and the batches it hands over."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from cloudai import logs
+from cloudai.errors import RedisUnavailable
+from cloudai.logevents import LogEnd, LogLine
+
+
+def test_history_then_end_skipping_duplicates_and_noting_a_trimmed_gap() -> None:
+    steps = logs.LogFollow(after_seq=2).steps()
+    assert next(steps) == ("cursor", 2)
+    assert steps.send("1-0") == ("read", ("1-0", 2, logs.BLOCK_MS))
+    kind, batch = steps.send(([LogLine(2, "dup"), LogLine(3, "c"), LogLine(7, "g")], "7-0"))
+    assert kind == "emit"
+    assert [e.seq for e in batch] == [3, 4, 7] and "3 earlier lines were trimmed" in batch[1].text
+    assert steps.send(None) == ("read", ("7-0", 7, logs.BLOCK_MS))
+    end = LogEnd("completed", 0)
+    assert steps.send(([LogLine(8, "h"), end], "9-0")) == ("emit", [LogLine(8, "h"), end])
+    with pytest.raises(StopIteration):
+        steps.send(None)
+
+
+def test_without_follow_a_running_task_stops_after_the_history() -> None:
+    steps = logs.LogFollow(follow=False).steps()
+    assert next(steps) == ("cursor", 0)
+    assert steps.send("0-0") == ("read", ("0-0", 0, None))
+    assert steps.send(([LogLine(1, "a")], "1-0")) == ("emit", [LogLine(1, "a")])
+    assert steps.send(None)[0] == "read"
+    assert steps.send(([], "1-0")) == ("end_of_task", None)  # nothing new: ask the store
+    with pytest.raises(StopIteration):
+        steps.send(None)  # not ended
+
+
+def test_an_expired_stream_is_read_from_the_archive() -> None:
+    steps = logs.LogFollow(follow=False).steps()
+    next(steps)
+    steps.send("0-0")
+    assert steps.send(([], "0-0")) == ("end_of_task", None)
+    end = LogEnd("failed", 3)
+    assert steps.send(end) == ("exists", None)
+    assert steps.send(False) == ("archive", None)
+    kind, batch = steps.send(["2026-01-01T00:00:00Z one", "- two"])
+    assert (kind, batch) == ("emit", [LogLine(1, "one", "2026-01-01T00:00:00Z"), LogLine(2, "two"), end])
+
+
+def test_redis_errors_wait_and_resume_then_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    steps = logs.LogFollow(reconnect_for_s=10).steps()
+    next(steps)
+    error = RedisUnavailable("redis://:pw@h", "down")
+    kind, arg = steps.throw(error)
+    assert kind == "wait" and arg[0] is error and arg[1] == 1.0
+    assert steps.send(None) == ("cursor", 0)  # tries again from where it was
+    clock[0] += 5
+    again: Any = steps.throw(error)
+    assert again[0] == "wait"
+    steps.send(None)
+    clock[0] += 6  # broken for 11 s in a row: more than reconnect_for_s
+    with pytest.raises(RedisUnavailable):
+        steps.throw(error)
