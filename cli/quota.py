@@ -89,13 +89,13 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
         click.echo(f"{user}: quota cleared")
 
     @cli.command("quota")
-    @click.option("--user", envvar="CLOUDAI_USER", help="Whose quota.  [env: CLOUDAI_USER]")
+    @click.option("--user", help="Whose quota (admins; a user sees their own).  [default: you]")
     @click.option("--json", "as_json", is_flag=True)
     @pass_ctx
     def quota_view(ctx: Any, user: str | None, as_json: bool) -> None:
         """What your queued and running tasks hold now, against your quota."""
-        who = user or ctx.default_user()
-        quota, usage = ctx.api.quota_usage(who)
+        quota, usage = ctx.api.quota_usage(user or ctx.default_user())
+        who = quota.user_id if quota else user or ctx.default_user()
         if as_json:
             click.echo(render.to_json(quota_doc(who, quota, usage)))
             return

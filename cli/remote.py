@@ -209,9 +209,8 @@ class RemoteCloud:
 
     def quota_usage(self, user: str | None = None) -> tuple[Quota | None, dict[str, float]]:
         doc = self._call("GET", "/v1/quota", params={"user": user} if user else None)
-        limits = doc["quota"]
-        quota = Quota(doc["user"], **limits) if any(v is not None for v in limits.values()) else None
-        return quota, doc["used"]
+        # the server decides whose quota it is (a user's own, whatever they asked): keep its answer's user
+        return Quota(doc["user"], **doc["quota"]), doc["used"]
 
 
 def _log_line(seq: int, data: str) -> LogLine:
