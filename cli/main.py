@@ -42,7 +42,7 @@ class CloudAIGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CloudAIError as exc:
-            click.echo(click.style("Error: ", fg="red", bold=True) + str(exc), err=True)
+            click.echo(click.style("Error: ", fg="red", bold=True) + render.visible(exc, keep_lines=True), err=True)
             ctx.exit(int(exc.exit_code))
         except redis.RedisError as exc:
             url = ctx.obj.settings.redis_url if isinstance(ctx.obj, Context) else "?"
@@ -90,7 +90,7 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
         click.echo(task.task_id)
     else:
         where = f"queued on {task.worker_id}" if task.status == S.QUEUED else f"pending: {task.pending_reason}"
-        click.echo(f"{task.task_id}  ({where})", err=follow)
+        click.echo(f"{task.task_id}  ({render.visible(where)})", err=follow)
     if follow:
         sys.exit(viewer.monitor(api, task.task_id, header=False))
 
@@ -248,7 +248,7 @@ def list_tasks(ctx: Context, user: str | None, statuses: tuple[str, ...], worker
     if as_json:
         click.echo(render.to_json([t.to_doc() for t in tasks]))
     elif not tasks:
-        click.echo(f"no tasks{' of ' + who if who else ''}", err=True)
+        click.echo(render.visible(f"no tasks{' of ' + who if who else ''}"), err=True)
     else:
         render.console().print(render.task_table(tasks))
 
@@ -265,7 +265,7 @@ def cancel(ctx: Context, task_ids: tuple[str, ...], no_wait: bool) -> None:
             before = ctx.api.get(task_id).status
             task = ctx.api.cancel(task_id, wait_s=0 if no_wait else None)
         except CloudAIError as exc:
-            click.echo(f"{task_id}: {exc}", err=True)
+            click.echo(render.visible(f"{task_id}: {exc}"), err=True)
             worst = max(worst, exc.exit_code)
             continue
         if before.terminal:

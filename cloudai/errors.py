@@ -46,7 +46,10 @@ class ValidationError(CloudAIError):
         self.field = field
         self.value = value
         self.accepted = accepted
-        super().__init__(f"invalid {field} {value!r}: {accepted}")
+        shown = repr(value)
+        if len(shown) > 80:  # a 10 MB command is not echoed back whole
+            shown = f"{shown[:60]}...' ({len(value) if isinstance(value, str | bytes) else len(shown)} characters)"
+        super().__init__(f"invalid {field} {shown}: {accepted}")
 
 
 class NotFoundError(CloudAIError):
