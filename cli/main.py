@@ -13,6 +13,7 @@ import redis
 
 from cli import follow as viewer
 from cli import render
+from cloudai import limits
 from cloudai.api import CloudAI, SubmitRequest, parse_key_values, read_env_file
 from cloudai.errors import CloudAIError, ExitCode, RedisUnavailable
 from cloudai.models import Resources, TaskStatus, WorkerState, join_command, parse_duration
@@ -114,6 +115,7 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher is placed first when waiting.")
 @click.option("--pull", "pull_policy", type=click.Choice(["missing", "always", "never"]), default="missing",
               show_default=True, help="Image pull policy on the worker.")
+@click.option("--read-only", is_flag=True, help="Read-only root filesystem (/tmp stays writable, in memory).")
 @click.option("--name", help="A name to recognise the task by.")
 @click.option("--user", envvar="CLOUDAI_USER", help="Submit as this user.  [env: CLOUDAI_USER]")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the task id.")
@@ -124,7 +126,7 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
 def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None, memory: str | None,
            gpus: str | None, storage: str | None, env: tuple[str, ...], env_file: tuple[str, ...],
            workdir: str | None, label: tuple[str, ...], worker: str | None, constraint: tuple[str, ...],
-           timeout: str | None, retries: int, priority: int, pull_policy: str, name: str | None,
+           timeout: str | None, retries: int, priority: int, pull_policy: str, read_only: bool, name: str | None,
            user: str | None, quiet: bool, as_json: bool, follow: bool, dry_run: bool) -> None:
     """Run COMMAND (with /bin/sh -c) in IMAGE on the cluster, like `docker run` runs it locally.
 
@@ -151,6 +153,7 @@ def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None,
         constraints=_parse(parse_key_values, constraint, "constraint", param="--constraint"),
         priority=priority,
         pull_policy=pull_policy,
+        read_only=read_only,
     )
     _parse(request.validate, param="submit")
     _submit(ctx, request, quiet, as_json, follow, dry_run)
@@ -352,6 +355,7 @@ def worker_start(ctx: Context, worker_id: str | None, cpus: str | None, memory: 
     from cloudai.agent import host_capacity
 
     worker_id = worker_id or ctx.settings.worker_id
+    _parse(limits.worker_id, worker_id, "worker id", param="--id")
     label_text = ",".join(labels) or os.environ.get("CLOUDAI_WORKER_LABELS", "")
     try:
         host_capacity(cpus or "", memory or "", gpus, label_text)  # fail here, before Celery starts

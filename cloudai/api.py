@@ -9,7 +9,7 @@ from functools import cached_property
 
 import redis
 
-from cloudai import keys
+from cloudai import keys, limits
 from cloudai.errors import (
     CloudAIError,
     RedisUnavailable,
@@ -36,7 +36,6 @@ from cloudai.settings import Settings
 from cloudai.store import TaskStore, open_store
 
 S = TaskStatus
-_ENV_KEY_FORMS = "use KEY=VALUE with KEY made of letters, digits and _ (not starting with a digit)"
 
 
 @dataclass
@@ -57,23 +56,40 @@ class SubmitRequest:
     constraints: dict[str, str] = field(default_factory=dict)
     priority: int = 0
     pull_policy: str = "missing"
+    read_only: bool = False  # read-only root filesystem (a writable tmpfs on /tmp)
 
     def validate(self) -> None:
-        if not self.image or any(c.isspace() for c in self.image):
-            raise ValidationError("image", self.image, "name an image such as busybox or ghcr.io/org/app:1.2")
-        if self.retries < 0 or self.retries > 100:
-            raise ValidationError("retries", self.retries, "use a whole number from 0 to 100")
+        """Every field within the bounds of :mod:`cloudai.limits`; raises :class:`ValidationError` naming the
+        field, the bound and what to use instead. Nothing is recorded before this passes."""
+        limits.image(self.image)
+        if self.command is not None:
+            limits.text("command", self.command, max_bytes=limits.MAX_COMMAND_BYTES, controls=True)
+        if not 0 <= self.retries <= limits.MAX_RETRIES:
+            raise ValidationError("retries", self.retries, f"use a whole number from 0 to {limits.MAX_RETRIES}")
+        if not -limits.MAX_PRIORITY <= self.priority <= limits.MAX_PRIORITY:
+            raise ValidationError("priority", self.priority,
+                                  f"use a whole number from -{limits.MAX_PRIORITY} to {limits.MAX_PRIORITY}")
         if self.pull_policy not in PULL_POLICIES:
             raise ValidationError("pull policy", self.pull_policy, f"use one of {', '.join(PULL_POLICIES)}")
-        for key in self.env:
-            if not key or not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
-                raise ValidationError("env", key, _ENV_KEY_FORMS)
-        if self.workdir is not None and not self.workdir.startswith("/"):
-            raise ValidationError("workdir", self.workdir, "use an absolute path inside the container, such as /work")
+        limits.env(self.env)
+        limits.key_values("label", self.labels, reserved_prefix=limits.RESERVED_LABEL_PREFIX)
+        limits.key_values("constraint", self.constraints)
+        if self.workdir is not None:
+            limits.text("workdir", self.workdir, max_chars=limits.MAX_WORKDIR_CHARS)
+            if not self.workdir.startswith("/"):
+                raise ValidationError("workdir", self.workdir,
+                                      "use an absolute path inside the container, such as /work")
+        if self.name is not None:
+            limits.text("name", self.name, max_chars=limits.MAX_NAME_CHARS)
+        if self.user is not None:
+            limits.user_id(self.user)
+        if self.worker is not None:
+            limits.worker_id(self.worker)
 
 
 def parse_key_values(items: list[str] | tuple[str, ...], what: str) -> dict[str, str]:
-    """``KEY=VALUE`` pairs (``--env``, ``--label``, ``--constraint``) into a dict; the last one wins."""
+    """``KEY=VALUE`` pairs (``--env``, ``--label``, ``--constraint``) into a dict. A repeated key: the last one
+    wins, as with ``docker run -e`` (so a later ``-e`` overrides an ``--env-file`` default)."""
     out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -90,6 +106,8 @@ def read_env_file(path: str) -> dict[str, str]:
             lines = [ln.strip() for ln in fh]
     except OSError as exc:
         raise ValidationError("env-file", path, f"could not be read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ValidationError("env-file", path, f"is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     return parse_key_values([ln for ln in lines if ln and not ln.startswith("#")], "env-file line")
 
 
@@ -143,10 +161,15 @@ class CloudAI:
     # -- tasks ------------------------------------------------------------------------------------------
     def build_task(self, request: SubmitRequest) -> Task:
         request.validate()
+        user = limits.user_id(request.user or self.settings.user)
+        patterns = self.settings.allowed_images
+        if not limits.image_allowed(request.image, patterns):
+            raise ValidationError("image", request.image, "is not allowed on this cluster; allowed images "
+                                  f"(CLOUDAI_ALLOWED_IMAGES): {', '.join(patterns)}")
         res = request.resources
         return Task(
             task_id=new_task_id(),
-            user_id=request.user or self.settings.user,
+            user_id=user,
             docker_image=request.image,
             command=request.command,
             req_cpu=res.cpus,
@@ -163,6 +186,7 @@ class CloudAI:
             constraints=dict(request.constraints),
             priority=request.priority,
             pull_policy=request.pull_policy,
+            read_only=request.read_only,
         )
 
     def submit(self, request: SubmitRequest) -> Task:
@@ -177,6 +201,10 @@ class CloudAI:
         return self.scheduler.preview(self.build_task(request))
 
     def get(self, task_id: str) -> Task:
+        try:
+            limits.text("task id", task_id, max_chars=limits.MAX_ID_CHARS)
+        except ValidationError:
+            raise TaskNotFound(task_id) from None  # no task has such an id (and the store can't encode it)
         task = self.store.get_task(task_id)
         if task is None:
             raise TaskNotFound(task_id)
@@ -184,6 +212,9 @@ class CloudAI:
 
     def list_tasks(self, user: str | None = None, status: list[TaskStatus] | None = None, worker: str | None = None,
              limit: int = 50) -> list[Task]:
+        for field_name, value in (("user", user), ("worker", worker)):
+            if value is not None:
+                limits.text(field_name, value, max_chars=limits.MAX_ID_CHARS)
         return self.store.list_tasks(user_id=user, status=status or None, worker_id=worker, limit=limit)
 
     def cancel(self, task_id: str, by: str | None = None, wait_s: float | None = None) -> Task:

@@ -46,7 +46,10 @@ class ValidationError(CloudAIError):
         self.field = field
         self.value = value
         self.accepted = accepted
-        shown = repr(value)
+        try:
+            shown = repr(value)
+        except ValueError:  # an int too long to print
+            shown = f"<{type(value).__name__}>"
         if len(shown) > 80:  # a 10 MB command is not echoed back whole
             shown = f"{shown[:60]}...' ({len(value) if isinstance(value, str | bytes) else len(shown)} characters)"
         super().__init__(f"invalid {field} {shown}: {accepted}")
@@ -104,6 +107,10 @@ class DockerUnavailable(ServiceUnavailable):
 
 class ImageError(CloudAIError):
     """The image is missing and can't (or may not) be pulled."""
+
+
+class ImageNotAllowed(ImageError):
+    """The worker's image allow-list (CLOUDAI_ALLOWED_IMAGES) does not match the task's image."""
 
 
 class RuntimeFailure(CloudAIError):
