@@ -182,3 +182,12 @@ def test_huge_integers_from_an_api_client() -> None:
     for parse in (parse_size, parse_cpus, parse_gpus, parse_duration):
         with pytest.raises(ValidationError):
             parse(10**400)  # type: ignore[operator]
+
+
+def test_submit_refuses_images_outside_the_allow_list(env: dict[str, str], tmp_path: Path) -> None:
+    env = {**env, "CLOUDAI_ALLOWED_IMAGES": "ghcr.io/org/*,busybox:1.*"}
+    code, output = _submit(env, "busybox:latest", "true")
+    assert code == 2
+    assert "invalid image 'busybox:latest': is not allowed on this cluster; allowed images " \
+           "(CLOUDAI_ALLOWED_IMAGES): ghcr.io/org/*, busybox:1.*" in output
+    _nothing_recorded(tmp_path)
