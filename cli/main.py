@@ -392,15 +392,30 @@ def beat(ctx: Context, loglevel: str, schedule: str) -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--port", default=5555, show_default=True)
-@click.option("--basic-auth", envvar="FLOWER_BASIC_AUTH", help="user:password  [env: FLOWER_BASIC_AUTH]")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0: all; put TLS in front of it).")
+@click.option("--basic-auth", envvar="FLOWER_BASIC_AUTH",
+              help="user:password[,user:password]  [env: FLOWER_BASIC_AUTH]")
+@click.option("--no-auth", is_flag=True, help="Run without authentication (only on a trusted network).")
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
-def flower(ctx: Context, port: int, basic_auth: str | None, flower_args: tuple[str, ...]) -> None:
-    """Run the Flower dashboard for this cluster."""
+def flower(ctx: Context, port: int, address: str, basic_auth: str | None, no_auth: bool,
+           flower_args: tuple[str, ...]) -> None:
+    """Run the Flower dashboard for this cluster (it can revoke tasks: never run it open by accident)."""
+    other_auth = bool(os.environ.get("FLOWER_AUTH")) or any(  # Flower's own OAuth options
+        a.startswith(("--auth", "--basic-auth", "--basic_auth")) for a in flower_args)
+    if basic_auth:
+        pairs = basic_auth.split(",")
+        if not all(user and password for user, _, password in (p.partition(":") for p in pairs)):
+            raise click.BadParameter("use user:password (several separated by commas), both non-empty",
+                                     param_hint="--basic-auth / FLOWER_BASIC_AUTH")
+    elif not no_auth and not other_auth:
+        raise click.UsageError("Flower would start without authentication. Set FLOWER_BASIC_AUTH=user:password "
+                               "(or --basic-auth), or pass --no-auth to run it open on purpose.")
     _export(ctx, CLOUDAI_AGENT="0")
     from cloudai.celery_app import run_celery
 
-    args = ["flower", f"--port={port}", *flower_args]
+    args = ["flower", f"--port={port}", f"--address={address}", *flower_args]
     if basic_auth:
         args.append(f"--basic-auth={basic_auth}")
     run_celery(args)
