@@ -117,6 +117,24 @@ class RuntimeFailure(CloudAIError):
     """Docker refused to create or start the container."""
 
 
+class TaskFailed(CloudAIError):
+    """A task that ended other than ``completed``, as its Celery task raises it so that Celery (and Flower) record
+    ``FAILURE`` with the reason as the message. ``outcome`` is the CloudAI record's summary
+    (:meth:`cloudai.models.Task.outcome`); both are the exception's args, so the result backend keeps them
+    and rebuilds this exception from them."""
+
+    def __init__(self, reason: str, outcome: dict[str, object] | None = None) -> None:
+        super().__init__(reason, outcome or {})
+        self.reason = reason
+        self.outcome = outcome or {}
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def __repr__(self) -> str:
+        return f"TaskFailed({self.reason!r})"
+
+
 def redact(url: str) -> str:
     """A URL with its password hidden, safe for messages and logs."""
     if "@" not in url or "://" not in url:

@@ -287,6 +287,22 @@ class Task:
             data[key] = as_utc(data.get(key))
         return cls(**data)
 
+    @property
+    def reason(self) -> str | None:
+        """Why a finished task did not complete, in a few words: ``exit 2``, ``killed: out of memory, limit
+        64 MiB``, ``cancelled by alice``, ``timed out after 30s and was stopped``."""
+        if self.status == TaskStatus.COMPLETED or not self.status.terminal:
+            return None
+        if self.status == TaskStatus.FAILED and self.exit_code is not None and not self.oom_killed:
+            return f"exit {self.exit_code}"
+        return self.error.message if self.error else self.status.value
+
+    def outcome(self) -> dict[str, Any]:
+        """The CloudAI outcome of this attempt, kept in Celery's result backend beside Celery's state."""
+        return {"task_id": self.task_id, "attempt": self.attempt, "status": self.status.value,
+                "exit_code": self.exit_code, "oom_killed": self.oom_killed, "reason": self.reason,
+                "error_type": self.error.type if self.error else None, "worker_id": self.worker_id}
+
     def to_message(self) -> dict[str, Any]:
         """The full spec carried by the queue message (JSON), readable in Flower."""
         return {
