@@ -191,3 +191,19 @@ def test_submit_refuses_images_outside_the_allow_list(env: dict[str, str], tmp_p
     assert "invalid image 'busybox:latest': is not allowed on this cluster; allowed images " \
            "(CLOUDAI_ALLOWED_IMAGES): ghcr.io/org/*, busybox:1.*" in output
     _nothing_recorded(tmp_path)
+
+
+def test_real_process_with_invalid_utf8_argv(env: dict[str, str], tmp_path: Path) -> None:
+    """The real CLI as a shell runs it: bytes that are not UTF-8 arrive as surrogates and are refused."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import ROOT
+
+    for args in ([b"--name", b"caf\xe9", b"busybox"], [b"busybox", b"echo caf\xe9"], [b"-e", b"A=\xff", b"busybox"]):
+        result = subprocess.run([sys.executable.encode(), b"-m", b"cli.main", b"submit", *args], cwd=ROOT,
+                                env={**os.environ, **env}, capture_output=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert b"not valid UTF-8" in result.stderr and b"Traceback" not in result.stderr
+    _nothing_recorded(tmp_path)
