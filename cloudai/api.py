@@ -296,6 +296,7 @@ class CloudAI:
         return views
 
     def set_worker_state(self, worker_id: str, state: WorkerState) -> WorkerInfo:
+        _worker_id_or_unknown(worker_id)
         if not self.store.set_worker_state(worker_id, state):
             raise WorkerNotFound(worker_id)
         if state == WorkerState.ACTIVE:
@@ -306,6 +307,7 @@ class CloudAI:
 
     def remove_worker(self, worker_id: str, force: bool = False) -> None:
         """Forget a worker. One with live tasks is refused unless ``force`` (the reaper then loses them)."""
+        _worker_id_or_unknown(worker_id)
         if self.store.get_worker(worker_id) is None:
             raise WorkerNotFound(worker_id)
         live = self.store.list_tasks(status=LIVE, worker_id=worker_id, limit=None)
@@ -314,6 +316,14 @@ class CloudAI:
                 f"worker {worker_id} still holds {len(live)} live task(s); drain it and wait, or use --force"
             )
         self.store.delete_worker(worker_id)
+
+
+def _worker_id_or_unknown(worker_id: str) -> None:
+    """An id no worker can have (not UTF-8, NUL, too long) is simply unknown, before the store sees it."""
+    try:
+        limits.text("worker id", worker_id, max_chars=limits.MAX_ID_CHARS)
+    except ValidationError:
+        raise WorkerNotFound(worker_id) from None
 
 
 def _end_of(task: Task) -> LogEnd:

@@ -207,3 +207,10 @@ def test_real_process_with_invalid_utf8_argv(env: dict[str, str], tmp_path: Path
         assert result.returncode == 2, result.stderr
         assert b"not valid UTF-8" in result.stderr and b"Traceback" not in result.stderr
     _nothing_recorded(tmp_path)
+
+
+@pytest.mark.parametrize("worker", ["../x", "*", "w" * 300, BAD_UTF8])
+def test_hostile_worker_ids_in_worker_commands_are_unknown(env: dict[str, str], worker: str) -> None:
+    for command in (["workers", "drain", worker], ["workers", "undrain", worker], ["workers", "remove", worker]):
+        result = CliRunner().invoke(cli, command, env=env)
+        assert result.exit_code == 122 and "no worker" in result.output, (command, result.output)
