@@ -126,6 +126,10 @@ def image(value: str) -> str:
     match = _IMAGE_RE.fullmatch(value)
     if not value or match is None:
         raise ValidationError("image", value, IMAGE_FORMS)
+    domain = match.group("domain")
+    if domain and not ("." in domain or ":" in domain or domain == "localhost") and domain != domain.lower():
+        # Docker reads a first component without '.' or ':' as part of the repository, which is lower case
+        raise ValidationError("image", value, IMAGE_FORMS)
     digest = match.group("digest")
     if digest and digest.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-f]{64}", digest):
         raise ValidationError("image", value, "a sha256 digest is 'sha256:' and 64 lower-case hex digits")

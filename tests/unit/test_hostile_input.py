@@ -94,6 +94,7 @@ def _nothing_recorded(tmp_path: Path) -> None:
         # images
         (["bus box"], "invalid image 'bus box'"),
         (["BusyBox"], "lower case"),
+        (["Team/app"], "lower case"),
         (["busybox@sha256:abc"], "invalid image"),
         (["busybox@sha256:" + "A" * 64], "64 lower-case hex digits"),
         (["busybox:" + "t" * 200], "invalid image"),
