@@ -412,6 +412,10 @@ def flower(ctx: Context, port: int, address: str, basic_auth: str | None, no_aut
     elif not no_auth and not other_auth:
         raise click.UsageError("Flower would start without authentication. Set FLOWER_BASIC_AUTH=user:password "
                                "(or --basic-auth), or pass --no-auth to run it open on purpose.")
+    if no_auth and not basic_auth and not other_auth and address not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(click.style("Warning: ", fg="yellow", bold=True)
+                   + f"Flower listens on {address} without authentication: anyone who reaches it can revoke tasks.",
+                   err=True)
     _export(ctx, CLOUDAI_AGENT="0")
     from cloudai.celery_app import run_celery
 

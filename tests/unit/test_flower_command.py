@@ -42,3 +42,4 @@ def test_no_auth_and_address_on_purpose(started: list[list[str]]) -> None:
     result = CliRunner().invoke(cli, ["flower", "--no-auth", "--address", "0.0.0.0"])
     assert result.exit_code == 0, result.output
     assert started == [["flower", "--port=5555", "--address=0.0.0.0"]]
+    assert "without authentication: anyone who reaches it" in result.output
