@@ -64,11 +64,8 @@ class SubmitRequest:
         limits.image(self.image)
         if self.command is not None:
             limits.text("command", self.command, max_bytes=limits.MAX_COMMAND_BYTES, controls=True)
-        if not 0 <= self.retries <= limits.MAX_RETRIES:
-            raise ValidationError("retries", self.retries, f"use a whole number from 0 to {limits.MAX_RETRIES}")
-        if not -limits.MAX_PRIORITY <= self.priority <= limits.MAX_PRIORITY:
-            raise ValidationError("priority", self.priority,
-                                  f"use a whole number from -{limits.MAX_PRIORITY} to {limits.MAX_PRIORITY}")
+        limits.whole("retries", self.retries, 0, limits.MAX_RETRIES)
+        limits.whole("priority", self.priority, -limits.MAX_PRIORITY, limits.MAX_PRIORITY)
         if self.pull_policy not in PULL_POLICIES:
             raise ValidationError("pull policy", self.pull_policy, f"use one of {', '.join(PULL_POLICIES)}")
         limits.env(self.env)

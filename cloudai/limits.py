@@ -88,6 +88,8 @@ def text(field: str, value: str, max_chars: int | None = None, max_bytes: int | 
          controls: bool = False) -> str:
     """``value`` if it is valid UTF-8 (no lone surrogates: the CLI receives invalid bytes as those), has no
     NUL byte, no other control characters unless ``controls``, and is within the bounds."""
+    if not isinstance(value, str):  # an API body can hold anything
+        raise ValidationError(field, value, "must be text")
     try:
         size = len(value.encode("utf-8"))
     except UnicodeEncodeError:
@@ -138,6 +140,8 @@ def image(value: str) -> str:
 
 def env(variables: Mapping[str, str]) -> None:
     """Keys as a shell takes them, values within the bounds, none reserved."""
+    if not isinstance(variables, Mapping):
+        raise ValidationError("env", variables, "use KEY=VALUE pairs (an object of strings)")
     if len(variables) > MAX_ENV_ENTRIES:
         raise ValidationError("env", f"{len(variables)} variables", f"the most is {MAX_ENV_ENTRIES}")
     total = 0
@@ -157,6 +161,8 @@ def env(variables: Mapping[str, str]) -> None:
 
 def key_values(field: str, pairs: Mapping[str, str], reserved_prefix: str | None = None) -> None:
     """Labels and constraints: at most :data:`MAX_LABELS`, single-line keys and values within bounds."""
+    if not isinstance(pairs, Mapping):
+        raise ValidationError(field, pairs, "use KEY=VALUE pairs (an object of strings)")
     if len(pairs) > MAX_LABELS:
         raise ValidationError(field, f"{len(pairs)} entries", f"the most is {MAX_LABELS}")
     for key, value in pairs.items():
@@ -164,6 +170,13 @@ def key_values(field: str, pairs: Mapping[str, str], reserved_prefix: str | None
         if reserved_prefix and key.startswith(reserved_prefix):
             raise ValidationError(field, key, f"keys starting with {reserved_prefix!r} are CloudAI's own")
         text(f"{field} {key}", value, max_chars=MAX_LABEL_VALUE_CHARS)
+
+
+def whole(field: str, value: object, low: int, high: int) -> int:
+    """A whole number from ``low`` to ``high`` (not a bool, not a float)."""
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValidationError(field, value, f"use a whole number from {low} to {high}")
+    return value
 
 
 def image_allowed(value: str, patterns: Iterable[str]) -> bool:

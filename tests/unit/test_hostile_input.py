@@ -215,3 +215,16 @@ def test_hostile_worker_ids_in_worker_commands_are_unknown(env: dict[str, str], 
     for command in (["workers", "drain", worker], ["workers", "undrain", worker], ["workers", "remove", worker]):
         result = CliRunner().invoke(cli, command, env=env)
         assert result.exit_code == 122 and "no worker" in result.output, (command, result.output)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [({"command": 5}, "invalid command 5: must be text"), ({"env": {"A": 1}}, "must be text"),
+     ({"env": ["A=1"]}, "object of strings"), ({"labels": {"k": None}}, "must be text"),
+     ({"retries": True}, "invalid retries"), ({"priority": 1.5}, "invalid priority"), ({"image": 3}, "must be text"),
+     ({"name": ["x"]}, "must be text")],
+)
+def test_wrong_types_from_an_api_body(fields: dict[str, object], message: str) -> None:
+    request = SubmitRequest(**{"image": "busybox", **fields})  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=message.replace("[", r"\[")):
+        request.validate()
