@@ -19,6 +19,4 @@ def test_markup_and_escapes_show_literally(settings: Settings, store: SQLiteStor
     assert "echo '[/]' \\x1b[2J\\x1b]0;pwned\\x07 [bold]x" in listed.stdout
     status = run(settings, "status", task_id)
     assert status.returncode == 0 and "[/]oops" in status.stdout and "\x1b" not in status.stdout
-    refused = run(settings, "submit", "--name", "a\x1b[2J", TEST_IMAGE, "true")
-    assert refused.returncode == 2 and "control characters" in refused.stderr
     assert [t.task_id for t in store.list_tasks(limit=None)] == [task_id]
