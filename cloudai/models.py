@@ -295,6 +295,8 @@ class Task:
             return None
         if self.status == TaskStatus.FAILED and self.exit_code is not None and not self.oom_killed:
             return f"exit {self.exit_code}"
+        if self.status == TaskStatus.LOST and self.error and not self.error.message.startswith("lost"):
+            return f"lost: {self.error.message}"
         return self.error.message if self.error else self.status.value
 
     def outcome(self) -> dict[str, Any]:

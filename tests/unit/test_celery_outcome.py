@@ -55,7 +55,7 @@ def test_completed_is_success_with_the_outcome(store: SQLiteStore) -> None:
          "timed out after 2s and was stopped"),
         (S.CANCELLED, {"error": TaskError("Cancelled", "cancelled by alice")}, "cancelled by alice"),
         (S.LOST, {"error": TaskError("WorkerLost", "worker w1 stopped heartbeating")},
-         "worker w1 stopped heartbeating"),
+         "lost: worker w1 stopped heartbeating"),
     ],
 )
 def test_other_ends_are_failures_with_the_reason(store: SQLiteStore, status: TaskStatus,
