@@ -19,7 +19,7 @@ from tests.helpers import executor, queued_task, register, run_in_thread, wait_s
 
 S = TaskStatus
 pytestmark = pytest.mark.usefixtures("docker_ready")
-PROBE = ("grep CapEff /proc/self/status; echo NV=$NVIDIA_VISIBLE_DEVICES; echo A=$A; "
+PROBE = ("grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; echo NV=$NVIDIA_VISIBLE_DEVICES; echo A=$A; "
          "touch /probe 2>/dev/null && echo root=rw || echo root=ro; touch /tmp/probe && echo tmp=rw; ")
 WAIT = "trap 'exit 0' TERM; while true; do sleep 0.1; done"
 
@@ -50,7 +50,9 @@ def test_default_hardening_read_back_from_the_container(settings: Settings, stor
     assert host["PidsLimit"] == settings.pids_limit
     assert host["ReadonlyRootfs"] is True and host["Tmpfs"] == {"/tmp": f"rw,nosuid,nodev,size={64 * 1024**2}"}
     assert "NVIDIA_VISIBLE_DEVICES=void" in info["Config"]["Env"]
-    assert lines[:5] == [f"CapEff:\t{_mask(DEFAULT_CAPS)}", "NV=void", "A=2", "root=ro", "tmp=rw"]
+    # NoNewPrivs 1: no-new-privileges; Seccomp 2: Docker's default seccomp filter is on
+    assert lines[:7] == [f"CapEff:\t{_mask(DEFAULT_CAPS)}", "NoNewPrivs:\t1", "Seccomp:\t2", "NV=void", "A=2",
+                         "root=ro", "tmp=rw"]
 
 
 def test_operator_capability_settings(settings: Settings, store: SQLiteStore) -> None:
@@ -60,7 +62,7 @@ def test_operator_capability_settings(settings: Settings, store: SQLiteStore) ->
     assert info["HostConfig"]["CapAdd"] == ["KILL", "NET_RAW"] and info["HostConfig"]["CapDrop"] == ["ALL"]
     assert not info["HostConfig"].get("ReadonlyRootfs")
     assert lines[0] == f"CapEff:\t{_mask(['KILL', 'NET_RAW'])}"
-    assert lines[3] == "root=rw"
+    assert lines[5] == "root=rw"
 
 
 def test_the_worker_enforces_its_own_image_allow_list(settings: Settings, store: SQLiteStore) -> None:
