@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+import logging
+import socket
 import threading
+from collections.abc import Iterable
+
+from celery import Celery
 
 from cloudai.celery_app import app, dispatch, settings
+from cloudai.errors import TaskFailed
 from cloudai.logs import LogBus
 from cloudai.maintenance import Maintenance
+from cloudai.models import TaskStatus
 from cloudai.scheduler import Scheduler
-from cloudai.store import open_store
+from cloudai.store import TaskStore, open_store
 
+log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _maintenance: Maintenance | None = None
 
@@ -27,7 +35,34 @@ def maintenance() -> Maintenance:
 @app.task(name="cloudai.maintenance.reap", ignore_result=True)
 def reap() -> dict[str, list[str]]:
     """Dead workers go offline; their tasks become lost or are retried."""
-    return maintenance().reap()
+    done = maintenance().reap()
+    report_lost(app, maintenance().store, done["lost"] + done["retried"])
+    return done
+
+
+def report_lost(celery_app: Celery, store: TaskStore, task_ids: Iterable[str]) -> list[str]:
+    """A dead worker can't tell Celery that its attempt ended: record FAILURE ("lost: ...") for that attempt in
+    the result backend and send ``task-failed`` so that Flower shows it too. Returns the Celery ids reported;
+    a failure here is logged, never a reason for the reaper to fail."""
+    reported: list[str] = []
+    try:
+        with celery_app.events.default_dispatcher(hostname=f"beat@{socket.gethostname()}") as events:
+            for task_id in task_ids:
+                task = store.get_task(task_id)
+                if task is None or task.error is None:
+                    continue
+                # retried: the lost attempt is the one before the new pending one
+                attempt = task.attempt if task.status == TaskStatus.LOST else task.attempt - 1
+                celery_id = f"{task_id}.{attempt}"
+                reason = f"lost: {task.error.message}"
+                exc = TaskFailed(reason, {**task.outcome(), "attempt": attempt, "status": TaskStatus.LOST.value,
+                                          "reason": reason})
+                celery_app.backend.mark_as_failure(celery_id, exc)
+                events.send("task-failed", uuid=celery_id, exception=repr(exc), traceback=None)
+                reported.append(celery_id)
+    except Exception:
+        log.warning("could not report lost tasks to Celery (Flower)", exc_info=True)
+    return reported
 
 
 @app.task(name="cloudai.maintenance.place_pending", ignore_result=True)

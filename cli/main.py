@@ -14,6 +14,7 @@ from cli import follow as viewer
 from cli import quota as quota_cli
 from cli import render
 from cli.client import Client, open_client
+from cloudai import limits
 from cloudai.errors import CloudAIError, ExitCode, RedisUnavailable
 from cloudai.models import Resources, TaskStatus, WorkerState, join_command, parse_duration
 from cloudai.settings import Settings
@@ -59,7 +60,7 @@ class CloudAIGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CloudAIError as exc:
-            click.echo(click.style("Error: ", fg="red", bold=True) + str(exc), err=True)
+            click.echo(click.style("Error: ", fg="red", bold=True) + render.visible(exc, keep_lines=True), err=True)
             ctx.exit(int(exc.exit_code))
         except Exception as exc:
             redis = sys.modules.get("redis")  # imported only in direct mode
@@ -116,7 +117,7 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
         where = f"queued on {task.worker_id}" if task.status == S.QUEUED else f"pending: {task.pending_reason}"
         if task.status.terminal:  # a dependency had already failed
             where = f"{task.status.value}: {task.error.message if task.error else ''}"
-        click.echo(f"{task.task_id}  ({where})", err=follow)
+        click.echo(f"{task.task_id}  ({render.visible(where)})", err=follow)
     if follow:
         sys.exit(viewer.monitor(api, task.task_id, header=False))
 
@@ -140,6 +141,7 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
 @click.option("--priority", type=int, default=0, show_default=True, help="Higher is placed first when waiting.")
 @click.option("--pull", "pull_policy", type=click.Choice(["missing", "always", "never"]), default="missing",
               show_default=True, help="Image pull policy on the worker.")
+@click.option("--read-only", is_flag=True, help="Read-only root filesystem (/tmp stays writable, in memory).")
 @click.option("--name", help="A name to recognise the task by.")
 @click.option("--after", "after", multiple=True, metavar="ID[,ID...]",
               help="Start only after these tasks completed (cancelled if one ends otherwise).")
@@ -152,7 +154,7 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
 def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None, memory: str | None,
            gpus: str | None, storage: str | None, env: tuple[str, ...], env_file: tuple[str, ...],
            workdir: str | None, label: tuple[str, ...], worker: str | None, constraint: tuple[str, ...],
-           timeout: str | None, retries: int, priority: int, pull_policy: str, name: str | None,
+           timeout: str | None, retries: int, priority: int, pull_policy: str, read_only: bool, name: str | None,
            after: tuple[str, ...], user: str | None, quiet: bool, as_json: bool, follow: bool,
            dry_run: bool) -> None:
     """Run COMMAND (with /bin/sh -c) in IMAGE on the cluster, like `docker run` runs it locally.
@@ -181,6 +183,7 @@ def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None,
         priority=priority,
         pull_policy=pull_policy,
         after=[i.strip() for item in after for i in item.split(",") if i.strip()],
+        read_only=read_only,
     )
     _parse(request.validate, param="submit")
     _submit(ctx, request, quiet, as_json, follow, dry_run)
@@ -278,7 +281,7 @@ def list_tasks(ctx: Context, user: str | None, statuses: tuple[str, ...], worker
     if as_json:
         click.echo(render.to_json([t.to_doc() for t in tasks]))
     elif not tasks:
-        click.echo(f"no tasks{' of ' + who if who else ''}", err=True)
+        click.echo(render.visible(f"no tasks{' of ' + who if who else ''}"), err=True)
     else:
         render.console().print(render.task_table(tasks))
 
@@ -295,7 +298,7 @@ def cancel(ctx: Context, task_ids: tuple[str, ...], no_wait: bool) -> None:
             before = ctx.api.get(task_id).status
             task = ctx.api.cancel(task_id, wait_s=0 if no_wait else None)
         except CloudAIError as exc:
-            click.echo(f"{task_id}: {exc}", err=True)
+            click.echo(render.visible(f"{task_id}: {exc}"), err=True)
             worst = max(worst, exc.exit_code)
             continue
         if before.terminal:
@@ -382,6 +385,7 @@ def worker_start(ctx: Context, worker_id: str | None, cpus: str | None, memory: 
     from cloudai.agent import host_capacity
 
     worker_id = worker_id or ctx.settings.worker_id
+    _parse(limits.worker_id, worker_id, "worker id", param="--id")
     label_text = ",".join(labels) or os.environ.get("CLOUDAI_WORKER_LABELS", "")
     try:
         host_capacity(cpus or "", memory or "", gpus, label_text)  # fail here, before Celery starts
@@ -419,15 +423,34 @@ def beat(ctx: Context, loglevel: str, schedule: str) -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--port", default=5555, show_default=True)
-@click.option("--basic-auth", envvar="FLOWER_BASIC_AUTH", help="user:password  [env: FLOWER_BASIC_AUTH]")
+@click.option("--address", default="127.0.0.1", show_default=True,
+              help="Interface to listen on (0.0.0.0: all; put TLS in front of it).")
+@click.option("--basic-auth", envvar="FLOWER_BASIC_AUTH",
+              help="user:password[,user:password]  [env: FLOWER_BASIC_AUTH]")
+@click.option("--no-auth", is_flag=True, help="Run without authentication (only on a trusted network).")
 @click.argument("flower_args", nargs=-1, type=click.UNPROCESSED)
 @pass_ctx
-def flower(ctx: Context, port: int, basic_auth: str | None, flower_args: tuple[str, ...]) -> None:
-    """Run the Flower dashboard for this cluster."""
+def flower(ctx: Context, port: int, address: str, basic_auth: str | None, no_auth: bool,
+           flower_args: tuple[str, ...]) -> None:
+    """Run the Flower dashboard for this cluster (it can revoke tasks: never run it open by accident)."""
+    other_auth = bool(os.environ.get("FLOWER_AUTH")) or any(  # Flower's own OAuth options
+        a.startswith(("--auth", "--basic-auth", "--basic_auth")) for a in flower_args)
+    if basic_auth:
+        pairs = basic_auth.split(",")
+        if not all(user and password for user, _, password in (p.partition(":") for p in pairs)):
+            raise click.BadParameter("use user:password (several separated by commas), both non-empty",
+                                     param_hint="--basic-auth / FLOWER_BASIC_AUTH")
+    elif not no_auth and not other_auth:
+        raise click.UsageError("Flower would start without authentication. Set FLOWER_BASIC_AUTH=user:password "
+                               "(or --basic-auth), or pass --no-auth to run it open on purpose.")
+    if no_auth and not basic_auth and not other_auth and address not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(click.style("Warning: ", fg="yellow", bold=True)
+                   + f"Flower listens on {address} without authentication: anyone who reaches it can revoke tasks.",
+                   err=True)
     _export(ctx, CLOUDAI_AGENT="0")
     from cloudai.celery_app import run_celery
 
-    args = ["flower", f"--port={port}", *flower_args]
+    args = ["flower", f"--port={port}", f"--address={address}", *flower_args]
     if basic_auth:
         args.append(f"--basic-auth={basic_auth}")
     run_celery(args)

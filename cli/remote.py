@@ -115,7 +115,7 @@ class RemoteCloud:
             "workdir": request.workdir, "labels": request.labels, "timeout": request.timeout_s,
             "retries": request.retries, "name": request.name, "worker": request.worker,
             "constraints": request.constraints, "priority": request.priority, "pull": request.pull_policy,
-            "after": request.after,
+            "after": request.after, "read_only": request.read_only,
         }
 
     def submit(self, request: SubmitRequest) -> Task:

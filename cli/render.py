@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from datetime import datetime
 from typing import Any, TextIO
@@ -22,6 +23,36 @@ STATUS_STYLE = {
     "pending": "yellow", "queued": "cyan", "running": "blue", "completed": "green", "failed": "red",
     "cancelled": "magenta", "timeout": "red", "lost": "red",
 }
+
+
+# C0 and C1 controls, DEL, lone surrogates (invalid UTF-8 the CLI received), and the bidi overrides that can
+# make a terminal show text in another order than it is ("Trojan Source")
+_BIDI = r"\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff" + _BIDI + "]")
+_UNSAFE_KEEP_LINES = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff" + _BIDI + "]")
+
+
+_SHORT = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_char(match: re.Match[str]) -> str:
+    char = match.group()
+    code = ord(char)
+    return _SHORT.get(char) or (f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}")
+
+
+def visible(value: object, keep_lines: bool = False) -> str:
+    """A user-supplied value made safe for a terminal: every control character (ESC, \\r, NUL, ...), lone
+    surrogate and bidi override is shown as an escape such as ``\\x1b`` instead of acting on the terminal.
+    ``keep_lines`` keeps newlines and tabs (multi-line error messages). Rich markup is not touched here:
+    :func:`cell` makes table cells that rich shows literally."""
+    return (_UNSAFE_KEEP_LINES if keep_lines else _UNSAFE).sub(_escape_char, str(value))
+
+
+def cell(value: object, style: str = "") -> Text:
+    """A table cell that shows ``value`` exactly: never parsed as rich markup (``[/]`` stays ``[/]``), with
+    control characters made visible."""
+    return Text(visible(value), style=style)
 
 
 def exit_code_for(status: str, exit_code: int | None) -> int:
@@ -104,7 +135,7 @@ def print_status(task: Task, out: TextIO | None = None) -> None:
     out = out or sys.stdout
     width = max(len(k) for k, _ in status_lines(task))
     for key, value in status_lines(task):
-        out.write(f"{key.rjust(width)}: {value}\n")
+        out.write(f"{key.rjust(width)}: {visible(value)}\n")
 
 
 def final_block(end: LogEnd, color: bool) -> str:
@@ -114,7 +145,7 @@ def final_block(end: LogEnd, color: bool) -> str:
     if end.exit_code is not None and end.status != S.COMPLETED.value:
         details.append(f"exit {end.exit_code}")
     if end.reason and end.reason != f"exited with code {end.exit_code}":
-        details.append(end.reason)
+        details.append(visible(end.reason))
     text = title + (" — " + ", ".join(details) if details else "")
     return click.style(text, fg=STATUS_STYLE.get(end.status, "white"), bold=True) if color else text
 
@@ -125,9 +156,10 @@ def task_table(tasks: list[Task]) -> Table:
         table.add_column(col, no_wrap=True)
     for t in tasks:
         table.add_row(
-            t.task_id, t.user_id, f"[{STATUS_STYLE.get(t.status.value, 'white')}]{t.status.value}[/]",
-            t.worker_id or "-", t.docker_image, _one_line(t.command or "", 60), t.resources.describe(),
-            age(t.created_at), "-" if t.exit_code is None else str(t.exit_code), Text(_note(t)),
+            cell(t.task_id), cell(t.user_id), cell(t.status.value, STATUS_STYLE.get(t.status.value, "white")),
+            cell(t.worker_id or "-"), cell(t.docker_image), cell(_one_line(t.command or "", 60)),
+            cell(t.resources.describe()), cell(age(t.created_at)), cell("-" if t.exit_code is None else t.exit_code),
+            cell(_note(t)),
         )
     return table
 
@@ -143,7 +175,7 @@ def _note(task: Task) -> str:
 
 def _one_line(text: str, width: int) -> str:
     """A multi-line shell script as one short line for a table cell."""
-    flat = " ".join(text.split())
+    flat = visible(" ".join(text.split()))
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
@@ -155,11 +187,11 @@ def worker_table(views: list[WorkerView]) -> Table:
         w = v.info
         state = w.state.value if v.alive or w.state.value == "offline" else f"{w.state.value} (silent)"
         gpus = f"{len(v.used_gpu_ids)}/{len(w.gpu_ids)}" + (f" [{','.join(w.gpu_ids)}]" if w.gpu_ids else "")
-        table.add_row(
+        table.add_row(*map(cell, (
             w.worker_id, state, f"{v.used_cpus:g}/{w.cpus:g}",
             f"{format_bytes(v.used_memory)}/{format_bytes(w.memory)}", gpus, f"{v.tasks}/{w.slots}",
             f"{v.heartbeat_age_s:.0f}s ago", ",".join(f"{k}={val}" for k, val in w.labels.items()) or "-",
-        )
+        )))
     return table
 
 

@@ -8,7 +8,7 @@ from functools import cached_property
 
 import redis
 
-from cloudai import keys
+from cloudai import keys, limits
 from cloudai.errors import (
     CloudAIError,
     RedisUnavailable,
@@ -78,10 +78,15 @@ class CloudAI:
     # -- tasks ------------------------------------------------------------------------------------------
     def build_task(self, request: SubmitRequest) -> Task:
         request.validate()
+        user = limits.user_id(request.user or self.settings.user)
+        patterns = self.settings.allowed_images
+        if not limits.image_allowed(request.image, patterns):
+            raise ValidationError("image", request.image, "is not allowed on this cluster; allowed images "
+                                  f"(CLOUDAI_ALLOWED_IMAGES): {', '.join(patterns)}")
         res = request.resources
         return Task(
             task_id=new_task_id(),
-            user_id=request.user or self.settings.user,
+            user_id=user,
             docker_image=request.image,
             command=request.command,
             req_cpu=res.cpus,
@@ -99,6 +104,7 @@ class CloudAI:
             priority=request.priority,
             pull_policy=request.pull_policy,
             after=list(dict.fromkeys(request.after)),
+            read_only=request.read_only,
         )
 
     def check_dependencies(self, task: Task) -> None:
@@ -124,6 +130,10 @@ class CloudAI:
         return self.scheduler.preview(task)
 
     def get(self, task_id: str) -> Task:
+        try:
+            limits.text("task id", task_id, max_chars=limits.MAX_ID_CHARS)
+        except ValidationError:
+            raise TaskNotFound(task_id) from None  # no task has such an id (and the store can't encode it)
         task = self.store.get_task(task_id)
         if task is None:
             raise TaskNotFound(task_id)
@@ -131,6 +141,9 @@ class CloudAI:
 
     def list_tasks(self, user: str | None = None, status: list[TaskStatus] | None = None, worker: str | None = None,
              limit: int | None = 50) -> list[Task]:
+        for field_name, value in (("user", user), ("worker", worker)):
+            if value is not None:
+                limits.text(field_name, value, max_chars=limits.MAX_ID_CHARS)
         return self.store.list_tasks(user_id=user, status=status or None, worker_id=worker, limit=limit)
 
     def cancel(self, task_id: str, by: str | None = None, wait_s: float | None = None) -> Task:
@@ -214,6 +227,7 @@ class CloudAI:
         return views
 
     def set_worker_state(self, worker_id: str, state: WorkerState) -> WorkerInfo:
+        _worker_id_or_unknown(worker_id)
         if not self.store.set_worker_state(worker_id, state):
             raise WorkerNotFound(worker_id)
         if state == WorkerState.ACTIVE:
@@ -224,6 +238,7 @@ class CloudAI:
 
     def remove_worker(self, worker_id: str, force: bool = False) -> None:
         """Forget a worker. One with live tasks is refused unless ``force`` (the reaper then loses them)."""
+        _worker_id_or_unknown(worker_id)
         if self.store.get_worker(worker_id) is None:
             raise WorkerNotFound(worker_id)
         live = self.store.list_tasks(status=LIVE, worker_id=worker_id, limit=None)
@@ -262,6 +277,14 @@ class CloudAI:
         """``user``'s quota (None: no limits) and what their queued and running tasks hold now."""
         who = user or self.settings.user
         return self.store.get_quota(who), self.scheduler.reservations.user_usage(who)
+
+
+def _worker_id_or_unknown(worker_id: str) -> None:
+    """An id no worker can have (not UTF-8, NUL, too long) is simply unknown, before the store sees it."""
+    try:
+        limits.text("worker id", worker_id, max_chars=limits.MAX_ID_CHARS)
+    except ValidationError:
+        raise WorkerNotFound(worker_id) from None
 
 
 def _end_of(task: Task) -> LogEnd:

@@ -46,7 +46,13 @@ class ValidationError(CloudAIError):
         self.field = field
         self.value = value
         self.accepted = accepted
-        super().__init__(f"invalid {field} {value!r}: {accepted}")
+        try:
+            shown = repr(value)
+        except ValueError:  # an int too long to print
+            shown = f"<{type(value).__name__}>"
+        if len(shown) > 80:  # a 10 MB command is not echoed back whole
+            shown = f"{shown[:60]}...' ({len(value) if isinstance(value, str | bytes) else len(shown)} characters)"
+        super().__init__(f"invalid {field} {shown}: {accepted}")
 
 
 class NotFoundError(CloudAIError):
@@ -103,8 +109,30 @@ class ImageError(CloudAIError):
     """The image is missing and can't (or may not) be pulled."""
 
 
+class ImageNotAllowed(ImageError):
+    """The worker's image allow-list (CLOUDAI_ALLOWED_IMAGES) does not match the task's image."""
+
+
 class RuntimeFailure(CloudAIError):
     """Docker refused to create or start the container."""
+
+
+class TaskFailed(CloudAIError):
+    """A task that ended other than ``completed``, as its Celery task raises it so that Celery (and Flower) record
+    ``FAILURE`` with the reason as the message. ``outcome`` is the CloudAI record's summary
+    (:meth:`cloudai.models.Task.outcome`); both are the exception's args, so the result backend keeps them
+    and rebuilds this exception from them."""
+
+    def __init__(self, reason: str, outcome: dict[str, object] | None = None) -> None:
+        super().__init__(reason, outcome or {})
+        self.reason = reason
+        self.outcome = outcome or {}
+
+    def __str__(self) -> str:
+        return self.reason
+
+    def __repr__(self) -> str:
+        return f"TaskFailed({self.reason!r})"
 
 
 def redact(url: str) -> str:

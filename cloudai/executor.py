@@ -16,8 +16,9 @@ from typing import Any, TypeVar
 import redis
 
 from cloudai import keys
-from cloudai.errors import ImageError, RedisUnavailable, RuntimeFailure, StoreUnavailable
+from cloudai.errors import ImageError, ImageNotAllowed, RedisUnavailable, RuntimeFailure, StoreUnavailable
 from cloudai.gpus import GpuLeases
+from cloudai.limits import capabilities, image_allowed
 from cloudai.logs import LogBus, LogWriter, archive_line, split_frames
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
 from cloudai.reservations import Reservations
@@ -144,6 +145,7 @@ class Executor:
             writer = self.bus.writer(task_id)
             task.log_base = writer.published  # lines of earlier attempts, if this is a retry
             self.store.update_task(task_id, S.RUNNING, log_base=task.log_base)
+            self._check_image_allowed(task)
             self.runtime.ensure_image(task.docker_image, task.pull_policy)
             container_id = self.runtime.create(self._container_spec(task))
             self.store.update_task(task_id, S.RUNNING, container_id=container_id)
@@ -165,6 +167,13 @@ class Executor:
             outcome = Outcome(S.FAILED, None, f"worker error: {exc}", False, "WorkerError")
             return self._finish(task, container_id, outcome).value
 
+    def _check_image_allowed(self, task: Task) -> None:
+        """This worker's own allow-list wins over whatever the submitting side allowed."""
+        patterns = self.settings.allowed_images
+        if not image_allowed(task.docker_image, patterns):
+            raise ImageNotAllowed(f"image {task.docker_image!r} is not allowed on worker {self.worker_id}; "
+                                  f"allowed images (CLOUDAI_ALLOWED_IMAGES): {', '.join(patterns)}")
+
     def _holder_is_live(self, holder: str) -> bool:
         other = self.store.get_task(holder)
         return bool(other and other.status in LIVE and other.worker_id == self.worker_id)
@@ -185,6 +194,8 @@ class Executor:
             pids_limit=self.settings.pids_limit,
             network=self.settings.docker_network,
             name=f"cloudai-{task.task_id}-{task.attempt}",
+            capabilities=capabilities(self.settings.cap_drop, self.settings.cap_add),
+            read_only=task.read_only,
         )
 
     def _supervise(self, task: Task, container_id: str, writer: LogWriter) -> str:

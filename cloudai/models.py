@@ -14,12 +14,11 @@ from enum import Enum
 from typing import Any
 
 from cloudai.errors import ValidationError
+from cloudai.limits import MAX_CPUS, MAX_GPUS, MAX_MEMORY_BYTES, MAX_TIMEOUT_S
+from cloudai.limits import MIN_MEMORY_BYTES as MIN_MEMORY
 
 GiB = 1024**3
 MiB = 1024**2
-MIN_MEMORY = 6 * MiB  # Docker refuses smaller memory limits
-MAX_CPUS = 1024.0
-MAX_GPUS = 64
 
 _UNITS = {"": GiB, "b": 1, "k": 1024, "m": MiB, "g": GiB, "t": 1024**4}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([bkmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
@@ -55,15 +54,15 @@ def parse_size(value: str | float | int, field_name: str = "memory") -> int:
     if isinstance(value, bool):
         raise ValidationError(field_name, value, _SIZE_FORMS)
     if isinstance(value, int | float):
-        number, unit = float(value), ""
+        number, unit = _float(value, field_name, _SIZE_FORMS), ""
     else:
         match = _SIZE_RE.match(str(value))
         if not match:
             raise ValidationError(field_name, value, _SIZE_FORMS)
         number, unit = float(match.group(1)), match.group(2).lower()
     size = number * _UNITS[unit]
-    if not math.isfinite(size) or size <= 0:
-        raise ValidationError(field_name, value, "must be more than 0; " + _SIZE_FORMS)
+    if not math.isfinite(size) or size <= 0 or size > MAX_MEMORY_BYTES:
+        raise ValidationError(field_name, value, "must be more than 0 and at most 64t; " + _SIZE_FORMS)
     return int(size)
 
 
@@ -71,7 +70,7 @@ def parse_cpus(value: str | float | int) -> float:
     """CPU cores as ``docker run --cpus`` takes them: ``2``, ``0.5``."""
     try:
         cpus = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValidationError("cpus", value, "use a number of cores such as 2 or 0.5") from None
     if not math.isfinite(cpus) or cpus <= 0 or cpus > MAX_CPUS:
         raise ValidationError("cpus", value, f"must be more than 0 and at most {MAX_CPUS:g}, such as 2 or 0.5")
@@ -84,7 +83,7 @@ def parse_gpus(value: str | float | int) -> int:
     """A whole number of GPUs, 0 to 64 (the seed's ``-gpu_cores 1.0`` is accepted when whole)."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValidationError("gpus", value, f"use a whole number of GPUs from 0 to {MAX_GPUS}") from None
     if not number.is_integer() or not 0 <= number <= MAX_GPUS:
         raise ValidationError("gpus", value, f"use a whole number of GPUs from 0 to {MAX_GPUS} (GPUs are not shared)")
@@ -96,7 +95,7 @@ def parse_duration(value: str | float | int | None) -> float | None:
     if value is None or value == "":
         return None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
+        seconds = _float(value, "timeout", _DURATION_FORMS)
     else:
         text = str(value).strip()
         try:
@@ -107,9 +106,17 @@ def parse_duration(value: str | float | int | None) -> float | None:
                 raise ValidationError("timeout", value, _DURATION_FORMS) from None
             scale = {"s": 1, "m": 60, "h": 3600, "d": 86400}
             seconds = sum(float(n) * scale[u.lower()] for n, u in parts)
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValidationError("timeout", value, _DURATION_FORMS)
+    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_TIMEOUT_S:
+        raise ValidationError("timeout", value, f"must be from 0 (no limit) to {MAX_TIMEOUT_S / 86400:g}d; "
+                              + _DURATION_FORMS)
     return seconds or None
+
+
+def _float(value: int | float, field_name: str, forms: str) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond any float (an API client can send one)
+        raise ValidationError(field_name, value, forms) from None
 
 
 def format_bytes(size: int | None) -> str:
@@ -246,6 +253,7 @@ class Task:
     constraints: dict[str, str] = field(default_factory=dict)
     priority: int = 0
     pull_policy: str = "missing"
+    read_only: bool = False  # read-only root filesystem, writable tmpfs /tmp
     pending_reason: str | None = None
     log_base: int = 0  # log lines of earlier attempts: this attempt's container output starts after them
     after: list[str] = field(default_factory=list)  # ids of tasks that must complete before this one starts
@@ -279,6 +287,24 @@ class Task:
         for key in ("created_at", "started_at", "completed_at"):
             data[key] = as_utc(data.get(key))
         return cls(**data)
+
+    @property
+    def reason(self) -> str | None:
+        """Why a finished task did not complete, in a few words: ``exit 2``, ``killed: out of memory, limit
+        64 MiB``, ``cancelled by alice``, ``timed out after 30s and was stopped``."""
+        if self.status == TaskStatus.COMPLETED or not self.status.terminal:
+            return None
+        if self.status == TaskStatus.FAILED and self.exit_code is not None and not self.oom_killed:
+            return f"exit {self.exit_code}"
+        if self.status == TaskStatus.LOST and self.error and not self.error.message.startswith("lost"):
+            return f"lost: {self.error.message}"
+        return self.error.message if self.error else self.status.value
+
+    def outcome(self) -> dict[str, Any]:
+        """The CloudAI outcome of this attempt, kept in Celery's result backend beside Celery's state."""
+        return {"task_id": self.task_id, "attempt": self.attempt, "status": self.status.value,
+                "exit_code": self.exit_code, "oom_killed": self.oom_killed, "reason": self.reason,
+                "error_type": self.error.type if self.error else None, "worker_id": self.worker_id}
 
     def to_message(self) -> dict[str, Any]:
         """The full spec carried by the queue message (JSON), readable in Flower."""

@@ -15,6 +15,7 @@ from docker.types import DeviceRequest
 
 from cloudai import keys
 from cloudai.errors import DockerUnavailable, ImageError, RuntimeFailure
+from cloudai.limits import DEFAULT_CAPS
 from cloudai.models import format_bytes
 from cloudai.submission import PULL_POLICIES
 
@@ -39,6 +40,8 @@ class ContainerSpec:
     pids_limit: int = 4096
     network: str | None = None
     name: str | None = None
+    capabilities: list[str] = field(default_factory=lambda: list(DEFAULT_CAPS))  # all others are dropped
+    read_only: bool = False  # read-only root filesystem with a writable tmpfs /tmp
 
 
 @dataclass(frozen=True)
@@ -56,8 +59,14 @@ def host_config_args(spec: ContainerSpec) -> dict[str, Any]:
         "memswap_limit": spec.memory,  # equal: no swap, so an OOM kill is an OOM kill
         "pids_limit": spec.pids_limit,
         "privileged": False,
-        "security_opt": ["no-new-privileges"],
+        "security_opt": ["no-new-privileges"],  # Docker's default seccomp profile stays on (never unconfined)
+        "cap_drop": ["ALL"],
+        "cap_add": list(spec.capabilities),
     }
+    if spec.read_only:
+        args["read_only"] = True
+        # /tmp stays writable; tmpfs pages count against the task's memory limit
+        args["tmpfs"] = {"/tmp": f"rw,nosuid,nodev,size={spec.memory}"}
     if spec.gpu_ids:
         args["device_requests"] = [DeviceRequest(device_ids=list(spec.gpu_ids), capabilities=[["gpu"]])]
     if spec.storage:
@@ -65,6 +74,12 @@ def host_config_args(spec: ContainerSpec) -> dict[str, Any]:
     if spec.network:
         args["network_mode"] = spec.network
     return args
+
+
+def container_env(spec: ContainerSpec) -> dict[str, str]:
+    """The task's environment with the GPUs it may see forced: its own ids, or ``void`` (none) when it has
+    none, so the NVIDIA runtime never exposes another task's or every GPU (users can't set this key)."""
+    return {**spec.env, "NVIDIA_VISIBLE_DEVICES": ",".join(spec.gpu_ids) or "void"}
 
 
 def container_labels(spec: ContainerSpec) -> dict[str, str]:
@@ -119,7 +134,7 @@ class DockerRuntime:
                 spec.image,
                 command=[spec.command] if spec.command is not None else None,
                 entrypoint=["/bin/sh", "-c"] if spec.command is not None else None,
-                environment=spec.env or None,
+                environment=container_env(spec),
                 working_dir=spec.workdir,
                 labels=container_labels(spec),
                 host_config=host_config,

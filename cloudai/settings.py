@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from cloudai.errors import ConfigError
+from cloudai.limits import CAPABILITIES
 
 
 def _default_user() -> str:
@@ -39,6 +40,19 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(value)
 
 
+def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
+
+
+def _caps(env: Mapping[str, str], name: str, allow_all: bool) -> tuple[str, ...]:
+    names = tuple(c.upper().removeprefix("CAP_") for c in _list(env, name))
+    for cap in names:
+        if cap not in CAPABILITIES and not (allow_all and cap == "ALL"):
+            raise ConfigError(f"{name}: unknown capability {cap!r}; use names such as NET_RAW or SYS_PTRACE"
+                              + (" (or ALL)" if allow_all else ""))
+    return names
+
+
 @dataclass(frozen=True)
 class Settings:
     """Everything a CloudAI process needs to know about its cluster."""
@@ -56,6 +70,11 @@ class Settings:
     placement_policy: str = "spread"
     docker_network: str | None = None
     pids_limit: int = 4096
+    # task containers: capabilities beyond the default to drop / add (see cloudai.limits.DEFAULT_CAPS), and the
+    # glob patterns of the images that may run (empty: any). A worker applies its own list again.
+    cap_drop: tuple[str, ...] = ()
+    cap_add: tuple[str, ...] = ()
+    allowed_images: tuple[str, ...] = ()
     # what this host offers when it runs a worker (``cloudai worker start`` flags override)
     worker_cpus: str = ""  # default: all cores
     worker_memory: str = ""  # default: all memory
@@ -89,6 +108,9 @@ class Settings:
             placement_policy=policy,
             docker_network=env.get("CLOUDAI_DOCKER_NETWORK") or None,
             pids_limit=_int(env, "CLOUDAI_PIDS_LIMIT", base.pids_limit),
+            cap_drop=_caps(env, "CLOUDAI_CAP_DROP", allow_all=True),
+            cap_add=_caps(env, "CLOUDAI_CAP_ADD", allow_all=False),
+            allowed_images=_list(env, "CLOUDAI_ALLOWED_IMAGES"),
             worker_cpus=env.get("CLOUDAI_WORKER_CPUS", ""),
             worker_memory=env.get("CLOUDAI_WORKER_MEMORY", ""),
             worker_gpus=env.get("CLOUDAI_WORKER_GPUS") or base.worker_gpus,

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from cloudai import limits
 from cloudai.errors import ValidationError
 from cloudai.models import Resources
 
 PULL_POLICIES = ("missing", "always", "never")
-_ENV_KEY_FORMS = "use KEY=VALUE with KEY made of letters, digits and _ (not starting with a digit)"
 
 
 @dataclass
@@ -32,23 +32,42 @@ class SubmitRequest:
     priority: int = 0
     pull_policy: str = "missing"
     after: list[str] = field(default_factory=list)  # task ids that must complete first
+    read_only: bool = False  # read-only root filesystem (a writable tmpfs on /tmp)
 
     def validate(self) -> None:
-        if not self.image or any(c.isspace() for c in self.image):
-            raise ValidationError("image", self.image, "name an image such as busybox or ghcr.io/org/app:1.2")
-        if self.retries < 0 or self.retries > 100:
-            raise ValidationError("retries", self.retries, "use a whole number from 0 to 100")
+        """Every field within the bounds of :mod:`cloudai.limits`; raises :class:`ValidationError` naming the
+        field, the bound and what to use instead. Nothing is recorded before this passes."""
+        limits.image(self.image)
+        if self.command is not None:
+            limits.text("command", self.command, max_bytes=limits.MAX_COMMAND_BYTES, controls=True)
+        limits.whole("retries", self.retries, 0, limits.MAX_RETRIES)
+        limits.whole("priority", self.priority, -limits.MAX_PRIORITY, limits.MAX_PRIORITY)
         if self.pull_policy not in PULL_POLICIES:
             raise ValidationError("pull policy", self.pull_policy, f"use one of {', '.join(PULL_POLICIES)}")
-        for key in self.env:
-            if not key or not (key[0].isalpha() or key[0] == "_") or not all(c.isalnum() or c == "_" for c in key):
-                raise ValidationError("env", key, _ENV_KEY_FORMS)
-        if self.workdir is not None and not self.workdir.startswith("/"):
-            raise ValidationError("workdir", self.workdir, "use an absolute path inside the container, such as /work")
+        limits.env(self.env)
+        limits.key_values("label", self.labels, reserved_prefix=limits.RESERVED_LABEL_PREFIX)
+        limits.key_values("constraint", self.constraints)
+        if self.workdir is not None:
+            limits.text("workdir", self.workdir, max_chars=limits.MAX_WORKDIR_CHARS)
+            if not self.workdir.startswith("/"):
+                raise ValidationError("workdir", self.workdir,
+                                      "use an absolute path inside the container, such as /work")
+        if self.name is not None:
+            limits.text("name", self.name, max_chars=limits.MAX_NAME_CHARS)
+        if self.user is not None:
+            limits.user_id(self.user)
+        if self.worker is not None:
+            limits.worker_id(self.worker)
+        if len(self.after) > limits.MAX_DEPENDENCIES:
+            raise ValidationError("after", f"{len(self.after)} tasks",
+                                  f"a task may wait for at most {limits.MAX_DEPENDENCIES} others")
+        for dep in self.after:
+            limits.text("after", dep, max_chars=limits.MAX_ID_CHARS)
 
 
 def parse_key_values(items: list[str] | tuple[str, ...], what: str) -> dict[str, str]:
-    """``KEY=VALUE`` pairs (``--env``, ``--label``, ``--constraint``) into a dict; the last one wins."""
+    """``KEY=VALUE`` pairs (``--env``, ``--label``, ``--constraint``) into a dict. A repeated key: the last one
+    wins, as with ``docker run -e`` (so a later ``-e`` overrides an ``--env-file`` default)."""
     out: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -65,4 +84,6 @@ def read_env_file(path: str) -> dict[str, str]:
             lines = [ln.strip() for ln in fh]
     except OSError as exc:
         raise ValidationError("env-file", path, f"could not be read ({exc.strerror})") from None
+    except UnicodeDecodeError as exc:
+        raise ValidationError("env-file", path, f"is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     return parse_key_values([ln for ln in lines if ln and not ln.startswith("#")], "env-file line")

@@ -33,6 +33,7 @@ class SubmitBody(BaseModel):
     constraints: dict[str, str] = Field(default_factory=dict, max_length=256)
     priority: int = 0
     pull: str = "missing"
+    read_only: bool = Field(default=False, description="read-only root filesystem (/tmp stays writable)")
     after: list[str] = Field(default_factory=list, max_length=100,
                              description="task ids (yours) that must complete before this one starts")
     user: str | None = Field(default=None, max_length=256, description="ignored: the token's user owns the task")
@@ -45,7 +46,7 @@ class SubmitBody(BaseModel):
             env=dict(self.env), workdir=self.workdir, labels=dict(self.labels),
             timeout_s=parse_duration(self.timeout), retries=self.retries, name=self.name, user=user,
             worker=self.worker, constraints=dict(self.constraints), priority=self.priority, pull_policy=self.pull,
-            after=list(self.after),
+            after=list(self.after), read_only=self.read_only,
         )
         request.validate()
         return request

@@ -58,7 +58,8 @@ def test_killed_worker_task_with_retries_runs_again_elsewhere(
     settings: Settings, store: SQLiteStore, workers, beat  # type: ignore[no-untyped-def]
 ) -> None:
     first = workers("first-" + settings.worker_id)
-    task_id = submit(settings, "--retries", "1", TEST_IMAGE, "echo attempt; sleep 2; echo finished")
+    # the first attempt must outlast the second worker's start (over 2 s on a loaded 2-core machine)
+    task_id = submit(settings, "--retries", "1", TEST_IMAGE, "echo attempt; sleep 4; echo finished")
     wait_for(lambda: store.get_task(task_id).started_at, 60, what="start")  # type: ignore[union-attr]
     second = workers("second-" + settings.worker_id)
     first.kill()

@@ -3,6 +3,7 @@ readable arguments. The screenshots are kept in artifacts/."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import urllib.error
@@ -10,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import redis
 
 from cloudai.models import TaskStatus
 from cloudai.settings import Settings
@@ -63,10 +65,12 @@ def browser():  # type: ignore[no-untyped-def]
     chrome.quit()
 
 
-@pytest.mark.timeout(180)
-def test_flower_shows_workers_and_tasks_with_readable_arguments(
+@pytest.mark.timeout(240)
+def test_flower_shows_workers_and_tasks_with_readable_arguments_and_true_states(
     settings: Settings, store: SQLiteStore, workers, flower: str, browser  # type: ignore[no-untyped-def]
 ) -> None:
+    """Also issue 11's "Flower tells the truth": a container that exited 2 and one killed for memory show as
+    FAILURE with the reason; the result backend keeps the CloudAI outcome beside Celery's state."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -76,7 +80,11 @@ def test_flower_shows_workers_and_tasks_with_readable_arguments(
 
     proc = workers()
     task_id = submit(settings, "--cpus", "0.5", "-m", "64m", TEST_IMAGE, "echo hello from flower test")
+    failed_id = submit(settings, "-m", "64m", TEST_IMAGE, "echo failing; exit 2")
+    oom_id = submit(settings, "-m", "32m", TEST_IMAGE, "x=$(head -c 200000000 /dev/zero | tr '\\0' a)")
     wait_for(lambda: store.get_task(task_id).status == TaskStatus.COMPLETED, 60, what="task")  # type: ignore[union-attr]
+    for other in (failed_id, oom_id):
+        wait_for(lambda o=other: store.get_task(o).status == TaskStatus.FAILED, 60, what="failure")  # type: ignore[misc,union-attr]
     ARTIFACTS.mkdir(exist_ok=True)
     user, password = AUTH
     base = f"http://{user}:{password}@{flower}"
@@ -104,3 +112,23 @@ def test_flower_shows_workers_and_tasks_with_readable_arguments(
                      "echo hello from flower test"):
         assert readable in text, readable
     browser.save_screenshot(str(ARTIFACTS / "flower-task.png"))
+
+    for tid, reason, shot in ((failed_id, "exit 2", "flower-task-failed.png"),
+                              (oom_id, "killed: out of memory, limit 32 MiB", "flower-task-oom.png")):
+        def failure_shown(_: object, tid: str = tid, reason: str = reason) -> bool:
+            browser.get(f"{base}/task/{tid}.1")
+            text = body()
+            return "FAILURE" in text and f"TaskFailed('{reason}')" in text
+
+        WebDriverWait(browser, 30, poll_frequency=1).until(failure_shown)
+        browser.save_screenshot(str(ARTIFACTS / shot))
+        meta = json.loads(redis.Redis.from_url(settings.redis_url).get(f"celery-task-meta-{tid}.1") or b"{}")
+        assert meta["status"] == "FAILURE"
+        assert meta["result"]["exc_type"] == "TaskFailed" and meta["result"]["exc_message"][0] == reason
+        assert meta["result"]["exc_message"][1]["status"] == "failed"  # the CloudAI outcome beside it
+    browser.get(f"{base}/tasks")
+    WebDriverWait(browser, 30).until(lambda _: f"{oom_id}.1" in body() and f"{failed_id}.1" in body())
+    assert body().count("FAILURE") >= 2
+    browser.save_screenshot(str(ARTIFACTS / "flower-tasks-failures.png"))
+    ok = json.loads(redis.Redis.from_url(settings.redis_url).get(f"celery-task-meta-{task_id}.1") or b"{}")
+    assert ok["status"] == "SUCCESS" and ok["result"]["status"] == "completed" and ok["result"]["exit_code"] == 0

@@ -52,7 +52,9 @@ def test_reconcile_starts_attaches_removes_and_loses(settings: Settings, store: 
     events = list(CloudAI(settings).follow(created.task_id))
     assert [e.text for e in events if isinstance(e, LogLine)] == ["started late"]
     assert isinstance(events[-1], LogEnd) and events[-1].exit_code == 4
-    assert runtime.inspect(orphan_cid) is None and runtime.inspect(created_cid) is None
+    assert runtime.inspect(orphan_cid) is None
+    # the outcome is recorded (and the log ends) before the container is removed, in the same finish step
+    wait_for(lambda: runtime.inspect(created_cid) is None, 10, what="the finished container to be removed")
     lost = store.get_task(vanished.task_id)
     assert lost is not None and lost.status == S.LOST and "vanished" in (lost.error.message if lost.error else "")
 

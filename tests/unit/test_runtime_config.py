@@ -48,3 +48,32 @@ def test_image_tags() -> None:
     assert _split_tag("busybox") == ("busybox", "latest")
     assert _split_tag("reg:5000/a/b:1.2") == ("reg:5000/a/b", "1.2")
     assert _split_tag("reg:5000/a/b") == ("reg:5000/a/b", "latest")
+
+
+def test_capabilities_are_dropped_to_the_documented_default() -> None:
+    from cloudai.limits import DEFAULT_CAPS, capabilities
+
+    api = docker.APIClient(base_url="unix:///nonexistent.sock", version="1.41")
+    hc = api.create_host_config(**host_config_args(_spec()))
+    assert hc["CapDrop"] == ["ALL"] and set(hc["CapAdd"]) == set(DEFAULT_CAPS)
+    assert "NET_RAW" not in DEFAULT_CAPS and "SYS_ADMIN" not in DEFAULT_CAPS
+    assert "ReadonlyRootfs" not in hc and "Tmpfs" not in hc
+    assert capabilities(drop=["ALL"], add=["SYS_PTRACE"]) == ["SYS_PTRACE"]
+    assert capabilities(drop=["CHOWN"], add=["NET_RAW"]) == [  # in bit order
+        "DAC_OVERRIDE", "FOWNER", "FSETID", "KILL", "SETGID", "SETUID", "SETPCAP", "NET_BIND_SERVICE", "NET_RAW",
+        "SYS_CHROOT", "MKNOD", "AUDIT_WRITE", "SETFCAP"]
+
+
+def test_read_only_root_keeps_a_writable_tmp() -> None:
+    api = docker.APIClient(base_url="unix:///nonexistent.sock", version="1.41")
+    hc = api.create_host_config(**host_config_args(_spec(read_only=True)))
+    assert hc["ReadonlyRootfs"] is True
+    assert hc["Tmpfs"] == {"/tmp": f"rw,nosuid,nodev,size={64 * MiB}"}
+
+
+def test_nvidia_visible_devices_is_forced() -> None:
+    from cloudai.runtime import container_env
+
+    assert container_env(_spec(env={"A": "1"}))["NVIDIA_VISIBLE_DEVICES"] == "void"
+    assert container_env(_spec(gpu_ids=["1", "3"]))["NVIDIA_VISIBLE_DEVICES"] == "1,3"
+    assert container_env(_spec(env={"NVIDIA_VISIBLE_DEVICES": "all"}))["NVIDIA_VISIBLE_DEVICES"] == "void"

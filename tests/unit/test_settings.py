@@ -33,3 +33,15 @@ def test_redact_hides_passwords() -> None:
     assert redact("redis://:secret@host:6379/0") == "redis://:***@host:6379/0"
     assert redact("mongodb://u:pw@h/db") == "mongodb://u:***@h/db"
     assert redact("sqlite:///x.db") == "sqlite:///x.db"
+
+
+def test_capabilities_and_image_allow_list() -> None:
+    s = Settings.from_env({"CLOUDAI_CAP_DROP": "cap_chown, ALL", "CLOUDAI_CAP_ADD": "SYS_PTRACE",
+                           "CLOUDAI_ALLOWED_IMAGES": "ghcr.io/org/*, busybox:*,"})
+    assert s.cap_drop == ("CHOWN", "ALL") and s.cap_add == ("SYS_PTRACE",)
+    assert s.allowed_images == ("ghcr.io/org/*", "busybox:*")
+    assert Settings.from_env({}).allowed_images == ()
+    with pytest.raises(ConfigError, match="CLOUDAI_CAP_ADD: unknown capability 'ALL'"):
+        Settings.from_env({"CLOUDAI_CAP_ADD": "ALL"})
+    with pytest.raises(ConfigError, match="CLOUDAI_CAP_DROP: unknown capability 'NET_RWA'"):
+        Settings.from_env({"CLOUDAI_CAP_DROP": "NET_RWA"})

@@ -1,0 +1,63 @@
+"""A dead worker can't tell Celery its attempt ended: beat's reaper records FAILURE ("lost: ...") in the result
+backend and sends task-failed, which is what Flower shows (issue 11, "Flower tells the truth"). Real Redis."""
+
+from __future__ import annotations
+
+import json
+import threading
+from datetime import timedelta
+from typing import Any
+
+import redis
+
+from beat.tasks import report_lost
+from cloudai.api import CloudAI, SubmitRequest
+from cloudai.celery_app import make_app
+from cloudai.maintenance import Maintenance
+from cloudai.models import TaskStatus, utcnow
+from cloudai.settings import Settings
+from cloudai.store.sqlite import SQLiteStore
+from tests.helpers import register, wait_for
+
+S = TaskStatus
+
+
+def test_lost_and_retried_attempts_are_failures_in_celery(settings: Settings, store: SQLiteStore) -> None:
+    api = CloudAI(settings, dispatch=lambda t: None)
+    register(store, "dead")
+    lost = api.submit(SubmitRequest(image="busybox", command="sleep 100"))
+    retried = api.submit(SubmitRequest(image="busybox", command="sleep 100", retries=1))
+    store.heartbeat("dead", utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 1))
+    done = Maintenance(settings, api.store, api.bus, api.scheduler).reap()
+    assert done["lost"] == [lost.task_id] and done["retried"] == [retried.task_id]
+
+    celery_app = make_app(settings)
+    events: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with celery_app.connection_for_read() as conn:
+            def received(event: dict[str, Any]) -> None:
+                events.append(event)
+                receiver.should_stop = len(events) >= 2
+
+            receiver = celery_app.events.Receiver(conn, handlers={"task-failed": received})
+            receiver.on_consume_ready = lambda *args, **kwargs: ready.set()  # bound: events sent now arrive
+            receiver.capture(timeout=15, wakeup=False)
+
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    assert ready.wait(10)
+    reported = report_lost(celery_app, store, done["lost"] + done["retried"])
+    assert reported == [f"{lost.task_id}.1", f"{retried.task_id}.1"]
+    wait_for(lambda: len(events) == 2, 15, what="task-failed events")
+    assert [e["uuid"] for e in events] == reported
+    assert events[0]["exception"].startswith("TaskFailed('lost: worker dead stopped heartbeating")
+
+    r = redis.Redis.from_url(settings.redis_url)
+    for celery_id in reported:
+        meta = json.loads(r.get(f"celery-task-meta-{celery_id}") or b"{}")
+        assert meta["status"] == "FAILURE" and meta["result"]["exc_type"] == "TaskFailed"
+        reason, outcome = meta["result"]["exc_message"]
+        assert reason.startswith("lost: worker dead stopped heartbeating")
+        assert outcome["status"] == "lost" and outcome["attempt"] == 1
