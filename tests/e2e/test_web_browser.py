@@ -44,6 +44,7 @@ def browser() -> Iterator[Any]:
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     chrome = webdriver.Chrome(service=Service(driver), options=options)
     ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "web-failure.png").unlink(missing_ok=True)
     yield chrome
     chrome.quit()
 
@@ -155,7 +156,7 @@ def test_submit_from_the_form_and_watch_2000_lines_live_then_what_others_see(
     assert page.text("[data-field=status]") == "completed" and not page.find("#cancel").is_displayed()
     assert page.text("[data-field=worker_id]") == worker.worker_id
     page.shot("web-task.png")
-    page.b.set_window_size(1000, 640)
+    page.b.set_window_size(1000, 760)
     page.js("document.getElementById('log').scrollTop = 1e9")
     page.b.save_screenshot(str(ROOT / "docs" / "task-page.png"))
     page.b.set_window_size(1200, 850)
@@ -240,6 +241,15 @@ def test_cancel_from_the_task_page_stops_the_container(api_server: ServerProc, s
     page.until(lambda: page.log_lines() == ["started"], 60, "the first line")
     container_id = wait_started(store, task_id).container_id
     assert container_id and DockerRuntime().inspect(container_id)["State"]["Running"]  # type: ignore[index]
+
+    # the workers page shows what the running task reserves, with a link to it
+    page.get("/workers")
+    page.until(lambda: task_id in page.text("[data-worker-id] .running"), 15, "the running task on its worker")
+    assert "1 / 4 cores" in page.text("[data-worker-id]") and "64 MiB / 8 GiB" in page.text("[data-worker-id]")
+    assert page.js("return document.querySelector('.meter .fill').style.width") == "25%"
+    page.shot("web-workers-busy.png")
+    page.find(f"[data-worker-id] .running a[href='/tasks/{task_id}']").click()
+    page.until(lambda: page.log_lines() == ["started"], 30, "the task page again")
 
     page.find("#cancel").click()
     page.until(lambda: expected_conditions.alert_is_present()(page.b), 5, "the confirmation")

@@ -89,7 +89,9 @@ function result(t) {
   if (t.exit_code !== null && t.exit_code !== undefined) parts.push(`exit ${t.exit_code}`);
   if (t.oom_killed) parts.push(`OOM (limit ${fmtBytes(Math.round(t.req_memory * GiB))})`);
   else if (t.status === "timeout") parts.push("timeout");
-  if (t.error && t.error.message && !t.oom_killed && t.status !== "timeout") parts.push(t.error.message);
+  const message = t.error && t.error.message;
+  // the reason, unless the exit code already said it ("exited with code 3")
+  if (message && !t.oom_killed && t.status !== "timeout" && !message.startsWith("exited with code")) parts.push(message);
   return parts.join(" · ");
 }
 
@@ -236,7 +238,7 @@ function initTask() {
     source.addEventListener("end", (ev) => {
       ended = true;
       source.close();
-      state.textContent = `${lines} lines · ended`;
+      state.textContent = `${lines} line${lines === 1 ? "" : "s"} · ended`;
       log.dataset.ended = "true";
       refreshTask();
     });
