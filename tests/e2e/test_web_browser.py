@@ -64,9 +64,8 @@ class Page:
         return self.b.execute_script(script)
 
     def text(self, css: str = "body") -> str:
-        from selenium.webdriver.common.by import By
-
-        return str(self.b.find_element(By.CSS_SELECTOR, css).text)
+        """The element's visible text, read in one step (the lists re-render every few seconds), "" if none."""
+        return str(self.js(f"const e = document.querySelector({css!r}); return e ? e.innerText.trim() : ''"))
 
     def find(self, css: str) -> Any:
         from selenium.webdriver.common.by import By
@@ -74,11 +73,12 @@ class Page:
         return self.b.find_element(By.CSS_SELECTOR, css)
 
     def until(self, check: Any, timeout: float = 30, what: str = "") -> Any:
-        from selenium.common.exceptions import TimeoutException
+        from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException, TimeoutException
         from selenium.webdriver.support.ui import WebDriverWait
 
+        ignored = (NoSuchElementException, StaleElementReferenceException)
         try:
-            return WebDriverWait(self.b, timeout, poll_frequency=0.05).until(lambda _: check(), what)
+            return WebDriverWait(self.b, timeout, 0.05, ignored).until(lambda _: check(), what)
         except TimeoutException:
             self.shot("web-failure.png")  # what the page showed, and its console, for the report
             raise AssertionError(f"timed out waiting for {what} on {self.b.current_url}; console: "
