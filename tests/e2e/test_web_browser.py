@@ -147,6 +147,8 @@ def test_submit_from_the_form_and_watch_2000_lines_live_then_what_others_see(
     page.until(lambda: 0 < len(page.log_lines()) < 2000, 60, "the first lines, live")
     seen_running = len(page.log_lines())
     assert store.get_task(task_id).status == TaskStatus.RUNNING  # type: ignore[union-attr]
+    page.js("document.getElementById('log').scrollTop = 0")  # the user scrolls up to read: the page stops following
+    page.until(lambda: page.find("#follow").is_displayed(), 5, "the follow button")
     restart(api_server)
     page.until(lambda: page.find("#log").get_attribute("data-ended") == "true", 90, "the end of the log")
     lines = page.log_lines()
@@ -155,10 +157,15 @@ def test_submit_from_the_form_and_watch_2000_lines_live_then_what_others_see(
     assert page.text("#banner") == "completed · exit 0"
     assert page.text("[data-field=status]") == "completed" and not page.find("#cancel").is_displayed()
     assert page.text("[data-field=worker_id]") == worker.worker_id
+    assert page.js("return document.getElementById('log').scrollTop") == 0  # still where the user left it
+    page.find("#follow").click()
+    assert page.js("const l = document.getElementById('log'); return l.scrollHeight - l.scrollTop - l.clientHeight") < 8
     page.shot("web-task.png")
-    page.b.set_window_size(1000, 760)
-    page.js("document.getElementById('log').scrollTop = 1e9")
+    page.b.set_window_size(1000, 900)
     page.b.save_screenshot(str(ROOT / "docs" / "task-page.png"))
+    page.b.set_window_size(420, 850)
+    page.shot("web-task-narrow.png")
+    assert page.js("return document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
     page.b.set_window_size(1200, 850)
     download = httpx.get(api_server.url + page.find("#download").get_attribute("href").removeprefix(api_server.url),
                          cookies={"cloudai_token": ana})
@@ -267,3 +274,19 @@ def test_cancel_from_the_task_page_stops_the_container(api_server: ServerProc, s
     assert store.get_task(task_id).status == TaskStatus.CANCELLED  # type: ignore[union-attr]
     wait_for(lambda: page.find("#log").get_attribute("data-ended") == "true", 30, what="the log's end")
     page.shot("web-task-cancelled.png")
+
+    # the other endings, in the list and in the banner: out of memory (with the limit) and timeout
+    def submit(**body: Any) -> str:
+        r = httpx.post(api_server.url + "/v1/tasks", headers={"Authorization": f"Bearer {ana}"},
+                       json={"image": TEST_IMAGE, **body})
+        return str(r.json()["task_id"])
+
+    oom = submit(command="x=$(head -c 200000000 /dev/zero | tr '\\0' a)", memory="32m")
+    slow = submit(command="sleep 30", timeout="1s", memory="32m")
+    page.get("/")
+    page.until(lambda: "OOM (limit 32 MiB)" in page.text(f"tr[data-task-id='{oom}']"), 60, "the OOM row")
+    page.until(lambda: "timed out after 1s" in page.text(f"tr[data-task-id='{slow}']"), 60, "the timeout row")
+    assert "exit 137" in page.text(f"tr[data-task-id='{oom}']") and "cancelled by ana" in page.text("#task-rows")
+    page.shot("web-tasks-endings.png")
+    page.get(f"/tasks/{oom}")
+    page.until(lambda: page.text("#banner") == "failed · exit 137 · OOM (limit 32 MiB)", 30, "the OOM banner")

@@ -87,11 +87,11 @@ function result(t) {
   if (!TERMINAL.has(t.status)) return t.status === "pending" && t.pending_reason ? t.pending_reason : "";
   const parts = [];
   if (t.exit_code !== null && t.exit_code !== undefined) parts.push(`exit ${t.exit_code}`);
-  if (t.oom_killed) parts.push(`OOM (limit ${fmtBytes(Math.round(t.req_memory * GiB))})`);
-  else if (t.status === "timeout") parts.push("timeout");
   const message = t.error && t.error.message;
-  // the reason, unless the exit code already said it ("exited with code 3")
-  if (message && !t.oom_killed && t.status !== "timeout" && !message.startsWith("exited with code")) parts.push(message);
+  if (t.oom_killed) parts.push(`OOM (limit ${fmtBytes(Math.round(t.req_memory * GiB))})`);
+  else if (t.status === "timeout") parts.push(message || "timeout");
+  // otherwise the reason, unless the exit code already said it ("exited with code 3")
+  else if (message && !message.startsWith("exited with code")) parts.push(message);
   return parts.join(" · ");
 }
 
