@@ -76,9 +76,9 @@ async def login(request: Request) -> Response:
     form = parse_qs(body.decode("utf-8", "replace"))
     token = (form.get("token") or [""])[0].strip()
     who = await run_in_threadpool(tokens.verify, cloud(request).store, token)
-    target = (form.get("next") or [""])[0]
+    target = csrf.local_path((form.get("next") or [""])[0])
     response: Response
-    if target.startswith("/") and not target.startswith("//"):
+    if target is not None:
         response = RedirectResponse(target, status_code=303)
     else:
         response = JSONResponse({"user": who.user, "admin": who.admin, "token": who.prefix})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 from urllib.parse import urlsplit
 
 from fastapi import Request, Response
@@ -23,6 +24,9 @@ COOKIE = "cloudai_csrf"
 HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE"})
 _CONTEXT = b"cloudai csrf v1"
+# a path on this server: "/" then no "/" or "\\" (browsers read "//x" and "/\\x" as another host), and no
+# whitespace or control characters (URL parsers drop tabs and newlines, which could make "/\t/x" into "//x")
+_LOCAL_PATH = re.compile(r"/(?![/\\])[^\s\x00-\x1f\x7f\\]*")
 
 
 def token_for(session: str) -> str:
@@ -61,3 +65,8 @@ def same_origin(request: Request) -> None:
     netloc = urlsplit(source).netloc if source != "null" else ""
     if not netloc or netloc.lower() != host.split(",")[0].strip().lower():
         raise Forbidden(f"cross-site request refused: it came from {source!r}, not from this server ({host})")
+
+
+def local_path(value: str | None) -> str | None:
+    """``value`` if it is a path on this server (where a sign-in may send the browser next), else None."""
+    return value if value and _LOCAL_PATH.fullmatch(value) else None

@@ -72,7 +72,7 @@ def _to_login(request: Request) -> Response:
 
 def _next(value: str | None) -> str:
     """Only a path on this server (never ``//host``): the login page can't be used to send people elsewhere."""
-    return value if value and value.startswith("/") and not value.startswith("//") else "/"
+    return csrf.local_path(value) or "/"
 
 
 @router.get("/login")

@@ -103,3 +103,21 @@ def test_task_page_follows_the_api_ownership_rule_and_escapes_what_users_typed(c
     assert "<b>bold</b>" not in page.text and "&lt;b&gt;bold&lt;/b&gt;" in page.text
     _sign_in(client, _secret(client, "root", admin=True))
     assert client.get("/tasks/t-ana").status_code == 200  # admins see every task
+
+
+@pytest.mark.parametrize("value, local", [
+    ("/", True), ("/tasks/t1?x=1#y", True), ("//evil.example", False), ("/\\evil.example", False),
+    ("/\t/evil.example", False), ("/x\ny", False), ("https://evil.example/", False), ("tasks", False), ("", False),
+])
+def test_only_local_paths_are_followed_after_sign_in(client: TestClient, value: str, local: bool) -> None:
+    assert (csrf.local_path(value) == value) is local
+    r = client.post("/login", data={"token": _secret(client, "ana"), "next": value})
+    assert (r.status_code, r.headers.get("location")) == ((303, value) if local else (200, None))
+
+
+def test_a_pending_task_page_says_why_it_waits(client: TestClient) -> None:
+    _task(client, "ana", pending_reason="no worker has 64 GPUs free")
+    _sign_in(client, _secret(client, "ana"))
+    page = client.get("/tasks/t-ana")
+    assert page.status_code == 200 and "no worker has 64 GPUs free" in page.text
+    assert 'data-field="pending_box" hidden' not in page.text and 'id="cancel" hidden' not in page.text

@@ -107,7 +107,7 @@ function every(ms, fn) {
   let timer = null;
   const run = async () => {
     clearTimeout(timer);
-    try { await fn(); } finally { timer = setTimeout(run, ms); }
+    try { if (!document.hidden) await fn(); } finally { timer = setTimeout(run, ms); }
   };
   document.addEventListener("visibilitychange", () => { if (!document.hidden) run(); });
   run();
