@@ -221,6 +221,10 @@ def test_submit_from_the_form_and_watch_2000_lines_live_then_what_others_see(
     page.sign_in(root)
     page.until(lambda: page.js("return document.querySelectorAll('#task-rows tr').length") == 2)
     assert "ana" in page.text(f"tr[data-task-id='{task_id}']")
+    page.find("#f-user").clear()
+    page.find("#f-user").send_keys("bo\n")  # the user filter: bo has no tasks
+    page.until(lambda: page.js("return document.querySelectorAll('#task-rows tr').length") == 0, 10, "bo's tasks")
+    assert page.b.current_url.endswith("/?user=bo")
     page.get("/workers")
     page.until(lambda: "Drain" in page.text(card), what="the drain button")
     page.find(f"{card} .actions button").click()
@@ -283,6 +287,7 @@ def test_cancel_from_the_task_page_stops_the_container(api_server: ServerProc, s
 
     oom = submit(command="x=$(head -c 200000000 /dev/zero | tr '\\0' a)", memory="32m")
     slow = submit(command="sleep 30", timeout="1s", memory="32m")
+    progress = submit(command="printf 'step 1\\rstep 2\\rstep 3\\ndone\\n'", memory="32m")
     page.get("/")
     # Docker's OOMKilled flag can lag the exit on a loaded host (cgroup v2), so the record is the reference:
     # the page shows what the store says (the CLI and executor tests pin the OOM detection itself)
@@ -292,5 +297,8 @@ def test_cancel_from_the_task_page_stops_the_container(api_server: ServerProc, s
     page.until(lambda: "timed out after 1s" in page.text(f"tr[data-task-id='{slow}']"), 60, "the timeout row")
     assert "cancelled by ana" in page.text("#task-rows")
     page.shot("web-tasks-endings.png")
+    page.get(f"/tasks/{progress}")  # a progress line rewritten with \r shows its last state, as in the CLI
+    page.until(lambda: page.find("#log").get_attribute("data-ended") == "true", 30, "the progress task's log")
+    assert page.log_lines() == ["step 3", "done"]
     page.get(f"/tasks/{oom}")
     page.until(lambda: page.text("#banner") == f"failed · {said}", 30, "the OOM banner")
