@@ -14,6 +14,7 @@ from cloudai.api import CloudAI
 from cloudai.errors import CloudAIError
 from cloudai.server import auth, errors, logstream, routes
 from cloudai.settings import Settings
+from cloudai.web import install as install_web_pages
 
 MAX_BODY_BYTES = 1024 * 1024  # a submit request with a long script and many env values fits easily
 
@@ -78,6 +79,7 @@ def create_app(settings: Settings, cloud: CloudAI | None = None) -> FastAPI:
     app.include_router(auth.router)
     app.include_router(routes.router)
     app.include_router(logstream.router)
+    install_web_pages(app)
 
     @app.get("/healthz", tags=["health"])
     def healthz(request: Request) -> Any:

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from cloudai import tokens
 from cloudai.api import CloudAI
 from cloudai.errors import AuthError, Forbidden
+from cloudai.server import csrf
 from cloudai.tokens import Identity
 
 COOKIE = "cloudai_token"
@@ -36,8 +37,13 @@ def presented_token(request: Request) -> str | None:
 
 
 def identity(request: Request) -> Identity:
-    """The dependency every API route takes: the caller, or 401 saying what to do."""
-    return tokens.verify(cloud(request).store, presented_token(request))
+    """The dependency every API route takes: the caller, or 401 saying what to do (403 for a cookie-signed
+    unsafe request without its CSRF value)."""
+    token = presented_token(request)
+    who = tokens.verify(cloud(request).store, token)
+    if token and "authorization" not in request.headers:  # signed in by the cookie, which browsers send unasked
+        csrf.require(request, token)
+    return who
 
 
 def admin(who: Annotated[Identity, Depends(identity)]) -> Identity:
@@ -63,26 +69,30 @@ def whoami(who: Caller) -> dict[str, object]:
 async def login(request: Request) -> Response:
     """Sign in with a token (form field ``token``): sets an HttpOnly, SameSite=Strict cookie that the API
     accepts like a Bearer token. With a form field ``next`` (a path on this server), redirects there."""
+    csrf.same_origin(request)
     body = await request.body()
     if len(body) > MAX_FORM_BYTES:
         raise AuthError("the login form is too large; send only the field `token`")
     form = parse_qs(body.decode("utf-8", "replace"))
     token = (form.get("token") or [""])[0].strip()
     who = await run_in_threadpool(tokens.verify, cloud(request).store, token)
-    target = (form.get("next") or [""])[0]
+    target = csrf.local_path((form.get("next") or [""])[0])
     response: Response
-    if target.startswith("/") and not target.startswith("//"):
+    if target is not None:
         response = RedirectResponse(target, status_code=303)
     else:
         response = JSONResponse({"user": who.user, "admin": who.admin, "token": who.prefix})
     response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https",
                         path="/", max_age=30 * 86400)
+    csrf.set_cookie(response, token, secure=request.url.scheme == "https")
     return response
 
 
 @router.post("/logout", tags=["identity"])
-def logout() -> Response:
+def logout(request: Request) -> Response:
     """Forget the login cookie."""
+    csrf.same_origin(request)
     response = JSONResponse({"ok": True})
     response.delete_cookie(COOKIE, path="/", httponly=True, samesite="strict")
+    csrf.forget(response)
     return response
