@@ -79,3 +79,23 @@ def docker_client():  # type: ignore[no-untyped-def]
     except Exception:
         missing(f"the test image {TEST_IMAGE} is not built")
     return client
+
+
+def chromium(window_size: str = "1400,900", log_browser: bool = False):  # type: ignore[no-untyped-def]
+    """Headless Debian Chromium driven by selenium (chromium + chromium-driver), with the flags this machine's
+    closed network needs; fails under CI when the packages are missing."""
+    binary, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not binary or not driver:
+        missing("chromium and chromium-driver (Debian packages) are not installed")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary  # type: ignore[assignment]
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-dev-shm-usage", "--disable-component-update", "--disable-sync", "--no-first-run",
+                f"--window-size={window_size}"):
+        options.add_argument(arg)
+    if log_browser:
+        options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    return webdriver.Chrome(service=Service(driver), options=options)

@@ -4,7 +4,6 @@ readable arguments. The screenshots are kept in artifacts/."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import urllib.error
 import urllib.request
@@ -18,7 +17,7 @@ from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
 from tests.e2e.test_cli_e2e import submit
 from tests.helpers import ROOT, cli_env, cloudai, wait_for
-from tests.services import TEST_IMAGE, free_port, missing
+from tests.services import TEST_IMAGE, chromium, free_port
 
 ARTIFACTS = ROOT / "artifacts"
 AUTH = ("viewer", "s3cret")
@@ -48,19 +47,7 @@ def flower(settings: Settings, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture
 def browser():  # type: ignore[no-untyped-def]
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        missing("chromium and chromium-driver (Debian packages) are not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium  # type: ignore[assignment]
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-dev-shm-usage", "--disable-component-update", "--disable-sync", "--no-first-run",
-                "--window-size=1400,900"):
-        options.add_argument(arg)
-    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    chrome = chromium("1400,900")
     yield chrome
     chrome.quit()
 

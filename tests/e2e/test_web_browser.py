@@ -21,7 +21,7 @@ from cloudai.runtime import DockerRuntime
 from cloudai.server import csrf
 from cloudai.store.sqlite import SQLiteStore
 from tests.helpers import ROOT, ServerProc, wait_ended, wait_for, wait_started
-from tests.services import TEST_IMAGE, missing
+from tests.services import TEST_IMAGE, chromium
 
 ARTIFACTS = ROOT / "artifacts"
 SLOW_2000 = "for i in $(seq 1 2000); do echo line $i; [ $((i % 200)) = 0 ] && sleep 0.4; done"
@@ -30,20 +30,7 @@ SLOW_2000 = "for i in $(seq 1 2000); do echo line $i; [ $((i % 200)) = 0 ] && sl
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """One headless Chromium for the module's tests (each test starts from no cookies)."""
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not chromium or not driver:
-        missing("chromium and chromium-driver (Debian packages) are not installed")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium  # type: ignore[assignment]
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-dev-shm-usage", "--disable-component-update", "--disable-sync", "--no-first-run",
-                "--window-size=1200,850"):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    chrome = webdriver.Chrome(service=Service(driver), options=options)
+    chrome = chromium("1200,850", log_browser=True)
     ARTIFACTS.mkdir(exist_ok=True)
     (ARTIFACTS / "web-failure.png").unlink(missing_ok=True)
     yield chrome
