@@ -206,11 +206,16 @@ def monitor(ctx: Context, task_id: str, user: str | None) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep following until the task ends; exit with its code.")
 @click.option("--tail", type=click.IntRange(min=0), help="Start with only the last N lines.")
 @click.option("-t", "--timestamps", is_flag=True, help="Show Docker's timestamp of each line.")
+@click.option("--attempt", type=click.IntRange(min=1), help="Only attempt N's lines (a retried task has several).")
 @pass_ctx
-def logs(ctx: Context, task_id: str, follow: bool, tail: int | None, timestamps: bool) -> None:
+def logs(ctx: Context, task_id: str, follow: bool, tail: int | None, timestamps: bool, attempt: int | None) -> None:
     """Print TASK's log: from the live stream or, once it finished, the archive."""
     api = ctx.api
     api.get(task_id)
+    if attempt is not None:  # issue 12: one attempt's section of the log
+        lines = api.attempt_log(task_id, attempt)
+        click.echo("".join(f"{e.ts} {e.text}\n" if timestamps else e.text + "\n" for e in lines), nl=False)
+        return
     after = 0
     if tail is not None:
         lines = [e for e in api.logs(task_id) if not isinstance(e, viewer.LogEnd)]

@@ -10,6 +10,7 @@ from functools import cached_property
 import redis
 
 from cloudai import keys
+from cloudai.clock import redis_now, with_redis_heartbeats
 from cloudai.errors import (
     CloudAIError,
     RedisUnavailable,
@@ -17,7 +18,7 @@ from cloudai.errors import (
     ValidationError,
     WorkerNotFound,
 )
-from cloudai.logs import LogBus, LogEnd, LogEvent, follow_batches
+from cloudai.logs import LogBus, LogEnd, LogEvent, LogLine, attempt_section, follow_batches
 from cloudai.models import (
     LIVE,
     GiB,
@@ -205,9 +206,13 @@ class CloudAI:
             return task
         self.redis.set(keys.cancel_flag(task_id), who, ex=7 * 86400)
         worker = self.store.get_worker(task.worker_id or "")
-        if worker is None or not worker.alive(utcnow(), self.settings.heartbeat_timeout_s):
-            # nobody will act on the flag; the container is removed as an orphan when its worker returns
-            if self.store.transition(task_id, S.RUNNING, S.CANCELLED, completed_at=utcnow(),
+        if worker is not None:
+            with_redis_heartbeats(self.redis, [worker])
+        if worker is None or not worker.alive(redis_now(self.redis), self.settings.heartbeat_timeout_s):
+            # nobody will act on the flag; the container is removed when its worker returns (no attempt is
+            # current any more: execution_id "" fences out whatever that worker still writes)
+            if self.store.transition(task_id, S.RUNNING, S.CANCELLED, execution=task.execution_id, execution_id="",
+                                     completed_at=utcnow(),
                                      error=TaskError("Cancelled", f"cancelled by {who} (worker not responding)")):
                 self.bus.end(task_id, S.CANCELLED.value, None, f"cancelled by {who}")
             return self.get(task_id)
@@ -243,6 +248,13 @@ class CloudAI:
     def logs(self, task_id: str) -> Iterator[LogEvent]:
         """The log so far (no waiting): from the live stream, or the archive once the stream expired."""
         return self.follow(task_id, follow=False)
+
+    def attempt_log(self, task_id: str, attempt: int) -> list[LogLine]:
+        """The lines of one attempt of the task (1 = the first), from its marker to the next attempt's."""
+        task = self.get(task_id)
+        if not 1 <= attempt <= task.attempt:
+            raise ValidationError("attempt", attempt, f"task {task_id} has attempts 1 to {task.attempt}")
+        return attempt_section(self.logs(task_id), attempt)
 
     # -- workers ----------------------------------------------------------------------------------------
     def workers(self) -> list[WorkerView]:

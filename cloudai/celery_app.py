@@ -10,6 +10,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from cloudai import keys
+from cloudai.message import RunMessage
 from cloudai.models import Task
 from cloudai.settings import Settings
 
@@ -92,7 +93,7 @@ class Dispatcher:
                 self._connection = app.connection_for_write(self.redis_url)
             app.send_task(
                 keys.RUN_CONTAINER_TASK,
-                args=[task.to_message()],
+                args=[RunMessage.from_task(task).to_wire()],
                 queue=queue(keys.worker_queue(task.worker_id)),
                 task_id=f"{task.task_id}.{task.attempt}",
                 connection=self._connection,

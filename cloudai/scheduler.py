@@ -14,6 +14,7 @@ import redis
 
 from cloudai import keys
 from cloudai.errors import CloudAIError, PlacementError, ServiceUnavailable, WorkerNotFound
+from cloudai.gpus import fenced_gpu_ids
 from cloudai.models import LIVE, Task, TaskStatus, WorkerInfo, WorkerState, format_bytes, utcnow
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
@@ -37,9 +38,16 @@ class Free:
         self.gpu_ids = [g for g in self.gpu_ids if g not in gpu_ids]
 
 
-def free_capacity(workers: Iterable[WorkerInfo], live: Iterable[Task]) -> dict[str, Free]:
-    """What each worker has left after the reservations of its live tasks."""
+def free_capacity(workers: Iterable[WorkerInfo], live: Iterable[Task],
+                  client: redis.Redis | None = None) -> dict[str, Free]:
+    """What each worker has left after the reservations of its live tasks (and, given Redis, without the GPU
+    ids a lost attempt's container may still use: issue 12, :func:`cloudai.gpus.fenced_gpu_ids`)."""
+    live = list(live)
     free = {w.worker_id: Free(w, w.cpus, w.memory, list(w.gpu_ids)) for w in workers}
+    if client is not None:  # issue 12: fenced GPU ids are not free
+        for held in free.values():
+            fenced = fenced_gpu_ids(client, held.worker.worker_id, held.gpu_ids, live)
+            held.gpu_ids = [g for g in held.gpu_ids if g not in fenced]
     for task in live:
         slot = free.get(task.worker_id or "")
         if slot is not None and task.status in LIVE:
@@ -140,7 +148,7 @@ class Scheduler:
         """Where ``task`` would go now (``--dry-run``); records nothing. Raises like :meth:`submit`."""
         workers = self.store.list_workers()
         self._check_possible(task, workers)
-        free = free_capacity(workers, self.store.list_tasks(status=LIVE, limit=None))
+        free = free_capacity(workers, self.store.list_tasks(status=LIVE, limit=None), self.redis)
         candidates = self._candidates(task, workers)
         slot = self._choose(task, candidates, free)
         if slot is None:
@@ -154,7 +162,7 @@ class Scheduler:
             with self._lock():
                 workers = self.store.list_workers()
                 self._check_possible(task, workers)
-                free = free_capacity(workers, self.store.list_tasks(status=LIVE, limit=None))
+                free = free_capacity(workers, self.store.list_tasks(status=LIVE, limit=None), self.redis)
                 candidates = self._candidates(task, workers)
                 older_pending = self.store.list_tasks(status=S.PENDING, limit=1)
                 # first come, first served: a new task does not overtake pending ones
@@ -218,7 +226,7 @@ class Scheduler:
             return []
         pending.sort(key=lambda t: (-t.priority, t.created_at, t.task_id))
         workers = self.store.list_workers()
-        free = free_capacity(workers, self.store.list_tasks(status=LIVE, limit=None))
+        free = free_capacity(workers, self.store.list_tasks(status=LIVE, limit=None), self.redis)
         placed: list[Task] = []
         blocked_all = False  # an unpinned task that doesn't fit holds back later unpinned ones
         blocked: set[str] = set()  # workers whose pinned head task doesn't fit

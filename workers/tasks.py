@@ -12,5 +12,5 @@ from workers import bootstrap
 @app.task(name=keys.RUN_CONTAINER_TASK, acks_late=False)
 def run_container(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the task ``spec["task_id"]`` in a container on this worker; returns its final status."""
-    status = bootstrap.current().executor.run(spec)
-    return {"task_id": spec["task_id"], "status": status}
+    status = bootstrap.current().executor.run(spec)  # parses and checks the RunMessage (its only wire format)
+    return {"task_id": spec.get("task_id") if isinstance(spec, dict) else None, "status": status}
