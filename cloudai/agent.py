@@ -94,7 +94,8 @@ class WorkerAgent:
         self.reconcile()
         self.fence.heartbeat_ok()
         self.fence.cleaned()
-        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._reconcile_loop, "reconcile")):
+        for target, name in ((self._heartbeat_loop, "heartbeat"), (self._store_heartbeat_loop, "store-heartbeat"),
+                             (self._reconcile_loop, "reconcile")):
             thread = threading.Thread(target=target, name=f"cloudai-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -114,34 +115,29 @@ class WorkerAgent:
             except Exception:
                 log.exception("heartbeat of %s failed", self.worker_id)
 
+    def _store_heartbeat_loop(self) -> None:
+        # on its own thread: a store that hangs (a lock, a failover) must not stop the Redis heartbeat that
+        # keeps this worker's containers alive
+        while not self._stop.wait(self.heartbeat_interval_s):
+            try:
+                self.store_heartbeat()
+            except Exception as exc:
+                log.warning("heartbeat of %s into the store failed: %s", self.worker_id, exc)
+
     def heartbeat(self) -> bool:
-        """Stamp this worker alive with Redis TIME, in Redis and in the store (either suffices: a store outage
-        or a Redis restart alone does not make a worker look dead), and refresh the TTLs of its attempts and GPU
-        leases. After a gap past the fence limit (a resume after SIGSTOP, a healed partition), containers of
-        attempts this worker no longer owns are stopped and removed before it counts as active again."""
+        """Stamp this worker alive in Redis with Redis TIME (the one clock beat judges with) and refresh the
+        TTLs of its attempts and GPU leases. After a gap past the fence limit (a resume after SIGSTOP, a healed
+        partition), containers of attempts this worker no longer owns are stopped and removed before it takes
+        new work."""
         try:
             now = redis_now(self.redis)
+            self.redis.set(keys.heartbeat(self.worker_id), stamp_ms(now),
+                           px=int(attempt_ttl_s(self.executor.settings) * 1000))
         except redis.RedisError as exc:
             log.warning("heartbeat of %s: Redis unreachable (%s); silent for %.1fs", self.worker_id, exc,
                         self.fence.silent_for())
             return False
-        ok = False
-        try:
-            self.redis.set(keys.heartbeat(self.worker_id), stamp_ms(now),
-                           px=int(attempt_ttl_s(self.executor.settings) * 1000))
-            ok = True
-        except redis.RedisError as exc:
-            log.warning("heartbeat of %s into Redis failed: %s", self.worker_id, exc)
-        try:
-            if not self.store.heartbeat(self.worker_id, now):
-                self.register()  # removed while we ran: come back
-            ok = True
-        except Exception as exc:
-            log.warning("heartbeat of %s into the store failed: %s", self.worker_id, exc)
-        if not ok:
-            return False
-        gap = self.fence.heartbeat_ok()
-        if gap:
+        if self.fence.heartbeat_ok():
             log.warning("worker %s is back after a heartbeat gap: cleaning up before taking new work", self.worker_id)
         self._refresh_attempts()
         if not self.fence.healthy():
@@ -150,15 +146,18 @@ class WorkerAgent:
                 self.fence.cleaned()
             except Exception:
                 log.exception("clean-up after a heartbeat gap failed; new work waits")
-                return True
-        try:
-            info = self.store.get_worker(self.worker_id)
-            if info is not None and info.state == WorkerState.OFFLINE:
-                # declared dead by the reaper while we were only slow: come back as active (clean by now)
-                self.store.set_worker_state(self.worker_id, WorkerState.ACTIVE, WorkerState.OFFLINE)
-        except Exception as exc:
-            log.warning("worker %s: state not restored yet (%s)", self.worker_id, exc)
         return True
+
+    def store_heartbeat(self) -> None:
+        """The same stamp in the store (what `cloudai workers` shows, and what beat falls back on when Redis
+        lost its keys); a worker the reaper declared offline comes back as active once it is clean."""
+        now = redis_now(self.redis)
+        if not self.store.heartbeat(self.worker_id, now):
+            self.register()  # removed while we ran: come back
+            return
+        info = self.store.get_worker(self.worker_id)
+        if info is not None and info.state == WorkerState.OFFLINE and self.fence.healthy():
+            self.store.set_worker_state(self.worker_id, WorkerState.ACTIVE, WorkerState.OFFLINE)
 
     def _refresh_attempts(self) -> None:
         ttl = attempt_ttl_s(self.executor.settings)

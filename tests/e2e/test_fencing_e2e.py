@@ -65,7 +65,14 @@ class OneCopy:
 def log_lines(settings: Settings, task_id: str) -> list[str]:
     result = run(settings, "logs", task_id)
     assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
+    return without_final_block(result.stdout.splitlines())
+
+
+def without_final_block(lines: list[str]) -> list[str]:
+    """The log lines, without the status block a finished task's log ends with."""
+    while lines and (lines[-1].startswith("Task ") or not lines[-1].strip()):
+        lines = lines[:-1]
+    return lines
 
 
 def assert_final_attempt_log(lines: list[str], attempt: int, n: int) -> None:
@@ -138,7 +145,7 @@ def test_frozen_pinned_worker_without_a_second_copy_and_follow_through_the_retry
     assert (done.status, done.exit_code, done.attempt) == (S.COMPLETED, 0, 2)
     out, err = follower.communicate(timeout=30)
     assert follower.returncode == 0, err
-    assert_final_attempt_log(out.splitlines()[:-1] if "Task" in out.splitlines()[-1] else out.splitlines(), 2, 12)
+    assert_final_attempt_log(without_final_block(out.splitlines()), 2, 12)
     assert_final_attempt_log(log_lines(settings, task_id), 2, 12)
     earlier = run(settings, "logs", task_id, "--attempt", "1").stdout.splitlines()
     assert earlier and earlier[0] == "line 1" and "retrying" in earlier[-1]

@@ -238,3 +238,28 @@ def test_pull_always_fails_rather_than_run_a_stale_local_image(settings: Setting
         docker.from_env().api.remove_image("127.0.0.1:9/cloudai/busybox:local")
     got = store.get_task(task.task_id)
     assert got is not None and got.error is not None and "could not be pulled" in got.error.message
+
+
+class _BrokenLogs(DockerRuntime):
+    """The real engine, with the live log stream failing every time (an injected reader-thread failure)."""
+
+    def stream_frames(self, container_id: str, follow: bool = True):  # type: ignore[no-untyped-def]
+        if follow:
+            raise ConnectionError("injected: log stream failure")
+        return super().stream_frames(container_id, follow)
+
+
+def test_reader_failure_cancel_and_timeout_still_stop_the_real_container(
+    settings: Settings, store: SQLiteStore, redis_client
+) -> None:  # type: ignore[no-untyped-def]
+    cancelled = queued_task(store, settings.worker_id, "echo up; sleep 60")
+    thread, result = run_in_thread(executor(settings, store, _BrokenLogs()).run, message(cancelled))
+    running = wait_started(store, cancelled.task_id)
+    redis_client.set(keys.cancel_flag(cancelled.task_id), "ana")
+    timed = queued_task(store, settings.worker_id, "sleep 60", timeout_s=1.0)
+    assert executor(settings, store, _BrokenLogs()).run(message(timed)) == "timeout"
+    thread.join(30)
+    assert result == ["cancelled"]
+    assert DockerRuntime().inspect(running.container_id or "") is None  # stopped, recorded, removed
+    lines, end = _lines(CloudAI(settings), cancelled.task_id)
+    assert lines == ["up"] and end.status == "cancelled"  # the archive/catch-up read Docker's own log
