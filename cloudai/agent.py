@@ -295,7 +295,7 @@ def build_worker(settings: Settings, dispatch: Dispatch) -> WorkerProcess:
                              settings.worker_labels)
 
     def on_lost(task: Task, reason: str) -> None:
-        if lose_task(store, bus, task, reason) is not None:
+        if lose_task(store, bus, task, reason, settings.log_retention_s) is not None:
             scheduler.place_pending()
 
     agent = WorkerAgent(store, runtime, executor, capacity, settings.heartbeat_interval_s,

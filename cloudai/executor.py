@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import redis
 
 from cloudai import keys
-from cloudai.archive import Archiver
+from cloudai.archive import CHUNK_LINES, Archiver
 from cloudai.errors import AttemptFenced, ImageError, RedisUnavailable, RuntimeFailure, StoreUnavailable
 from cloudai.fencing import Fence
 from cloudai.gpus import GpuLeases, holder, parse_holder
@@ -144,6 +144,7 @@ class Executor:
                      task.task_id, container_id[:12], writer.published)
             archiver = Archiver(self.store, task.task_id, task.execution_id)
             archiver.gap_from = task.log_base + 1  # what was archived before the restart is unknown
+            archiver.start()
             return self._supervise(task, container_id, writer, archiver)
         except (StoreUnavailable, RedisUnavailable) as exc:
             log.warning("re-attach of %s postponed (%s); the container keeps running", task.task_id, exc)
@@ -205,7 +206,7 @@ class Executor:
         except RedisUnavailable as exc:  # the writer registers it once Redis answers (the store vouches)
             log.warning("task %s: attempt not registered yet (%s)", task_id, exc)
         container_id: str | None = None
-        archiver = Archiver(self.store, task_id, execution)
+        archiver = Archiver(self.store, task_id, execution).start()
         try:
             writer = self._writer(task)
             if task.attempt > 1:  # a retry starts a new section of the log
@@ -225,6 +226,7 @@ class Executor:
             self.runtime.start(container_id)
             self.store.update_task(task_id, S.RUNNING, execution=execution, started_at=utcnow())
         except AttemptFenced as exc:
+            archiver.close()
             return self._stale(task, container_id, str(exc))
         except (ImageError, RuntimeFailure) as exc:
             outcome = Outcome(S.FAILED, None, str(exc), False, type(exc).__name__)
@@ -270,6 +272,12 @@ class Executor:
         """Pump log lines until the container ends, enforcing timeout and cancel whatever fails (a broken log
         reader is restarted, a failed stop is retried, then killed); then finish. Returns the final status, or
         ``detached`` (shutdown), ``fenced`` (this worker stopped it on its own) or ``stale``."""
+        try:
+            return self._pump(task, container_id, writer, archiver)
+        finally:
+            archiver.close()
+
+    def _pump(self, task: Task, container_id: str, writer: LogWriter, archiver: Archiver) -> str:
         lines: queue.Queue[Any] = queue.Queue(maxsize=20000)
         consumed = writer.published - task.log_base  # container lines already in the log
         reader = self._start_reader(task, container_id, consumed, lines)
@@ -300,7 +308,8 @@ class Executor:
             try:
                 if now >= retry_at:
                     writer.flush_if_due(attempts=1)
-                archiver.flush_if_due()
+                if archiver.fenced:
+                    raise AttemptFenced(task.task_id, task.execution_id, "the log archive")
             except RedisUnavailable as exc:
                 log.warning("task %s: log lines wait for Redis (%s)", task.task_id, exc)
                 retry_at = now + 1.0
@@ -477,10 +486,14 @@ class Executor:
                 oom_killed=outcome.oom_killed, completed_at=utcnow(), error=error,
             ), f"outcome of {task_id}")
         except StoreUnavailable:
+            if archiver is not None:
+                archiver.close()
             log.error("task %s: outcome %s could not be recorded; container %s kept for the next reconcile",
                       task_id, outcome.status.value, (container_id or "-")[:12])
             return S.RUNNING
         if not won:
+            if archiver is not None:
+                archiver.close()
             current = _retry(lambda: self.store.get_task(task_id), f"task {task_id}")
             log.warning("task %s: outcome %s of attempt %s refused: the task is %s (attempt %s)", task_id,
                         outcome.status.value, execution, current.status.value if current else "gone",
@@ -506,7 +519,8 @@ class Executor:
                 _quietly(self.after_finish, task)
 
     def _archive(self, task: Task, container_id: str | None, archiver: Archiver) -> None:
-        """The rest of the archive (a gap the store's outage left is filled from Docker's log)."""
+        """The rest of the archive (a gap the store's outage left is filled from Docker's log, in chunks)."""
+        archiver.close()
         try:
             if archiver.gap_from is not None and container_id:
                 gap = archiver.gap_from
@@ -515,7 +529,8 @@ class Executor:
                 for n, (text, ts) in enumerate(split_frames(frames), 1):
                     if task.log_base + n >= gap:
                         archiver.add(task.log_base + n, text, ts)
-                        archiver.flush_if_due()
+                        if n % CHUNK_LINES == 0:
+                            _retry(archiver.flush, f"archive of {task.task_id}")
             _retry(archiver.flush, f"archive of {task.task_id}")
         except AttemptFenced as exc:
             log.warning("task %s: %s", task.task_id, exc)

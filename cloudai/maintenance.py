@@ -38,8 +38,10 @@ def job_lock(client: redis.Redis, name: str, ttl_s: float) -> Iterator[bool]:
                 pass
 
 
-def lose_task(store: TaskStore, bus: LogBus, task: Task, reason: str) -> TaskStatus | None:
-    """A task whose worker died: a new attempt (pending, same id) when retries are left, else ``lost``.
+def lose_task(store: TaskStore, bus: LogBus, task: Task, reason: str,
+              retention_s: float = 86400.0) -> TaskStatus | None:
+    """A task whose worker died: a new attempt (pending, same id) when retries are left, else ``lost`` (its
+    log closed, archived from the stream, and given the retention TTL: nothing is left without one).
     Returns the new status, or None when the task had moved on meanwhile."""
     expected = [task.status] if task.status in LIVE else [S.QUEUED, S.RUNNING]
     if task.attempt <= task.retries:
@@ -62,6 +64,11 @@ def lose_task(store: TaskStore, bus: LogBus, task: Task, reason: str) -> TaskSta
     if store.transition(task.task_id, expected, S.LOST, execution=task.execution_id, execution_id="",
                         completed_at=utcnow(), error=TaskError("Lost", reason)):
         bus.end(task.task_id, S.LOST.value, None, reason)  # also drops the registry: the old writer is fenced
+        try:
+            store.save_log(task.task_id, [archive_line(ln.text, ln.ts) for ln in bus.history(task.task_id)])
+            bus.expire(task.task_id, retention_s)
+        except Exception:  # beat's retention job archives and expires it later
+            log.warning("log of lost task %s not archived yet", task.task_id, exc_info=True)
         return S.LOST
     return None
 
@@ -101,7 +108,7 @@ class Maintenance:
                 else:
                     age = (now - holder.last_heartbeat).total_seconds()
                     reason = f"worker {task.worker_id} stopped heartbeating {age:.0f}s ago"
-                new = lose_task(self.store, self.bus, task, reason)
+                new = lose_task(self.store, self.bus, task, reason, self.settings.log_retention_s)
                 if new == S.PENDING:
                     done["retried"].append(task.task_id)
                 elif new == S.LOST:

@@ -99,13 +99,20 @@ class SQLiteStore(TaskStore):
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction that takes the database's write lock up front, so read-check-write is atomic."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:  # locked past the busy timeout, or the file went away
+            raise StoreUnavailable(self.url, exc) from exc
         try:
             yield conn
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            conn.execute("ROLLBACK")
+            raise StoreUnavailable(self.url, exc) from exc
 
     # -- tasks ------------------------------------------------------------------------------------------
     def create_task(self, task: Task) -> None:
@@ -262,17 +269,14 @@ class SQLiteStore(TaskStore):
                 db.execute("INSERT INTO log_archive(task_id, chunk, text) VALUES (?,?,?)", (task_id, 0, "[]"))
 
     def append_log(self, task_id: str, first_line: int, lines: list[str], execution: str | None = None) -> bool:
-        try:
-            with self._tx() as db:
-                if execution is not None:
-                    row = db.execute("SELECT doc FROM tasks WHERE task_id=?", (task_id,)).fetchone()
-                    if row is None or json.loads(row["doc"]).get("execution_id") != execution:
-                        return False
-                db.execute("INSERT OR REPLACE INTO log_archive(task_id, chunk, text) VALUES (?,?,?)",
-                           (task_id, first_line, json.dumps(lines)))
-            return True
-        except sqlite3.OperationalError as exc:
-            raise StoreUnavailable(self.url, exc) from exc
+        with self._tx() as db:
+            if execution is not None:
+                row = db.execute("SELECT doc FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+                if row is None or json.loads(row["doc"]).get("execution_id") != execution:
+                    return False
+            db.execute("INSERT OR REPLACE INTO log_archive(task_id, chunk, text) VALUES (?,?,?)",
+                       (task_id, first_line, json.dumps(lines)))
+        return True
 
     def read_log(self, task_id: str) -> list[str] | None:
         rows = self._conn().execute(

@@ -133,6 +133,7 @@ def test_frozen_pinned_worker_without_a_second_copy_and_follow_through_the_retry
     worker = workers()
     task_id = submit(settings, "--retries", "1", "--worker", worker.worker_id, TEST_IMAGE, counting(12))
     old = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
+    wait_for(lambda: "line 1" in log_lines(settings, task_id), 30, 0.2, "attempt 1's first line")
     follower = subprocess.Popen(cloudai("logs", "-f", task_id), cwd=ROOT, env=cli_env(settings),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     freeze(worker)
@@ -148,7 +149,8 @@ def test_frozen_pinned_worker_without_a_second_copy_and_follow_through_the_retry
     assert_final_attempt_log(without_final_block(out.splitlines()), 2, 12)
     assert_final_attempt_log(log_lines(settings, task_id), 2, 12)
     earlier = run(settings, "logs", task_id, "--attempt", "1").stdout.splitlines()
-    assert earlier and earlier[0] == "line 1" and "retrying" in earlier[-1]
+    assert "retrying (attempt 2 of 2)" in earlier[-1]
+    assert earlier[:-1] == [f"line {i}" for i in range(1, len(earlier))]  # in order, nothing after the notice
     assert_nothing_left(settings, task_id)
 
 
@@ -271,3 +273,85 @@ def test_worker_cut_off_from_redis_fences_itself(
     finally:
         worker.stop()
         proxy.cut()
+
+
+def _beat(settings: Settings, tmp_path: Any) -> subprocess.Popen[bytes]:
+    log = open(tmp_path / "beat-private.log", "wb")  # noqa: SIM115 - the process holds it
+    return subprocess.Popen(cloudai("beat", "--schedule", str(tmp_path / "beat-private-schedule")), cwd=ROOT,
+                            env=cli_env(settings), stdout=log, stderr=subprocess.STDOUT)
+
+
+def _archived_texts(store: SQLiteStore, task_id: str) -> list[str]:
+    return [line.split(" ", 1)[1] for line in store.read_log(task_id) or []]
+
+
+def test_redis_restart_without_persistence_mid_task(
+    settings: Settings, store: SQLiteStore, docker_ready, tmp_path  # type: ignore[no-untyped-def]
+) -> None:
+    """Redis loses everything (no persistence) while a task runs: the attempt re-registers once the store
+    vouches for it, the container runs to its end once, the archive holds every line, the outcome is true."""
+    import shutil
+
+    port = free_port()
+    binary = shutil.which("redis-server") or "redis-server"
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    private = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{port}/0")
+    wait_for(lambda: _pings(private.redis_url), 10, what="private redis")
+    worker = WorkerProc(private, store, settings.worker_id, tmp_path).start()
+    beat_proc = _beat(private, tmp_path)
+    try:
+        task_id = submit(private, TEST_IMAGE, counting(25, 0.2))
+        wait_for(lambda: (t := store.get_task(task_id)) and t.started_at, 60, what="start")
+        watch = OneCopy(task_id).start()
+        time.sleep(1.0)
+        server.kill()
+        server.wait(10)
+        time.sleep(0.5)
+        server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        done = wait_ended(store, task_id, 60)
+        assert watch.stop() <= 1
+        assert (done.status, done.exit_code, done.attempt) == (S.COMPLETED, 0, 1)
+        assert _archived_texts(store, task_id) == [f"line {i}" for i in range(1, 26)]
+        assert_nothing_left(private, task_id)
+    finally:
+        beat_proc.terminate()
+        beat_proc.wait(20)
+        worker.stop()
+        server.kill()
+
+
+def _pings(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.2).ping())
+    except redis.RedisError:
+        return False
+
+
+def test_store_unreachable_mid_task(
+    settings: Settings, store: SQLiteStore, workers, beat  # type: ignore[no-untyped-def]  # noqa: F811
+) -> None:
+    """The store can't be written for a while (its file locked): the container runs on, lines keep flowing,
+    nobody is declared dead (workers heartbeat into Redis too), and the outcome and archive land afterwards."""
+    import sqlite3
+
+    workers()
+    task_id = submit(settings, TEST_IMAGE, counting(20, 0.2))
+    wait_for(lambda: (t := store.get_task(task_id)) and t.started_at, 60, what="start")
+    watch = OneCopy(task_id).start()
+    lock = sqlite3.connect(store.path, timeout=1, isolation_level=None)
+    lock.execute("BEGIN EXCLUSIVE")  # every writer now waits and then fails: the store is unreachable
+    try:
+        time.sleep(OUTAGE_S)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    done = wait_ended(store, task_id, 90)
+    assert watch.stop() <= 1
+    assert (done.status, done.exit_code, done.attempt) == (S.COMPLETED, 0, 1)
+    assert _archived_texts(store, task_id) == [f"line {i}" for i in range(1, 21)]
+    assert log_lines(settings, task_id) == [f"line {i}" for i in range(1, 21)]
+    assert_nothing_left(settings, task_id)
+
+
+OUTAGE_S = 12.0  # longer than the heartbeat timeout and the task: the outcome has to wait for the store
