@@ -197,3 +197,19 @@ def test_a_worker_back_from_a_gap_takes_new_work_only_after_clean_up(settings: S
     fence.cleaned()
     thread.join(10)
     assert result == ["completed"]
+
+
+def test_liveness_is_judged_with_redis_time_from_either_stamp(settings: Settings, store: SQLiteStore,
+                                                               redis_client: Any) -> None:
+    from datetime import timedelta
+
+    from cloudai.clock import redis_now, stamp_ms, with_redis_heartbeats
+
+    register(store, "w-clock")
+    now = redis_now(redis_client)
+    store.heartbeat("w-clock", now - timedelta(seconds=100))  # the store write failed for a while
+    worker = store.get_worker("w-clock")
+    assert worker is not None and not worker.alive(now, settings.heartbeat_timeout_s)
+    redis_client.set(keys.heartbeat("w-clock"), stamp_ms(now), px=60_000)  # but Redis has a fresh stamp
+    [seen] = with_redis_heartbeats(redis_client, [worker])
+    assert seen.alive(redis_now(redis_client), settings.heartbeat_timeout_s)
