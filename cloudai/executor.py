@@ -24,18 +24,17 @@ from cloudai.gpus import GpuLeases, holder, parse_holder
 from cloudai.logs import ATTEMPT_MARKER, LogBus, LogWriter, split_frames
 from cloudai.message import MessageError, RunMessage
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
-from cloudai.runtime import ENGINE_RESTARTED, ContainerSpec, DockerRuntime, EngineError, oom_reason
+from cloudai.runtime import ENGINE_RESTARTED, ContainerSpec, DockerRuntime, oom_reason
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
+from cloudai.supervision import BATCH_WAIT, MAX_BACKLOG, drain, enforce_stop, quietly, start_reader, wait_exit
 
 log = logging.getLogger(__name__)
 
 S = TaskStatus
 T = TypeVar("T")
-_DONE = object()
 STORE_RETRY_S = 600.0  # how long a finished task's outcome waits for a store that is down
 CHECK_EVERY_S = 0.25  # how often cancel, timeout and the fence are checked while a container runs
-ENGINE_WAIT_S = 300.0  # how long supervision waits for a Docker engine that does not answer
 
 
 def attempt_ttl_s(settings: Settings) -> float:
@@ -191,7 +190,7 @@ class Executor:
         if held:
             if self.store.transition(task_id, S.QUEUED, S.FAILED, execution=execution, completed_at=utcnow(),
                                      error=TaskError("GpuBusy", held)):
-                _quietly(self.bus.end, task_id, S.FAILED.value, None, held)
+                quietly(self.bus.end, task_id, S.FAILED.value, None, held)
             return S.FAILED.value
         if not _retry(lambda: self.store.transition(task_id, S.QUEUED, S.RUNNING, execution=execution,
                                                     worker_id=self.worker_id), f"claim of {task_id}"):
@@ -280,7 +279,7 @@ class Executor:
     def _pump(self, task: Task, container_id: str, writer: LogWriter, archiver: Archiver) -> str:
         lines: queue.Queue[Any] = queue.Queue(maxsize=20000)
         consumed = writer.published - task.log_base  # container lines already in the log
-        reader = self._start_reader(task, container_id, consumed, lines)
+        reader = start_reader(self.runtime, task.task_id, container_id, consumed, lines)
         started = task.started_at or utcnow()
         deadline = started.timestamp() + task.timeout_s if task.timeout_s else None
         stop_reason: Outcome | None = None
@@ -290,13 +289,13 @@ class Executor:
         reader_done = False
         while True:
             if self._detach.is_set() and stop_reason is None:
-                _quietly(writer.flush, 3)
+                quietly(writer.flush, 3)
                 log.info("task %s: detached from container %s for shutdown", task.task_id, container_id[:12])
                 return "detached"
             if self.fence is not None and self.fence.expired():
                 return self._self_fence(task, container_id)
             if writer.backlog < MAX_BACKLOG and not reader_done:
-                for seq_text_ts in _drain(lines, writer):
+                for seq_text_ts in drain(lines, writer):
                     if seq_text_ts is None:
                         reader_done = True
                         break
@@ -320,19 +319,20 @@ class Executor:
                 if stop_reason is None:
                     stop_reason = self._should_stop(task, deadline)
                     if stop_reason is not None:  # output keeps flowing while the container gets its grace
-                        threading.Thread(target=self._enforce_stop, args=(container_id, self.settings.stop_grace_s),
+                        grace = self.settings.stop_grace_s
+                        threading.Thread(target=enforce_stop, args=(self.runtime, container_id, grace),
                                          daemon=True, name=f"stop-{task.task_id}").start()
             if reader_done:
                 state = self.runtime.state(container_id)
                 if state == "running":  # the log stream broke, not the container: read on from where it broke
                     reader_done = False
                     time.sleep(0.2)
-                    reader = self._start_reader(task, container_id, consumed, lines)
+                    reader = start_reader(self.runtime, task.task_id, container_id, consumed, lines)
                 elif state == "unknown":
                     engine_trouble = True
                     reader_done = False
                     time.sleep(1.0)
-                    reader = self._start_reader(task, container_id, consumed, lines)
+                    reader = start_reader(self.runtime, task.task_id, container_id, consumed, lines)
                 else:
                     break
         del reader
@@ -342,7 +342,7 @@ class Executor:
             log.warning("task %s: Redis unreachable at the end; the archive keeps the whole log", task.task_id)
         except AttemptFenced as exc:
             return self._stale(task, container_id, str(exc))
-        exit_code, engine_restarted = self._wait(container_id)
+        exit_code, engine_restarted = wait_exit(self.runtime, container_id)
         engine_trouble = engine_trouble or engine_restarted
         oom = self.runtime.exit_state(container_id).oom_killed if exit_code is not None else False
         # a follow stream can miss the last lines at exit: publish and archive what Docker's complete log has
@@ -359,24 +359,6 @@ class Executor:
         else:
             outcome = self._outcome(task, exit_code, oom, stop_reason)
         return self._finish(task, container_id, outcome, archiver).value
-
-    def _start_reader(self, task: Task, container_id: str, skip: int, out: queue.Queue[Any]) -> threading.Thread:
-        reader = threading.Thread(target=self._read_lines, args=(container_id, skip, out), daemon=True,
-                                  name=f"logs-{task.task_id}")
-        reader.start()
-        return reader
-
-    def _read_lines(self, container_id: str, skip: int, out: queue.Queue[Any]) -> None:
-        """Docker's log of the container, split into lines, from line ``skip + 1``, until the stream ends or
-        breaks (supervision decides whether to read on)."""
-        try:
-            for n, (text, ts) in enumerate(split_frames(self.runtime.stream_frames(container_id)), 1):
-                if n > skip:
-                    out.put((text, ts))
-        except Exception as exc:
-            log.warning("log stream of %s broke: %s", container_id[:12], exc)
-        finally:
-            out.put(_DONE)
 
     def _catch_up(self, task: Task, container_id: str, consumed: int, writer: LogWriter,
                   archiver: Archiver) -> None:
@@ -398,39 +380,6 @@ class Executor:
             log.info("task %s: %d lines caught up from Docker's log after exit", task.task_id, caught)
         writer.flush()
 
-    def _wait(self, container_id: str) -> tuple[int | None, bool]:
-        """The exit code (None when the container is gone) and whether the engine failed to answer meanwhile."""
-        trouble = False
-        give_up = time.monotonic() + ENGINE_WAIT_S
-        while True:
-            try:
-                return self.runtime.wait(container_id, timeout=30), trouble
-            except EngineError as exc:
-                trouble = True
-                if time.monotonic() > give_up:
-                    log.error("container %s: the engine did not answer for %.0fs", container_id[:12], ENGINE_WAIT_S)
-                    return None, True
-                log.warning("waiting for container %s: %s", container_id[:12], exc)
-                time.sleep(1.0)
-
-    def _enforce_stop(self, container_id: str, grace_s: float) -> None:
-        """Stop (SIGTERM, grace, SIGKILL), then kill again and again until the container is not running, whatever
-        the engine answers meanwhile."""
-        tries = 0
-        until = time.monotonic() + 3600
-        while time.monotonic() < until:
-            try:
-                if tries == 0:
-                    self.runtime.stop(container_id, grace_s)
-                else:
-                    self.runtime.kill(container_id)
-            except Exception as exc:
-                log.warning("stopping container %s failed (%s); retrying", container_id[:12], exc)
-            tries += 1
-            if self.runtime.state(container_id) in ("exited", "gone"):
-                return
-            time.sleep(min(2.0, 0.25 * tries))
-
     def _self_fence(self, task: Task, container_id: str) -> str:
         """This worker has not heartbeaten for longer than it may hold containers: the cluster may have started
         the task elsewhere. Stop the container without reporting anything; when the worker is back it hands the
@@ -439,7 +388,7 @@ class Executor:
                     self.fence.silent_for() if self.fence else 0.0, container_id[:12])
         with self._lock:
             self.self_fenced[task.task_id] = task.execution_id
-        self._enforce_stop(container_id, 0)
+        enforce_stop(self.runtime, container_id, 0)
         return "fenced"
 
     def _stale(self, task: Task, container_id: str | None, why: str) -> str:
@@ -447,9 +396,9 @@ class Executor:
         its container, then give its GPUs back; report nothing."""
         log.warning("task %s: %s; stopping its container", task.task_id, why)
         if container_id:
-            self._enforce_stop(container_id, 0)
-            _quietly(self.runtime.remove, container_id)
-        _quietly(self.gpus.release, holder(task.task_id, task.execution_id), task.gpu_ids)
+            enforce_stop(self.runtime, container_id, 0)
+            quietly(self.runtime.remove, container_id)
+        quietly(self.gpus.release, holder(task.task_id, task.execution_id), task.gpu_ids)
         return "stale"
 
     def _should_stop(self, task: Task, deadline: float | None) -> Outcome | None:
@@ -508,15 +457,15 @@ class Executor:
                 log.warning("task %s: end marker not written (%s)", task_id, exc)
             if archiver is not None:
                 self._archive(task, container_id, archiver)
-            _quietly(self.bus.expire, task_id, self.settings.log_retention_s)
+            quietly(self.bus.expire, task_id, self.settings.log_retention_s)
             return outcome.status
         finally:
             if container_id:
-                _quietly(self.runtime.remove, container_id)
-            _quietly(self.gpus.release, holder(task_id, execution), task.gpu_ids)
-            _quietly(self.redis.delete, keys.cancel_flag(task_id))
+                quietly(self.runtime.remove, container_id)
+            quietly(self.gpus.release, holder(task_id, execution), task.gpu_ids)
+            quietly(self.redis.delete, keys.cancel_flag(task_id))
             if self.after_finish is not None:
-                _quietly(self.after_finish, task)
+                quietly(self.after_finish, task)
 
     def _archive(self, task: Task, container_id: str | None, archiver: Archiver) -> None:
         """The rest of the archive (a gap the store's outage left is filled from Docker's log, in chunks)."""
@@ -553,40 +502,6 @@ def _retry(fn: Callable[[], T], what: str, for_s: float | None = None,
             log.warning("%s waits: %s", what, exc)
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
-
-
-def _quietly(fn: Callable[..., Any], *args: Any) -> None:
-    """Clean-up that must not stop the rest of the clean-up."""
-    try:
-        fn(*args)
-    except Exception:
-        log.exception("%s failed", getattr(fn, "__name__", fn))
-
-
-BATCH_WAIT = 0.05
-MAX_BACKLOG = 50_000  # lines held while Redis is unreachable before the reader is made to wait
-
-
-def _drain(lines: queue.Queue[Any], writer: LogWriter) -> list[tuple[int, str, str] | None]:
-    """Move what the reader has into the writer, waiting at most one batch interval for the first line.
-    Returns ``(seq, text, ts)`` of each line moved, and None last once the reader is done."""
-    moved: list[tuple[int, str, str] | None] = []
-    try:
-        item = lines.get(timeout=BATCH_WAIT)
-    except queue.Empty:
-        return moved
-    while True:
-        if item is _DONE:
-            moved.append(None)
-            return moved
-        moved.append((writer.next_seq, *item))
-        writer.add(*item)
-        if writer.backlog >= MAX_BACKLOG:
-            return moved
-        try:
-            item = lines.get_nowait()
-        except queue.Empty:
-            return moved
 
 
 def _text(value: Any) -> str:
