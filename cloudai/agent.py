@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -142,6 +143,7 @@ class WorkerAgent:
         self._refresh_attempts()
         if not self.fence.healthy():
             try:
+                self._settle_active()
                 self.reconcile()
                 self.fence.cleaned()
             except Exception:
@@ -159,6 +161,18 @@ class WorkerAgent:
         if info is not None and info.state == WorkerState.OFFLINE and self.fence.healthy():
             self.store.set_worker_state(self.worker_id, WorkerState.ACTIVE, WorkerState.OFFLINE)
 
+    def _settle_active(self, wait_s: float = 10.0) -> None:
+        """After a gap: attempts this process still supervises that are no longer current stop now (their
+        containers removed); self-fenced ones finish stopping. Waits (bounded) for both, so that reconcile sees
+        their containers as not active and removes what is left."""
+        revoked = set(self.executor.revoke_stale())
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            busy = self.executor.active() & (revoked | set(self.executor.self_fenced))
+            if not busy:
+                return
+            time.sleep(0.05)
+
     def _refresh_attempts(self) -> None:
         ttl = attempt_ttl_s(self.executor.settings)
         for task in self.executor.active_attempts():
@@ -171,6 +185,7 @@ class WorkerAgent:
     def _reconcile_loop(self) -> None:
         while not self._stop.wait(self.reconcile_interval_s):
             try:
+                self.executor.revoke_stale()  # a quiet task's stale attempt writes nothing to be refused
                 self.reconcile()
             except Exception:
                 log.exception("reconcile of %s failed", self.worker_id)
@@ -195,6 +210,8 @@ class WorkerAgent:
             current = bool(task and task.status == S.RUNNING and task.worker_id == self.worker_id
                            and execution in (None, task.execution_id) and task.container_id in (None, container_id))
             if current and task is not None and self.executor.self_fenced.get(task_id) == task.execution_id:
+                if not self.fence.healthy():
+                    continue  # still cut off: beat decides (and Redis must hear the verdict), or we do once back
                 reason = (f"worker {self.worker_id} could not heartbeat for longer than "
                           f"{self.fence.limit_s:g}s and stopped the container itself")
                 self._lose(task, reason)

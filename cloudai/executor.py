@@ -75,6 +75,7 @@ class Executor:
         self.fence = fence
         self._active: dict[str, Task] = {}
         self.self_fenced: dict[str, str] = {}  # task id -> execution id whose container this worker stopped
+        self._revoked: set[str] = set()  # execution ids the store says are no longer current
         self._lock = threading.Lock()
         self._detach = threading.Event()
 
@@ -94,6 +95,15 @@ class Executor:
         """The attempts this process supervises (the heartbeat refreshes their registry entries and leases)."""
         with self._lock:
             return list(self._active.values())
+
+    def revoke_stale(self) -> list[str]:
+        """Ask the store which attempts this process supervises are no longer current (the worker was away and
+        the task moved on); their supervision stops and removes their containers. Returns their task ids."""
+        stale = [t for t in self.active_attempts()
+                 if t.status == S.RUNNING and not self._is_current(t.task_id, t.execution_id)]
+        with self._lock:
+            self._revoked.update(t.execution_id for t in stale)
+        return [t.task_id for t in stale]
 
     def _claim_local(self, task: Task) -> bool:
         with self._lock:
@@ -237,7 +247,8 @@ class Executor:
         return self._supervise(task, container_id, writer, archiver)
 
     def _marker(self, task: Task) -> str:
-        return ATTEMPT_MARKER.format(attempt=task.attempt) + f" on worker {self.worker_id}"
+        return (ATTEMPT_MARKER.format(attempt=task.attempt)
+                + f" on worker {self.worker_id} (execution {task.execution_id})")
 
     def _holder_is_live(self, lease: str) -> bool:
         """Whether the attempt holding a GPU lease may still use the GPU: it is a live task's current attempt,
@@ -316,6 +327,8 @@ class Executor:
                 return self._stale(task, container_id, str(exc))
             if now >= next_check:
                 next_check = now + CHECK_EVERY_S
+                if task.execution_id in self._revoked:
+                    return self._stale(task, container_id, f"attempt {task.execution_id} is no longer current")
                 if stop_reason is None:
                     stop_reason = self._should_stop(task, deadline)
                     if stop_reason is not None:  # output keeps flowing while the container gets its grace

@@ -63,8 +63,8 @@ def lose_task(store: TaskStore, bus: LogBus, task: Task, reason: str,
     # no attempt is current any more: the old one's archive chunks and outcome are refused (execution_id "")
     if store.transition(task.task_id, expected, S.LOST, execution=task.execution_id, execution_id="",
                         completed_at=utcnow(), error=TaskError("Lost", reason)):
-        bus.end(task.task_id, S.LOST.value, None, reason)  # also drops the registry: the old writer is fenced
         try:
+            bus.end(task.task_id, S.LOST.value, None, reason)  # also drops the registry: the old writer is fenced
             store.save_log(task.task_id, [archive_line(ln.text, ln.ts) for ln in bus.history(task.task_id)])
             bus.expire(task.task_id, retention_s)
         except Exception:  # beat's retention job archives and expires it later

@@ -112,9 +112,9 @@ def test_frozen_worker_with_retries_one_copy_and_the_true_outcome(
                        what="attempt 2 running")
     assert retried.worker_id == second.worker_id
     thaw(first)
-    time.sleep(3.0)  # the old worker has been back a few seconds: from now on, one copy
+    # within seconds of its return the old worker has stopped and removed attempt 1: from then on, one copy
+    wait_for(lambda: DockerRuntime().inspect(old.container_id or "") is None, 10, what="attempt 1 removed")
     watch.start()
-    assert DockerRuntime().inspect(old.container_id or "") is None  # stopped and removed by its own worker
     done = wait_ended(store, task_id, 90)
     assert watch.stop() <= 1
     assert (done.status, done.exit_code, done.attempt, done.worker_id) == (S.COMPLETED, 0, 2, second.worker_id)
@@ -281,8 +281,16 @@ def _beat(settings: Settings, tmp_path: Any) -> subprocess.Popen[bytes]:
                             env=cli_env(settings), stdout=log, stderr=subprocess.STDOUT)
 
 
-def _archived_texts(store: SQLiteStore, task_id: str) -> list[str]:
-    return [line.split(" ", 1)[1] for line in store.read_log(task_id) or []]
+def _archived_texts(store: SQLiteStore, task_id: str, expected: int) -> list[str]:
+    """The archived lines, once ``expected`` are there (the outcome is recorded before the archive)."""
+    def texts() -> list[str]:
+        return [line.split(" ", 1)[1] for line in store.read_log(task_id) or []]
+
+    try:
+        wait_for(lambda: len(texts()) >= expected, 30, 0.2, "the archive")
+    except AssertionError:
+        pass
+    return texts()
 
 
 def test_redis_restart_without_persistence_mid_task(
@@ -312,7 +320,7 @@ def test_redis_restart_without_persistence_mid_task(
         done = wait_ended(store, task_id, 60)
         assert watch.stop() <= 1
         assert (done.status, done.exit_code, done.attempt) == (S.COMPLETED, 0, 1)
-        assert _archived_texts(store, task_id) == [f"line {i}" for i in range(1, 26)]
+        assert _archived_texts(store, task_id, 25) == [f"line {i}" for i in range(1, 26)]
         assert_nothing_left(private, task_id)
     finally:
         beat_proc.terminate()
@@ -349,7 +357,7 @@ def test_store_unreachable_mid_task(
     done = wait_ended(store, task_id, 90)
     assert watch.stop() <= 1
     assert (done.status, done.exit_code, done.attempt) == (S.COMPLETED, 0, 1)
-    assert _archived_texts(store, task_id) == [f"line {i}" for i in range(1, 21)]
+    assert _archived_texts(store, task_id, 20) == [f"line {i}" for i in range(1, 21)]
     assert log_lines(settings, task_id) == [f"line {i}" for i in range(1, 21)]
     assert_nothing_left(settings, task_id)
 
