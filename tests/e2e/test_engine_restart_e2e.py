@@ -45,11 +45,9 @@ class PrivateDockerd:
                  str(self.root / "exec"), "--pidfile", str(self.root / "docker.pid"), "--iptables=false",
                  "--bridge=none", "--storage-driver=vfs", "--shutdown-timeout", "1"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        client = docker.DockerClient(base_url=self.url, timeout=5)
-
         def answers() -> bool:
             try:
-                return bool(client.ping())
+                return bool(docker.DockerClient(base_url=self.url, timeout=5).ping())
             except Exception:
                 return False
 
