@@ -54,7 +54,10 @@ class OneCopy:
 
     def _watch(self) -> None:
         while not self._stop.wait(0.25):
-            self.most = max(self.most, len(running_containers(self.task_id)))
+            try:
+                self.most = max(self.most, len(running_containers(self.task_id)))
+            except Exception:  # the engine restarting (a test of that): ask again
+                continue
 
     def stop(self) -> int:
         self._stop.set()

@@ -213,3 +213,29 @@ def test_liveness_is_judged_with_redis_time_from_either_stamp(settings: Settings
     redis_client.set(keys.heartbeat("w-clock"), stamp_ms(now), px=60_000)  # but Redis has a fresh stamp
     [seen] = with_redis_heartbeats(redis_client, [worker])
     assert seen.alive(redis_now(redis_client), settings.heartbeat_timeout_s)
+
+
+def test_a_redis_blip_during_re_attach_is_retried_not_fatal(settings: Settings, store: SQLiteStore,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from cloudai.errors import RedisUnavailable
+
+    runtime = StubRuntime(["before", "after"])
+    task = queued_task(store, settings.worker_id, "x", status=S.RUNNING)
+    from cloudai.runtime import ContainerSpec
+
+    cid = runtime.create(ContainerSpec(image="x", command=None, cpus=1, memory=1 << 30, task_id=task.task_id,
+                                       worker_id=settings.worker_id))
+    runtime.start(cid)
+    ex = _executor(settings, store, runtime)
+    real, failures = ex.bus.writer, [2]
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        if failures[0]:
+            failures[0] -= 1
+            raise RedisUnavailable(settings.redis_url, "injected blip")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ex.bus, "writer", flaky)
+    assert ex.attach(task, cid) == "completed"  # not failed: the healthy container's outcome is recorded
+    lines, end = _log(settings, task.task_id)
+    assert lines == ["before", "after"] and end is not None and end.status == "completed"
