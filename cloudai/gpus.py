@@ -52,11 +52,15 @@ def parse_holder(value: str) -> tuple[str, str]:
     return task_id, execution_id
 
 
-def fenced_gpu_ids(client: redis.Redis, worker_id: str, gpu_ids: list[str],
-                   live: Iterable[Task]) -> set[str]:
-    """GPU ids of ``worker_id`` still leased by an attempt that is not a live task's current one: a lost
-    attempt whose container is not known gone yet. Placement must not hand them out (never two tasks on one
-    GPU); the lease goes when the container is removed, or when its TTL (the fencing deadline) passes."""
+def fenced_gpu_ids(client: redis.Redis, worker_id: str, gpu_ids: list[str] | None = None,
+                   live: Iterable[Task] = ()) -> set[str]:
+    """GPU ids of ``worker_id`` still leased by an attempt that is not a live task's current one (``live``: the
+    worker's queued and running tasks): a lost attempt whose container is not known gone yet. Placement must not
+    hand them out (never two tasks on one GPU); the lease goes when the container is removed, or when its TTL
+    (the fencing deadline) passes. Without ``gpu_ids`` the worker's lease keys are scanned."""
+    if gpu_ids is None:
+        prefix = keys.gpu_lease(worker_id, "")
+        gpu_ids = [_text(k)[len(prefix):] for k in client.scan_iter(match=prefix + "*", count=100)]
     if not gpu_ids:
         return set()
     values: Any = client.mget([keys.gpu_lease(worker_id, g) for g in gpu_ids])

@@ -7,7 +7,7 @@ import pytest
 
 from cloudai import keys
 from cloudai.agent import Capacity, WorkerAgent
-from cloudai.gpus import GpuLeases, holder
+from cloudai.gpus import GpuLeases, fenced_gpu_ids, holder
 from cloudai.maintenance import lose_task
 from cloudai.models import GiB, TaskStatus
 from cloudai.runtime import ContainerSpec, DockerRuntime
@@ -43,6 +43,7 @@ def test_a_lost_attempts_gpus_are_not_handed_out_while_its_container_lives(
     live = store.list_tasks(status=[S.QUEUED, S.RUNNING], limit=None)
     free = free_capacity(store.list_workers(), live, ex.redis)
     assert free[settings.worker_id].gpu_ids == ["1"]
+    assert fenced_gpu_ids(ex.redis, settings.worker_id, live=live) == {"0"}  # the hook for placement
     # and the worker refuses it even if placement had chosen it
     intruder = queued_task(store, settings.worker_id, "true", req_gpu=1, gpu_ids=["0"])
     assert ex.run(message(intruder)) == "failed"
