@@ -16,6 +16,7 @@ from cli import render
 from cli.client import Client, open_client
 from cloudai import limits
 from cloudai.errors import CloudAIError, ExitCode, RedisUnavailable
+from cloudai.logevents import attempt_section
 from cloudai.models import Resources, TaskStatus, WorkerState, join_command, parse_duration
 from cloudai.settings import Settings
 from cloudai.submission import SubmitRequest, parse_key_values, read_env_file
@@ -239,11 +240,18 @@ def monitor(ctx: Context, task_id: str, user: str | None) -> None:
 @click.option("-f", "--follow", is_flag=True, help="Keep following until the task ends; exit with its code.")
 @click.option("--tail", type=click.IntRange(min=0), help="Start with only the last N lines.")
 @click.option("-t", "--timestamps", is_flag=True, help="Show Docker's timestamp of each line.")
+@click.option("--attempt", type=click.IntRange(min=1), help="Only attempt N's lines (a retried task has several).")
 @pass_ctx
-def logs(ctx: Context, task_id: str, follow: bool, tail: int | None, timestamps: bool) -> None:
+def logs(ctx: Context, task_id: str, follow: bool, tail: int | None, timestamps: bool, attempt: int | None) -> None:
     """Print TASK's log: from the live stream or, once it finished, the archive."""
     api = ctx.api
-    api.get(task_id)
+    task = api.get(task_id)
+    if attempt is not None:  # one attempt's section of the log (works the same through the API)
+        if attempt > task.attempt:
+            raise click.BadParameter(f"task {task_id} has attempts 1 to {task.attempt}", param_hint="--attempt")
+        lines = attempt_section(api.logs(task_id), attempt)
+        click.echo("".join(f"{e.ts} {e.text}\n" if timestamps else e.text + "\n" for e in lines), nl=False)
+        return
     after = 0
     if tail is not None:
         lines = [e for e in api.logs(task_id) if not isinstance(e, viewer.LogEnd)]

@@ -9,6 +9,7 @@ from functools import cached_property
 import redis
 
 from cloudai import keys, limits
+from cloudai.clock import redis_now, with_redis_heartbeats
 from cloudai.errors import (
     CloudAIError,
     RedisUnavailable,
@@ -165,9 +166,13 @@ class CloudAI:
             return task
         self.redis.set(keys.cancel_flag(task_id), who, ex=7 * 86400)
         worker = self.store.get_worker(task.worker_id or "")
-        if worker is None or not worker.alive(utcnow(), self.settings.heartbeat_timeout_s):
-            # nobody will act on the flag; the container is removed as an orphan when its worker returns
-            if self.store.transition(task_id, S.RUNNING, S.CANCELLED, completed_at=utcnow(),
+        if worker is not None:
+            with_redis_heartbeats(self.redis, [worker])
+        if worker is None or not worker.alive(redis_now(self.redis), self.settings.heartbeat_timeout_s):
+            # nobody will act on the flag; the container is removed when its worker returns (no attempt is
+            # current any more: execution_id "" fences out whatever that worker still writes)
+            if self.store.transition(task_id, S.RUNNING, S.CANCELLED, execution=task.execution_id, execution_id="",
+                                     completed_at=utcnow(),
                                      error=TaskError("Cancelled", f"cancelled by {who} (worker not responding)")):
                 self.bus.end(task_id, S.CANCELLED.value, None, f"cancelled by {who}")
                 self.scheduler.release(task)

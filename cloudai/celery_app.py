@@ -10,6 +10,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from cloudai import keys
+from cloudai.message import RunMessage
 from cloudai.models import Task
 from cloudai.settings import Settings
 
@@ -97,7 +98,7 @@ class Dispatcher:
                 self._producer = app.amqp.Producer(self._connection, auto_declare=False)
             app.send_task(
                 keys.RUN_CONTAINER_TASK,
-                args=[task.to_message()],
+                args=[RunMessage.from_task(task).to_wire()],
                 queue=queue(keys.worker_queue(task.worker_id)),  # declared (once per channel) by send_task
                 task_id=f"{task.task_id}.{task.attempt}",
                 producer=self._producer,

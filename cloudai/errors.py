@@ -105,6 +105,16 @@ class DockerUnavailable(ServiceUnavailable):
         super().__init__(f"the Docker engine can't be reached: {reason}. Is dockerd running (DOCKER_HOST)?")
 
 
+class AttemptFenced(CloudAIError):
+    """A write of an attempt that is no longer its task's current one (its worker was frozen, cut off or
+    declared dead, and the task moved on): refused, so a stale attempt can't log, report or hold resources."""
+
+    def __init__(self, task_id: str, execution_id: str, what: str) -> None:
+        super().__init__(f"{what} of task {task_id} refused: attempt {execution_id} is no longer current")
+        self.task_id = task_id
+        self.execution_id = execution_id
+
+
 class ImageError(CloudAIError):
     """The image is missing and can't (or may not) be pulled."""
 

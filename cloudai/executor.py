@@ -1,10 +1,11 @@
-"""Runs one task on this worker: claim it (queued -> running), start its container, stream its output to the
-log bus, enforce timeout and cancel, record the outcome, archive the log, clean up. Also re-attaches to a
-container that outlived a worker restart. Knows nothing of Celery."""
+"""Runs one attempt of a task on this worker: claim it (queued -> running, fenced by its execution id), start its
+container, stream its output to the log bus and the archive, enforce timeout and cancel until the container is
+gone, record the outcome, then archive and clean up. Every write is conditional on the attempt still being the
+task's current one (DESIGN.md "Attempts are fenced"): a stale attempt's write is refused, logged here, and its
+container stopped. Also re-attaches to a container that outlived a worker restart. Knows nothing of Celery."""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import queue
 import threading
@@ -16,23 +17,39 @@ from typing import Any, TypeVar
 import redis
 
 from cloudai import keys
-from cloudai.errors import ImageError, ImageNotAllowed, RedisUnavailable, RuntimeFailure, StoreUnavailable
-from cloudai.gpus import GpuLeases
+from cloudai.archive import CHUNK_LINES, Archiver
+from cloudai.errors import (
+    AttemptFenced,
+    ImageError,
+    ImageNotAllowed,
+    RedisUnavailable,
+    RuntimeFailure,
+    StoreUnavailable,
+)
+from cloudai.fencing import Fence
+from cloudai.gpus import GpuLeases, holder, parse_holder
 from cloudai.limits import capabilities, image_allowed
-from cloudai.logs import LogBus, LogWriter, archive_line, split_frames
+from cloudai.logevents import ATTEMPT_MARKER
+from cloudai.logs import LogBus, LogWriter, split_frames
+from cloudai.message import MessageError, RunMessage
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
 from cloudai.reservations import Reservations
-from cloudai.runtime import ContainerSpec, DockerRuntime, oom_reason
+from cloudai.runtime import ENGINE_RESTARTED, ContainerSpec, DockerRuntime, oom_reason
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
+from cloudai.supervision import BATCH_WAIT, MAX_BACKLOG, drain, enforce_stop, quietly, start_reader, wait_exit
 
 log = logging.getLogger(__name__)
 
 S = TaskStatus
 T = TypeVar("T")
-_DONE = object()
 STORE_RETRY_S = 600.0  # how long a finished task's outcome waits for a store that is down
-CHECK_EVERY_S = 0.25  # how often cancel and timeout are checked while a container runs
+CHECK_EVERY_S = 0.25  # how often cancel, timeout and the fence are checked while a container runs
+
+
+def attempt_ttl_s(settings: Settings) -> float:
+    """TTL of an attempt's Redis registry entry and GPU leases; the heartbeat refreshes them."""
+    return max(60.0, 10 * settings.heartbeat_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,7 @@ class Executor:
         runtime: DockerRuntime,
         redis_client: redis.Redis,
         after_finish: Callable[[Task], None] | None = None,
+        fence: Fence | None = None,
     ) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id
@@ -62,10 +80,13 @@ class Executor:
         self.bus = bus
         self.runtime = runtime
         self.redis = redis_client
-        self.gpus = GpuLeases(redis_client, self.worker_id)
+        self.gpus = GpuLeases(redis_client, self.worker_id, attempt_ttl_s(settings))
         self.reservations = Reservations(redis_client, settings.fairshare_halflife_s)
         self.after_finish = after_finish
-        self._active: set[str] = set()
+        self.fence = fence
+        self._active: dict[str, Task] = {}
+        self.self_fenced: dict[str, str] = {}  # task id -> execution id whose container this worker stopped
+        self._revoked: set[str] = set()  # execution ids the store says are no longer current
         self._lock = threading.Lock()
         self._detach = threading.Event()
 
@@ -81,91 +102,162 @@ class Executor:
         with self._lock:
             return set(self._active)
 
-    def _claim_local(self, task_id: str) -> bool:
+    def active_attempts(self) -> list[Task]:
+        """The attempts this process supervises (the heartbeat refreshes their registry entries and leases)."""
         with self._lock:
-            if task_id in self._active:
+            return list(self._active.values())
+
+    def revoke_stale(self) -> list[str]:
+        """Ask the store which attempts this process supervises are no longer current (the worker was away and
+        the task moved on); their supervision stops and removes their containers. Returns their task ids."""
+        stale = [t for t in self.active_attempts()
+                 if t.status == S.RUNNING and not self._is_current(t.task_id, t.execution_id)]
+        with self._lock:
+            self._revoked.update(t.execution_id for t in stale)
+        return [t.task_id for t in stale]
+
+    def _claim_local(self, task: Task) -> bool:
+        with self._lock:
+            if task.task_id in self._active:
                 return False
-            self._active.add(task_id)
+            self._active[task.task_id] = task
             return True
 
     def _unclaim_local(self, task_id: str) -> None:
         with self._lock:
-            self._active.discard(task_id)
+            self._active.pop(task_id, None)
 
-    def run(self, message: dict[str, Any]) -> str:
-        """Handle one queue message. A message for a task that is not ``queued`` on this worker (a duplicate
-        delivery, a cancelled task, a task placed elsewhere since) does nothing. Returns the final status."""
-        task_id = str(message["task_id"])
-        if self._detach.is_set() or not self._claim_local(task_id):
+    def run(self, wire: Any) -> str:
+        """Handle one queue message (a :class:`RunMessage` on the wire). A message for an attempt that is not
+        the task's current one, or for a task that is not ``queued`` on this worker, does nothing. Returns the
+        final status (or what happened instead)."""
+        try:
+            message = RunMessage.from_wire(wire)
+        except MessageError as exc:
+            log.error("queue message rejected: %s", exc)
+            return "rejected"
+        if message.worker_id != self.worker_id or self._detach.is_set():
+            return "skipped"
+        if self.fence is not None and not self.fence.wait_healthy(3 * self.settings.heartbeat_timeout_s):
+            # new work only once this worker is known alive and has cleaned up after a gap
+            log.warning("message for task %s deferred: this worker has not heartbeaten for %.0fs",
+                        message.task_id, self.fence.silent_for())
+            return "deferred"
+        placeholder = Task(task_id=message.task_id, user_id=message.user, docker_image=message.image,
+                           execution_id=message.execution_id, gpu_ids=list(message.gpu_ids))
+        if not self._claim_local(placeholder):
             return "skipped"
         try:
-            return self._run(task_id)
+            return self._run(message)
         finally:
-            self._unclaim_local(task_id)
+            self._unclaim_local(message.task_id)
 
     def attach(self, task: Task, container_id: str) -> str:
-        """Resume supervising a container this worker started before it restarted."""
-        if not self._claim_local(task.task_id):
+        """Resume supervising a container this worker started before it restarted. Redis or the store being
+        briefly away is waited out: a blip must not kill a healthy container."""
+        if not self._claim_local(task):
             return "skipped"
         try:
-            writer = self.bus.writer(task.task_id)
+            writer = _retry(lambda: self._writer(task), f"re-attach of {task.task_id}", 60.0,
+                            (StoreUnavailable, RedisUnavailable))
             log.info("re-attaching to task %s (container %s, %d lines already streamed)",
                      task.task_id, container_id[:12], writer.published)
-            return self._supervise(task, container_id, writer)
+            archiver = Archiver(self.store, task.task_id, task.execution_id)
+            archiver.gap_from = task.log_base + 1  # what was archived before the restart is unknown
+            archiver.start()
+            return self._supervise(task, container_id, writer, archiver)
+        except (StoreUnavailable, RedisUnavailable) as exc:
+            log.warning("re-attach of %s postponed (%s); the container keeps running", task.task_id, exc)
+            return "detached"
         except Exception as exc:  # never leave a task stuck in running
             log.exception("re-attach of %s failed", task.task_id)
             return self._finish(task, container_id, Outcome(S.FAILED, None, f"worker error: {exc}", False,
-                                                            "WorkerError")).value
+                                                            "WorkerError"), None)
         finally:
             self._unclaim_local(task.task_id)
 
     # -- the run ----------------------------------------------------------------------------------------
-    def _run(self, task_id: str) -> str:
+    def _is_current(self, task_id: str, execution: str) -> bool:
+        """The store (the truth) says this attempt is the task's current, running one on this worker."""
+        try:
+            task = _retry(lambda: self.store.get_task(task_id), f"check of {task_id}", 5.0)
+        except StoreUnavailable:
+            return False
+        return bool(task and task.status == S.RUNNING and task.execution_id == execution
+                    and task.worker_id == self.worker_id)
+
+    def _writer(self, task: Task) -> LogWriter:
+        execution = task.execution_id
+        return self.bus.writer(task.task_id, execution=execution,
+                               revalidate=lambda: self._is_current(task.task_id, execution))
+
+    def _run(self, message: RunMessage) -> str:
+        task_id, execution = message.task_id, message.execution_id
         task = _retry(lambda: self.store.get_task(task_id), f"task {task_id}")
         if task is None:
             log.warning("message for unknown task %s ignored", task_id)
             return "unknown"
+        if task.execution_id != execution:
+            log.warning("message for attempt %s of task %s refused: the current attempt is %s", execution,
+                        task_id, task.execution_id)
+            return "skipped"
         if task.status != S.QUEUED or task.worker_id != self.worker_id:
             log.info("message for task %s ignored: it is %s on %s", task_id, task.status.value, task.worker_id)
             return "skipped"
-        held = self.gpus.acquire(task_id, task.gpu_ids, self._holder_is_live)
+        with self._lock:
+            self._active[task_id] = task
+        owner = holder(task_id, execution)
+        held = self.gpus.acquire(owner, task.gpu_ids, self._holder_is_live)
         if held:
-            if self.store.transition(task_id, S.QUEUED, S.FAILED, completed_at=utcnow(),
+            if self.store.transition(task_id, S.QUEUED, S.FAILED, execution=execution, completed_at=utcnow(),
                                      error=TaskError("GpuBusy", held)):
-                self.bus.end(task_id, S.FAILED.value, None, held)
-                _quietly(self.reservations.release, task_id, task.attempt, self.worker_id)
+                quietly(self.bus.end, task_id, S.FAILED.value, None, held)
+                quietly(self.reservations.release, task_id, task.attempt, self.worker_id)
             return S.FAILED.value
-        if not _retry(lambda: self.store.transition(task_id, S.QUEUED, S.RUNNING, worker_id=self.worker_id),
-                      f"claim of {task_id}"):
-            self.gpus.release(task_id, task.gpu_ids)
+        if not _retry(lambda: self.store.transition(task_id, S.QUEUED, S.RUNNING, execution=execution,
+                                                    worker_id=self.worker_id), f"claim of {task_id}"):
+            self.gpus.release(owner, task.gpu_ids)
             return "skipped"
         task.status = S.RUNNING
-        container_id: str | None = None
         try:
-            writer = self.bus.writer(task_id)
-            task.log_base = writer.published  # lines of earlier attempts, if this is a retry
-            self.store.update_task(task_id, S.RUNNING, log_base=task.log_base)
+            if self.bus.attempt(task_id, execution, attempt_ttl_s(self.settings)) < 0:
+                log.warning("task %s: attempt %s was replaced by a newer one before it started", task_id, execution)
+                self.gpus.release(owner, task.gpu_ids)
+                return "stale"
+        except RedisUnavailable as exc:  # the writer registers it once Redis answers (the store vouches)
+            log.warning("task %s: attempt not registered yet (%s)", task_id, exc)
+        container_id: str | None = None
+        archiver = Archiver(self.store, task_id, execution).start()
+        try:
+            writer = self._writer(task)
+            if task.attempt > 1:  # a retry starts a new section of the log
+                archiver.add(writer.next_seq, self._marker(task), "")
+                writer.add(self._marker(task))
+                writer.flush()
+            task.log_base = writer.published
+            if not self.store.update_task(task_id, S.RUNNING, execution=execution, log_base=task.log_base):
+                raise AttemptFenced(task_id, execution, "the start")
             self._check_image_allowed(task)
             self.runtime.ensure_image(task.docker_image, task.pull_policy)
             container_id = self.runtime.create(self._container_spec(task))
-            self.store.update_task(task_id, S.RUNNING, container_id=container_id)
+            if not self.store.update_task(task_id, S.RUNNING, execution=execution, container_id=container_id):
+                raise AttemptFenced(task_id, execution, "the container id")
             if self.redis.exists(keys.cancel_flag(task_id)):
-                return self._finish(task, container_id, Outcome(S.CANCELLED, None, "cancelled before start")).value
+                return self._finish(task, container_id, Outcome(S.CANCELLED, None, "cancelled before start"),
+                                    archiver).value
             self.runtime.start(container_id)
-            self.store.update_task(task_id, S.RUNNING, started_at=utcnow())
+            self.store.update_task(task_id, S.RUNNING, execution=execution, started_at=utcnow())
+        except AttemptFenced as exc:
+            archiver.close()
+            return self._stale(task, container_id, str(exc))
         except (ImageError, RuntimeFailure) as exc:
             outcome = Outcome(S.FAILED, None, str(exc), False, type(exc).__name__)
-            return self._finish(task, container_id, outcome).value
+            return self._finish(task, container_id, outcome, archiver).value
         except Exception as exc:
             log.exception("task %s could not start", task_id)
             outcome = Outcome(S.FAILED, None, f"worker error: {exc}", False, "WorkerError")
-            return self._finish(task, container_id, outcome).value
-        try:
-            return self._supervise(task, container_id, writer)
-        except Exception as exc:
-            log.exception("supervising task %s failed", task_id)
-            outcome = Outcome(S.FAILED, None, f"worker error: {exc}", False, "WorkerError")
-            return self._finish(task, container_id, outcome).value
+            return self._finish(task, container_id, outcome, archiver).value
+        return self._supervise(task, container_id, writer, archiver)
 
     def _check_image_allowed(self, task: Task) -> None:
         """This worker's own allow-list wins over whatever the submitting side allowed."""
@@ -174,9 +266,19 @@ class Executor:
             raise ImageNotAllowed(f"image {task.docker_image!r} is not allowed on worker {self.worker_id}; "
                                   f"allowed images (CLOUDAI_ALLOWED_IMAGES): {', '.join(patterns)}")
 
-    def _holder_is_live(self, holder: str) -> bool:
-        other = self.store.get_task(holder)
-        return bool(other and other.status in LIVE and other.worker_id == self.worker_id)
+    def _marker(self, task: Task) -> str:
+        return (ATTEMPT_MARKER.format(attempt=task.attempt)
+                + f" on worker {self.worker_id} (execution {task.execution_id})")
+
+    def _holder_is_live(self, lease: str) -> bool:
+        """Whether the attempt holding a GPU lease may still use the GPU: it is a live task's current attempt,
+        or its container still exists on this worker (a lost attempt not stopped yet)."""
+        task_id, execution = parse_holder(lease)
+        other = self.store.get_task(task_id)
+        if other and other.status in LIVE and other.worker_id == self.worker_id and other.execution_id == execution:
+            return True
+        return any(c["Labels"].get(keys.LABEL_EXECUTION_ID) in (execution, None)
+                   for c in self.runtime.find(worker_id=self.worker_id, task_id=task_id))
 
     def _container_spec(self, task: Task) -> ContainerSpec:
         return ContainerSpec(
@@ -189,7 +291,7 @@ class Executor:
             gpu_ids=list(task.gpu_ids),
             env=dict(task.env),
             workdir=task.workdir,
-            labels=dict(task.labels),
+            labels={**task.labels, keys.LABEL_EXECUTION_ID: task.execution_id},
             storage=task.resources.storage,
             pids_limit=self.settings.pids_limit,
             network=self.settings.docker_network,
@@ -198,80 +300,141 @@ class Executor:
             read_only=task.read_only,
         )
 
-    def _supervise(self, task: Task, container_id: str, writer: LogWriter) -> str:
-        """Pump log lines until the container ends, enforcing timeout and cancel; then finish. Returns the
-        final status, or ``detached`` when the worker shuts down first."""
+    def _supervise(self, task: Task, container_id: str, writer: LogWriter, archiver: Archiver) -> str:
+        """Pump log lines until the container ends, enforcing timeout and cancel whatever fails (a broken log
+        reader is restarted, a failed stop is retried, then killed); then finish. Returns the final status, or
+        ``detached`` (shutdown), ``fenced`` (this worker stopped it on its own) or ``stale``."""
+        try:
+            return self._pump(task, container_id, writer, archiver)
+        finally:
+            archiver.close()
+
+    def _pump(self, task: Task, container_id: str, writer: LogWriter, archiver: Archiver) -> str:
         lines: queue.Queue[Any] = queue.Queue(maxsize=20000)
-        reader = threading.Thread(
-            target=self._read_lines, args=(container_id, writer.published - task.log_base, lines), daemon=True,
-            name=f"logs-{task.task_id}",
-        )
-        reader.start()
+        consumed = writer.published - task.log_base  # container lines already in the log
+        reader = start_reader(self.runtime, task.task_id, container_id, consumed, lines)
         started = task.started_at or utcnow()
         deadline = started.timestamp() + task.timeout_s if task.timeout_s else None
         stop_reason: Outcome | None = None
         next_check = 0.0
         retry_at = 0.0  # while Redis is unreachable: lines wait in the writer (bounded), the container runs on
-        done = False
-        while not done:
+        engine_trouble = False
+        reader_done = False
+        while True:
             if self._detach.is_set() and stop_reason is None:
-                with contextlib.suppress(RedisUnavailable):
-                    writer.flush(attempts=3)
+                quietly(writer.flush, 3)
                 log.info("task %s: detached from container %s for shutdown", task.task_id, container_id[:12])
                 return "detached"
-            if writer.backlog < MAX_BACKLOG:
-                done = _drain(lines, writer)
+            if self.fence is not None and self.fence.expired():
+                return self._self_fence(task, container_id)
+            if writer.backlog < MAX_BACKLOG and not reader_done:
+                for seq_text_ts in drain(lines, writer):
+                    if seq_text_ts is None:
+                        reader_done = True
+                        break
+                    archiver.add(*seq_text_ts)
+                    consumed += 1
             else:
                 time.sleep(BATCH_WAIT)  # back-pressure: the reader blocks, Docker keeps the output
             now = time.monotonic()
-            if now >= retry_at:
-                try:
+            try:
+                if now >= retry_at:
                     writer.flush_if_due(attempts=1)
-                except RedisUnavailable as exc:
-                    log.warning("task %s: log lines wait for Redis (%s)", task.task_id, exc)
-                    retry_at = now + 1.0
-            if stop_reason is None and now >= next_check:
+                if archiver.fenced:
+                    raise AttemptFenced(task.task_id, task.execution_id, "the log archive")
+            except RedisUnavailable as exc:
+                log.warning("task %s: log lines wait for Redis (%s)", task.task_id, exc)
+                retry_at = now + 1.0
+            except AttemptFenced as exc:
+                return self._stale(task, container_id, str(exc))
+            if now >= next_check:
                 next_check = now + CHECK_EVERY_S
-                stop_reason = self._should_stop(task, deadline)
-                if stop_reason is not None:
-                    # stop in the background: output keeps flowing while the container gets its grace period
-                    threading.Thread(target=self.runtime.stop, args=(container_id, self.settings.stop_grace_s),
-                                     daemon=True).start()
+                if task.execution_id in self._revoked:
+                    return self._stale(task, container_id, f"attempt {task.execution_id} is no longer current")
+                if stop_reason is None:
+                    stop_reason = self._should_stop(task, deadline)
+                    if stop_reason is not None:  # output keeps flowing while the container gets its grace
+                        grace = self.settings.stop_grace_s
+                        threading.Thread(target=enforce_stop, args=(self.runtime, container_id, grace),
+                                         daemon=True, name=f"stop-{task.task_id}").start()
+            if reader_done:
+                state = self.runtime.state(container_id)
+                if state == "running":  # the log stream broke, not the container: read on from where it broke
+                    reader_done = False
+                    time.sleep(0.2)
+                    reader = start_reader(self.runtime, task.task_id, container_id, consumed, lines)
+                elif state == "unknown":
+                    engine_trouble = True
+                    reader_done = False
+                    time.sleep(1.0)
+                    reader = start_reader(self.runtime, task.task_id, container_id, consumed, lines)
+                else:
+                    break
+        del reader
         try:
             writer.flush()
         except RedisUnavailable:
             log.warning("task %s: Redis unreachable at the end; the archive keeps the whole log", task.task_id)
-        exit_code = self.runtime.wait(container_id)
-        state = self.runtime.exit_state(container_id)
-        # Docker's complete log, read once the container has exited: a follow stream can miss the last lines
-        # at exit, so publish what it missed, then archive the same lines
-        complete = list(split_frames(self.runtime.stream_frames(container_id, follow=False)))
-        missed = complete[writer.published - task.log_base:]
-        if missed:
-            log.info("task %s: %d lines caught up from Docker's log after exit", task.task_id, len(missed))
-            for text, ts in missed:
-                writer.add(text, ts)
-            writer.flush()
-        outcome = self._outcome(task, exit_code, state.oom_killed, stop_reason)
-        return self._finish(task, container_id, outcome, complete).value
-
-    def _read_lines(self, container_id: str, skip: int, out: queue.Queue[Any]) -> None:
-        """Docker's log of the container, split into lines, from line ``skip + 1``. A broken stream is reopened
-        (skipping what was read) while the container runs."""
-        consumed = skip
+        except AttemptFenced as exc:
+            return self._stale(task, container_id, str(exc))
+        exit_code, engine_restarted = wait_exit(self.runtime, container_id)
+        engine_trouble = engine_trouble or engine_restarted
+        oom = self.runtime.exit_state(container_id).oom_killed if exit_code is not None else False
+        # a follow stream can miss the last lines at exit: publish and archive what Docker's complete log has
+        # beyond them, streamed (memory flat in the log's length)
         try:
-            while True:
-                for n, (text, ts) in enumerate(split_frames(self.runtime.stream_frames(container_id)), 1):
-                    if n > consumed:
-                        consumed = n
-                        out.put((text, ts))
-                if not self.runtime.is_running(container_id):
-                    break
-                time.sleep(0.2)
+            self._catch_up(task, container_id, consumed, writer, archiver)
+        except AttemptFenced as exc:
+            return self._stale(task, container_id, str(exc))
         except Exception:
-            log.exception("log stream of %s broke", container_id[:12])
-        finally:
-            out.put(_DONE)
+            log.exception("task %s: could not read the rest of Docker's log", task.task_id)
+        if exit_code is None or (engine_trouble and stop_reason is None and exit_code != 0):
+            code = "" if exit_code is None else f" (exit code {exit_code})"
+            outcome = Outcome(S.FAILED, exit_code, ENGINE_RESTARTED + code, False, "EngineRestarted")
+        else:
+            outcome = self._outcome(task, exit_code, oom, stop_reason)
+        return self._finish(task, container_id, outcome, archiver).value
+
+    def _catch_up(self, task: Task, container_id: str, consumed: int, writer: LogWriter,
+                  archiver: Archiver) -> None:
+        gap = archiver.gap_from
+        archive_from = gap - task.log_base if gap is not None else None  # container line the archive lacks from
+        if gap is not None:
+            archiver.gap_from = None
+        caught = 0
+        for n, (text, ts) in enumerate(split_frames(self.runtime.stream_frames(container_id, follow=False)), 1):
+            seq = task.log_base + n
+            if n > consumed:
+                writer.add(text, ts)
+                caught += 1
+                if writer.backlog >= 500:
+                    writer.flush()
+            if n > consumed or (archive_from is not None and n >= archive_from):
+                archiver.add(seq, text, ts)
+        if caught:
+            log.info("task %s: %d lines caught up from Docker's log after exit", task.task_id, caught)
+        writer.flush()
+
+    def _self_fence(self, task: Task, container_id: str) -> str:
+        """This worker has not heartbeaten for longer than it may hold containers: the cluster may have started
+        the task elsewhere. Stop the container without reporting anything; when the worker is back it hands the
+        attempt to beat's rules (lost / retried) if it is still current, and removes the container."""
+        log.warning("task %s: no heartbeat for %.1fs; stopping container %s (self-fencing)", task.task_id,
+                    self.fence.silent_for() if self.fence else 0.0, container_id[:12])
+        with self._lock:
+            self.self_fenced[task.task_id] = task.execution_id
+        enforce_stop(self.runtime, container_id, 0)
+        return "fenced"
+
+    def _stale(self, task: Task, container_id: str | None, why: str) -> str:
+        """A write of this attempt was refused: another attempt is current (or the task ended). Stop and remove
+        its container, then give its GPUs back; report nothing."""
+        log.warning("task %s: %s; stopping its container", task.task_id, why)
+        if container_id:
+            enforce_stop(self.runtime, container_id, 0)
+            quietly(self.runtime.remove, container_id)
+        quietly(self.gpus.release, holder(task.task_id, task.execution_id), task.gpu_ids)
+        return "stale"
 
     def _should_stop(self, task: Task, deadline: float | None) -> Outcome | None:
         try:
@@ -295,97 +458,88 @@ class Executor:
         return Outcome(S.FAILED, exit_code, f"exited with code {exit_code}", False, "NonZeroExit")
 
     def _finish(self, task: Task, container_id: str | None, outcome: Outcome,
-                lines: list[tuple[str, str]] | None = None) -> TaskStatus:
-        """Archive the log, record the outcome (compare-and-set from running), close the log, clean up.
-        The store is retried for a while if it is briefly down: the outcome must not be lost."""
-        task_id = task.task_id
-        status = outcome.status
+                archiver: Archiver | None) -> TaskStatus:
+        """Record the outcome first (compare-and-set from running, for this attempt only), then close the log,
+        archive and clean up. The store is retried for a while if it is down; if the outcome still can't be
+        recorded the container stays (with its exit code and log) for the next reconcile to finish."""
+        task_id, execution = task.task_id, task.execution_id
+        error = TaskError(outcome.error_type or outcome.status.value, outcome.reason) if outcome.reason else None
         try:
-            if container_id:
-                _retry(lambda: self._archive(task, container_id, lines), f"archive of {task_id}")
-            error = TaskError(outcome.error_type or outcome.status.value, outcome.reason) if outcome.reason else None
             won = _retry(lambda: self.store.transition(
-                task_id, S.RUNNING, outcome.status, exit_code=outcome.exit_code, oom_killed=outcome.oom_killed,
-                completed_at=utcnow(), error=error,
+                task_id, S.RUNNING, outcome.status, execution=execution, exit_code=outcome.exit_code,
+                oom_killed=outcome.oom_killed, completed_at=utcnow(), error=error,
             ), f"outcome of {task_id}")
-            final = self.store.get_task(task_id) if not won else None
-            status = outcome.status if won or final is None else final.status
-            reason = outcome.reason if won or final is None or final.error is None else final.error.message
-            exit_code = outcome.exit_code if won or final is None else final.exit_code
-            _quietly(self.bus.end, task_id, status.value, exit_code, reason)
-            _quietly(self.bus.expire, task_id, self.settings.log_retention_s)
-            return status
+        except StoreUnavailable:
+            if archiver is not None:
+                archiver.close()
+            log.error("task %s: outcome %s could not be recorded; container %s kept for the next reconcile",
+                      task_id, outcome.status.value, (container_id or "-")[:12])
+            return S.RUNNING
+        if not won:
+            if archiver is not None:
+                archiver.close()
+            current = _retry(lambda: self.store.get_task(task_id), f"task {task_id}")
+            log.warning("task %s: outcome %s of attempt %s refused: the task is %s (attempt %s)", task_id,
+                        outcome.status.value, execution, current.status.value if current else "gone",
+                        current.execution_id if current else "-")
+            self._stale(task, container_id, "its outcome was refused")
+            return current.status if current else outcome.status
+        try:
+            try:
+                self.bus.end(task_id, outcome.status.value, outcome.exit_code, outcome.reason, execution,
+                             lambda: True)  # the store just recorded this attempt's outcome: it is current
+            except (AttemptFenced, RedisUnavailable) as exc:
+                log.warning("task %s: end marker not written (%s)", task_id, exc)
+            if archiver is not None:
+                self._archive(task, container_id, archiver)
+            quietly(self.bus.expire, task_id, self.settings.log_retention_s)
+            return outcome.status
         finally:
             if container_id:
-                _quietly(self.runtime.remove, container_id)
-            _quietly(self.gpus.release, task_id, task.gpu_ids)
-            _quietly(self.redis.delete, keys.cancel_flag(task_id))
-            # this attempt's reservation only: a newer attempt of the same task keeps its own
-            _quietly(self.reservations.release, task_id, task.attempt, self.worker_id)
+                quietly(self.runtime.remove, container_id)
+            quietly(self.gpus.release, holder(task_id, execution), task.gpu_ids)
+            quietly(self.redis.delete, keys.cancel_flag(task_id))
+            # this attempt's reservation only (a newer attempt keeps its own), after its GPU lease is gone: the
+            # placement hook (Reservations.fenced_gpu_ids) holds back GPU ids that are still leased
+            quietly(self.reservations.release, task_id, task.attempt, self.worker_id)
             if self.after_finish is not None:
-                _quietly(self.after_finish, task)
+                quietly(self.after_finish, task)
 
-    def _archive(self, task: Task, container_id: str, lines: list[tuple[str, str]] | None) -> None:
-        """Docker's own log of the container is the source of truth for the archive (after the lines of
-        earlier attempts, which only the stream still has). Raises StoreUnavailable for a retry."""
-        earlier: list[str] = []
-        if task.log_base:
-            try:
-                earlier = [archive_line(ln.text, ln.ts) for ln in self.bus.history(task.task_id, task.log_base)]
-            except RedisUnavailable:
-                log.warning("task %s: earlier attempts' lines are not archived (Redis unreachable)", task.task_id)
-        if lines is None:
-            try:
-                lines = list(split_frames(self.runtime.stream_frames(container_id, follow=False)))
-            except Exception:
-                log.exception("could not read the log of container %s", container_id[:12])
-                lines = []
-        self.store.save_log(task.task_id, earlier + [archive_line(t, ts) for t, ts in lines])
+    def _archive(self, task: Task, container_id: str | None, archiver: Archiver) -> None:
+        """The rest of the archive (a gap the store's outage left is filled from Docker's log, in chunks)."""
+        archiver.close()
+        try:
+            if archiver.gap_from is not None and container_id:
+                gap = archiver.gap_from
+                archiver.gap_from = None
+                frames = self.runtime.stream_frames(container_id, follow=False)
+                for n, (text, ts) in enumerate(split_frames(frames), 1):
+                    if task.log_base + n >= gap:
+                        archiver.add(task.log_base + n, text, ts)
+                        if n % CHUNK_LINES == 0:
+                            _retry(archiver.flush, f"archive of {task.task_id}")
+            _retry(archiver.flush, f"archive of {task.task_id}")
+        except AttemptFenced as exc:
+            log.warning("task %s: %s", task.task_id, exc)
+        except Exception:
+            log.exception("task %s: the log could not be archived", task.task_id)
 
 
-def _retry(fn: Callable[[], T], what: str, for_s: float = STORE_RETRY_S) -> T:
-    """Call ``fn``, retrying while the store is unreachable (for up to ``for_s``)."""
-    deadline = time.monotonic() + for_s
+def _retry(fn: Callable[[], T], what: str, for_s: float | None = None,
+           errors: tuple[type[Exception], ...] = (StoreUnavailable,)) -> T:
+    """Call ``fn``, retrying while the store (or what ``errors`` names) is unreachable, for up to ``for_s``
+    (default :data:`STORE_RETRY_S`)."""
+    deadline = time.monotonic() + (STORE_RETRY_S if for_s is None else for_s)
     delay = 0.5
     while True:
         try:
             return fn()
-        except StoreUnavailable as exc:
+        except errors as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            log.warning("%s waits for the store: %s", what, exc)
+            log.warning("%s waits: %s", what, exc)
             time.sleep(delay)
             delay = min(delay * 2, 15.0)
-
-
-def _quietly(fn: Callable[..., Any], *args: Any) -> None:
-    """Clean-up that must not stop the rest of the clean-up."""
-    try:
-        fn(*args)
-    except Exception:
-        log.exception("%s failed", getattr(fn, "__name__", fn))
-
-
-BATCH_WAIT = 0.05
-MAX_BACKLOG = 50_000  # lines held while Redis is unreachable before the reader is made to wait
-
-
-def _drain(lines: queue.Queue[Any], writer: LogWriter) -> bool:
-    """Move what the reader has into the writer, waiting at most one batch interval for the first line.
-    Returns True once the reader is done."""
-    try:
-        item = lines.get(timeout=BATCH_WAIT)
-    except queue.Empty:
-        return False
-    while item is not _DONE:
-        writer.add(*item)
-        if writer.backlog >= MAX_BACKLOG:
-            return False
-        try:
-            item = lines.get_nowait()
-        except queue.Empty:
-            return False
-    return True
 
 
 def _text(value: Any) -> str:

@@ -6,6 +6,7 @@ RUN_CONTAINER_TASK = "cloudai.run_container"
 
 LABEL_TASK_ID = "cloudai.task_id"
 LABEL_WORKER_ID = "cloudai.worker_id"
+LABEL_EXECUTION_ID = "cloudai.execution_id"
 
 
 def worker_queue(worker_id: str) -> str:
@@ -24,13 +25,25 @@ def cancel_flag(task_id: str) -> str:
 
 
 def gpu_lease(worker_id: str, gpu_id: str) -> str:
-    """Which task holds GPU ``gpu_id`` on ``worker_id`` (worker-side guard against sharing)."""
+    """Which attempt (``<task_id>/<execution_id>``) holds GPU ``gpu_id`` on ``worker_id``, with a TTL that
+    the holder's heartbeat refreshes; kept until its container is known gone."""
     return f"cloudai:gpu:{worker_id}:{gpu_id}"
 
 
 def lock(name: str) -> str:
     """A cluster-wide lock (placement, maintenance jobs)."""
     return f"cloudai:lock:{name}"
+
+
+def execution(task_id: str) -> str:
+    """The task's current attempt (its execution id), with a TTL: every write of a run (log lines, end marker)
+    is made only while this holds the writer's execution id."""
+    return f"cloudai:exec:{task_id}"
+
+
+def heartbeat(worker_id: str) -> str:
+    """Worker ``worker_id``'s last heartbeat, stamped with Redis TIME (milliseconds), with a TTL."""
+    return f"cloudai:heartbeat:{worker_id}"
 
 
 # -- scheduler state (cloudai/reservations.py). The Lua scripts get SCHED_PREFIX and build the same names.

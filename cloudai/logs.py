@@ -24,12 +24,86 @@ from typing import Any
 import redis
 
 from cloudai import keys
-from cloudai.errors import RedisUnavailable
+from cloudai.errors import AttemptFenced, RedisUnavailable
 from cloudai.logevents import LogEnd, LogEvent, LogLine
 
 log = logging.getLogger(__name__)
 
 MAX_LINE_BYTES = 64 * 1024
+
+# Fenced writes. KEYS: the stream, the task's execution key. ARGV[1]: the writer's execution id ('' for a
+# controller's authoritative write). Replies: n >= 0 written, -1 another attempt is current, -2 no attempt is
+# registered (Redis lost it: the writer may re-register after the store confirms), -3 the log is closed.
+_CHECK = """
+local function check()
+  if ARGV[1] == '' then return 0 end
+  local cur = redis.call('GET', KEYS[2])
+  if not cur then return -2 end
+  if cur ~= ARGV[1] then return -1 end
+  return 0
+end
+local function last_seq()
+  local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if #last == 0 then return 0, false end
+  local first = tonumber(string.match(last[1][1], '^(%d+)'))
+  local f = last[1][2]
+  local n = 1
+  for i = 1, #f, 2 do
+    if f[i] == 'end' then return first, true end
+    if f[i] == 'n' then n = tonumber(f[i + 1]) end
+  end
+  return first + n - 1, false
+end
+"""
+# ARGV[2]: MINID for trimming; then per entry: first seq, n, l, t, pub/sub payload
+_APPEND = _CHECK + """
+local ok = check()
+if ok < 0 then return ok end
+local last, closed = last_seq()
+if closed then return -3 end
+local written = 0
+for i = 3, #ARGV, 5 do
+  local first = tonumber(ARGV[i])
+  if first > last then  -- an entry a lost reply already landed is not written twice
+    redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[2], ARGV[i] .. '-0', 'n', ARGV[i + 1], 'l', ARGV[i + 2],
+               't', ARGV[i + 3])
+    redis.call('PUBLISH', KEYS[1], ARGV[i + 4])
+    last = first + tonumber(ARGV[i + 1]) - 1
+    written = written + 1
+  end
+end
+return written
+"""
+# ARGV[2..5]: status, exit code, reason, pub/sub payload. The attempt ends here: its execution key goes.
+_END = _CHECK + """
+local ok = check()
+if ok < 0 then return ok end
+local last, closed = last_seq()
+if closed then return -3 end
+redis.call('XADD', KEYS[1], (last + 1) .. '-0', 'end', '1', 'status', ARGV[2], 'exit_code', ARGV[3],
+           'reason', ARGV[4])
+redis.call('PUBLISH', KEYS[1], ARGV[5])
+redis.call('DEL', KEYS[2])
+return 1
+"""
+# Register or refresh an attempt. ARGV: execution id, TTL ms, mode ('set': make it current; 'refresh': only
+# while it is current; 'retire': delete it while it is current). Replies 1 done, 0 missing, -1 another one.
+_REGISTRY = """
+local cur = redis.call('GET', KEYS[1])
+if ARGV[3] == 'set' then
+  -- execution ids start with the zero-padded attempt number: a late claim of an older attempt never
+  -- replaces a newer one
+  if cur and cur > ARGV[1] then return -1 end
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+end
+if not cur then return 0 end
+if cur ~= ARGV[1] then return -1 end
+if ARGV[3] == 'retire' then redis.call('DEL', KEYS[1]) else redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return 1
+"""
+
+
 BATCH_LINES = 500
 BATCH_SECONDS = 0.05
 
@@ -125,6 +199,9 @@ class LogBus:
         self.redis = client
         self.maxlen = maxlen
         self.url = url
+        self._append = client.register_script(_APPEND)
+        self._end = client.register_script(_END)
+        self._registry = client.register_script(_REGISTRY)
 
     @classmethod
     def from_url(cls, url: str, maxlen: int = 1_000_000) -> LogBus:
@@ -145,29 +222,52 @@ class LogBus:
             raise self._guard(exc) from exc
         return parse_last_entry(entries)
 
-    def writer(self, task_id: str, next_seq: int | None = None) -> LogWriter:
+    def writer(self, task_id: str, next_seq: int | None = None, execution: str | None = None,
+               revalidate: Callable[[], bool] | None = None) -> LogWriter:
+        """A batching writer; with ``execution``, each write lands only while that attempt is current (else
+        :class:`AttemptFenced`); ``revalidate`` asks the store whether it still is when Redis lost the key."""
         if next_seq is None:
             next_seq = self.last_entry(task_id)[0] + 1
-        return LogWriter(self, task_id, next_seq)
+        return LogWriter(self, task_id, next_seq, execution, revalidate)
 
-    def end(self, task_id: str, status: str, exit_code: int | None = None, reason: str | None = None) -> bool:
-        """Close a task's log with its final status; a log already closed stays as it is."""
-        seq, last = self.last_entry(task_id)
-        if isinstance(last, LogEnd):
-            return False
+    def attempt(self, task_id: str, execution: str, ttl_s: float, mode: str = "set") -> int:
+        """Register attempt ``execution`` as the task's current one (``set``), extend its TTL while it is
+        current (``refresh``) or drop it (``retire``). Returns 1 done, 0 none registered, -1 another is."""
+        try:
+            return int(self._registry(keys=[keys.execution(task_id)],
+                                      args=[execution, int(ttl_s * 1000), mode]))  # type: ignore[arg-type]
+        except redis.RedisError as exc:
+            raise self._guard(exc) from exc
+
+    def current_attempt(self, task_id: str) -> str | None:
+        try:
+            value: Any = self.redis.get(keys.execution(task_id))
+        except redis.RedisError as exc:
+            raise self._guard(exc) from exc
+        return value
+
+    def end(self, task_id: str, status: str, exit_code: int | None = None, reason: str | None = None,
+            execution: str | None = None, revalidate: Callable[[], bool] | None = None) -> bool:
+        """Close a task's log with its final status; a log already closed stays as it is. With ``execution``
+        only while that attempt is current (a stale attempt's end raises :class:`AttemptFenced`); without, it
+        is a controller's verdict (lost, cancelled) that also fences out whichever attempt still writes."""
         code = "" if exit_code is None else str(exit_code)
         fields: dict[Any, Any] = {"end": "1", "status": status, "exit_code": code, "reason": reason or ""}
         key = keys.log_stream(task_id)
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.xadd(key, fields, id=_entry_id(seq + 1))
-            pipe.publish(key, json.dumps({"end": fields}))
-            pipe.execute()
-        except redis.ResponseError:
-            return False  # someone else closed it a moment ago
-        except redis.RedisError as exc:
-            raise self._guard(exc) from exc
-        return True
+        for _ in range(2):
+            try:
+                result = int(self._end(keys=[key, keys.execution(task_id)],  # type: ignore[arg-type]
+                                       args=[execution or "", status, code, reason or "",
+                                             json.dumps({"end": fields})]))
+            except redis.RedisError as exc:
+                raise self._guard(exc) from exc
+            if result == -2 and execution and revalidate is not None and revalidate():
+                self.attempt(task_id, execution, 3600)  # Redis lost the registry (a restart): the store vouches
+                continue
+            if result in (-1, -2):
+                raise AttemptFenced(task_id, execution or "", "the end marker")
+            return result == 1
+        return False
 
     def expire(self, task_id: str, seconds: float) -> None:
         self.redis.expire(keys.log_stream(task_id), max(1, int(seconds)))
@@ -255,11 +355,14 @@ class LogWriter:
     """Batches a task's lines into stream entries written with pipelined XADD + PUBLISH (never one round-trip
     per line)."""
 
-    def __init__(self, bus: LogBus, task_id: str, next_seq: int) -> None:
+    def __init__(self, bus: LogBus, task_id: str, next_seq: int, execution: str | None = None,
+                 revalidate: Callable[[], bool] | None = None) -> None:
         self.bus = bus
         self.task_id = task_id
         self.key = keys.log_stream(task_id)
         self.next_seq = next_seq
+        self.execution = execution
+        self.revalidate = revalidate
         self._pending: list[tuple[int, str, str]] = []
         self._first_at = 0.0
 
@@ -300,22 +403,27 @@ class LogWriter:
         return entries
 
     def flush(self, attempts: int = 20) -> None:
-        """Write pending lines (up to 20 entries a pipeline). On Redis errors retry with back-off, never writing a
-        line twice; after ``attempts`` failures in a row raise :class:`RedisUnavailable` (lines stay pending)."""
+        """Write pending lines (up to 20 entries a script call, atomically fenced: see :data:`_APPEND`). On Redis
+        errors retry with back-off, never writing a line twice; after ``attempts`` failures in a row raise
+        :class:`RedisUnavailable` (lines stay pending). A stale attempt's lines raise :class:`AttemptFenced`."""
         failures = 0
         delay = 0.1
         while self._pending:
             entries = self._entries(BATCH_LINES * 20)
             try:
-                pipe = self.bus.redis.pipeline(transaction=False)
+                first_seq = entries[0][0][0]
+                args: list[Any] = [self.execution or "", _entry_id(max(0, first_seq - self.bus.maxlen))]
                 for entry in entries:
-                    first = entry[0][0]
-                    fields = {"n": len(entry), "l": json.dumps([e[1] for e in entry]),
-                              "t": json.dumps([e[2] for e in entry])}
-                    pipe.xadd(self.key, fields, id=_entry_id(first),  # type: ignore[arg-type]
-                              minid=_entry_id(max(0, first - self.bus.maxlen)), approximate=True)
-                    pipe.publish(self.key, json.dumps({"first": first, "lines": [e[1] for e in entry]}))
-                pipe.execute()
+                    texts = [e[1] for e in entry]
+                    args += [entry[0][0], len(entry), json.dumps(texts), json.dumps([e[2] for e in entry]),
+                             json.dumps({"first": entry[0][0], "lines": texts})]
+                result = int(self.bus._append(keys=[self.key, keys.execution(self.task_id)], args=args))
+                if result == -2 and self.execution and self.revalidate is not None and self.revalidate():
+                    self.bus.attempt(self.task_id, self.execution, 3600)  # Redis lost it; the store vouches
+                    continue
+                if result in (-1, -2, -3):
+                    self._pending.clear()
+                    raise AttemptFenced(self.task_id, self.execution or "", "log lines")
                 del self._pending[: sum(len(e) for e in entries)]
                 failures = 0
             except redis.RedisError as exc:

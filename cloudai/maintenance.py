@@ -10,8 +10,9 @@ from contextlib import contextmanager
 import redis
 
 from cloudai import keys
+from cloudai.clock import redis_now, with_redis_heartbeats
 from cloudai.logs import LogBus, archive_line
-from cloudai.models import LIVE, Task, TaskError, TaskStatus, WorkerState, utcnow
+from cloudai.models import LIVE, Task, TaskError, TaskStatus, WorkerState, new_execution_id, utcnow
 from cloudai.reservations import Reservations
 from cloudai.scheduler import Scheduler
 from cloudai.settings import Settings
@@ -20,6 +21,7 @@ from cloudai.store import TaskStore
 log = logging.getLogger(__name__)
 UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged messages in this hash
 S = TaskStatus
+RETRY_REGISTRY_TTL_S = 7 * 86400  # a retry's registry entry outlives any wait in pending; claims refresh it
 
 
 @contextmanager
@@ -38,29 +40,44 @@ def job_lock(client: redis.Redis, name: str, ttl_s: float) -> Iterator[bool]:
 
 
 def lose_task(store: TaskStore, bus: LogBus, task: Task, reason: str,
-              reservations: Reservations | None = None) -> TaskStatus | None:
-    """A task whose worker died: a new attempt (pending, same id) when retries are left, else ``lost``; the
-    lost attempt's reservation is released. Returns the new status, or None when the task had moved on."""
-    new = _lose(store, bus, task, reason)
+              retention_s: float = 86400.0, reservations: Reservations | None = None) -> TaskStatus | None:
+    """A task whose worker died: a new attempt (pending, same id) when retries are left, else ``lost`` (its
+    log closed, archived from the stream, and given the retention TTL: nothing is left without one). The lost
+    attempt's reservation is released (its GPU ids stay fenced until its container is known gone). Returns the
+    new status, or None when the task had moved on meanwhile."""
+    new = _lose(store, bus, task, reason, retention_s)
     if new is not None and reservations is not None:
         reservations.release(task.task_id, task.attempt, task.worker_id)
     return new
 
 
-def _lose(store: TaskStore, bus: LogBus, task: Task, reason: str) -> TaskStatus | None:
+def _lose(store: TaskStore, bus: LogBus, task: Task, reason: str, retention_s: float) -> TaskStatus | None:
     expected = [task.status] if task.status in LIVE else [S.QUEUED, S.RUNNING]
     if task.attempt <= task.retries:
         note = f"{reason}; retrying (attempt {task.attempt + 1} of {task.retries + 1})"
-        if store.transition(task.task_id, expected, S.PENDING, attempt=task.attempt + 1, worker_id=None,
-                            gpu_ids=[], container_id=None, started_at=None, pending_reason=note,
-                            error=TaskError("Lost", reason)):
-            writer = bus.writer(task.task_id)
+        execution = new_execution_id(task.attempt + 1)
+        # the store's compare-and-set (on this very attempt) decides; then Redis fences the old attempt's
+        # writer out before the notice is written, so none of its lines can land after it
+        if store.transition(task.task_id, expected, S.PENDING, execution=task.execution_id,
+                            attempt=task.attempt + 1, execution_id=execution, worker_id=None, gpu_ids=[],
+                            container_id=None, started_at=None, pending_reason=note, error=TaskError("Lost", reason)):
+            bus.attempt(task.task_id, execution, RETRY_REGISTRY_TTL_S)
+            writer = bus.writer(task.task_id, execution=execution)
+            seq = writer.next_seq
             writer.add(f"[cloudai] {note}")
             writer.flush()
+            store.append_log(task.task_id, seq, [archive_line(f"[cloudai] {note}", "")])
             return S.PENDING
         return None
-    if store.transition(task.task_id, expected, S.LOST, completed_at=utcnow(), error=TaskError("Lost", reason)):
-        bus.end(task.task_id, S.LOST.value, None, reason)
+    # no attempt is current any more: the old one's archive chunks and outcome are refused (execution_id "")
+    if store.transition(task.task_id, expected, S.LOST, execution=task.execution_id, execution_id="",
+                        completed_at=utcnow(), error=TaskError("Lost", reason)):
+        try:
+            bus.end(task.task_id, S.LOST.value, None, reason)  # also drops the registry: the old writer is fenced
+            store.save_log(task.task_id, [archive_line(ln.text, ln.ts) for ln in bus.history(task.task_id)])
+            bus.expire(task.task_id, retention_s)
+        except Exception:  # beat's retention job archives and expires it later
+            log.warning("log of lost task %s not archived yet", task.task_id, exc_info=True)
         return S.LOST
     return None
 
@@ -82,9 +99,9 @@ class Maintenance:
         with job_lock(self.redis, "reap", self.settings.heartbeat_timeout_s) as got:
             if not got:
                 return done
-            now = utcnow()
+            now = redis_now(self.redis)  # one clock: workers stamp their heartbeats with Redis TIME too
             timeout = self.settings.heartbeat_timeout_s
-            workers = {w.worker_id: w for w in self.store.list_workers()}
+            workers = {w.worker_id: w for w in with_redis_heartbeats(self.redis, self.store.list_workers())}
             for worker in workers.values():
                 silent = worker.state != WorkerState.OFFLINE and not worker.alive(now, timeout)
                 if silent and self.store.set_worker_state(worker.worker_id, WorkerState.OFFLINE, worker.state):
@@ -100,7 +117,8 @@ class Maintenance:
                 else:
                     age = (now - holder.last_heartbeat).total_seconds()
                     reason = f"worker {task.worker_id} stopped heartbeating {age:.0f}s ago"
-                new = lose_task(self.store, self.bus, task, reason, self.scheduler.reservations)
+                new = lose_task(self.store, self.bus, task, reason, self.settings.log_retention_s,
+                                self.scheduler.reservations)
                 if new == S.PENDING:
                     done["retried"].append(task.task_id)
                 elif new == S.LOST:

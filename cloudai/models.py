@@ -205,6 +205,12 @@ def new_task_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+def new_execution_id(attempt: int = 1) -> str:
+    """A fresh attempt's identity (as rq's Execution id). It starts with the zero-padded attempt number, so
+    ids of one task sort by attempt (the Redis registry never lets an older attempt replace a newer one)."""
+    return f"{attempt:04d}-{uuid.uuid4().hex[:12]}"
+
+
 def join_command(args: list[str] | tuple[str, ...]) -> str | None:
     """The shell command run as ``/bin/sh -c``: one argument is taken as written, several are quoted."""
     if not args:
@@ -257,6 +263,7 @@ class Task:
     pending_reason: str | None = None
     log_base: int = 0  # log lines of earlier attempts: this attempt's container output starts after them
     after: list[str] = field(default_factory=list)  # ids of tasks that must complete before this one starts
+    execution_id: str = field(default_factory=new_execution_id)  # the current attempt's identity
 
     @property
     def resources(self) -> Resources:
@@ -305,21 +312,6 @@ class Task:
         return {"task_id": self.task_id, "attempt": self.attempt, "status": self.status.value,
                 "exit_code": self.exit_code, "oom_killed": self.oom_killed, "reason": self.reason,
                 "error_type": self.error.type if self.error else None, "worker_id": self.worker_id}
-
-    def to_message(self) -> dict[str, Any]:
-        """The full spec carried by the queue message (JSON), readable in Flower."""
-        return {
-            "task_id": self.task_id,
-            "user": self.user_id,
-            "image": self.docker_image,
-            "command": self.command,
-            "cpus": self.req_cpu,
-            "memory": format_bytes(self.memory_bytes),
-            "gpu_ids": list(self.gpu_ids),
-            "timeout_s": self.timeout_s,
-            "attempt": self.attempt,
-            "worker_id": self.worker_id,
-        }
 
 
 def as_utc(value: Any) -> datetime | None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import redis
 
-from cloudai import keys
+from cloudai import gpus, keys
 from cloudai import reservation_scripts as scripts
 from cloudai.models import Quota, Task, WorkerInfo
 
@@ -107,11 +107,13 @@ class Reservations:
         self._end_pass = client.register_script(scripts.END_PASS)
 
     # -- the hook for fenced GPUs ---------------------------------------------------------------------
-    def fenced_gpu_ids(self, worker_id: str) -> set[str]:
-        """GPU ids of ``worker_id`` that must not be handed out although no live reservation holds them (a
-        lost attempt's container may still use them). The one place that decides which GPU ids count as
-        free besides the reservations: release holds these back, rebuild leaves them out."""
-        return set()
+    def fenced_gpu_ids(self, worker_id: str, gpu_ids: list[str]) -> set[str]:
+        """Which of ``gpu_ids`` of ``worker_id`` must not be handed out although no live reservation holds them
+        (a lost attempt's container may still use them). The one place that decides which GPU ids count as
+        free besides the reservations: release holds these back, rebuild leaves them out. They are the ids
+        still leased (:func:`cloudai.gpus.fenced_gpu_ids`): the executor and the agent drop a lease only once
+        its container is known gone, and a lease's TTL is the fencing deadline."""
+        return gpus.fenced_gpu_ids(self.redis, worker_id, gpu_ids) if gpu_ids else set()
 
     # -- placement --------------------------------------------------------------------------------------
     def place(self, task: Task, candidates: list[WorkerInfo], quota: Quota | None, policy: str = "spread",
@@ -149,7 +151,11 @@ class Reservations:
     def release(self, task_id: str, attempt: int | None = None, worker_id: str | None = None) -> bool:
         """Give back what ``task_id`` holds (only for ``attempt`` when given); idempotent. Every path that
         ends a task's hold (finish, cancel, lost, requeue) calls this."""
-        hold = ",".join(sorted(self.fenced_gpu_ids(worker_id))) if worker_id else ""
+        hold = ""
+        if worker_id:  # only the GPU ids this reservation gives back can need holding back
+            reserved: object = self.redis.hget(keys.sched_reservation(task_id), "gpus")
+            ids = [g for g in _text(reserved or "").split(",") if g]
+            hold = ",".join(sorted(self.fenced_gpu_ids(worker_id, ids)))
         return bool(self._release(args=[P, task_id, "" if attempt is None else attempt, repr(self.halflife_s),
                                         repr(MIN_CHARGE_S), hold]))
 
@@ -172,7 +178,8 @@ class Reservations:
         self._recompute(worker)
 
     def _recompute(self, worker: WorkerInfo) -> None:
-        offered = [g for g in worker.gpu_ids if g not in self.fenced_gpu_ids(worker.worker_id)]
+        fenced = self.fenced_gpu_ids(worker.worker_id, list(worker.gpu_ids))
+        offered = [g for g in worker.gpu_ids if g not in fenced]
         self._recompute_worker(args=[P, worker.worker_id, signature(worker), milli(worker.cpus), worker.memory,
                                      worker.slots, ",".join(offered), len(worker.gpu_ids)])
 

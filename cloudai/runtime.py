@@ -21,6 +21,8 @@ from cloudai.submission import PULL_POLICIES
 
 log = logging.getLogger(__name__)
 
+ENGINE_RESTARTED = "the Docker engine restarted; the container was killed"
+
 
 @dataclass
 class ContainerSpec:
@@ -42,6 +44,10 @@ class ContainerSpec:
     name: str | None = None
     capabilities: list[str] = field(default_factory=lambda: list(DEFAULT_CAPS))  # all others are dropped
     read_only: bool = False  # read-only root filesystem with a writable tmpfs /tmp
+
+
+class EngineError(Exception):
+    """The Docker engine did not answer (restarting, or a timeout): supervision retries."""
 
 
 @dataclass(frozen=True)
@@ -163,9 +169,37 @@ class DockerRuntime:
             self.api._disable_socket_timeout(self.api._get_raw_response_socket(response))
         return _demultiplex(response)
 
-    def wait(self, container_id: str, timeout: float | None = None) -> int:
-        result = self.api.wait(container_id, timeout=timeout)
+    def wait(self, container_id: str, timeout: float = 30.0) -> int | None:
+        """The exit code once the container has stopped; None when it is gone. Waits at most ``timeout``
+        (raises :class:`EngineError` when the engine does not answer in time or at all)."""
+        try:
+            result = self.api.wait(container_id, timeout=timeout)
+        except docker.errors.NotFound:
+            return None
+        except (requests.exceptions.RequestException, docker.errors.APIError) as exc:
+            raise EngineError(exc) from exc
         return int(result.get("StatusCode", -1))
+
+    def state(self, container_id: str) -> str:
+        """``running``, ``exited`` (created, exited, dead), ``gone``, or ``unknown`` when the engine can't be
+        asked (restarting): supervision keeps enforcing and asks again."""
+        try:
+            info = self.api.inspect_container(container_id)
+        except docker.errors.NotFound:
+            return "gone"
+        except (requests.exceptions.RequestException, docker.errors.DockerException):
+            return "unknown"
+        return "running" if info.get("State", {}).get("Running") else "exited"
+
+    def kill(self, container_id: str) -> None:
+        """SIGKILL now (a stop that did not work, or a worker fencing itself)."""
+        try:
+            self.api.kill(container_id)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if exc.status_code != 409:  # 409: not running any more
+                raise
 
     def inspect(self, container_id: str) -> dict[str, Any] | None:
         try:

@@ -262,13 +262,13 @@ class Scheduler:
     def _queue(self, task: Task, placed: Placed, create: bool) -> bool:
         """Record ``task`` queued where it was reserved (a new record, or pending -> queued) and send its
         message. Whatever fails gives the reservation back."""
-        fields = {"worker_id": placed.worker_id, "gpu_ids": placed.gpu_ids, "pending_reason": None}
         try:
             if create:
                 task.worker_id, task.gpu_ids, task.pending_reason, task.status = (
                     placed.worker_id, placed.gpu_ids, None, S.QUEUED)
                 self.store.create_task(task)
-            elif not self.store.transition(task.task_id, S.PENDING, S.QUEUED, **fields):
+            elif not self.store.transition(task.task_id, S.PENDING, S.QUEUED, worker_id=placed.worker_id,
+                                           gpu_ids=placed.gpu_ids, pending_reason=None):
                 self.reservations.release(task.task_id, task.attempt)
                 return False
         except BaseException:

@@ -54,6 +54,13 @@ def executor(settings: Settings, store: TaskStore, runtime: DockerRuntime | None
     return Executor(settings, store, bus, runtime or DockerRuntime(), bus.redis)
 
 
+def message(task: Task) -> dict[str, Any]:
+    """The queue message the scheduler sends for ``task`` (the only wire format)."""
+    from cloudai.message import RunMessage
+
+    return RunMessage.from_task(task).to_wire()
+
+
 def register(store: TaskStore, worker_id: str, cpus: float = 4, memory: int = 8 * GiB,
              gpu_ids: list[str] | None = None, labels: dict[str, str] | None = None, slots: int = 64) -> WorkerInfo:
     info = WorkerInfo(worker_id=worker_id, hostname="test", queue=f"cloudai.worker.{worker_id}", cpus=cpus,

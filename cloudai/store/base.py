@@ -62,6 +62,28 @@ def chunk_lines(lines: Iterable[str], limit: int = LOG_CHUNK_BYTES) -> list[list
     return chunks if chunks[0] else []
 
 
+def chunk_starts(chunks: list[list[str]]) -> list[int]:
+    """The first line number (1-based) of each chunk of a whole log: an archive chunk is keyed by it."""
+    starts, first = [], 1
+    for chunk in chunks:
+        starts.append(first)
+        first += len(chunk)
+    return starts
+
+
+def merge_chunks(chunks: Iterable[tuple[int, list[str]]]) -> list[str]:
+    """The archived log from ``(first_line, lines)`` chunks in first-line order; a line two chunks both hold
+    (a chunk written again with other bounds) is kept once."""
+    out: list[str] = []
+    covered = 0
+    for first, lines in chunks:
+        for n, line in enumerate(lines, start=max(first, 1)):
+            if n > covered:
+                out.append(line)
+                covered = n
+    return out
+
+
 class TaskStore(abc.ABC):
     """Tasks, assignments, workers and archived logs. All methods are safe to call from several threads
     and (SQLite) several processes; every status change is a compare-and-set."""
@@ -87,13 +109,17 @@ class TaskStore(abc.ABC):
         """Tasks matching every filter given, newest first; ``limit=None`` for all."""
 
     @abc.abstractmethod
-    def transition(self, task_id: str, expected: StatusFilter, new: TaskStatus, **fields: Any) -> bool:
-        """Set ``status=new`` (and ``fields``) only if the status is one of ``expected``. Returns whether
-        this call won. Concurrent callers: at most one wins."""
+    def transition(self, task_id: str, expected: StatusFilter, new: TaskStatus, *, execution: str | None = None,
+                   **fields: Any) -> bool:
+        """Set ``status=new`` (and ``fields``) only if the status is one of ``expected`` (and, with
+        ``execution``, only while that is the task's current attempt). Returns whether this call won.
+        Concurrent callers: at most one wins."""
 
     @abc.abstractmethod
-    def update_task(self, task_id: str, expected: StatusFilter = None, **fields: Any) -> bool:
-        """Set non-status fields, only while the status is one of ``expected`` when given."""
+    def update_task(self, task_id: str, expected: StatusFilter = None, *, execution: str | None = None,
+                    **fields: Any) -> bool:
+        """Set non-status fields, only while the status is one of ``expected`` when given (and, with
+        ``execution``, while that is the task's current attempt)."""
 
     @abc.abstractmethod
     def delete_task(self, task_id: str) -> bool: ...
@@ -158,6 +184,13 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def save_log(self, task_id: str, lines: list[str]) -> None:
         """Archive a finished task's full log, replacing an earlier archive."""
+
+    @abc.abstractmethod
+    def append_log(self, task_id: str, first_line: int, lines: list[str], execution: str | None = None) -> bool:
+        """Archive ``lines`` as lines ``first_line``, ``first_line + 1``, ... of the task's log, while it runs
+        (memory stays flat in the log's length). Writing the same chunk again replaces it, so a retry never
+        duplicates a line. With ``execution``, only while that is the task's current attempt; returns whether
+        the chunk was written."""
 
     @abc.abstractmethod
     def read_log(self, task_id: str) -> list[str] | None:

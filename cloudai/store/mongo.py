@@ -14,7 +14,16 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from cloudai.errors import StoreUnavailable, TaskExists
 from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState, utcnow
-from cloudai.store.base import StatusFilter, TaskStore, check_transition, chunk_lines, plain_fields, status_values
+from cloudai.store.base import (
+    StatusFilter,
+    TaskStore,
+    check_transition,
+    chunk_lines,
+    chunk_starts,
+    merge_chunks,
+    plain_fields,
+    status_values,
+)
 from cloudai.tokens import ApiToken
 
 _SERVER_TIMEOUT_MS = 5000
@@ -108,17 +117,22 @@ class MongoStore(TaskStore):
         Task.from_doc({**current, **fields})  # unknown names or bad values fail before the write
         return fields
 
-    def transition(self, task_id: str, expected: StatusFilter, new: TaskStatus, **fields: Any) -> bool:
+    def transition(self, task_id: str, expected: StatusFilter, new: TaskStatus, *, execution: str | None = None,
+                   **fields: Any) -> bool:
         values = check_transition(expected, new)
         update = {**self._validated(task_id, plain_fields(fields)), "status": new.value}
-        doc = self._call(
-            self.tasks.find_one_and_update, {"_id": task_id, "status": {"$in": values}}, {"$set": update}
-        )
+        query: dict[str, Any] = {"_id": task_id, "status": {"$in": values}}
+        if execution is not None:
+            query["execution_id"] = execution  # a stale attempt's write matches nothing
+        doc = self._call(self.tasks.find_one_and_update, query, {"$set": update})
         return doc is not None
 
-    def update_task(self, task_id: str, expected: StatusFilter = None, **fields: Any) -> bool:
+    def update_task(self, task_id: str, expected: StatusFilter = None, *, execution: str | None = None,
+                    **fields: Any) -> bool:
         fields.pop("status", None)
         query: dict[str, Any] = {"_id": task_id}
+        if execution is not None:
+            query["execution_id"] = execution
         statuses = status_values(expected)
         if statuses is not None:
             query["status"] = {"$in": statuses}
@@ -199,22 +213,33 @@ class MongoStore(TaskStore):
 
     # -- log archive ------------------------------------------------------------------------------------
     def save_log(self, task_id: str, lines: list[str]) -> None:
-        chunks = chunk_lines(lines) or [[]]
-        # write the new chunks first, then drop any stale ones beyond them: a reader never sees no archive
-        for n, chunk in enumerate(chunks):
+        chunks = chunk_lines(lines)
+        starts = chunk_starts(chunks) if chunks else [0]
+        # write the new chunks first, then drop any stale ones besides them: a reader never sees no archive
+        for first, chunk in zip(starts, chunks or [[]], strict=True):
             self._call(
                 self.logs.replace_one,
-                {"task_id": task_id, "chunk": n},
-                {"task_id": task_id, "chunk": n, "lines": chunk},
+                {"task_id": task_id, "chunk": first},
+                {"task_id": task_id, "chunk": first, "lines": chunk},
                 upsert=True,
             )
-        self._call(self.logs.delete_many, {"task_id": task_id, "chunk": {"$gte": len(chunks)}})
+        self._call(self.logs.delete_many, {"task_id": task_id, "chunk": {"$nin": starts}})
+
+    def append_log(self, task_id: str, first_line: int, lines: list[str], execution: str | None = None) -> bool:
+        # one document can't be checked and another written atomically; the outcome's compare-and-set is the
+        # strict fence, this keeps a stale attempt's archive chunks out in all but a narrow race
+        if execution is not None and not self._call(self.tasks.count_documents,
+                                                    {"_id": task_id, "execution_id": execution}):
+            return False
+        self._call(self.logs.replace_one, {"task_id": task_id, "chunk": first_line},
+                   {"task_id": task_id, "chunk": first_line, "lines": list(lines)}, upsert=True)
+        return True
 
     def read_log(self, task_id: str) -> list[str] | None:
         docs = self._call(list, self.logs.find({"task_id": task_id}).sort("chunk", 1))
         if not docs:
             return None
-        return [line for d in docs for line in d["lines"]]
+        return merge_chunks((d["chunk"], d["lines"]) for d in docs)
 
     # -- API tokens -------------------------------------------------------------------------------------
     def create_token(self, token: ApiToken) -> None:

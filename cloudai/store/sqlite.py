@@ -17,7 +17,16 @@ from typing import Any
 
 from cloudai.errors import StoreUnavailable, TaskExists
 from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState, as_utc, utcnow
-from cloudai.store.base import StatusFilter, TaskStore, check_transition, chunk_lines, plain_fields, status_values
+from cloudai.store.base import (
+    StatusFilter,
+    TaskStore,
+    check_transition,
+    chunk_lines,
+    chunk_starts,
+    merge_chunks,
+    plain_fields,
+    status_values,
+)
 from cloudai.tokens import ApiToken
 
 _SCHEMA = """
@@ -96,13 +105,20 @@ class SQLiteStore(TaskStore):
     def _tx(self) -> Iterator[sqlite3.Connection]:
         """A write transaction that takes the database's write lock up front, so read-check-write is atomic."""
         conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:  # locked past the busy timeout, or the file went away
+            raise StoreUnavailable(self.url, exc) from exc
         try:
             yield conn
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.OperationalError as exc:
+            conn.execute("ROLLBACK")
+            raise StoreUnavailable(self.url, exc) from exc
 
     # -- tasks ------------------------------------------------------------------------------------------
     def create_task(self, task: Task) -> None:
@@ -146,12 +162,15 @@ class SQLiteStore(TaskStore):
             sql += f" LIMIT {int(limit)}"
         return [Task.from_doc(json.loads(r["doc"])) for r in self._conn().execute(sql, args)]
 
-    def _modify(self, task_id: str, expected: list[str] | None, fields: dict[str, Any]) -> bool:
+    def _modify(self, task_id: str, expected: list[str] | None, fields: dict[str, Any],
+                execution: str | None = None) -> bool:
         with self._tx() as db:
             row = db.execute("SELECT status, doc FROM tasks WHERE task_id=?", (task_id,)).fetchone()
             if row is None or (expected is not None and row["status"] not in expected):
                 return False
             doc = json.loads(row["doc"])
+            if execution is not None and doc.get("execution_id") != execution:
+                return False  # a write of an attempt that is no longer the task's current one
             doc.update(Task.from_doc({**doc, **fields}).to_doc())  # validates field names and types
             db.execute(
                 "UPDATE tasks SET status=?, worker_id=?, doc=? WHERE task_id=?",
@@ -159,13 +178,15 @@ class SQLiteStore(TaskStore):
             )
             return True
 
-    def transition(self, task_id: str, expected: StatusFilter, new: TaskStatus, **fields: Any) -> bool:
+    def transition(self, task_id: str, expected: StatusFilter, new: TaskStatus, *, execution: str | None = None,
+                   **fields: Any) -> bool:
         values = check_transition(expected, new)
-        return self._modify(task_id, values, {**plain_fields(fields), "status": new.value})
+        return self._modify(task_id, values, {**plain_fields(fields), "status": new.value}, execution)
 
-    def update_task(self, task_id: str, expected: StatusFilter = None, **fields: Any) -> bool:
+    def update_task(self, task_id: str, expected: StatusFilter = None, *, execution: str | None = None,
+                    **fields: Any) -> bool:
         fields.pop("status", None)
-        return self._modify(task_id, status_values(expected), plain_fields(fields))
+        return self._modify(task_id, status_values(expected), plain_fields(fields), execution)
 
     def delete_task(self, task_id: str) -> bool:
         with self._tx() as db:
@@ -271,21 +292,33 @@ class SQLiteStore(TaskStore):
     def save_log(self, task_id: str, lines: list[str]) -> None:
         with self._tx() as db:
             db.execute("DELETE FROM log_archive WHERE task_id=?", (task_id,))
+            chunks = chunk_lines(lines)
             db.executemany(
                 "INSERT INTO log_archive(task_id, chunk, text) VALUES (?,?,?)",
-                [(task_id, n, json.dumps(chunk)) for n, chunk in enumerate(chunk_lines(lines))],
+                [(task_id, first, json.dumps(chunk))
+                 for first, chunk in zip(chunk_starts(chunks), chunks, strict=True)],
             )
             # an empty log is still an archive: remember that one was saved
             if not lines:
                 db.execute("INSERT INTO log_archive(task_id, chunk, text) VALUES (?,?,?)", (task_id, 0, "[]"))
 
+    def append_log(self, task_id: str, first_line: int, lines: list[str], execution: str | None = None) -> bool:
+        with self._tx() as db:
+            if execution is not None:
+                row = db.execute("SELECT doc FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+                if row is None or json.loads(row["doc"]).get("execution_id") != execution:
+                    return False
+            db.execute("INSERT OR REPLACE INTO log_archive(task_id, chunk, text) VALUES (?,?,?)",
+                       (task_id, first_line, json.dumps(lines)))
+        return True
+
     def read_log(self, task_id: str) -> list[str] | None:
         rows = self._conn().execute(
-            "SELECT text FROM log_archive WHERE task_id=? ORDER BY chunk", (task_id,)
+            "SELECT chunk, text FROM log_archive WHERE task_id=? ORDER BY chunk", (task_id,)
         ).fetchall()
         if not rows:
             return None
-        return [line for r in rows for line in json.loads(r["text"])]
+        return merge_chunks((r["chunk"], json.loads(r["text"])) for r in rows)
 
     # -- API tokens -------------------------------------------------------------------------------------
     def create_token(self, token: ApiToken) -> None:

@@ -179,6 +179,31 @@ def test_log_archive(backend: TaskStore) -> None:
     assert backend.read_log("t1") == ["short"]
 
 
+def test_transition_and_update_are_fenced_by_execution(backend: TaskStore) -> None:
+    task = _task(1, status=S.RUNNING)
+    backend.create_task(task)
+    assert not backend.update_task("t1", S.RUNNING, execution="stale", container_id="old")
+    assert not backend.transition("t1", S.RUNNING, S.COMPLETED, execution="stale", exit_code=0)
+    assert backend.update_task("t1", S.RUNNING, execution=task.execution_id, container_id="new")
+    assert backend.transition("t1", S.RUNNING, S.COMPLETED, execution=task.execution_id, exit_code=0)
+    got = backend.get_task("t1")
+    assert got is not None and got.status == S.COMPLETED and got.container_id == "new"
+
+
+def test_log_archive_appended_in_chunks_while_running(backend: TaskStore) -> None:
+    task = _task(1, status=S.RUNNING)
+    backend.create_task(task)
+    assert backend.append_log("t1", 1, ["a", "b"], execution=task.execution_id)
+    assert backend.append_log("t1", 3, ["c"], execution=task.execution_id)
+    assert backend.append_log("t1", 3, ["c"], execution=task.execution_id)  # a retried chunk: no duplicate
+    assert not backend.append_log("t1", 4, ["stale"], execution="another-attempt")
+    assert backend.read_log("t1") == ["a", "b", "c"]
+    assert backend.append_log("t1", 2, ["b", "c", "d"])  # overlapping bounds: each line once, in order
+    assert backend.read_log("t1") == ["a", "b", "c", "d"]
+    backend.save_log("t1", ["whole"])  # a whole archive replaces every chunk
+    assert backend.read_log("t1") == ["whole"]
+
+
 def test_ping(backend: TaskStore) -> None:
     backend.ping()
 

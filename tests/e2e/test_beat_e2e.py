@@ -58,15 +58,19 @@ def test_killed_worker_task_with_retries_runs_again_elsewhere(
     settings: Settings, store: SQLiteStore, workers, beat  # type: ignore[no-untyped-def]
 ) -> None:
     first = workers("first-" + settings.worker_id)
-    # the first attempt must outlast the second worker's start (over 2 s on a loaded 2-core machine)
+    second = workers("second-" + settings.worker_id)  # up before the kill: a slow start can't outlast the task
     task_id = submit(settings, "--retries", "1", TEST_IMAGE, "echo attempt; sleep 4; echo finished")
-    wait_for(lambda: store.get_task(task_id).started_at, 60, what="start")  # type: ignore[union-attr]
-    second = workers("second-" + settings.worker_id)
+    started = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
+    if started.worker_id == second.worker_id:
+        first, second = second, first
+    from tests.e2e.test_cli_e2e import run
+
+    wait_for(lambda: run(settings, "logs", task_id).stdout.startswith("attempt"), 30, 0.1, "attempt 1's line")
     first.kill()
     done = wait_ended(store, task_id, 90)
     assert done.status == S.COMPLETED and done.attempt == 2 and done.worker_id == second.worker_id
-    from tests.e2e.test_cli_e2e import run
 
     lines = run(settings, "logs", task_id).stdout.splitlines()
     assert lines[0] == "attempt" and "retrying (attempt 2 of 2)" in lines[1]
-    assert lines[2:4] == ["attempt", "finished"]
+    assert lines[2].startswith("[cloudai] attempt 2 started on worker")  # the retry's section of the log
+    assert lines[3:5] == ["attempt", "finished"]

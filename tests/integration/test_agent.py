@@ -46,15 +46,15 @@ def test_reconcile_starts_attaches_removes_and_loses(settings: Settings, store: 
     vanished = queued_task(store, settings.worker_id, "true", status=S.RUNNING)
 
     done = agent.reconcile()
-    assert done == {"attached": [created.task_id], "removed": [orphan.task_id], "lost": [vanished.task_id]}
+    assert done == {"attached": [created.task_id], "removed": [orphan.task_id], "fenced": [],
+                    "lost": [vanished.task_id]}
     finished = wait_ended(store, created.task_id, 60)
     assert (finished.status, finished.exit_code, finished.container_id) == (S.FAILED, 4, created_cid)
     events = list(CloudAI(settings).follow(created.task_id))
     assert [e.text for e in events if isinstance(e, LogLine)] == ["started late"]
     assert isinstance(events[-1], LogEnd) and events[-1].exit_code == 4
     assert runtime.inspect(orphan_cid) is None
-    # the outcome is recorded (and the log ends) before the container is removed, in the same finish step
-    wait_for(lambda: runtime.inspect(created_cid) is None, 10, what="the finished container to be removed")
+    wait_for(lambda: runtime.inspect(created_cid) is None, 10, what="removal after the outcome and archive")
     lost = store.get_task(vanished.task_id)
     assert lost is not None and lost.status == S.LOST and "vanished" in (lost.error.message if lost.error else "")
 
@@ -63,10 +63,10 @@ def test_reconcile_leaves_tasks_this_process_is_running_alone(settings: Settings
     agent = _agent(settings, store)
     agent.register()
     task = queued_task(store, settings.worker_id, "sleep 2")
-    from tests.helpers import run_in_thread
+    from tests.helpers import message, run_in_thread
 
-    thread, result = run_in_thread(agent.executor.run, {"task_id": task.task_id})
+    thread, result = run_in_thread(agent.executor.run, message(task))
     wait_for(lambda: store.get_task(task.task_id).status == S.RUNNING, 30)  # type: ignore[union-attr]
-    assert agent.reconcile() == {"attached": [], "removed": [], "lost": []}
+    assert agent.reconcile() == {"attached": [], "removed": [], "fenced": [], "lost": []}
     thread.join(60)
     assert result == ["completed"]

@@ -15,7 +15,7 @@ from cloudai.models import MiB, TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import executor, queued_task, register, run_in_thread, wait_for, wait_started
+from tests.helpers import executor, message, queued_task, register, run_in_thread, wait_for, wait_started
 from tests.services import TEST_IMAGE
 
 S = TaskStatus
@@ -43,7 +43,7 @@ def _lines(api: CloudAI, task_id: str) -> tuple[list[str], LogEnd]:
 def test_container_sees_its_own_limits(settings: Settings, store: SQLiteStore) -> None:
     """Smoke test of the real services: a 64 MiB, 1.5 CPU container reads back its cgroup limits."""
     task = queued_task(store, settings.worker_id, CGROUP_LIMITS, req_memory=64 / 1024, req_cpu=1.5)
-    assert executor(settings, store).run({"task_id": task.task_id}) == "completed"
+    assert executor(settings, store).run(message(task)) == "completed"
     lines, end = _lines(CloudAI(settings), task.task_id)
     assert lines[0] == str(64 * MiB)
     quota, period = lines[1].split()
@@ -57,7 +57,7 @@ def test_limits_as_docker_applied_them_and_cancel_stops_the_container(
 ) -> None:
     task = queued_task(store, settings.worker_id, "trap 'exit 0' TERM; while true; do sleep 0.1; done",
                        req_memory=0.25, req_cpu=0.5, labels={"team": "ml"})
-    thread, result = run_in_thread(executor(settings, store).run, {"task_id": task.task_id})
+    thread, result = run_in_thread(executor(settings, store).run, message(task))
     running = wait_started(store, task.task_id)
     info = docker.from_env().api.inspect_container(running.container_id)
     host = info["HostConfig"]
@@ -67,7 +67,8 @@ def test_limits_as_docker_applied_them_and_cancel_stops_the_container(
     assert host["SecurityOpt"] == ["no-new-privileges"] and not host["Privileged"]
     assert not host.get("AutoRemove")
     assert info["Config"]["Labels"] == {"team": "ml", keys.LABEL_TASK_ID: task.task_id,
-                                        keys.LABEL_WORKER_ID: settings.worker_id}
+                                        keys.LABEL_WORKER_ID: settings.worker_id,
+                                        keys.LABEL_EXECUTION_ID: task.execution_id}
     assert info["Config"]["Entrypoint"] == ["/bin/sh", "-c"]
     cancelled = CloudAI(settings).cancel(task.task_id, by="ana")
     thread.join(30)
@@ -78,7 +79,7 @@ def test_limits_as_docker_applied_them_and_cancel_stops_the_container(
 
 def test_sigterm_ignoring_container_is_killed_after_grace(settings: Settings, store: SQLiteStore) -> None:
     task = queued_task(store, settings.worker_id, "trap '' TERM; while true; do sleep 0.1; done")
-    thread, result = run_in_thread(executor(settings, store).run, {"task_id": task.task_id})
+    thread, result = run_in_thread(executor(settings, store).run, message(task))
     wait_for(lambda: store.get_task(task.task_id).started_at, what="start")  # type: ignore[union-attr]
     started = time.monotonic()
     CloudAI(settings).cancel(task.task_id, wait_s=0)
@@ -91,7 +92,7 @@ def test_sigterm_ignoring_container_is_killed_after_grace(settings: Settings, st
 def test_out_of_memory_is_reported_with_the_limit(settings: Settings, store: SQLiteStore) -> None:
     task = queued_task(store, settings.worker_id,
                        "echo start; x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo never", req_memory=32 / 1024)
-    assert executor(settings, store).run({"task_id": task.task_id}) == "failed"
+    assert executor(settings, store).run(message(task)) == "failed"
     got = store.get_task(task.task_id)
     assert got is not None
     assert (got.status, got.exit_code, got.oom_killed) == (S.FAILED, 137, True)
@@ -103,7 +104,7 @@ def test_out_of_memory_is_reported_with_the_limit(settings: Settings, store: SQL
 
 def test_non_zero_exit_fails_with_that_code_and_log_is_archived(settings: Settings, store: SQLiteStore) -> None:
     task = queued_task(store, settings.worker_id, "echo a; echo b >&2; exit 3")
-    assert executor(settings, store).run({"task_id": task.task_id}) == "failed"
+    assert executor(settings, store).run(message(task)) == "failed"
     got = store.get_task(task.task_id)
     assert got is not None and (got.status, got.exit_code, got.oom_killed) == (S.FAILED, 3, False)
     assert got.error is not None and got.error.message == "exited with code 3"
@@ -115,7 +116,7 @@ def test_non_zero_exit_fails_with_that_code_and_log_is_archived(settings: Settin
 def test_timeout_stops_the_container(settings: Settings, store: SQLiteStore) -> None:
     task = queued_task(store, settings.worker_id, "echo tick; sleep 60", timeout_s=1.0)
     started = time.monotonic()
-    assert executor(settings, store).run({"task_id": task.task_id}) == "timeout"
+    assert executor(settings, store).run(message(task)) == "timeout"
     assert time.monotonic() - started < 1.0 + settings.stop_grace_s + 10
     got = store.get_task(task.task_id)
     assert got is not None and got.status == S.TIMEOUT
@@ -140,7 +141,7 @@ def test_duplicate_delivery_starts_one_container(settings: Settings, store: SQLi
 
     def deliver(ex):  # type: ignore[no-untyped-def]
         barrier.wait()
-        results.append(ex.run({"task_id": task.task_id}))
+        results.append(ex.run(message(task)))
 
     threads = [threading.Thread(target=deliver, args=(ex,)) for ex in (first, second)]
     for t in threads:
@@ -150,13 +151,13 @@ def test_duplicate_delivery_starts_one_container(settings: Settings, store: SQLi
     assert sorted(results) == ["completed", "skipped"]
     assert creates == [task.task_id]
     # and a late third delivery of a finished task does nothing
-    assert executor(settings, store, runtime).run({"task_id": task.task_id}) == "skipped"
+    assert executor(settings, store, runtime).run(message(task)) == "skipped"
     assert creates == [task.task_id]
 
 
 def test_missing_image_with_pull_never_fails_clearly(settings: Settings, store: SQLiteStore) -> None:
     task = queued_task(store, settings.worker_id, "true", image="cloudai/not-here:1", pull_policy="never")
-    assert executor(settings, store).run({"task_id": task.task_id}) == "failed"
+    assert executor(settings, store).run(message(task)) == "failed"
     got = store.get_task(task.task_id)
     assert got is not None and got.error is not None and got.exit_code is None
     assert got.error.type == "ImageError"
@@ -167,7 +168,7 @@ def test_missing_image_with_pull_never_fails_clearly(settings: Settings, store: 
 
 def test_unreachable_registry_fails_clearly(settings: Settings, store: SQLiteStore) -> None:
     task = queued_task(store, settings.worker_id, "true", image="127.0.0.1:9/nothing/here:1")
-    assert executor(settings, store).run({"task_id": task.task_id}) == "failed"
+    assert executor(settings, store).run(message(task)) == "failed"
     got = store.get_task(task.task_id)
     assert got is not None and got.error is not None and got.error.type == "ImageError"
     assert "127.0.0.1:9/nothing/here:1" in got.error.message and "could not be pulled" in got.error.message
@@ -186,7 +187,7 @@ def test_gpu_task_asks_docker_for_exact_device_ids(settings: Settings, store: SQ
     client = docker.DockerClient.__new__(docker.DockerClient)
     client.api = Recording(version="auto", **docker.utils.kwargs_from_env())
     task = queued_task(store, settings.worker_id, "nvidia-smi", req_gpu=2, gpu_ids=["1", "3"])
-    status = executor(settings, store, DockerRuntime(client)).run({"task_id": task.task_id})
+    status = executor(settings, store, DockerRuntime(client)).run(message(task))
     requests = captured[0]["HostConfig"]["DeviceRequests"]
     assert requests == [{"Driver": "", "Count": 0, "DeviceIDs": ["1", "3"], "Capabilities": [["gpu"]],
                          "Options": {}}]
@@ -200,10 +201,10 @@ def test_gpu_task_asks_docker_for_exact_device_ids(settings: Settings, store: SQ
 def test_gpu_held_by_a_live_task_is_never_shared(settings: Settings, store: SQLiteStore) -> None:
     holder = queued_task(store, settings.worker_id, "sleep 30", req_gpu=1, gpu_ids=["0"])
     ex = executor(settings, store)
-    thread, _ = run_in_thread(ex.run, {"task_id": holder.task_id})
+    thread, _ = run_in_thread(ex.run, message(holder))
     wait_for(lambda: store.get_task(holder.task_id).status == S.RUNNING, what="holder running")  # type: ignore[union-attr]
     intruder = queued_task(store, settings.worker_id, "true", req_gpu=1, gpu_ids=["0"])
-    assert executor(settings, store).run({"task_id": intruder.task_id}) == "failed"
+    assert executor(settings, store).run(message(intruder)) == "failed"
     got = store.get_task(intruder.task_id)
     assert got is not None and got.error is not None and got.error.type == "GpuBusy"
     assert f"in use by task {holder.task_id}" in got.error.message
@@ -211,7 +212,7 @@ def test_gpu_held_by_a_live_task_is_never_shared(settings: Settings, store: SQLi
     thread.join(30)
     # released at the end: the next task gets the GPU
     after = queued_task(store, settings.worker_id, "true", req_gpu=1, gpu_ids=["0"])
-    runtime_error = executor(settings, store).run({"task_id": after.task_id})
+    runtime_error = executor(settings, store).run(message(after))
     got = store.get_task(after.task_id)
     assert got is not None and (got.error is None or got.error.type != "GpuBusy"), runtime_error
 
@@ -220,7 +221,7 @@ def test_cancel_of_queued_task_makes_its_message_a_no_op(settings: Settings, sto
     task = queued_task(store, settings.worker_id, "echo should-not-run")
     api = CloudAI(settings, dispatch=lambda t: None)
     assert api.cancel(task.task_id).status == S.CANCELLED
-    assert executor(settings, store).run({"task_id": task.task_id}) == "skipped"
+    assert executor(settings, store).run(message(task)) == "skipped"
     assert DockerRuntime().find(task_id=task.task_id) == []
     _, end = _lines(api, task.task_id)
     assert end.status == "cancelled"
@@ -232,8 +233,33 @@ def test_pull_always_fails_rather_than_run_a_stale_local_image(settings: Setting
                        image="127.0.0.1:9/cloudai/busybox:local")
     docker.from_env().api.tag(TEST_IMAGE, "127.0.0.1:9/cloudai/busybox", "local")
     try:
-        assert executor(settings, store).run({"task_id": task.task_id}) == "failed"
+        assert executor(settings, store).run(message(task)) == "failed"
     finally:
         docker.from_env().api.remove_image("127.0.0.1:9/cloudai/busybox:local")
     got = store.get_task(task.task_id)
     assert got is not None and got.error is not None and "could not be pulled" in got.error.message
+
+
+class _BrokenLogs(DockerRuntime):
+    """The real engine, with the live log stream failing every time (an injected reader-thread failure)."""
+
+    def stream_frames(self, container_id: str, follow: bool = True):  # type: ignore[no-untyped-def]
+        if follow:
+            raise ConnectionError("injected: log stream failure")
+        return super().stream_frames(container_id, follow)
+
+
+def test_reader_failure_cancel_and_timeout_still_stop_the_real_container(
+    settings: Settings, store: SQLiteStore, redis_client
+) -> None:  # type: ignore[no-untyped-def]
+    cancelled = queued_task(store, settings.worker_id, "echo up; sleep 60")
+    thread, result = run_in_thread(executor(settings, store, _BrokenLogs()).run, message(cancelled))
+    running = wait_started(store, cancelled.task_id)
+    redis_client.set(keys.cancel_flag(cancelled.task_id), "ana")
+    timed = queued_task(store, settings.worker_id, "sleep 60", timeout_s=1.0)
+    assert executor(settings, store, _BrokenLogs()).run(message(timed)) == "timeout"
+    thread.join(30)
+    assert result == ["cancelled"]
+    assert DockerRuntime().inspect(running.container_id or "") is None  # stopped, recorded, removed
+    lines, end = _lines(CloudAI(settings), cancelled.task_id)
+    assert lines == ["up"] and end.status == "cancelled"  # the archive/catch-up read Docker's own log

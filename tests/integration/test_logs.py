@@ -13,7 +13,7 @@ from cloudai.logs import MAX_LINE_BYTES, LogBus, LogEnd, LogLine
 from cloudai.models import TaskStatus
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import executor, queued_task, register, run_in_thread, wait_for
+from tests.helpers import executor, message, queued_task, register, run_in_thread, wait_for
 
 S = TaskStatus
 
@@ -40,7 +40,7 @@ def test_follow_before_during_and_after_sees_the_same_complete_log(
     task = queued_task(store, settings.worker_id, "for i in $(seq 1 300); do echo line $i; sleep 0.005; done")
     before, before_out = run_in_thread(_collect, api, task.task_id)  # started before the container
     time.sleep(0.2)
-    run, _ = run_in_thread(executor(settings, store).run, {"task_id": task.task_id})
+    run, _ = run_in_thread(executor(settings, store).run, message(task))
     wait_for(lambda: store.get_task(task.task_id).started_at, what="start")  # type: ignore[union-attr]
     time.sleep(0.5)
     during, during_out = run_in_thread(_collect, api, task.task_id)  # joins mid-run
@@ -63,7 +63,7 @@ def test_hundred_thousand_lines_arrive_complete_in_order_and_batched(
     task = queued_task(store, settings.worker_id, f"seq 1 {n}")
     follower, out = run_in_thread(_collect, api, task.task_id)
     redis_client.config_resetstat()
-    assert executor(settings, store).run({"task_id": task.task_id}) == "completed"
+    assert executor(settings, store).run(message(task)) == "completed"
     follower.join(120)
     lines, end = out[0]
     assert [ln.text for ln in lines] == [str(i) for i in range(1, n + 1)]
@@ -81,7 +81,7 @@ def test_awkward_output(settings: Settings, store: SQLiteStore, api: CloudAI) ->
         "head -c 1048576 /dev/zero | tr '\\0' x"  # 1 MiB without a newline
     )
     task = queued_task(store, settings.worker_id, command)
-    assert executor(settings, store).run({"task_id": task.task_id}) == "completed"
+    assert executor(settings, store).run(message(task)) == "completed"
     lines, _ = _collect(api, task.task_id)
     assert lines[0].text == "\ufffd\ufffdok"
     assert lines[1].text == "100%"

@@ -15,7 +15,7 @@ from cloudai.api import CloudAI
 from cloudai.logs import LogEnd, LogLine
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import executor, queued_task, register, run_in_thread, wait_for
+from tests.helpers import executor, message, queued_task, register, run_in_thread, wait_for
 from tests.services import free_port, missing
 
 
@@ -65,7 +65,7 @@ def test_redis_outage_mid_task_loses_no_line_and_keeps_the_container(
     settings = settings.replace(redis_url=own_redis.url)
     register(store, settings.worker_id)
     task = queued_task(store, settings.worker_id, "for i in $(seq 1 80); do echo line $i; sleep 0.05; done")
-    run, result = run_in_thread(executor(settings, store).run, {"task_id": task.task_id})
+    run, result = run_in_thread(executor(settings, store).run, message(task))
     wait_for(lambda: store.get_task(task.task_id).started_at, 30, what="start")  # type: ignore[union-attr]
     time.sleep(1.0)
     own_redis.stop()  # ~20 lines are written while Redis is away
