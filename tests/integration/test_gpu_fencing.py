@@ -10,8 +10,8 @@ from cloudai.agent import Capacity, WorkerAgent
 from cloudai.gpus import GpuLeases, fenced_gpu_ids, holder
 from cloudai.maintenance import lose_task
 from cloudai.models import GiB, TaskStatus
+from cloudai.reservations import Reservations
 from cloudai.runtime import ContainerSpec, DockerRuntime
-from cloudai.scheduler import free_capacity
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
 from tests.helpers import executor, message, queued_task, register
@@ -39,11 +39,12 @@ def test_a_lost_attempts_gpus_are_not_handed_out_while_its_container_lives(
     assert lose_task(store, ex.bus, lost, "worker stopped heartbeating") == S.LOST
     assert ex.redis.ttl(keys.gpu_lease(settings.worker_id, "0")) > 0  # leases have TTLs
 
-    # placement does not offer GPU 0 while the lost attempt's container may still use it
+    # placement (the Redis reservations) does not offer GPU 0 while the lost attempt's container may use it
     live = store.list_tasks(status=[S.QUEUED, S.RUNNING], limit=None)
-    free = free_capacity(store.list_workers(), live, ex.redis)
-    assert free[settings.worker_id].gpu_ids == ["1"]
-    assert fenced_gpu_ids(ex.redis, settings.worker_id, live=live) == {"0"}  # the hook for placement
+    reservations = Reservations(ex.redis)
+    assert reservations.free(store.list_workers())[settings.worker_id].gpu_ids == ["1"]
+    assert fenced_gpu_ids(ex.redis, settings.worker_id, live=live) == {"0"}
+    assert reservations.fenced_gpu_ids(settings.worker_id, ["0", "1"]) == {"0"}  # the placement hook
     # and the worker refuses it even if placement had chosen it
     intruder = queued_task(store, settings.worker_id, "true", req_gpu=1, gpu_ids=["0"])
     assert ex.run(message(intruder)) == "failed"
@@ -53,5 +54,5 @@ def test_a_lost_attempts_gpus_are_not_handed_out_while_its_container_lives(
     # the worker (back) removes the container of the attempt it no longer owns: only then is GPU 0 free
     done = agent.reconcile()
     assert done["removed"] == [lost.task_id] and runtime.inspect(cid) is None
-    assert free_capacity(store.list_workers(), live, ex.redis)[settings.worker_id].gpu_ids == ["0", "1"]
+    assert reservations.free(store.list_workers())[settings.worker_id].gpu_ids == ["0", "1"]
     assert leases.acquire("next/0001-x", ["0"], lambda _: False) is None

@@ -18,7 +18,7 @@ from cloudai.maintenance import Maintenance
 from cloudai.models import GiB, Quota, Resources, Task, TaskStatus, WorkerState, utcnow
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import executor, register
+from tests.helpers import executor, message, register
 from tests.services import TEST_IMAGE
 
 S = TaskStatus
@@ -289,7 +289,7 @@ def test_a_task_ending_on_a_real_worker_frees_its_reservation(settings: Settings
     assert first.status == S.QUEUED and waiting.status == S.PENDING
     run = executor(settings, store)
     run.after_finish = lambda _task: api.scheduler.place_pending()  # as a worker process wires it
-    assert run.run(sent[0].to_message()) == "completed"
+    assert run.run(message(sent[0])) == "completed"
     assert _status(api, waiting).status == S.QUEUED and sent[-1].task_id == waiting.task_id
 
 
