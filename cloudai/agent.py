@@ -107,6 +107,9 @@ class WorkerAgent:
         """Stop heartbeating. The worker is marked offline only when it holds no running task: a worker that
         restarts within the heartbeat timeout re-attaches to its containers instead of losing them."""
         self._stop.set()
+        for thread in self._threads:  # a heartbeat in flight must not bring the worker back after this
+            if thread is not threading.current_thread():
+                thread.join(timeout=5)
         running = self.store.list_tasks(status=S.RUNNING, worker_id=self.worker_id, limit=1)
         if not running:
             self.store.set_worker_state(self.worker_id, WorkerState.OFFLINE)

@@ -15,7 +15,7 @@ from cloudai.models import TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import executor, queued_task, register, run_in_thread, wait_started
+from tests.helpers import executor, message, queued_task, register, run_in_thread, wait_started
 
 S = TaskStatus
 pytestmark = pytest.mark.usefixtures("docker_ready")
@@ -30,7 +30,7 @@ def _mask(caps: list[str] | tuple[str, ...]) -> str:
 
 def _run_and_inspect(settings: Settings, store: SQLiteStore, **fields: object) -> tuple[dict, list[str]]:  # type: ignore[type-arg]
     task = queued_task(store, settings.worker_id, PROBE + WAIT, req_memory=64 / 1024, **fields)
-    thread, result = run_in_thread(executor(settings, store).run, {"task_id": task.task_id})
+    thread, result = run_in_thread(executor(settings, store).run, message(task))
     running = wait_started(store, task.task_id)
     info = docker.from_env().api.inspect_container(running.container_id)
     CloudAI(settings).cancel(task.task_id, by="test")
@@ -70,7 +70,7 @@ def test_the_worker_enforces_its_own_image_allow_list(settings: Settings, store:
     register(store, settings.worker_id)
     strict = settings.replace(allowed_images=("ghcr.io/org/*", "registry.local/*"))
     task = queued_task(store, settings.worker_id, "echo should not run")
-    assert executor(strict, store).run({"task_id": task.task_id}) == "failed"
+    assert executor(strict, store).run(message(task)) == "failed"
     got = store.get_task(task.task_id)
     assert got is not None and got.status == S.FAILED and got.error is not None
     assert got.error.type == "ImageNotAllowed"
