@@ -19,7 +19,7 @@ from datetime import timedelta
 import redis
 
 from cloudai import keys
-from cloudai.errors import CloudAIError, PlacementError, ServiceUnavailable, WorkerNotFound
+from cloudai.errors import CloudAIError, PlacementError, RedisUnavailable, ServiceUnavailable, WorkerNotFound
 from cloudai.fairshare import rank
 from cloudai.logs import LogBus
 from cloudai.models import (
@@ -247,6 +247,8 @@ class Scheduler:
             if isinstance(outcome, Held):  # a task id that is already reserved: never a new task's
                 raise PlacementError(f"task {task.task_id} is already being placed")
             return self._record_pending(task, self._nofit_reason(task, outcome))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # what a check before the submit would say
+            raise RedisUnavailable(self.settings.redis_url, exc) from exc
         except redis.RedisError as exc:
             raise ServiceUnavailable(f"Redis error during placement: {exc}") from exc
 
