@@ -49,6 +49,9 @@ def test_message_lands_on_the_workers_own_queue_with_its_task_sent_event(
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     assert ready.wait(10)
+    # ready fires before kombu sends its PSUBSCRIBE (from the receiver's first read): events published in
+    # between are lost (pub/sub keeps nothing), which a loaded machine makes likely
+    wait_for(lambda: int(redis_client.pubsub_numpat()) > 0, 10, what="the event receiver's subscription")
     dispatch = Dispatcher(settings.redis_url)
     tasks = [_task("d1", "wa"), _task("d2", "wb"), _task("d3", "wa")]
     for task in tasks:
