@@ -8,6 +8,7 @@ and Redis database, emptied every 1,000), alternating with the measured ones eve
 is the last block's ratio to the baseline over the first block's. With several rounds the medians are shown.
 
     python -m bench.scheduler [--workers 50] [--tasks 10000] [--block 1000] [--rounds 1]
+    python -m bench.scheduler --parts 2000     # where a submit's time goes, step by step
 
 Uses CLOUDAI_REDIS_URL when set, else starts a private redis-server (Debian's) on a free port.
 """
@@ -122,15 +123,67 @@ def one_round(url: str, workers: int, tasks: int, block: int, step: int = 50) ->
     return grow_rates, base_rates
 
 
+def parts(url: str, workers: int, n: int) -> None:
+    """Where a submit's time goes: ``n`` submits into an empty cluster, timing each step of the library's
+    submit path (wall time, so waits on Redis and SQLite count)."""
+    import collections
+    import functools
+
+    spent: dict[str, float] = collections.defaultdict(float)
+
+    def timed(owner: Any, name: str, label: str) -> None:
+        inner = getattr(owner, name)
+
+        @functools.wraps(inner)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - started
+
+        setattr(owner, name, wrapper)
+
+    cluster = Cluster(url, workers)
+    api, scheduler = cluster.api, cluster.api.scheduler
+    for owner, name, label in [
+        (scheduler, "dispatch", "dispatch: Celery message + task-sent event"),
+        (scheduler.reservations, "place", "placement script (Lua)"),
+        (api.store, "create_task", "store: insert the task"),
+        (api.store, "create_assignment", "store: insert the assignment"),
+        (api.store, "list_workers", "store: list workers"),
+        (scheduler, "_candidates", "candidate workers"),
+        (api, "ping_redis", "Redis check"),
+        (api.store, "ping", "store check"),
+        (api, "build_task", "validate and build the task"),
+    ]:
+        timed(owner, name, label)
+    took = cluster.submit(n)
+    print(f"{n} submits into {workers} empty workers: {n / took:.0f}/s, {took / n * 1e6:.0f} us each")
+    for label, seconds in sorted(spent.items(), key=lambda item: -item[1]):
+        print(f"  {seconds / n * 1e6:6.0f} us  {label}")
+    print(f"  {(took - sum(spent.values())) / n * 1e6:6.0f} us  the rest")
+    cluster.check_and_close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, default=50)
     parser.add_argument("--tasks", type=int, default=10_000)
     parser.add_argument("--block", type=int, default=1_000)
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--parts", type=int, metavar="N", help="instead: time each step of N submits")
     args = parser.parse_args(argv)
     url, proc = start_redis()
     os.environ["CLOUDAI_REDIS_URL"] = url  # the Celery app reads it when imported
+    if args.parts:
+        try:
+            parts(url, args.workers, args.parts)
+        finally:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+        return 0
     try:
         runs = [one_round(url, args.workers, args.tasks, args.block) for _ in range(args.rounds)]
     finally:

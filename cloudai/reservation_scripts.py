@@ -16,19 +16,25 @@ local function charge(user, amount, t, hl)
   redis.call('HSET', P .. 'usage', user, tostring(u + amount))
   redis.call('HSET', P .. 'usage_at', user, tostring(t))
 end
--- a worker's free state is one field of the hash P..'free': cpu|mem|slots|capc|capm|caps|capg|sig, so one
--- HMGET reads every candidate (one call per worker would cost more than the placement itself)
+-- a worker's free state is one field of the hash P..'free' (one HMGET reads every candidate): the tag 'F1',
+-- then free cpu, mem, slots and capacity cpu, mem, slots, gpus as 7 big-endian doubles (struct), then the
+-- capacity signature. One struct.unpack decodes a worker; a text format's pattern match and seven tonumber()
+-- cost six times as much, on every candidate of every placement. A value in any other format reads as missing,
+-- so the worker is rebuilt (and rewritten in this format) on first use.
+local FREE_TAG, FREE_FMT = 'F1', '>ddddddd'
+local function unpackfree(v)  -- cpu, mem, slots, capc, capm, caps, capg, sig; nil when missing or foreign
+  if not v or #v < 58 or string.sub(v, 1, 2) ~= FREE_TAG then return nil end
+  local c, m, s, cc, cm, cs, cg, pos = struct.unpack(FREE_FMT, v, 3)
+  return c, m, s, cc, cm, cs, cg, string.sub(v, pos)
+end
 local function decode(v)
-  if not v then return nil end
-  local c, m, s, cc, cm, cs, cg, sig = string.match(v,
-    '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)|(.*)$')
+  local c, m, s, cc, cm, cs, cg, sig = unpackfree(v)
   if not c then return nil end
-  return {cpu = tonumber(c), mem = tonumber(m), slots = tonumber(s), capc = tonumber(cc), capm = tonumber(cm),
-          caps = tonumber(cs), capg = tonumber(cg), sig = sig}
+  return {cpu = c, mem = m, slots = s, capc = cc, capm = cm, caps = cs, capg = cg, sig = sig}
 end
 local function putfree(w, f)
-  redis.call('HSET', P .. 'free', w, string.format('%d|%d|%d|%d|%d|%d|%d|', f.cpu, f.mem, f.slots, f.capc,
-             f.capm, f.caps, f.capg) .. f.sig)
+  redis.call('HSET', P .. 'free', w, FREE_TAG .. struct.pack(FREE_FMT, f.cpu, f.mem, f.slots, f.capc, f.capm,
+             f.caps, f.capg) .. f.sig)
 end
 local function addfree(w, dc, dm, ds)
   local f = decode(redis.call('HGET', P .. 'free', w))
@@ -71,24 +77,23 @@ local maxc, maxm, maxg, maxs, blocked_by = -1, -1, -1, -1, ''
 local claimable, claim_best = nil, nil
 local claimed = {}
 for _, w in ipairs(redis.call('SMEMBERS', P .. 'claimed')) do claimed[w] = true end
-local lines = {}
-for line in string.gmatch(ARGV[20], '([^\\n]+)') do table.insert(lines, line) end
 local ids, sigs, vals = {}, {}, {}
-for i = 1, #lines - 1, 2 do
-  ids[#ids + 1] = lines[i]
-  sigs[#sigs + 1] = lines[i + 1]
+for id, sig in string.gmatch(ARGV[20], '([^\\n]+)\\n([^\\n]+)') do
+  ids[#ids + 1] = id
+  sigs[#sigs + 1] = sig
 end
 if #ids > 0 then vals = redis.call('HMGET', P .. 'free', unpack(ids)) end
+-- the loop below runs for every candidate on every placement: no table per worker (decode() builds one,
+-- which would cost more than all the rest of a worker's turn), and claims are read only where there are any
+local no_claim = {false, 0, 0, 0, false}
 for i, w in ipairs(ids) do
-  local f = decode(vals[i])
-  if not f or f.sig ~= sigs[i] then
+  local rc, rm, rs, capc, capm, caps, capg, sig = unpackfree(vals[i])
+  if not rc or sig ~= sigs[i] then
     table.insert(init, w)
   else
-    local capc, capm, caps, capg = f.capc, f.capm, f.caps, f.capg
-    local rc, rm, rs = f.cpu, f.mem, f.slots
     local rg = 0
     if gpus > 0 then rg = redis.call('SCARD', P .. 'gpus:' .. w) end  -- only a GPU task looks at GPUs
-    local c = {false, 0, 0, 0, false}
+    local c = no_claim
     if claimed[w] then
       c = redis.call('HMGET', P .. 'claim:' .. w, 'owner', 'cpu', 'mem', 'gpus', 'gen')
       if not c[1] then redis.call('SREM', P .. 'claimed', w) end  -- lapsed
@@ -280,4 +285,20 @@ for i = 3, #ARGV do
   if not g or g ~= ARGV[2] then redis.call('SREM', P .. 'claimed', ARGV[i]) end
 end
 return n
+"""
+
+# ARGV: prefix, worker ids. Each worker's free cpu, mem, slots (integer text) and capacity signature, or an
+# empty list where its state is missing: the stored value is binary (see LIB), which a client that decodes
+# replies as text can't read.
+VIEW = LIB + """
+local out = {}
+for i = 2, #ARGV do
+  local c, m, s, _, _, _, _, sig = unpackfree(redis.call('HGET', P .. 'free', ARGV[i]))
+  if c then
+    out[#out + 1] = {string.format('%d', c), string.format('%d', m), string.format('%d', s), sig}
+  else
+    out[#out + 1] = {}
+  end
+end
+return out
 """

@@ -105,6 +105,7 @@ class Reservations:
         self._recompute_worker = client.register_script(scripts.RECOMPUTE_WORKER)
         self._recompute_user = client.register_script(scripts.RECOMPUTE_USER)
         self._end_pass = client.register_script(scripts.END_PASS)
+        self._view = client.register_script(scripts.VIEW)
 
     # -- the hook for fenced GPUs ---------------------------------------------------------------------
     def fenced_gpu_ids(self, worker_id: str, gpu_ids: list[str]) -> set[str]:
@@ -198,19 +199,20 @@ class Reservations:
         if not workers:
             return {}
         ids = [w.worker_id for w in workers]
-        raw = [_text(v).split("|", 7) if v else None for v in self.redis.hmget(keys.SCHED_FREE, ids)]
-        for w, fields in zip(workers, raw, strict=True):
-            if fields is None or len(fields) < 8 or fields[7] != signature(w):
+        for w, fields in zip(workers, self._view(args=[P, *ids]), strict=True):
+            if not fields or _text(fields[3]) != signature(w):
                 self.rebuild(w)
         pipe = self.redis.pipeline(transaction=False)
-        pipe.hmget(keys.SCHED_FREE, ids)
+        self._view(args=[P, *ids], client=pipe)
         for w in workers:
             pipe.smembers(keys.sched_gpus(w.worker_id))
             pipe.hget(keys.sched_claim(w.worker_id), "owner")
         out = pipe.execute()
         views = {}
         for i, w in enumerate(workers):
-            cpu, mem, slots = (int(x) for x in _text(out[0][i]).split("|")[:3])
+            if not out[0][i]:
+                raise RuntimeError(f"placement state of worker {w.worker_id} could not be rebuilt")
+            cpu, mem, slots = (int(x) for x in out[0][i][:3])
             gpu_set, owner = out[1 + 2 * i], out[2 + 2 * i]
             views[w.worker_id] = FreeView(cpu / 1000, mem, slots, sorted((_text(g) for g in gpu_set), key=gpu_order),
                                           _text(owner) if owner else None)

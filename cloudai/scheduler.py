@@ -19,7 +19,7 @@ from datetime import timedelta
 import redis
 
 from cloudai import keys
-from cloudai.errors import CloudAIError, PlacementError, ServiceUnavailable, WorkerNotFound
+from cloudai.errors import CloudAIError, PlacementError, RedisUnavailable, ServiceUnavailable, WorkerNotFound
 from cloudai.fairshare import rank
 from cloudai.logs import LogBus
 from cloudai.models import (
@@ -96,10 +96,13 @@ class Scheduler:
 
     def _candidates(self, task: Task, workers: list[WorkerInfo]) -> list[WorkerInfo]:
         """Active workers with a fresh heartbeat that have the task's labels (and are its pinned worker)."""
-        now, timeout = utcnow(), self.settings.heartbeat_timeout_s
-        return [w for w in workers if w.state == WorkerState.ACTIVE and w.alive(now, timeout)
-                and (not task.pinned_worker or w.worker_id == task.pinned_worker)
-                and all(w.labels.get(k) == v for k, v in task.constraints.items())]
+        # runs for every worker on every submit: one datetime comparison each (WorkerInfo.alive's arithmetic,
+        # as a cut-off), and the label test only for a task that has constraints
+        cutoff = utcnow() - timedelta(seconds=self.settings.heartbeat_timeout_s)
+        active, pinned, wanted = WorkerState.ACTIVE, task.pinned_worker, task.constraints.items()
+        return [w for w in workers if w.state == active and w.last_heartbeat >= cutoff
+                and (not pinned or w.worker_id == pinned)
+                and (not wanted or all(w.labels.get(k) == v for k, v in wanted))]
 
     def _unavailable(self, task: Task, workers: list[WorkerInfo], candidates: list[WorkerInfo]) -> str | None:
         """Why no usable worker could run ``task`` even empty (it waits for one to come back), else None."""
@@ -247,6 +250,8 @@ class Scheduler:
             if isinstance(outcome, Held):  # a task id that is already reserved: never a new task's
                 raise PlacementError(f"task {task.task_id} is already being placed")
             return self._record_pending(task, self._nofit_reason(task, outcome))
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # what a check before the submit would say
+            raise RedisUnavailable(self.settings.redis_url, exc) from exc
         except redis.RedisError as exc:
             raise ServiceUnavailable(f"Redis error during placement: {exc}") from exc
 

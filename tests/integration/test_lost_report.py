@@ -22,7 +22,8 @@ from tests.helpers import register, wait_for
 S = TaskStatus
 
 
-def test_lost_and_retried_attempts_are_failures_in_celery(settings: Settings, store: SQLiteStore) -> None:
+def test_lost_and_retried_attempts_are_failures_in_celery(settings: Settings, store: SQLiteStore,
+                                                         redis_client: redis.Redis) -> None:
     api = CloudAI(settings, dispatch=lambda t: None)
     register(store, "dead")
     lost = api.submit(SubmitRequest(image="busybox", command="sleep 100"))
@@ -48,6 +49,9 @@ def test_lost_and_retried_attempts_are_failures_in_celery(settings: Settings, st
     listener = threading.Thread(target=listen, daemon=True)
     listener.start()
     assert ready.wait(10)
+    # ready fires before kombu sends its PSUBSCRIBE (from the receiver's first read): events published in
+    # between are lost (pub/sub keeps nothing), which a loaded machine makes likely
+    wait_for(lambda: int(redis_client.pubsub_numpat()) > 0, 10, what="the event receiver's subscription")
     reported = report_lost(celery_app, store, done["lost"] + done["retried"])
     assert reported == [f"{lost.task_id}.1", f"{retried.task_id}.1"]
     wait_for(lambda: len(events) == 2, 15, what="task-failed events")

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from cloudai.api import CloudAI, SubmitRequest
-from cloudai.errors import PlacementError, ServiceUnavailable, WorkerNotFound
+from cloudai.errors import PlacementError, RedisUnavailable, ServiceUnavailable, WorkerNotFound
 from cloudai.models import LIVE, GiB, Resources, Task, TaskStatus, WorkerState, utcnow
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
@@ -149,6 +149,19 @@ def test_enqueue_failure_leaves_nothing_recorded(settings: Settings, store: SQLi
         CloudAI(settings, dispatch=broken).submit(_req())
     assert store.list_tasks(limit=None) == []
     assert store.list_assignments("w") == []
+
+
+def test_redis_gone_after_a_recent_check_is_still_a_clear_error(settings: Settings, store: SQLiteStore) -> None:
+    """A submit skips its Redis check when Redis answered within the last second; if Redis went away in
+    that second, placement says so as the check would have, and nothing is recorded."""
+    import time
+
+    register(store, "w")
+    api = CloudAI(settings.replace(redis_url="redis://127.0.0.1:9/0"), dispatch=Recorder())
+    api._redis_ok_at = time.monotonic()  # as if the last submit's check had just passed
+    with pytest.raises(RedisUnavailable, match="Redis at redis://127.0.0.1:9/0 can't be reached"):
+        api.submit(_req())
+    assert store.list_tasks(limit=None) == []
 
 
 def test_constraints_match_worker_labels(api: CloudAI, store: SQLiteStore) -> None:

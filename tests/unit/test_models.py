@@ -119,3 +119,19 @@ def test_task_doc_round_trip() -> None:
     again = Task.from_doc(task.to_doc())
     assert again == task
     assert again.created_at.tzinfo is not None
+
+
+def test_task_doc_is_what_asdict_gives_and_shares_nothing_mutable() -> None:
+    import dataclasses
+
+    task = Task(task_id="t1", user_id="u", docker_image="busybox", command="true", env={"A": "1"},
+                labels={"l": "v"}, gpu_ids=["0", "1"], constraints={"pool": "x"}, after=["t0"],
+                error=TaskError("Failed", "exit 2"))
+    expected = dataclasses.asdict(task)
+    expected["status"] = task.status.value
+    doc = task.to_doc()
+    assert doc == expected and list(doc) == list(expected)
+    doc["env"]["B"] = "2"
+    doc["gpu_ids"].append("2")
+    assert task.env == {"A": "1"} and task.gpu_ids == ["0", "1"]
+    assert Task.from_doc(task.to_doc()) == task
