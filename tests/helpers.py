@@ -222,3 +222,27 @@ class ServerProc:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
+
+
+def capture_events(celery_app: Any, redis_client: Any, kind: str, count: int) -> list[dict[str, Any]]:
+    """Start a Celery event receiver for ``kind`` events on a thread and return the list it fills (up to
+    ``count``); returns once the receiver is subscribed, so events sent from now on arrive."""
+    events: list[dict[str, Any]] = []
+    ready = threading.Event()
+
+    def listen() -> None:
+        with celery_app.connection_for_read() as conn:
+            def received(event: dict[str, Any]) -> None:
+                events.append(event)
+                receiver.should_stop = len(events) >= count
+
+            receiver = celery_app.events.Receiver(conn, handlers={kind: received})
+            receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
+            receiver.capture(timeout=15, wakeup=False)
+
+    threading.Thread(target=listen, daemon=True).start()
+    assert ready.wait(10)
+    # ready fires before kombu sends its PSUBSCRIBE (from the receiver's first read): events published in
+    # between are lost (pub/sub keeps nothing), which a loaded machine makes likely
+    wait_for(lambda: int(redis_client.pubsub_numpat()) > 0, 10, what="the event receiver's subscription")
+    return events

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
 from typing import Any
 
 import redis
@@ -13,8 +12,8 @@ import redis
 from cloudai.celery_app import Dispatcher, make_app
 from cloudai.models import Task
 from cloudai.settings import Settings
+from tests.helpers import capture_events, wait_for
 from tests.helpers import message as wire
-from tests.helpers import wait_for
 
 
 def _task(task_id: str, worker: str) -> Task:
@@ -34,25 +33,7 @@ def test_message_lands_on_the_workers_own_queue_with_its_task_sent_event(
     settings: Settings, redis_client: redis.Redis
 ) -> None:
     celery_app = make_app(settings)
-    events: list[dict[str, Any]] = []
-    ready = threading.Event()
-
-    def listen() -> None:
-        with celery_app.connection_for_read() as conn:
-            def received(event: dict[str, Any]) -> None:
-                events.append(event)
-                receiver.should_stop = len(events) >= 3
-
-            receiver = celery_app.events.Receiver(conn, handlers={"task-sent": received})
-            receiver.on_consume_ready = lambda *args, **kwargs: ready.set()
-            receiver.capture(timeout=15, wakeup=False)
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    assert ready.wait(10)
-    # ready fires before kombu sends its PSUBSCRIBE (from the receiver's first read): events published in
-    # between are lost (pub/sub keeps nothing), which a loaded machine makes likely
-    wait_for(lambda: int(redis_client.pubsub_numpat()) > 0, 10, what="the event receiver's subscription")
+    events = capture_events(celery_app, redis_client, "task-sent", 3)
     dispatch = Dispatcher(settings.redis_url)
     tasks = [_task("d1", "wa"), _task("d2", "wb"), _task("d3", "wa")]
     for task in tasks:

@@ -4,9 +4,7 @@ backend and sends task-failed, which is what Flower shows (issue 11, "Flower tel
 from __future__ import annotations
 
 import json
-import threading
 from datetime import timedelta
-from typing import Any
 
 import redis
 
@@ -17,7 +15,7 @@ from cloudai.maintenance import Maintenance
 from cloudai.models import TaskStatus, utcnow
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import register, wait_for
+from tests.helpers import capture_events, register, wait_for
 
 S = TaskStatus
 
@@ -33,25 +31,7 @@ def test_lost_and_retried_attempts_are_failures_in_celery(settings: Settings, st
     assert done["lost"] == [lost.task_id] and done["retried"] == [retried.task_id]
 
     celery_app = make_app(settings)
-    events: list[dict[str, Any]] = []
-    ready = threading.Event()
-
-    def listen() -> None:
-        with celery_app.connection_for_read() as conn:
-            def received(event: dict[str, Any]) -> None:
-                events.append(event)
-                receiver.should_stop = len(events) >= 2
-
-            receiver = celery_app.events.Receiver(conn, handlers={"task-failed": received})
-            receiver.on_consume_ready = lambda *args, **kwargs: ready.set()  # bound: events sent now arrive
-            receiver.capture(timeout=15, wakeup=False)
-
-    listener = threading.Thread(target=listen, daemon=True)
-    listener.start()
-    assert ready.wait(10)
-    # ready fires before kombu sends its PSUBSCRIBE (from the receiver's first read): events published in
-    # between are lost (pub/sub keeps nothing), which a loaded machine makes likely
-    wait_for(lambda: int(redis_client.pubsub_numpat()) > 0, 10, what="the event receiver's subscription")
+    events = capture_events(celery_app, redis_client, "task-failed", 2)
     reported = report_lost(celery_app, store, done["lost"] + done["retried"])
     assert reported == [f"{lost.task_id}.1", f"{retried.task_id}.1"]
     wait_for(lambda: len(events) == 2, 15, what="task-failed events")
