@@ -126,8 +126,9 @@ class Scheduler:
     @staticmethod
     def _nofit_reason(task: Task, nofit: NoFit) -> str:
         if nofit.blocked_by:
-            return (f"waiting behind task {nofit.blocked_by}, which waited longer for the resources it would "
-                    "use (backfill keeps them for it)")
+            # not named: it may be another user's task, and users see only their own
+            return ("waiting behind an earlier task that waited longer for the resources it would use "
+                    "(backfill keeps them for it)")
         if task.req_gpu > nofit.gpus:
             plural = "s" if task.req_gpu > 1 else ""
             return f"needs {task.req_gpu} GPU{plural}; the most free on any worker is {nofit.gpus}"

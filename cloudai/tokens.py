@@ -68,6 +68,7 @@ class Identity:
     user: str
     admin: bool
     prefix: str = ""
+    expires_at: datetime | None = None  # the token's expiry (the login cookie never outlives it)
 
 
 def hash_token(token: str) -> str:
@@ -130,7 +131,7 @@ def verify(store: TaskStore, token: str | None, now: datetime | None = None) -> 
         raise AuthError(f"API token {record.prefix}... expired at {record.expires_at:%Y-%m-%d %H:%M} UTC; {_ASK}")
     if record.last_used_at is None or (now - record.last_used_at).total_seconds() >= TOUCH_EVERY_S:
         store.touch_token(record.token_hash, now)
-    return Identity(record.user_id, record.admin, record.prefix)
+    return Identity(record.user_id, record.admin, record.prefix, record.expires_at)
 
 
 def revoke(store: TaskStore, prefix: str) -> ApiToken:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,6 +17,7 @@ from cloudai.server import auth, errors, logstream, routes
 from cloudai.settings import Settings
 from cloudai.web import install as install_web_pages
 
+log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 1024 * 1024  # a submit request with a long script and many env values fits easily
 
 
@@ -60,6 +62,31 @@ class _TooLarge(Exception):
     pass
 
 
+class SecurityHeaders:
+    """Every response: never cached by a shared cache or the browser (they are one user's data) unless it says
+    otherwise, and never content-sniffed (a log served as text/plain stays text)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers") or [])
+                names = {name.lower() for name, _ in headers}
+                if b"cache-control" not in names:
+                    headers.append((b"cache-control", b"no-store"))
+                headers.append((b"x-content-type-options", b"nosniff"))
+                message["headers"] = headers
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
 def create_app(settings: Settings, cloud: CloudAI | None = None) -> FastAPI:
     """The master's app for ``settings`` (``cloud``: the operations to use, by default ``CloudAI(settings)``)."""
 
@@ -76,6 +103,7 @@ def create_app(settings: Settings, cloud: CloudAI | None = None) -> FastAPI:
     app.state.log_bus = None
     errors.install(app)
     app.add_middleware(BodyLimit)
+    app.add_middleware(SecurityHeaders)
     app.include_router(auth.router)
     app.include_router(routes.router)
     app.include_router(logstream.router)
@@ -88,8 +116,11 @@ def create_app(settings: Settings, cloud: CloudAI | None = None) -> FastAPI:
         try:
             api.store.ping()
             api.ping_redis()
-        except CloudAIError as exc:
-            return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
+        except CloudAIError as exc:  # no addresses to callers without a token: the server's log has them
+            which = "redis" if "Redis" in type(exc).__name__ else "store"
+            log.warning("health check failed: %s", exc)
+            return JSONResponse({"status": "unavailable", "reason": f"the {which} can't be reached"},
+                                status_code=503)
         return {"status": "ok"}
 
     return app

@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from cloudai import tokens
 from cloudai.api import CloudAI
 from cloudai.errors import AuthError, Forbidden
+from cloudai.models import utcnow
 from cloudai.server import csrf
 from cloudai.tokens import Identity
 
@@ -25,25 +26,37 @@ def cloud(request: Request) -> CloudAI:
     return request.app.state.cloud  # type: ignore[no-any-return]
 
 
-def presented_token(request: Request) -> str | None:
-    """The token from the Authorization header, else from the login cookie."""
-    header = request.headers.get("authorization")
+def presented_token(request: Request) -> tuple[str | None, bool]:
+    """The token, and whether it came from the login cookie: a Bearer header wins; any other Authorization
+    header (a proxy's Basic auth, an empty one) is ignored when the cookie is there, else refused."""
+    header = request.headers.get("authorization", "").strip()
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip(), False
+    cookie = request.cookies.get(COOKIE) or None
+    if cookie is not None:
+        return cookie, True
     if header:
-        scheme, _, value = header.partition(" ")
-        if scheme.lower() != "bearer" or not value.strip():
-            raise AuthError("use the header `Authorization: Bearer <token>` (other schemes are not accepted)")
-        return value.strip()
-    return request.cookies.get(COOKIE) or None
+        raise AuthError("use the header `Authorization: Bearer <token>` (other schemes are not accepted)")
+    return None, False
 
 
 def identity(request: Request) -> Identity:
     """The dependency every API route takes: the caller, or 401 saying what to do (403 for a cookie-signed
     unsafe request without its CSRF value)."""
-    token = presented_token(request)
+    token, from_cookie = presented_token(request)
     who = tokens.verify(cloud(request).store, token)
-    if token and "authorization" not in request.headers:  # signed in by the cookie, which browsers send unasked
+    if from_cookie and token:  # signed in by the cookie, which browsers send unasked
         csrf.require(request, token)
     return who
+
+
+def cookie_max_age(who: Identity) -> int:
+    """The login cookie lives 30 days, never longer than its token."""
+    left = 30 * 86400
+    if who.expires_at is not None:
+        left = min(left, int((who.expires_at - utcnow()).total_seconds()))
+    return max(1, left)
 
 
 def admin(who: Annotated[Identity, Depends(identity)]) -> Identity:
@@ -83,7 +96,7 @@ async def login(request: Request) -> Response:
     else:
         response = JSONResponse({"user": who.user, "admin": who.admin, "token": who.prefix})
     response.set_cookie(COOKIE, token, httponly=True, samesite="strict", secure=request.url.scheme == "https",
-                        path="/", max_age=30 * 86400)
+                        path="/", max_age=cookie_max_age(who))
     csrf.set_cookie(response, token, secure=request.url.scheme == "https")
     return response
 

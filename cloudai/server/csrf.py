@@ -61,9 +61,10 @@ def same_origin(request: Request) -> None:
     source = origin if origin is not None else request.headers.get("referer")
     if source is None:
         return
-    host = request.headers.get("x-forwarded-host") or request.headers.get("host") or ""
+    # Host only: X-Forwarded-Host is anyone's to send (a proxy in front passes Host on, as the README's does)
+    host = request.headers.get("host") or ""
     netloc = urlsplit(source).netloc if source != "null" else ""
-    if not netloc or netloc.lower() != host.split(",")[0].strip().lower():
+    if not netloc or netloc.lower() != host.strip().lower():
         raise Forbidden(f"cross-site request refused: it came from {source!r}, not from this server ({host})")
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cloudai.errors import AuthError, CloudAIError, ExitCode, Forbidden, RedisUnavailable, TaskExists
@@ -58,12 +58,24 @@ def validation_message(exc: RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+def forget_session(request: Request, response: Response) -> None:
+    """A login cookie whose token no longer works (expired, revoked) is cleared, not sent again and again."""
+    from cloudai.server import auth, csrf
+
+    if request.cookies.get(auth.COOKIE):
+        response.delete_cookie(auth.COOKIE, path="/", httponly=True, samesite="strict")
+        csrf.forget(response)
+
+
 def install(app: FastAPI) -> None:
     """Register the handlers that turn every failure into the error JSON."""
 
     @app.exception_handler(CloudAIError)
-    async def cloudai_error(_: Request, exc: CloudAIError) -> JSONResponse:
-        return error_response(http_status(exc), type(exc).__name__, str(exc), exc.exit_code)
+    async def cloudai_error(request: Request, exc: CloudAIError) -> JSONResponse:
+        response = error_response(http_status(exc), type(exc).__name__, str(exc), exc.exit_code)
+        if isinstance(exc, AuthError):
+            forget_session(request, response)
+        return response
 
     @app.exception_handler(redis.RedisError)
     async def redis_error(request: Request, exc: redis.RedisError) -> JSONResponse:

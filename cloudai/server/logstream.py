@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
@@ -37,6 +38,8 @@ from cloudai.logs import (
 from cloudai.server.auth import Caller, cloud
 from cloudai.server.routes import owned_task
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/v1")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -57,7 +60,7 @@ class AsyncLogBus:
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
             return await fn(*args, **kwargs)
-        except redis.RedisError as exc:
+        except (redis.ConnectionError, redis.TimeoutError) as exc:  # worth a retry; anything else is not
             raise RedisUnavailable(self.url, exc) from exc
 
     async def cursor(self, task_id: str, after_seq: int) -> str:
@@ -140,19 +143,25 @@ def _bus(request: Request) -> AsyncLogBus:
     return state.log_bus  # type: ignore[no-any-return]
 
 
+MAX_SEQ = 2**53  # far beyond any log; larger ids are no stream entry Redis accepts
+
+
 def _start_seq(after: int | None, last_event_id: str | None) -> int:
     if last_event_id:
         try:
-            return max(0, int(last_event_id))
+            seq = max(0, int(last_event_id))
         except ValueError:
             raise ValidationError("Last-Event-ID", last_event_id, "use the id of the last event received") from None
+        if seq > MAX_SEQ:
+            raise ValidationError("Last-Event-ID", last_event_id, "use the id of the last event received")
+        return seq
     return after or 0
 
 
 @router.get("/tasks/{task_id}/logs", tags=["logs"], response_model=None,
             responses={200: {"content": {"text/plain": {}, "text/event-stream": {}}}})
 async def task_logs(request: Request, task_id: str, who: Caller, follow: bool = False,
-                    after: Annotated[int | None, Query(ge=0, description="start after this line (SSE)")] = None,
+                    after: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="start after this line")] = None,
                     timestamps: bool = False,
                     accept: Annotated[str, Header()] = "text/plain",
                     last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
@@ -181,7 +190,10 @@ async def _sse(batches: AsyncIterator[list[LogEvent]], timestamps: bool) -> Asyn
 
 
 async def _text(batches: AsyncIterator[list[LogEvent]], timestamps: bool) -> AsyncIterator[str]:
-    async for batch in batches:
-        text = "".join(_line(e, timestamps) + "\n" for e in batch if isinstance(e, LogLine))
-        if text:
-            yield text
+    try:
+        async for batch in batches:
+            text = "".join(_line(e, timestamps) + "\n" for e in batch if isinstance(e, LogLine))
+            if text:
+                yield text
+    except Exception:  # the headers are sent: end the body (the client sees a short read), log the cause
+        log.exception("log of a task could not be read to its end")

@@ -3,11 +3,14 @@ direct mode; what this module adds is who may do it. Sync handlers: FastAPI runs
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from cloudai.api import CloudAI
 from cloudai.errors import TaskNotFound, ValidationError
@@ -76,10 +79,17 @@ def get_task(task_id: str, api: Cloud, who: Caller) -> dict[str, Any]:
 
 
 @router.post("/tasks/{task_id}/cancel", tags=["tasks"])
-def cancel(task_id: str, api: Cloud, who: Caller, wait: bool = True) -> dict[str, Any]:
-    """Cancel a task (a running one has its container stopped); with ``wait``, until the worker did."""
-    owned_task(api, who, task_id)
-    return task_doc(api.cancel(task_id, by=who.user, wait_s=None if wait else 0))
+async def cancel(task_id: str, api: Cloud, who: Caller, wait: bool = True) -> dict[str, Any]:
+    """Cancel a task (a running one has its container stopped); with ``wait``, until the worker did. The wait
+    holds no server thread (many waiting cancels must not starve other users' requests)."""
+    await run_in_threadpool(owned_task, api, who, task_id)
+    task = await run_in_threadpool(api.cancel, task_id, who.user, 0)
+    if wait and not task.status.terminal:
+        deadline = time.monotonic() + api.settings.stop_grace_s + 15
+        while time.monotonic() < deadline and not task.status.terminal:
+            await asyncio.sleep(0.2)
+            task = await run_in_threadpool(api.get, task_id)
+    return task_doc(task)
 
 
 @router.get("/quota", tags=["quotas"])
@@ -92,8 +102,13 @@ def quota(api: Cloud, who: Caller, user: str | None = None) -> dict[str, Any]:
 
 @router.get("/workers", tags=["workers"])
 def workers(api: Cloud, who: Caller) -> list[dict[str, Any]]:
-    """Workers with capacity, use, GPUs, state and heartbeat age."""
-    return [jsonable_encoder(v.to_doc()) for v in api.workers()]
+    """Workers with capacity, use, GPUs, state and heartbeat age (the task a worker is kept for, admins only:
+    it may be another user's)."""
+    docs = [jsonable_encoder(v.to_doc()) for v in api.workers()]
+    if not who.admin:
+        for doc in docs:
+            doc.pop("claimed_by", None)
+    return docs
 
 
 @router.post("/workers/{worker_id}/drain", tags=["workers"])

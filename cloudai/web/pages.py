@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from cloudai.errors import AuthError, CloudAIError
 from cloudai.models import TaskStatus, format_bytes
 from cloudai.server import auth, csrf
-from cloudai.server.errors import http_status
+from cloudai.server.errors import forget_session, http_status
 from cloudai.server.routes import owned_task
 from cloudai.tokens import Identity
 
@@ -67,7 +67,9 @@ async def _signed_in(request: Request) -> Identity | None:
 
 def _to_login(request: Request) -> Response:
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+    response = RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+    forget_session(request, response)  # a cookie that did not sign in (expired, revoked token) goes
+    return response
 
 
 def _next(value: str | None) -> str:

@@ -307,3 +307,70 @@ def test_quota_and_dependencies_through_the_api(api_server: ServerProc, people: 
     # a dependency on someone else's task is a usage error, through the API as in direct mode
     foreign = cli(api_server.cli_env(people["bo"]), "submit", "--after", first_id, TEST_IMAGE, "--", "true")
     assert foreign.returncode == 2 and first_id in foreign.stderr, foreign.stderr
+
+
+def test_no_other_users_task_id_leaks_through_workers_or_waiting_reasons(api_server: ServerProc,
+                                                                          people: dict[str, str]) -> None:
+    """The worker (4 CPUs) is kept for ana's waiting task (backfill): bo sees that it waits, not whose task."""
+    http = httpx.Client(base_url=api_server.url, timeout=30)
+
+    def submit(who: str, cpus: int) -> dict[str, object]:
+        r = http.post("/v1/tasks", json={"image": TEST_IMAGE, "command": "true", "cpus": cpus, "memory": "64m"},
+                      headers=auth(people[who]))
+        assert r.status_code == 201, r.text
+        return r.json()  # type: ignore[no-any-return]
+
+    assert submit("ana", 3)["status"] == "queued"
+    waiting = submit("ana", 2)  # 1 CPU free: it waits and keeps the worker's resources for itself
+    assert waiting["status"] == "pending"
+    bos = submit("bo", 1)  # would fit in the free CPU, but ana's task came first
+    assert bos["status"] == "pending" and str(waiting["task_id"]) not in str(bos["pending_reason"])
+    assert "waiting behind an earlier task" in str(bos["pending_reason"])
+    as_bo = http.get("/v1/workers", headers=auth(people["bo"])).json()
+    assert as_bo and all("claimed_by" not in w for w in as_bo) and str(waiting["task_id"]) not in json.dumps(as_bo)
+    as_root = http.get("/v1/workers", headers=auth(people["root"])).json()
+    assert [w["claimed_by"] for w in as_root] == [waiting["task_id"]]  # admins see it
+
+
+def test_waiting_cancels_hold_no_server_thread(api_server: ServerProc, people: dict[str, str], store: SQLiteStore,
+                                               settings: Settings) -> None:
+    """45 cancels of a running task whose (live) worker doesn't answer yet: other users are still served."""
+    import threading
+
+    http = httpx.Client(base_url=api_server.url, timeout=60)
+    r = http.post("/v1/tasks", json={"image": TEST_IMAGE, "command": "sleep 60", "memory": "64m"},
+                  headers=auth(people["ana"]))
+    task_id = r.json()["task_id"]
+    task = store.get_task(task_id)
+    assert task is not None
+    assert store.transition(task_id, S.QUEUED, S.RUNNING, execution=task.execution_id)
+    stop = threading.Event()
+
+    def heartbeat() -> None:  # the worker looks alive: each cancel waits for it to stop the container
+        while not stop.wait(0.3):
+            store.heartbeat(settings.worker_id)
+
+    beating = threading.Thread(target=heartbeat, daemon=True)
+    beating.start()
+    results: list[int] = []
+
+    def cancel() -> None:
+        results.append(httpx.post(f"{api_server.url}/v1/tasks/{task_id}/cancel", headers=auth(people["ana"]),
+                                  timeout=60).status_code)
+
+    cancels = [threading.Thread(target=cancel, daemon=True) for _ in range(45)]
+    try:
+        for thread in cancels:
+            thread.start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        assert http.get("/v1/whoami", headers=auth(people["bo"])).json()["user"] == "bo"
+        assert time.monotonic() - started < 3, "a user waited behind other users' cancels"
+    finally:
+        stop.set()
+        beating.join(5)
+        # the worker "stops the container": every waiting cancel returns
+        store.transition(task_id, S.RUNNING, S.CANCELLED, execution=task.execution_id)
+        for thread in cancels:
+            thread.join(30)
+    assert results == [200] * 45

@@ -121,3 +121,50 @@ def test_a_pending_task_page_says_why_it_waits(client: TestClient) -> None:
     page = client.get("/tasks/t-ana")
     assert page.status_code == 200 and "no worker has 64 GPUs free" in page.text
     assert 'data-field="pending_box" hidden' not in page.text and 'id="cancel" hidden' not in page.text
+
+
+def test_a_cookie_session_needs_csrf_whatever_authorization_header_comes_with_it(client: TestClient) -> None:
+    """An empty or non-Bearer Authorization header (a proxy's Basic auth) neither skips the CSRF check nor
+    breaks a cookie session."""
+    task = _task(client, "ana")
+    _sign_in(client, _secret(client, "ana"))
+    for header in ("", "Basic dXNlcjpwYXNz"):
+        r = client.post(f"/v1/tasks/{task.task_id}/cancel?wait=false", headers={"Authorization": header})
+        assert r.status_code == 403, (header, r.text)
+        assert client.get("/v1/whoami", headers={"Authorization": header}).json()["user"] == "ana"
+        assert client.get("/", headers={"Authorization": header}).status_code == 200
+    assert client.get(f"/v1/tasks/{task.task_id}").json()["status"] == "pending"  # nothing was cancelled
+
+
+def test_the_login_cookie_never_outlives_its_token_and_goes_once_it_fails(client: TestClient) -> None:
+    store = client.app.state.cloud.store  # type: ignore[attr-defined]
+    secret, record = tokens.create(store, "ana", False, "1h")
+    r = client.post("/login", data={"token": secret}, headers={"Origin": "http://testserver"})
+    cookie = next(c for c in r.headers.get_list("set-cookie") if c.startswith("cloudai_token="))
+    max_age = int(cookie.split("Max-Age=")[1].split(";")[0])
+    assert 3500 <= max_age <= 3600
+    tokens.revoke(store, record.prefix)
+    r = client.get("/v1/whoami")
+    assert r.status_code == 401
+    assert any(c.startswith('cloudai_token=""') for c in r.headers.get_list("set-cookie"))  # cleared
+    page = client.get("/")
+    assert page.status_code == 303 and page.headers["location"].startswith("/login")
+
+
+def test_responses_are_not_cached_or_sniffed_and_health_names_no_address(client: TestClient) -> None:
+    r = client.get("/healthz")  # Redis at port 1 is down
+    assert r.status_code == 503 and "127.0.0.1" not in r.text and "redis" in r.json()["reason"]
+    assert r.headers["cache-control"] == "no-store" and r.headers["x-content-type-options"] == "nosniff"
+    secret = _secret(client, "ana")
+    r = client.get("/v1/whoami", headers={"Authorization": f"Bearer {secret}"})
+    assert r.headers["cache-control"] == "no-store" and r.headers["x-content-type-options"] == "nosniff"
+
+
+def test_a_last_event_id_beyond_any_log_is_a_usage_error_not_a_hang(client: TestClient) -> None:
+    task = _task(client, "ana")
+    auth = {"Authorization": f"Bearer {_secret(client, 'ana')}"}
+    huge = "99999999999999999999999"
+    r = client.get(f"/v1/tasks/{task.task_id}/logs", headers={**auth, "Last-Event-ID": huge,
+                                                               "Accept": "text/event-stream"})
+    assert r.status_code == 422 and "Last-Event-ID" in r.text
+    assert client.get(f"/v1/tasks/{task.task_id}/logs?after={huge}", headers=auth).status_code == 422

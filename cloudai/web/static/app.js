@@ -245,8 +245,13 @@ function initTask() {
     source.onerror = () => {
       if (ended) return;
       if (source.readyState === EventSource.CLOSED) {
+        // the browser gave up (an HTTP error): ask why once; a lost sign-in goes to the login page (api does),
+        // a task that is gone stops here, anything else (the server restarting) is retried
         state.textContent = "disconnected; retrying…";
-        setTimeout(open, 2000);
+        api("GET", base).then(() => setTimeout(open, 2000), (err) => {
+          if (err.status === 404) { state.textContent = "this task is gone"; }
+          else if (err.status !== 401) { setTimeout(open, 2000); }
+        });
       } else {
         state.textContent = "reconnecting…";
       }
