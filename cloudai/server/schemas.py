@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from cloudai.api import SubmitRequest
 from cloudai.models import Resources, parse_duration
 
-Number = str | float | int
+Number = StrictStr | StrictInt | StrictFloat  # true/false are not numbers (JSON booleans are refused)
 
 
 class SubmitBody(BaseModel):

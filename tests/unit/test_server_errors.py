@@ -71,6 +71,8 @@ def test_unknown_fields_and_bad_values_are_422_with_the_cli_message(client: Test
         Resources.parse(memory="1k")  # what the CLI says for `--memory 1k`
     assert (r.status_code, r.json()["error"]["message"]) == (422, str(cli_error.value))
     assert r.json()["error"]["exit_code"] == 2
+    r = client.post("/v1/tasks", json={"image": "busybox", "gpus": True}, headers=auth)  # not "1 GPU"
+    assert r.status_code == 422 and "gpus" in r.json()["error"]["message"]
 
 
 def test_a_body_over_the_limit_is_413(client: TestClient) -> None:
