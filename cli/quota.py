@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.table import Table
 
 from cli import render
 from cloudai.errors import CloudAIError
@@ -73,6 +72,8 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
         if not quotas:
             click.echo("no quotas set; every user may use the whole cluster", err=True)
             return
+        from rich.table import Table
+
         table = Table(box=None, header_style="bold")
         for col in ("USER", "CPUS", "MEMORY", "GPUS", "TASKS"):
             table.add_column(col, no_wrap=True)
@@ -99,6 +100,8 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
         if as_json:
             click.echo(render.to_json(quota_doc(who, quota, usage)))
             return
+        from rich.table import Table
+
         table = Table(box=None, header_style="bold", title=f"quota of {who}", title_justify="left")
         for col in ("RESOURCE", "USED", "LIMIT"):
             table.add_column(col, no_wrap=True)
