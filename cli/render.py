@@ -6,9 +6,7 @@ import json
 import re
 import sys
 from datetime import datetime
-from typing import Any, TextIO
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
 
