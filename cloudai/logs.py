@@ -171,6 +171,22 @@ def split_frames(frames: Iterable[bytes]) -> Iterator[tuple[str, str]]:
     yield from splitter.close()
 
 
+def split_chunks(chunks: Iterable[list[bytes]]) -> Iterator[list[tuple[str, str]]]:
+    """:func:`split_frames` a list of frames at a time: the lines each list completes (lists without a whole
+    line give nothing), then the unterminated rest."""
+    splitter = LineSplitter()
+    for chunk in chunks:
+        lines: list[tuple[str, str]] = []
+        for frame in chunk:
+            ts, _, payload = frame.partition(b" ")
+            lines += splitter.feed(payload, ts.decode("ascii", "replace"))
+        if lines:
+            yield lines
+    rest = splitter.close()
+    if rest:
+        yield rest
+
+
 def archive_line(text: str, ts: str) -> str:
     return f"{ts or '-'} {text}"
 
@@ -382,6 +398,16 @@ class LogWriter:
             self._first_at = time.monotonic()
         self._pending.append((self.next_seq, text, ts))
         self.next_seq += 1
+
+    def add_many(self, lines: list[tuple[str, str]]) -> None:
+        """:meth:`add` for each ``(text, ts)``."""
+        if not lines:
+            return
+        if not self._pending:
+            self._first_at = time.monotonic()
+        seq = self.next_seq
+        self._pending += [(seq + n, text, ts) for n, (text, ts) in enumerate(lines)]
+        self.next_seq = seq + len(lines)
 
     def flush_if_due(self, attempts: int = 20) -> None:
         """Write when a batch is full or its first line has waited ~50 ms."""
