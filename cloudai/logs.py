@@ -122,20 +122,28 @@ class LineSplitter:
             return [(_text(payload[:-1]), ts)]  # the common case: one Docker frame, one whole line
         if not self._buf:
             self._ts = ts
-        self._buf += payload
+        buf = self._buf
+        buf += payload
         out: list[tuple[str, str]] = []
+        start = 0  # lines are taken by offset and the buffer trimmed once: a 64 KiB read holds thousands
         while True:
-            end = self._buf.find(b"\n")
+            end = buf.find(b"\n", start)
             if end < 0:
                 break
-            out.append((_text(bytes(self._buf[:end])), self._ts))
-            del self._buf[: end + 1]
+            while end - start > self.max_line:  # however the output was cut into frames, the same pieces
+                cut = _utf8_boundary(buf, self.max_line, start)
+                out.append((_text(bytes(buf[start:cut])), self._ts))
+                start = cut
+                self._ts = ts
+            out.append((_text(bytes(buf[start:end])), self._ts))
+            start = end + 1
             self._ts = ts
-        while len(self._buf) > self.max_line:  # ">": the byte at the cut must exist to check it
-            cut = _utf8_boundary(self._buf, self.max_line)
-            out.append((_text(bytes(self._buf[:cut])), self._ts))
-            del self._buf[:cut]
+        while len(buf) - start > self.max_line:  # ">": the byte at the cut must exist to check it
+            cut = _utf8_boundary(buf, self.max_line, start)
+            out.append((_text(bytes(buf[start:cut])), self._ts))
+            start = cut
             self._ts = ts
+        del buf[:start]
         return out
 
     def close(self) -> list[tuple[str, str]]:
@@ -147,11 +155,12 @@ class LineSplitter:
         return [rest]
 
 
-def _utf8_boundary(buf: bytearray, limit: int) -> int:
-    cut = limit
-    while cut > limit - 4 and cut > 0 and (buf[cut] & 0xC0) == 0x80:
+def _utf8_boundary(buf: bytearray, limit: int, start: int = 0) -> int:
+    """Where to cut ``limit`` bytes after ``start`` without splitting a UTF-8 character."""
+    cut = start + limit
+    while cut > start + limit - 4 and cut > start and (buf[cut] & 0xC0) == 0x80:
         cut -= 1
-    return cut if cut > 0 else limit
+    return cut if cut > start else start + limit
 
 
 def _text(raw: bytes) -> str:
@@ -352,7 +361,11 @@ def parse_read(reply: Any, cursor: str, after_seq: int) -> tuple[list[LogEvent],
     events: list[LogEvent] = []
     for _key, entries in reply or []:  # RESP2: [[key, [(id, fields), ...]]]
         for entry_id, fields in entries:
-            events.extend(e for e in _events(entry_id, fields) if not isinstance(e, LogLine) or e.seq > after_seq)
+            entry = _events(entry_id, fields)
+            if _seq(entry_id) > after_seq:  # the whole entry is new (always, but for the first one read)
+                events += entry
+            else:
+                events.extend(e for e in entry if not isinstance(e, LogLine) or e.seq > after_seq)
             cursor = entry_id
     return events, cursor
 
@@ -497,6 +510,10 @@ class LogFollow:
     def take(self, events: list[LogEvent]) -> list[LogEvent]:
         """The batch a read's events make: lines after ``seq`` in order (a note where trimming left a gap),
         and the end marker last. The one place where events read from the stream are interpreted."""
+        if (events and isinstance(events[0], LogLine) and isinstance(events[-1], LogLine)
+                and events[0].seq == self.seq + 1 and events[-1].seq == self.seq + len(events)):
+            self.seq = events[-1].seq  # the common case: lines that follow on with no gap and no end marker
+            return list(events)
         batch: list[LogEvent] = []
         for event in events:
             if isinstance(event, LogEnd):

@@ -74,3 +74,15 @@ def test_attach_stream_frames_are_reassembled_across_reads_and_stamped() -> None
     assert payloads == [b"one\n", b"two\nthr", b"ee\n"] and closed == [True]
     stamp = chunks[0][0].partition(b" ")[0].decode()
     assert len(stamp) == 30 and stamp.endswith("Z") and stamp[10] == "T"  # Docker's RFC 3339 with nanoseconds
+
+
+def test_long_lines_are_cut_the_same_whatever_the_frames() -> None:
+    from cloudai.logs import split_chunks
+
+    text = ("é" * (MAX_LINE_BYTES // 2 + 10)).encode() + b"x" * (MAX_LINE_BYTES * 2) + b"\nshort\n"
+    whole = [t for t, _ in split_frames([b"t " + text])]
+    small = [t for t, _ in split_frames([b"t " + text[i : i + 16384] for i in range(0, len(text), 16384)])]
+    odd = [t for batch in split_chunks([[b"t " + text[i : i + 7000]] for i in range(0, len(text), 7000)])
+           for t, _ in batch]
+    assert whole == small == odd and whole[-1] == "short"
+    assert all(len(t.encode()) <= MAX_LINE_BYTES for t in whole) and "".join(whole[:-1]).encode() == text[:-7]
