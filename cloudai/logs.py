@@ -126,6 +126,18 @@ class LineSplitter:
         buf += payload
         out: list[tuple[str, str]] = []
         start = 0  # lines are taken by offset and the buffer trimmed once: a 64 KiB read holds thousands
+        last = buf.rfind(b"\n")
+        if last > 0 and b"\r" not in buf:
+            # many whole lines, none rewritten with \r: split and decode them at C speed when none is too long
+            # (a newline byte is never part of a UTF-8 sequence, so decoding the lot equals line by line)
+            region = bytes(buf[: last + 1])
+            if max(map(len, region.split(b"\n"))) <= self.max_line:
+                texts = region.decode("utf-8", errors="replace").split("\n")
+                texts.pop()
+                out.append((texts[0], self._ts))
+                out += [(text, ts) for text in texts[1:]]
+                start = last + 1
+                self._ts = ts
         while True:
             end = buf.find(b"\n", start)
             if end < 0:
@@ -453,9 +465,9 @@ class LogWriter:
                 first_seq = entries[0][0][0]
                 args: list[Any] = [self.execution or "", _entry_id(max(0, first_seq - self.bus.maxlen))]
                 for entry in entries:
-                    texts = [e[1] for e in entry]
-                    args += [entry[0][0], len(entry), json.dumps(texts), json.dumps([e[2] for e in entry]),
-                             json.dumps({"first": entry[0][0], "lines": texts})]
+                    texts = json.dumps([e[1] for e in entry])  # once: the entry and the pub/sub payload share it
+                    args += [entry[0][0], len(entry), texts, json.dumps([e[2] for e in entry]),
+                             f'{{"first": {entry[0][0]}, "lines": {texts}}}']
                 result = int(self.bus._append(keys=[self.key, keys.execution(self.task_id)], args=args))
                 if result == -2 and self.execution and self.revalidate is not None and self.revalidate():
                     self.bus.attempt(self.task_id, self.execution, 3600)  # Redis lost it; the store vouches

@@ -86,3 +86,12 @@ def test_long_lines_are_cut_the_same_whatever_the_frames() -> None:
            for t, _ in batch]
     assert whole == small == odd and whole[-1] == "short"
     assert all(len(t.encode()) <= MAX_LINE_BYTES for t in whole) and "".join(whole[:-1]).encode() == text[:-7]
+
+
+def test_a_read_of_many_lines_splits_as_line_by_line_would() -> None:
+    from cloudai.logs import split_chunks
+
+    text = b"a\nbad \xc3\n\xa9 tail\n\xe2\x82\nlast \xf0\x9f\x98\x80\n" * 50 + b"partial"
+    per_line = [t for t, _ in split_frames([b"t " + line + b"\n" for line in text.split(b"\n")[:-1]])]
+    at_once = [t for batch in split_chunks([[b"t " + text]]) for t, _ in batch]
+    assert at_once == per_line + ["partial"]
