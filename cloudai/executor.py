@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 S = TaskStatus
 T = TypeVar("T")
 STORE_RETRY_S = 600.0  # how long a finished task's outcome waits for a store that is down
-READER_QUEUE = 64  # lists of lines (one read each, <= 64 KiB of output) between the reader and the pump
+READER_QUEUE = 8  # lists of lines (one read each, <= 64 KiB of output) between the reader and the pump
 CHECK_EVERY_S = 0.25  # how often cancel, timeout and the fence are checked while a container runs
 
 
