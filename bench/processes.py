@@ -11,7 +11,8 @@ so a noisy, shared machine moves both sides alike. Cases:
 - ``help``: ``cloudai --help``, absolute (no baseline exists).
 
 The worker must already run (``./scripts/bench`` starts one and passes its id and pid). With
-``CLOUDAI_API_URL`` set, the ``cloudai`` commands go through the master, as a remote user's would.
+``--through-master`` (or ``CLOUDAI_API_URL`` set) the ``cloudai`` commands go through the master with a token,
+as a remote user's would; ``--through-master`` starts a ``cloudai server`` of its own for the run.
 """
 
 from __future__ import annotations
@@ -159,6 +160,30 @@ def case_help(runs: int) -> Row:
     return Row("cloudai --help", ours, [], "no baseline; target 0.15 s")
 
 
+def through_master() -> Callable[[], None]:
+    """Start ``cloudai server`` on a free port, point this process's children at it with a fresh token, and
+    return what stops it."""
+    from bench.api import free_port, start_server
+    from cloudai import tokens
+    from cloudai.settings import Settings
+    from cloudai.store import open_store
+
+    settings = Settings.from_env()
+    port = free_port()
+    server = start_server(port)
+    secret = tokens.create(open_store(settings.store_url), settings.user, expires="1h")[0]
+    for name in ("CLOUDAI_REDIS_URL", "CLOUDAI_STORE_URL"):  # a remote user has neither
+        os.environ.pop(name, None)
+    os.environ.update(CLOUDAI_API_URL=f"http://127.0.0.1:{port}", CLOUDAI_TOKEN=secret,
+                      XDG_CONFIG_HOME=os.path.join(os.getcwd(), ".cache", "bench-xdg"))
+
+    def stop() -> None:
+        server.terminate()
+        server.wait(15)
+
+    return stop
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="measured runs per side (after one warm-up)")
@@ -166,7 +191,17 @@ def main() -> int:
     parser.add_argument("--million", action="store_true", help="also 1,000,000 lines (slow)")
     parser.add_argument("--many", type=int, default=100, help="tasks in the many-small-tasks case (0: skip)")
     parser.add_argument("--cases", default="help,trivial,lines,many")
+    parser.add_argument("--through-master", action="store_true", help="start a cloudai server and go through it")
     args = parser.parse_args()
+    stop = through_master() if args.through_master else None
+    try:
+        return run(args)
+    finally:
+        if stop is not None:
+            stop()
+
+
+def run(args: argparse.Namespace) -> int:
     worker = os.environ.get("CLOUDAI_BENCH_WORKER", "bench-worker")
     worker_pid = int(os.environ["CLOUDAI_BENCH_WORKER_PID"]) if os.environ.get("CLOUDAI_BENCH_WORKER_PID") else None
     cases = set(args.cases.split(","))

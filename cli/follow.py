@@ -69,7 +69,11 @@ def stream(api: Client, task_id: str, after_seq: int = 0, timestamps: bool = Fal
         end = batch[-1] if batch and isinstance(batch[-1], LogEnd) else None
         lines = batch[:-1] if end is not None else batch
         if lines:
-            out.write("".join(_format(e, timestamps) for e in lines if isinstance(e, LogLine)))
+            shown = [e for e in lines if isinstance(e, LogLine)]
+            if timestamps:
+                out.write("".join(_format(e, True) for e in shown))
+            elif shown:
+                out.write("\n".join([e.text for e in shown]) + "\n")
         if end is not None:
             out.write(final_block(end, color) + "\n")
         if lines or end is not None:

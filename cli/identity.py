@@ -8,8 +8,6 @@ from urllib.parse import urlsplit
 
 import click
 
-from cli.client import api_target, credentials_path, write_credentials
-
 if TYPE_CHECKING:
     from cli.main import Context
 
@@ -51,6 +49,7 @@ def server(ctx: Context, host: str, port: int, ssl_certfile: str | None, ssl_key
 @click.pass_obj
 def login(ctx: Context, url: str | None, token: str | None) -> None:
     """Save the master's URL and your token (in a file only you can read) for the commands that follow."""
+    from cli.client import api_target, write_credentials
     from cli.remote import RemoteCloud
 
     target = api_target(ctx.settings)
@@ -74,6 +73,8 @@ def login(ctx: Context, url: str | None, token: str | None) -> None:
 @click.command()
 def logout() -> None:
     """Forget the saved URL and token (the commands use direct mode again unless CLOUDAI_API_URL is set)."""
+    from cli.client import credentials_path
+
     path = credentials_path()
     path.unlink(missing_ok=True)
     click.echo(f"removed {path}")

@@ -10,21 +10,19 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cli import follow as viewer
 from cli import quota as quota_cli
-from cli import render
-from cli.client import Client, open_client
-from cloudai import limits
 from cloudai.errors import CloudAIError, ExitCode, RedisUnavailable
-from cloudai.logevents import attempt_section
-from cloudai.models import Resources, TaskStatus, WorkerState, join_command, parse_duration
-from cloudai.settings import Settings
-from cloudai.submission import SubmitRequest, parse_key_values, read_env_file
 
+# TaskStatus's values (tests/unit check they match), so that defining `list --status` needs no models import
+STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled", "timeout", "lost")
+
+# Each command imports what it uses when it runs: `cloudai --help` (and a mistyped option) loads click and
+# the command definitions only, not the models, the clients, Redis or rich.
 if TYPE_CHECKING:
+    from cli.client import Client
     from cloudai.api import CloudAI
-
-S = TaskStatus
+    from cloudai.settings import Settings
+    from cloudai.submission import SubmitRequest
 
 
 @dataclass
@@ -36,6 +34,8 @@ class Context:
     @cached_property
     def api(self) -> Client:
         """The master's API when ``CLOUDAI_API_URL`` (or ``cloudai login``) says so, else the cluster directly."""
+        from cli.client import open_client
+
         return open_client(self.settings)
 
     @cached_property
@@ -61,6 +61,8 @@ class CloudAIGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CloudAIError as exc:
+            from cli import render
+
             click.echo(click.style("Error: ", fg="red", bold=True) + render.visible(exc, keep_lines=True), err=True)
             ctx.exit(int(exc.exit_code))
         except Exception as exc:
@@ -89,6 +91,8 @@ def cli(ctx: click.Context, redis_url: str | None, store_url: str | None) -> Non
     With CLOUDAI_API_URL set (or after `cloudai login URL`) the task and worker commands go through the
     master's API with your token; otherwise they use Redis and the store directly.
     """
+    from cloudai.settings import Settings
+
     try:
         settings = Settings.from_env().replace(redis_url=redis_url, store_url=store_url)
     except CloudAIError as exc:
@@ -105,6 +109,10 @@ def _parse(fn: Any, *args: Any, param: str) -> Any:
 
 
 def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, follow: bool, dry_run: bool) -> None:
+    from cli import follow as viewer
+    from cli import render
+    from cloudai.models import TaskStatus as S
+
     api = ctx.api
     if dry_run:
         click.echo(f"valid: {request.image} with {request.resources.describe()}; would be {api.dry_run(request)}")
@@ -163,6 +171,9 @@ def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None,
     Options go before IMAGE; everything after it is the command, e.g.
     `cloudai submit --cpus 2 -m 4g --gpus 1 -f pytorch/pytorch -- python train.py --epochs 3`.
     """
+    from cloudai.models import Resources, join_command, parse_duration
+    from cloudai.submission import SubmitRequest, parse_key_values, read_env_file
+
     args = list(command[1:] if command[:1] == ("--",) else command)
     environment: dict[str, str] = {}
     for path in env_file:
@@ -205,6 +216,9 @@ def seed_task(ctx: Context, worker: str, image: str, args: tuple[str, ...]) -> N
     cloudai task WORKER IMAGE [-cpu_cores 2.0] [-mem 4.0] [-gpu_cores 1.0] [COMMAND]...
     -cpu_cores: CPU cores (default 1.0); -mem: memory in GB or 512m/4g (default 1.0); -gpu_cores: whole GPUs.
     """
+    from cloudai.models import Resources, join_command
+    from cloudai.submission import SubmitRequest
+
     values: dict[str, str] = {}
     rest = list(args)
     while rest and rest[0] in SEED_OPTIONS:
@@ -229,6 +243,8 @@ def seed_task(ctx: Context, worker: str, image: str, args: tuple[str, ...]) -> N
 @pass_ctx
 def monitor(ctx: Context, task_id: str, user: str | None) -> None:
     """Show TASK's header, its whole log live, and its final status; exit with its exit code."""
+    from cli import follow as viewer
+
     task = ctx.api.get(task_id)
     if user is not None and task.user_id != user:
         raise click.UsageError(f"task {task_id} belongs to user {task.user_id!r}, not {user!r}")
@@ -244,6 +260,10 @@ def monitor(ctx: Context, task_id: str, user: str | None) -> None:
 @pass_ctx
 def logs(ctx: Context, task_id: str, follow: bool, tail: int | None, timestamps: bool, attempt: int | None) -> None:
     """Print TASK's log: from the live stream or, once it finished, the archive."""
+    from cli import follow as viewer
+    from cli import render
+    from cloudai.logevents import attempt_section
+
     api = ctx.api
     task = api.get(task_id)
     if attempt is not None:  # one attempt's section of the log (works the same through the API)
@@ -267,6 +287,8 @@ def logs(ctx: Context, task_id: str, follow: bool, tail: int | None, timestamps:
 @pass_ctx
 def status(ctx: Context, task_id: str, as_json: bool) -> None:
     """Show TASK's record."""
+    from cli import render
+
     task = ctx.api.get(task_id)
     if as_json:
         click.echo(render.task_json(task))
@@ -276,7 +298,7 @@ def status(ctx: Context, task_id: str, as_json: bool) -> None:
 
 @cli.command("list")
 @click.option("--user", help="Only this user's tasks ('all' for everyone).  [default: you]")
-@click.option("--status", "statuses", multiple=True, type=click.Choice([s.value for s in S]), help="Repeatable.")
+@click.option("--status", "statuses", multiple=True, type=click.Choice(STATUSES), help="Repeatable.")
 @click.option("--worker", help="Only tasks placed on this worker.")
 @click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
@@ -284,6 +306,9 @@ def status(ctx: Context, task_id: str, as_json: bool) -> None:
 def list_tasks(ctx: Context, user: str | None, statuses: tuple[str, ...], worker: str | None, limit: int,
                as_json: bool) -> None:
     """List tasks, newest first."""
+    from cli import render
+    from cloudai.models import TaskStatus as S
+
     who = None if user == "all" else (user or ctx.default_user())
     tasks = ctx.api.list_tasks(user=who, status=[S(s) for s in statuses], worker=worker, limit=limit)
     if as_json:
@@ -300,6 +325,9 @@ def list_tasks(ctx: Context, user: str | None, statuses: tuple[str, ...], worker
 @pass_ctx
 def cancel(ctx: Context, task_ids: tuple[str, ...], no_wait: bool) -> None:
     """Cancel tasks; a running one has its container stopped (SIGTERM, then SIGKILL after the grace period)."""
+    from cli import render
+    from cloudai.models import TaskStatus as S
+
     worst = ExitCode.OK
     for task_id in task_ids:
         try:
@@ -325,6 +353,8 @@ def cancel(ctx: Context, task_ids: tuple[str, ...], no_wait: bool) -> None:
 @click.pass_context
 def workers(click_ctx: click.Context, as_json: bool) -> None:
     """List workers (capacity, in use, GPUs, state, heartbeat age); drain, undrain, remove."""
+    from cli import render
+
     if click_ctx.invoked_subcommand is not None:
         return
     views = click_ctx.find_object(Context).api.workers()  # type: ignore[union-attr]
@@ -341,6 +371,8 @@ def workers(click_ctx: click.Context, as_json: bool) -> None:
 @pass_ctx
 def drain(ctx: Context, worker_id: str) -> None:
     """Stop placing new tasks on WORKER_ID; its running tasks finish."""
+    from cloudai.models import WorkerState
+
     ctx.api.set_worker_state(worker_id, WorkerState.DRAINING)
     click.echo(f"{worker_id}: draining")
 
@@ -350,6 +382,8 @@ def drain(ctx: Context, worker_id: str) -> None:
 @pass_ctx
 def undrain(ctx: Context, worker_id: str) -> None:
     """Place tasks on WORKER_ID again."""
+    from cloudai.models import WorkerState
+
     ctx.api.set_worker_state(worker_id, WorkerState.ACTIVE)
     click.echo(f"{worker_id}: active")
 
@@ -390,6 +424,7 @@ def worker() -> None:
 def worker_start(ctx: Context, worker_id: str | None, cpus: str | None, memory: str | None, gpus: str,
                  labels: tuple[str, ...], concurrency: int, loglevel: str) -> None:
     """Run a Celery worker in the foreground that consumes only this worker's queue."""
+    from cloudai import limits
     from cloudai.agent import host_capacity
 
     worker_id = worker_id or ctx.settings.worker_id

@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import click
-from rich.table import Table
 
-from cli import render
 from cloudai.errors import CloudAIError
-from cloudai.models import format_bytes, parse_cpus, parse_size, quota_doc
+
+# the rendering and model modules are imported by the commands that run, not by `cloudai --help`
 
 _ROWS = (("cpus", "CPUs"), ("memory", "memory"), ("gpus", "GPUs"), ("tasks", "tasks"))
 
@@ -17,6 +16,8 @@ _ROWS = (("cpus", "CPUs"), ("memory", "memory"), ("gpus", "GPUs"), ("tasks", "ta
 def _show(name: str, value: float | None) -> str:
     if value is None:
         return "-"
+    from cloudai.models import format_bytes
+
     return format_bytes(int(value)) if name == "memory" else f"{value:g}"
 
 
@@ -57,6 +58,8 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
         """Set USER's quota; limits not given are unlimited (this replaces the whole quota)."""
         if cpus is None and memory is None and gpus is None and tasks is None:
             raise click.UsageError("give at least one of --cpus, --memory, --gpus, --tasks")
+        from cloudai.models import parse_cpus, parse_size
+
         quota = ctx.direct.set_quota(user, cpus=_parsed(parse_cpus, cpus, "--cpus"),
                                   memory=_parsed(parse_size, memory, "--memory"), gpus=gpus, tasks=tasks)
         click.echo(f"{user}: " + ", ".join(f"{label} {_show(name, getattr(quota, name))}" for name, label in _ROWS))
@@ -66,6 +69,9 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
     @pass_ctx
     def quota_list(ctx: Any, as_json: bool) -> None:
         """Every user's quota."""
+        from cli import render
+        from cloudai.models import quota_doc
+
         quotas = ctx.direct.quotas()
         if as_json:
             click.echo(render.to_json([quota_doc(q.user_id, q) for q in quotas]))
@@ -73,6 +79,8 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
         if not quotas:
             click.echo("no quotas set; every user may use the whole cluster", err=True)
             return
+        from rich.table import Table
+
         table = Table(box=None, header_style="bold")
         for col in ("USER", "CPUS", "MEMORY", "GPUS", "TASKS"):
             table.add_column(col, no_wrap=True)
@@ -94,11 +102,16 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
     @pass_ctx
     def quota_view(ctx: Any, user: str | None, as_json: bool) -> None:
         """What your queued and running tasks hold now, against your quota."""
+        from cli import render
+        from cloudai.models import quota_doc
+
         quota, usage = ctx.api.quota_usage(user or ctx.default_user())
         who = quota.user_id if quota else user or ctx.default_user()
         if as_json:
             click.echo(render.to_json(quota_doc(who, quota, usage)))
             return
+        from rich.table import Table
+
         table = Table(box=None, header_style="bold", title=f"quota of {who}", title_justify="left")
         for col in ("RESOURCE", "USED", "LIMIT"):
             table.add_column(col, no_wrap=True)

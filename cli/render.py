@@ -6,17 +6,19 @@ import json
 import re
 import sys
 from datetime import datetime
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import click
-from rich.console import Console
-from rich.table import Table
-from rich.text import Text
 
 from cloudai.errors import ExitCode
 from cloudai.logevents import LogEnd
 from cloudai.models import Task, TaskStatus, format_bytes, utcnow
 from cloudai.workerview import WorkerView
+
+if TYPE_CHECKING:  # rich costs ~60 ms to import: only the commands that print tables load it
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
 
 S = TaskStatus
 STATUS_STYLE = {
@@ -52,6 +54,8 @@ def visible(value: object, keep_lines: bool = False) -> str:
 def cell(value: object, style: str = "") -> Text:
     """A table cell that shows ``value`` exactly: never parsed as rich markup (``[/]`` stays ``[/]``), with
     control characters made visible."""
+    from rich.text import Text
+
     return Text(visible(value), style=style)
 
 
@@ -151,6 +155,8 @@ def final_block(end: LogEnd, color: bool) -> str:
 
 
 def task_table(tasks: list[Task]) -> Table:
+    from rich.table import Table
+
     table = Table(box=None, header_style="bold")
     for col in ("TASK", "USER", "STATUS", "WORKER", "IMAGE", "COMMAND", "LIMITS", "CREATED", "EXIT", "NOTE"):
         table.add_column(col, no_wrap=True)
@@ -180,6 +186,8 @@ def _one_line(text: str, width: int) -> str:
 
 
 def worker_table(views: list[WorkerView]) -> Table:
+    from rich.table import Table
+
     table = Table(box=None, header_style="bold")
     for col in ("WORKER", "STATE", "CPUS", "MEMORY", "GPUS", "TASKS", "HEARTBEAT", "LABELS"):
         table.add_column(col, no_wrap=True)
@@ -200,5 +208,7 @@ def worker_json(views: list[WorkerView]) -> str:
 
 
 def console() -> Console:
+    from rich.console import Console
+
     # a pipe gets whole rows (for grep), a terminal gets rows fitted to its width
     return Console(highlight=False, width=None if sys.stdout.isatty() else 250)

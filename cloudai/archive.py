@@ -88,6 +88,25 @@ class Archiver:
             elif len(self._buf) >= CHUNK_LINES:
                 self._wake.set()
 
+    def add_lines(self, first: int, lines: list[tuple[str, str]]) -> None:
+        """Lines ``first``, ``first + 1``, ... as ``(text, ts)`` (one lock and one check for the lot)."""
+        if not lines:
+            return
+        with self._lock:
+            contiguous = not self._buf or first == self._first + len(self._buf)
+            if self.gap_from is not None or not contiguous or len(self._buf) + len(lines) >= MAX_BUFFER:
+                fallback = True
+            else:
+                fallback = False
+                if not self._buf:
+                    self._first = first
+                self._buf += [archive_line(text, ts) for text, ts in lines]
+                if len(self._buf) >= CHUNK_LINES:
+                    self._wake.set()
+        if fallback:  # the first line, a gap or an overflow: the line-by-line rules decide
+            for n, (text, ts) in enumerate(lines):
+                self.add(first + n, text, ts)
+
     def add_many(self, lines: Iterable[tuple[int, str, str]]) -> None:
         for seq, text, ts in lines:
             self.add(seq, text, ts)

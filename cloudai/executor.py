@@ -10,7 +10,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 S = TaskStatus
 T = TypeVar("T")
 STORE_RETRY_S = 600.0  # how long a finished task's outcome waits for a store that is down
+READER_QUEUE = 8  # lists of lines (one read each, <= 64 KiB of output) between the reader and the pump
 CHECK_EVERY_S = 0.25  # how often cancel, timeout and the fence are checked while a container runs
 
 
@@ -245,6 +246,7 @@ class Executor:
             if self.redis.exists(keys.cancel_flag(task_id)):
                 return self._finish(task, container_id, Outcome(S.CANCELLED, None, "cancelled before start"),
                                     archiver).value
+            live = self._attach(container_id)
             self.runtime.start(container_id)
             self.store.update_task(task_id, S.RUNNING, execution=execution, started_at=utcnow())
         except AttemptFenced as exc:
@@ -257,7 +259,16 @@ class Executor:
             log.exception("task %s could not start", task_id)
             outcome = Outcome(S.FAILED, None, f"worker error: {exc}", False, "WorkerError")
             return self._finish(task, container_id, outcome, archiver).value
-        return self._supervise(task, container_id, writer, archiver)
+        return self._supervise(task, container_id, writer, archiver, live)
+
+    def _attach(self, container_id: str) -> Iterator[list[bytes]] | None:
+        """The container's output stream, opened before its start (None: supervision reads Docker's log)."""
+        try:
+            return self.runtime.attach_chunks(container_id)
+        except Exception as exc:
+            log.warning("container %s: attach failed (%s); reading its output from Docker's log",
+                        container_id[:12], exc)
+            return None
 
     def _check_image_allowed(self, task: Task) -> None:
         """This worker's own allow-list wins over whatever the submitting side allowed."""
@@ -300,19 +311,24 @@ class Executor:
             read_only=task.read_only,
         )
 
-    def _supervise(self, task: Task, container_id: str, writer: LogWriter, archiver: Archiver) -> str:
+    def _supervise(self, task: Task, container_id: str, writer: LogWriter, archiver: Archiver,
+                   live: Iterator[list[bytes]] | None = None) -> str:
         """Pump log lines until the container ends, enforcing timeout and cancel whatever fails (a broken log
         reader is restarted, a failed stop is retried, then killed); then finish. Returns the final status, or
         ``detached`` (shutdown), ``fenced`` (this worker stopped it on its own) or ``stale``."""
         try:
-            return self._pump(task, container_id, writer, archiver)
+            return self._pump(task, container_id, writer, archiver, live)
         finally:
             archiver.close()
 
-    def _pump(self, task: Task, container_id: str, writer: LogWriter, archiver: Archiver) -> str:
-        lines: queue.Queue[Any] = queue.Queue(maxsize=20000)
+    def _pump(self, task: Task, container_id: str, writer: LogWriter, archiver: Archiver,
+              live: Iterator[list[bytes]] | None = None) -> str:
+        lines: queue.Queue[Any] = queue.Queue(maxsize=READER_QUEUE)
         consumed = writer.published - task.log_base  # container lines already in the log
-        reader = start_reader(self.runtime, task.task_id, container_id, consumed, lines)
+        # the attach stream carries all output when it ends (not breaks) with the container; then Docker's
+        # log is never read. Any other way (a re-attach, a broken stream) catches up from Docker's log at exit
+        attached_whole = threading.Event() if live is not None else None
+        reader = start_reader(self.runtime, task.task_id, container_id, consumed, lines, live, attached_whole)
         started = task.started_at or utcnow()
         deadline = started.timestamp() + task.timeout_s if task.timeout_s else None
         stop_reason: Outcome | None = None
@@ -328,12 +344,9 @@ class Executor:
             if self.fence is not None and self.fence.expired():
                 return self._self_fence(task, container_id)
             if writer.backlog < MAX_BACKLOG and not reader_done:
-                for seq_text_ts in drain(lines, writer):
-                    if seq_text_ts is None:
-                        reader_done = True
-                        break
-                    archiver.add(*seq_text_ts)
-                    consumed += 1
+                first, moved, reader_done = drain(lines, writer)
+                archiver.add_lines(first, moved)
+                consumed += len(moved)
             else:
                 time.sleep(BATCH_WAIT)  # back-pressure: the reader blocks, Docker keeps the output
             now = time.monotonic()
@@ -360,10 +373,12 @@ class Executor:
             if reader_done:
                 state = self.runtime.state(container_id)
                 if state == "running":  # the log stream broke, not the container: read on from where it broke
+                    attached_whole = None
                     reader_done = False
                     time.sleep(0.2)
                     reader = start_reader(self.runtime, task.task_id, container_id, consumed, lines)
                 elif state == "unknown":
+                    attached_whole = None
                     engine_trouble = True
                     reader_done = False
                     time.sleep(1.0)
@@ -383,7 +398,8 @@ class Executor:
         # a follow stream can miss the last lines at exit: publish and archive what Docker's complete log has
         # beyond them, streamed (memory flat in the log's length)
         try:
-            self._catch_up(task, container_id, consumed, writer, archiver)
+            if attached_whole is None or not attached_whole.is_set():
+                self._catch_up(task, container_id, consumed, writer, archiver)
         except AttemptFenced as exc:
             return self._stale(task, container_id, str(exc))
         except Exception:

@@ -4,7 +4,8 @@ Knows nothing of Celery or the store."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,6 +170,26 @@ class DockerRuntime:
             self.api._disable_socket_timeout(self.api._get_raw_response_socket(response))
         return _demultiplex(response)
 
+    def attach_frames(self, container_id: str) -> Iterator[bytes | None]:
+        """The container's output as it is written (``docker run``'s attach), opened before :meth:`start` so
+        nothing is missed; frames in :meth:`stream_frames`' form, stamped with the time they arrived here.
+
+        Docker's log API re-reads the json-file log (~20 us a line in dockerd, and a follow stream may end
+        before the last lines at exit); the attach stream comes straight from the container's pipes and ends
+        once all of its output has been copied, so a task's output is read once. The stream ends (EOF) when
+        the container exits; an exception means it broke and supervision reads on from Docker's log."""
+        params = {"stdout": 1, "stderr": 1, "stream": 1, "logs": 0}
+        response = self.api._post(self.api._url("/containers/{0}/attach", container_id),
+                                  headers={"Connection": "Upgrade", "Upgrade": "tcp"}, params=params, stream=True)
+        sock = self.api._get_raw_response_socket(response)
+        self.api._disable_socket_timeout(sock)
+        return _demultiplex_reads(sock.read, response.close, stamp=True)
+
+    def attach_chunks(self, container_id: str) -> Iterator[list[bytes]]:
+        """:meth:`attach_frames`, a list of frames per socket read (what arrived together is handed on
+        together: no waiting, and one hand-over per read rather than per line)."""
+        return _chunked(self.attach_frames(container_id))
+
     def wait(self, container_id: str, timeout: float = 30.0) -> int | None:
         """The exit code once the container has stopped; None when it is gone. Waits at most ``timeout``
         (raises :class:`EngineError` when the engine does not answer in time or at all)."""
@@ -241,26 +262,54 @@ class DockerRuntime:
 
 
 def _demultiplex(response: Any) -> Iterator[bytes]:
+    """Payloads of Docker's multiplexed log stream (see :func:`_demultiplex_reads`)."""
+    return (f for f in _demultiplex_reads(response.raw.read1, response.close) if f is not None)
+
+
+def _chunked(frames: Iterator[bytes | None]) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    for frame in frames:
+        if frame is not None:
+            chunk.append(frame)
+        elif chunk:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def docker_timestamp(ns: int) -> str:
+    """``time.time_ns()`` as Docker writes log timestamps (RFC 3339, nanoseconds, UTC)."""
+    seconds, frac = divmod(ns, 1_000_000_000)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{frac:09d}Z"
+
+
+def _demultiplex_reads(read: Callable[[int], bytes | None], close: Callable[[], Any],
+                       stamp: bool = False) -> Iterator[bytes | None]:
     """Payloads of Docker's multiplexed stream: frames of an 8-byte header (stream, 0, 0, 0, size as a big-endian
-    uint32) and ``size`` bytes."""
+    uint32) and ``size`` bytes, read in 64 KiB pieces; None after the frames each read completed. With
+    ``stamp``, each payload gets ``b"<ts> "`` in front (the arrival time of the piece it completed in), as the
+    log API's ``timestamps=1`` frames have."""
     buf = bytearray()
     try:
         while True:
-            chunk = response.raw.read1(65536)
+            chunk = read(65536)
             if not chunk:
                 return
             buf += chunk
+            prefix = (docker_timestamp(time.time_ns()) + " ").encode() if stamp else b""
             pos = 0
             while len(buf) - pos >= 8:
                 size = int.from_bytes(buf[pos + 4 : pos + 8], "big")
                 if len(buf) - pos - 8 < size:
                     break
                 if size:
-                    yield bytes(buf[pos + 8 : pos + 8 + size])
+                    yield prefix + bytes(buf[pos + 8 : pos + 8 + size])
                 pos += 8 + size
             del buf[:pos]
+            yield None
     finally:
-        response.close()
+        close()
 
 
 def _split_tag(image: str) -> tuple[str, str]:

@@ -8,10 +8,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from cloudai.logs import LogWriter, split_frames
+from cloudai.logs import LogWriter, split_chunks
 from cloudai.runtime import DockerRuntime, EngineError
 
 log = logging.getLogger(__name__)
@@ -22,16 +22,24 @@ MAX_BACKLOG = 50_000  # lines held while Redis is unreachable before the reader 
 ENGINE_WAIT_S = 300.0  # how long supervision waits for a Docker engine that does not answer
 
 
-def start_reader(runtime: DockerRuntime, name: str, container_id: str, skip: int,
-                 out: queue.Queue[Any]) -> threading.Thread:
-    """Docker's log of the container, split into lines, from line ``skip + 1``, put on ``out`` until the stream
-    ends or breaks (then :data:`DONE`); supervision decides whether to read on."""
+def start_reader(runtime: DockerRuntime, name: str, container_id: str, skip: int, out: queue.Queue[Any],
+                 chunks: Iterator[list[bytes]] | None = None,
+                 complete: threading.Event | None = None) -> threading.Thread:
+    """The container's output split into lines, from line ``skip + 1``, put on ``out`` in lists (the lines one
+    read brought) until the stream ends or breaks (then :data:`DONE`); supervision decides whether to read on.
+    The output comes from ``chunks`` (the attach stream opened before the start) when given, else from
+    Docker's log. ``complete`` is set when the stream ended rather than broke."""
 
     def read() -> None:
         try:
-            for n, (text, ts) in enumerate(split_frames(runtime.stream_frames(container_id)), 1):
-                if n > skip:
-                    out.put((text, ts))
+            source = chunks if chunks is not None else ([f] for f in runtime.stream_frames(container_id))
+            seen = 0
+            for lines in split_chunks(source):
+                seen += len(lines)
+                if seen > skip:
+                    out.put(lines[max(0, len(lines) - (seen - skip)):])
+            if complete is not None:
+                complete.set()
         except Exception as exc:
             log.warning("log stream of %s broke: %s", container_id[:12], exc)
         finally:
@@ -85,23 +93,23 @@ def quietly(fn: Callable[..., Any], *args: Any) -> None:
         log.exception("%s failed", getattr(fn, "__name__", fn))
 
 
-def drain(lines: queue.Queue[Any], writer: LogWriter) -> list[tuple[int, str, str] | None]:
-    """Move what the reader has into the writer, waiting at most one batch interval for the first line.
-    Returns ``(seq, text, ts)`` of each line moved, and None last once the reader is done."""
-    moved: list[tuple[int, str, str] | None] = []
+def drain(lines: queue.Queue[Any], writer: LogWriter) -> tuple[int, list[tuple[str, str]], bool]:
+    """Move what the reader has into the writer, waiting at most one batch interval for the first lines.
+    Returns the seq of the first line moved, the ``(text, ts)`` of each, and whether the reader is done."""
+    first = writer.next_seq
+    moved: list[tuple[str, str]] = []
     try:
         item = lines.get(timeout=BATCH_WAIT)
     except queue.Empty:
-        return moved
+        return first, moved, False
     while True:
         if item is DONE:
-            moved.append(None)
-            return moved
-        moved.append((writer.next_seq, *item))
-        writer.add(*item)
+            return first, moved, True
+        moved += item
+        writer.add_many(item)
         if writer.backlog >= MAX_BACKLOG:
-            return moved
+            return first, moved, False
         try:
             item = lines.get_nowait()
         except queue.Empty:
-            return moved
+            return first, moved, False

@@ -113,6 +113,33 @@ def test_non_zero_exit_fails_with_that_code_and_log_is_archived(settings: Settin
     assert DockerRuntime().find(task_id=task.task_id) == []  # removed after archiving
 
 
+class _CountingLogs(DockerRuntime):
+    """The real engine, counting reads of Docker's log API."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log_reads = 0
+
+    def stream_frames(self, container_id: str, follow: bool = True):  # type: ignore[no-untyped-def]
+        self.log_reads += 1
+        return super().stream_frames(container_id, follow)
+
+
+def test_output_is_read_once_from_the_attach_stream_complete_and_in_order(
+    settings: Settings, store: SQLiteStore
+) -> None:
+    """The container's output comes through the attach stream opened before its start: every line, in order,
+    published and archived, and Docker's log is not read a second time (it once was, in full, after exit)."""
+    runtime = _CountingLogs()
+    task = queued_task(store, settings.worker_id, "seq 1 20000; echo last-without-newline | tr -d '\\n'")
+    assert executor(settings, store, runtime).run(message(task)) == "completed"
+    lines, end = _lines(CloudAI(settings), task.task_id)
+    assert lines == [str(n) for n in range(1, 20001)] + ["last-without-newline"] and end.status == "completed"
+    archived = store.read_log(task.task_id) or []
+    assert [ln.split(" ", 1)[1] for ln in archived] == lines
+    assert runtime.log_reads == 0
+
+
 def test_timeout_stops_the_container(settings: Settings, store: SQLiteStore) -> None:
     task = queued_task(store, settings.worker_id, "echo tick; sleep 60", timeout_s=1.0)
     started = time.monotonic()
@@ -241,7 +268,10 @@ def test_pull_always_fails_rather_than_run_a_stale_local_image(settings: Setting
 
 
 class _BrokenLogs(DockerRuntime):
-    """The real engine, with the live log stream failing every time (an injected reader-thread failure)."""
+    """The real engine, with the live output streams failing every time (an injected reader-thread failure)."""
+
+    def attach_frames(self, container_id: str):  # type: ignore[no-untyped-def]
+        raise ConnectionError("injected: attach failure")
 
     def stream_frames(self, container_id: str, follow: bool = True):  # type: ignore[no-untyped-def]
         if follow:

@@ -47,3 +47,51 @@ def test_archive_line_round_trip() -> None:
     assert parse_archive_line(archive_line("hello world", "2026-01-01T00:00:00Z")) == (
         "2026-01-01T00:00:00Z", "hello world")
     assert parse_archive_line(archive_line("x", "")) == ("", "x")
+
+
+def test_chunks_give_the_lines_frames_give_whatever_the_grouping() -> None:
+    from cloudai.logs import split_chunks
+
+    frames = [b"t1 a\nb", b"t2 c\n", b"t3 ", b"t4 d\r\ne\n", b"t5 " + b"x" * (MAX_LINE_BYTES + 3), b"t6 tail"]
+    whole = list(split_frames(frames))
+    for size in (1, 2, 3, len(frames)):
+        chunks = [frames[i : i + size] for i in range(0, len(frames), size)]
+        assert [line for batch in split_chunks(chunks) for line in batch] == whole
+    assert all(list(split_chunks([[b"t1 no newline yet"], [b"t2 ..."]]))[:1])  # no empty batch handed on
+
+
+def test_attach_stream_frames_are_reassembled_across_reads_and_stamped() -> None:
+    from cloudai.runtime import _chunked, _demultiplex_reads
+
+    def frame(payload: bytes) -> bytes:
+        return bytes([1, 0, 0, 0]) + len(payload).to_bytes(4, "big") + payload
+
+    wire = frame(b"one\n") + frame(b"two\nthr") + frame(b"ee\n")
+    reads = [wire[:5], wire[5:17], wire[17:], b""]
+    closed: list[bool] = []
+    chunks = list(_chunked(_demultiplex_reads(lambda _n: reads.pop(0), lambda: closed.append(True), stamp=True)))
+    payloads = [f.partition(b" ")[2] for chunk in chunks for f in chunk]
+    assert payloads == [b"one\n", b"two\nthr", b"ee\n"] and closed == [True]
+    stamp = chunks[0][0].partition(b" ")[0].decode()
+    assert len(stamp) == 30 and stamp.endswith("Z") and stamp[10] == "T"  # Docker's RFC 3339 with nanoseconds
+
+
+def test_long_lines_are_cut_the_same_whatever_the_frames() -> None:
+    from cloudai.logs import split_chunks
+
+    text = ("é" * (MAX_LINE_BYTES // 2 + 10)).encode() + b"x" * (MAX_LINE_BYTES * 2) + b"\nshort\n"
+    whole = [t for t, _ in split_frames([b"t " + text])]
+    small = [t for t, _ in split_frames([b"t " + text[i : i + 16384] for i in range(0, len(text), 16384)])]
+    odd = [t for batch in split_chunks([[b"t " + text[i : i + 7000]] for i in range(0, len(text), 7000)])
+           for t, _ in batch]
+    assert whole == small == odd and whole[-1] == "short"
+    assert all(len(t.encode()) <= MAX_LINE_BYTES for t in whole) and "".join(whole[:-1]).encode() == text[:-7]
+
+
+def test_a_read_of_many_lines_splits_as_line_by_line_would() -> None:
+    from cloudai.logs import split_chunks
+
+    text = b"a\nbad \xc3\n\xa9 tail\n\xe2\x82\nlast \xf0\x9f\x98\x80\n" * 50 + b"partial"
+    per_line = [t for t, _ in split_frames([b"t " + line + b"\n" for line in text.split(b"\n")[:-1]])]
+    at_once = [t for batch in split_chunks([[b"t " + text]]) for t, _ in batch]
+    assert at_once == per_line + ["partial"]
