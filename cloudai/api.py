@@ -17,7 +17,9 @@ from cloudai.errors import (
     ValidationError,
     WorkerNotFound,
 )
-from cloudai.logs import LogBus, LogEnd, LogEvent, follow_batches
+from cloudai.logevents import LogEnd, LogEvent
+from cloudai.logfollow import follow_batches
+from cloudai.logs import LogBus
 from cloudai.models import (
     LIVE,
     GiB,
@@ -204,7 +206,7 @@ class CloudAI:
     def follow_batches(self, task_id: str, after_seq: int = 0, follow: bool = True,
                        on_reconnect: Callable[[Exception], None] | None = None,
                        reconnect_for_s: float = 60.0) -> Iterator[list[LogEvent]]:
-        """The task's log from line ``after_seq + 1`` in batches (see :func:`cloudai.logs.follow_batches`)."""
+        """The task's log from line ``after_seq + 1`` in batches (see :func:`cloudai.logfollow.follow_batches`)."""
         self.get(task_id)  # an unknown task is an error before anything is read
         return follow_batches(self.bus, task_id, lambda: self.end_of(task_id), lambda: self.store.read_log(task_id),
                               after_seq, follow, on_reconnect, reconnect_for_s)

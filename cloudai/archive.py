@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterable
 
 from cloudai.errors import AttemptFenced, StoreUnavailable
-from cloudai.logs import archive_line
+from cloudai.lines import archive_line
 from cloudai.store import TaskStore
 
 log = logging.getLogger(__name__)

@@ -29,8 +29,9 @@ from cloudai.errors import (
 from cloudai.fencing import Fence
 from cloudai.gpus import GpuLeases, holder, parse_holder
 from cloudai.limits import capabilities, image_allowed
+from cloudai.lines import split_frames
 from cloudai.logevents import ATTEMPT_MARKER
-from cloudai.logs import LogBus, LogWriter, split_frames
+from cloudai.logs import LogBus, LogWriter
 from cloudai.message import MessageError, RunMessage
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
 from cloudai.reservations import Reservations

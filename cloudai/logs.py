@@ -8,9 +8,7 @@ end marker (``end``, ``status``, ``exit_code``, ``reason``) with id ``<last seq 
 ``XREAD BLOCK`` from the last entry they saw, so history and live tail join with no gap and no duplicate, and a
 dropped connection resumes where it stopped. History is bounded by MINID trimming to about ``maxlen`` lines.
 
-Lines: Docker's output is split on ``\\n``; a line longer than :data:`MAX_LINE_BYTES` is split into chunks of
-that size, each delivered as its own line; ``\\r`` progress updates (tqdm) collapse to the last state of the
-line; invalid UTF-8 becomes U+FFFD. Archived lines are ``"<RFC 3339 timestamp> <text>"``.
+How output becomes lines: :mod:`cloudai.lines`; following a log (CLI and master): :mod:`cloudai.logfollow`.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -28,8 +26,6 @@ from cloudai.errors import AttemptFenced, RedisUnavailable
 from cloudai.logevents import LogEnd, LogEvent, LogLine
 
 log = logging.getLogger(__name__)
-
-MAX_LINE_BYTES = 64 * 1024
 
 # Fenced writes. KEYS: the stream, the task's execution key. ARGV[1]: the writer's execution id ('' for a
 # controller's authoritative write). Replies: n >= 0 written, -1 another attempt is current, -2 no attempt is
@@ -106,116 +102,6 @@ return 1
 
 BATCH_LINES = 500
 BATCH_SECONDS = 0.05
-
-
-class LineSplitter:
-    """Turns Docker log frames into lines, deterministically (a re-attaching worker re-splits the same
-    frames into the same lines and skips the ones already published)."""
-
-    def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
-        self.max_line = max_line
-        self._buf = bytearray()
-        self._ts = ""
-
-    def feed(self, payload: bytes, ts: str = "") -> list[tuple[str, str]]:
-        if not self._buf and payload.find(b"\n") == len(payload) - 1 and len(payload) <= self.max_line:
-            return [(_text(payload[:-1]), ts)]  # the common case: one Docker frame, one whole line
-        if not self._buf:
-            self._ts = ts
-        buf = self._buf
-        buf += payload
-        out: list[tuple[str, str]] = []
-        start = 0  # lines are taken by offset and the buffer trimmed once: a 64 KiB read holds thousands
-        last = buf.rfind(b"\n")
-        if last > 0 and b"\r" not in buf:
-            # many whole lines, none rewritten with \r: split and decode them at C speed when none is too long
-            # (a newline byte is never part of a UTF-8 sequence, so decoding the lot equals line by line)
-            region = bytes(buf[: last + 1])
-            if max(map(len, region.split(b"\n"))) <= self.max_line:
-                texts = region.decode("utf-8", errors="replace").split("\n")
-                texts.pop()
-                out.append((texts[0], self._ts))
-                out += [(text, ts) for text in texts[1:]]
-                start = last + 1
-                self._ts = ts
-        while True:
-            end = buf.find(b"\n", start)
-            if end < 0:
-                break
-            while end - start > self.max_line:  # however the output was cut into frames, the same pieces
-                cut = _utf8_boundary(buf, self.max_line, start)
-                out.append((_text(bytes(buf[start:cut])), self._ts))
-                start = cut
-                self._ts = ts
-            out.append((_text(bytes(buf[start:end])), self._ts))
-            start = end + 1
-            self._ts = ts
-        while len(buf) - start > self.max_line:  # ">": the byte at the cut must exist to check it
-            cut = _utf8_boundary(buf, self.max_line, start)
-            out.append((_text(bytes(buf[start:cut])), self._ts))
-            start = cut
-            self._ts = ts
-        del buf[:start]
-        return out
-
-    def close(self) -> list[tuple[str, str]]:
-        """The last line, when the output did not end with a newline."""
-        if not self._buf:
-            return []
-        rest = (_text(bytes(self._buf)), self._ts)
-        self._buf.clear()
-        return [rest]
-
-
-def _utf8_boundary(buf: bytearray, limit: int, start: int = 0) -> int:
-    """Where to cut ``limit`` bytes after ``start`` without splitting a UTF-8 character."""
-    cut = start + limit
-    while cut > start + limit - 4 and cut > start and (buf[cut] & 0xC0) == 0x80:
-        cut -= 1
-    return cut if cut > start else start + limit
-
-
-def _text(raw: bytes) -> str:
-    if b"\r" in raw:
-        # what a terminal would show: the last non-empty state of a \r-updated line
-        parts = [p for p in raw.split(b"\r") if p]
-        raw = parts[-1] if parts else b""
-    return raw.decode("utf-8", errors="replace")
-
-
-def split_frames(frames: Iterable[bytes]) -> Iterator[tuple[str, str]]:
-    """Lines from Docker log frames fetched with ``timestamps=True`` (``b"<ts> <payload>"`` each)."""
-    splitter = LineSplitter()
-    for frame in frames:
-        ts, _, payload = frame.partition(b" ")
-        yield from splitter.feed(payload, ts.decode("ascii", "replace"))
-    yield from splitter.close()
-
-
-def split_chunks(chunks: Iterable[list[bytes]]) -> Iterator[list[tuple[str, str]]]:
-    """:func:`split_frames` a list of frames at a time: the lines each list completes (lists without a whole
-    line give nothing), then the unterminated rest."""
-    splitter = LineSplitter()
-    for chunk in chunks:
-        lines: list[tuple[str, str]] = []
-        for frame in chunk:
-            ts, _, payload = frame.partition(b" ")
-            lines += splitter.feed(payload, ts.decode("ascii", "replace"))
-        if lines:
-            yield lines
-    rest = splitter.close()
-    if rest:
-        yield rest
-
-
-def archive_line(text: str, ts: str) -> str:
-    return f"{ts or '-'} {text}"
-
-
-def parse_archive_line(line: str) -> tuple[str, str]:
-    """``(ts, text)`` from an archived line."""
-    ts, _, text = line.partition(" ")
-    return ("" if ts == "-" else ts), text
 
 
 def _entry_id(seq: int) -> str:
@@ -489,144 +375,3 @@ class LogWriter:
                     raise RedisUnavailable(self.bus.url, f"could not write log lines of task {self.task_id}") from exc
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
-
-
-BLOCK_MS = 1000  # one XREAD BLOCK; a follower looks at its viewer (a key press, a closed connection) this often
-IDLE_CHECK_S = 2.0  # with nothing new for this long, ask the store whether the task ended without a marker
-
-FollowStep = tuple[str, Any]
-
-
-class LogFollow:
-    """The log-following state machine, without I/O (sans-IO): seq and cursor, idle and reconnect timers, and
-    what to ask Redis or the store next. :meth:`steps` is a generator of ``(kind, argument)`` requests:
-
-    - ``("cursor", seq)`` -> send :meth:`LogBus.cursor`; ``("read", (cursor, seq, block_ms))`` -> send the
-      ``(events, cursor)`` of :meth:`LogBus.read`; a :class:`RedisUnavailable` from either is thrown in instead;
-    - ``("end_of_task", None)`` -> the store's end marker or None; ``("exists", None)`` -> whether the stream
-      exists; ``("last_entry", None)`` -> :meth:`LogBus.last_entry`; ``("archive", None)`` -> the archived log;
-    - ``("wait", (exc, seconds))``: Redis is unreachable, sleep and tell the viewer; ``("emit", batch)``: hand
-      this batch of events to the viewer (an empty one while following: nothing arrived during one block).
-
-    :func:`follow_batches` drives it with blocking calls (the CLI); the master drives the same steps with
-    asyncio (``cloudai.server.logstream``), so both follow a log the same way."""
-
-    def __init__(self, after_seq: int = 0, follow: bool = True, reconnect_for_s: float = 60.0) -> None:
-        self.start_seq = after_seq
-        self.seq = after_seq  # the last line handed over
-        self.cursor: str | None = None  # the last stream entry read
-        self.follow = follow
-        self.reconnect_for_s = reconnect_for_s
-        self.ended = False
-
-    def take(self, events: list[LogEvent]) -> list[LogEvent]:
-        """The batch a read's events make: lines after ``seq`` in order (a note where trimming left a gap),
-        and the end marker last. The one place where events read from the stream are interpreted."""
-        if (events and isinstance(events[0], LogLine) and isinstance(events[-1], LogLine)
-                and events[0].seq == self.seq + 1 and events[-1].seq == self.seq + len(events)):
-            self.seq = events[-1].seq  # the common case: lines that follow on with no gap and no end marker
-            return list(events)
-        batch: list[LogEvent] = []
-        for event in events:
-            if isinstance(event, LogEnd):
-                batch.append(event)
-                self.ended = True
-                return batch
-            if event.seq <= self.seq:
-                continue
-            if event.seq > self.seq + 1:  # trimmed from the stream's history before we read it
-                batch.append(LogLine(self.seq + 1, f"[cloudai] {event.seq - self.seq - 1} earlier lines were "
-                                     "trimmed from the live log; `cloudai logs` shows them once the task ends"))
-            self.seq = event.seq
-            batch.append(event)
-        return batch
-
-    def steps(self) -> Generator[FollowStep, Any, None]:
-        """The requests, in order (see the class docstring)."""
-        idle_since = time.monotonic()
-        broken_since: float | None = None
-        while True:
-            try:
-                if self.cursor is None:
-                    self.cursor = yield ("cursor", self.seq)
-                events, self.cursor = yield ("read", (self.cursor, self.seq, BLOCK_MS if self.follow else None))
-                broken_since = None
-            except RedisUnavailable as exc:
-                now = time.monotonic()
-                broken_since = broken_since or now
-                if now - broken_since > self.reconnect_for_s:
-                    raise
-                yield ("wait", (exc, min(1.0, self.reconnect_for_s / 10)))
-                continue
-            batch = self.take(events)
-            if batch or self.follow:
-                yield ("emit", batch)  # an empty batch lets a viewer check for a key press while nothing arrives
-            if self.ended:
-                return
-            if events:
-                idle_since = time.monotonic()
-                continue
-            # nothing new: the stream may be gone (expired after the end) or the task may have ended without
-            # a marker (its worker died): the store decides
-            if self.follow and time.monotonic() - idle_since < IDLE_CHECK_S:
-                continue
-            idle_since = time.monotonic()
-            end: LogEnd | None = yield ("end_of_task", None)
-            if end is None:
-                if not self.follow:
-                    return
-                continue
-            if not (yield ("exists", None)):
-                archive = (yield ("archive", None)) if self.seq == self.start_seq else None
-                yield ("emit", [*_archived(archive, self.seq), end])
-                return
-            last_seq, last = yield ("last_entry", None)
-            if last_seq <= self.seq and not isinstance(last, LogEnd):
-                yield ("emit", [end])
-                return
-
-
-def follow_batches(bus: LogBus, task_id: str, end_of_task: Callable[[], LogEnd | None],
-                   read_archive: Callable[[], list[str] | None], after_seq: int = 0, follow: bool = True,
-                   on_reconnect: Callable[[Exception], None] | None = None,
-                   reconnect_for_s: float = 60.0) -> Iterator[list[LogEvent]]:
-    """A task's log from line ``after_seq + 1`` in batches as Redis hands them over: history, then (with
-    ``follow``) live lines until the end marker, which comes last. No gap, no duplicate; a dropped Redis
-    connection is retried for ``reconnect_for_s`` and resumes after the last line seen. Once the stream has
-    expired, the archive. ``end_of_task`` asks the store whether the task has finished (the end marker it would
-    have, or None); ``read_archive`` reads its archived log. Drives :class:`LogFollow` with blocking calls."""
-    io: dict[str, Callable[[Any], Any]] = {
-        "cursor": lambda seq: bus.cursor(task_id, seq),
-        "read": lambda a: bus.read(task_id, a[0], a[1], block_ms=a[2]),
-        "end_of_task": lambda _: end_of_task(),
-        "exists": lambda _: bus.exists(task_id),
-        "last_entry": lambda _: bus.last_entry(task_id),
-        "archive": lambda _: read_archive(),
-    }
-    plan = LogFollow(after_seq, follow, reconnect_for_s).steps()
-    reply: Any = None
-    error: RedisUnavailable | None = None
-    while True:
-        try:
-            kind, arg = plan.throw(error) if error is not None else plan.send(reply)
-        except StopIteration:
-            return
-        reply, error = None, None
-        if kind == "emit":
-            yield arg
-        elif kind == "wait":
-            if on_reconnect is not None:
-                on_reconnect(arg[0])
-            time.sleep(arg[1])
-        else:
-            try:
-                reply = io[kind](arg)
-            except RedisUnavailable as exc:
-                error = exc
-
-
-def _archived(lines: list[str] | None, after_seq: int) -> Iterator[LogLine]:
-    for n, line in enumerate(lines or [], start=1):
-        if n > after_seq:
-            ts, text = parse_archive_line(line)
-            yield LogLine(n, text, ts)

@@ -11,7 +11,8 @@ import redis
 
 from cloudai import keys
 from cloudai.clock import redis_now, with_redis_heartbeats
-from cloudai.logs import LogBus, archive_line
+from cloudai.lines import archive_line
+from cloudai.logs import LogBus
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, WorkerState, new_execution_id, utcnow
 from cloudai.reservations import Reservations
 from cloudai.scheduler import Scheduler

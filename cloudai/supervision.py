@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cloudai.logs import LogWriter, split_chunks
+from cloudai.lines import split_chunks
+from cloudai.logs import LogWriter
 from cloudai.runtime import DockerRuntime, EngineError
 
 log = logging.getLogger(__name__)

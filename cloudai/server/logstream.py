@@ -5,7 +5,7 @@ line; a keep-alive comment while nothing arrives; last ``event: end`` with JSON 
 (or, when the log can't be read any more, ``event: error`` with ``{type, message, exit_code}``). A client
 resumes after ``Last-Event-ID`` (or ``?after=SEQ``) with no gap and no duplicate.
 
-Following is :class:`cloudai.logs.LogFollow` (the CLI's state machine) driven with asyncio: ``XREAD BLOCK``
+Following is :class:`cloudai.logfollow.LogFollow` (the CLI's state machine) driven with asyncio: ``XREAD BLOCK``
 through ``redis.asyncio``, so an idle follower holds a Redis connection and a coroutine, never a thread. Only
 the rare store questions (did the task end? its archive) go to the thread pool."""
 
@@ -25,16 +25,9 @@ from starlette.concurrency import run_in_threadpool
 
 from cloudai import keys
 from cloudai.errors import CloudAIError, RedisUnavailable, ValidationError
-from cloudai.logs import (
-    LogEnd,
-    LogEvent,
-    LogFollow,
-    LogLine,
-    cursor_before,
-    cursor_query,
-    parse_last_entry,
-    parse_read,
-)
+from cloudai.logevents import LogEnd, LogEvent, LogLine
+from cloudai.logfollow import LogFollow
+from cloudai.logs import cursor_before, cursor_query, parse_last_entry, parse_read
 from cloudai.server.auth import Caller, cloud
 from cloudai.server.routes import owned_task
 
@@ -86,7 +79,7 @@ class AsyncLogBus:
 async def follow_batches(bus: AsyncLogBus, task_id: str, end_of_task: Callable[[], LogEnd | None],
                          read_archive: Callable[[], list[str] | None], after_seq: int = 0, follow: bool = True,
                          reconnect_for_s: float = 60.0) -> AsyncIterator[list[LogEvent]]:
-    """:func:`cloudai.logs.follow_batches` with asyncio; the blocking store calls run in the thread pool. While
+    """:func:`cloudai.logfollow.follow_batches` with asyncio; the blocking store calls run in the thread pool. While
     Redis is unreachable it yields empty batches (keep-alives) and retries for ``reconnect_for_s``."""
     plan = LogFollow(after_seq, follow, reconnect_for_s).steps()
     reply: Any = None

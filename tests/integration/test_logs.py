@@ -9,7 +9,9 @@ import pytest
 import redis
 
 from cloudai.api import CloudAI
-from cloudai.logs import MAX_LINE_BYTES, LogBus, LogEnd, LogLine
+from cloudai.lines import MAX_LINE_BYTES
+from cloudai.logevents import LogEnd, LogLine
+from cloudai.logs import LogBus
 from cloudai.models import TaskStatus
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore

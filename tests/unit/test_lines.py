@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from cloudai.logs import MAX_LINE_BYTES, LineSplitter, archive_line, parse_archive_line, split_frames
+from cloudai.lines import MAX_LINE_BYTES, LineSplitter, archive_line, parse_archive_line, split_frames
 
 
 def test_lines_split_across_frames_keep_the_first_timestamp() -> None:
@@ -50,7 +50,7 @@ def test_archive_line_round_trip() -> None:
 
 
 def test_chunks_give_the_lines_frames_give_whatever_the_grouping() -> None:
-    from cloudai.logs import split_chunks
+    from cloudai.lines import split_chunks
 
     frames = [b"t1 a\nb", b"t2 c\n", b"t3 ", b"t4 d\r\ne\n", b"t5 " + b"x" * (MAX_LINE_BYTES + 3), b"t6 tail"]
     whole = list(split_frames(frames))
@@ -77,7 +77,7 @@ def test_attach_stream_frames_are_reassembled_across_reads_and_stamped() -> None
 
 
 def test_long_lines_are_cut_the_same_whatever_the_frames() -> None:
-    from cloudai.logs import split_chunks
+    from cloudai.lines import split_chunks
 
     text = ("é" * (MAX_LINE_BYTES // 2 + 10)).encode() + b"x" * (MAX_LINE_BYTES * 2) + b"\nshort\n"
     whole = [t for t, _ in split_frames([b"t " + text])]
@@ -89,7 +89,7 @@ def test_long_lines_are_cut_the_same_whatever_the_frames() -> None:
 
 
 def test_a_read_of_many_lines_splits_as_line_by_line_would() -> None:
-    from cloudai.logs import split_chunks
+    from cloudai.lines import split_chunks
 
     text = b"a\nbad \xc3\n\xa9 tail\n\xe2\x82\nlast \xf0\x9f\x98\x80\n" * 50 + b"partial"
     per_line = [t for t, _ in split_frames([b"t " + line + b"\n" for line in text.split(b"\n")[:-1]])]

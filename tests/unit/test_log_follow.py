@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from cloudai import logs
+from cloudai import logfollow as logs
 from cloudai.errors import RedisUnavailable
 from cloudai.logevents import LogEnd, LogLine
 
