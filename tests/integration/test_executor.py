@@ -98,7 +98,8 @@ def test_out_of_memory_is_reported_with_the_limit(settings: Settings, store: SQL
     assert (got.status, got.exit_code, got.oom_killed) == (S.FAILED, 137, True)
     assert got.error is not None and got.error.message == "killed: out of memory, limit 32 MiB"
     lines, end = _lines(CloudAI(settings), task.task_id)
-    assert lines == ["start"]
+    # the shell may report its killed pipeline ("Killed") before the kernel kills it too: that is output
+    assert lines[0] == "start" and set(lines[1:]) <= {"Killed"}, lines
     assert (end.status, end.exit_code, end.reason) == ("failed", 137, "killed: out of memory, limit 32 MiB")
 
 
