@@ -303,7 +303,7 @@ class WorkerProcess:
     agent: WorkerAgent
 
 
-def build_worker(settings: Settings, dispatch: Dispatch) -> WorkerProcess:
+def build_worker(settings: Settings, dispatch: Dispatch | None = None) -> WorkerProcess:
     """Wire a worker process: store, log bus, Docker, executor, agent. Placement of pending tasks runs after
     each task ends (its reservation is free then)."""
     from cloudai.maintenance import lose_task

@@ -66,12 +66,7 @@ class CloudAI:
 
     @cached_property
     def scheduler(self) -> Scheduler:
-        dispatch = self._dispatch
-        if dispatch is None:
-            from cloudai.celery_app import Dispatcher
-
-            dispatch = Dispatcher(self.settings.redis_url)
-        return Scheduler(self.settings, self.store, self.redis, dispatch)
+        return Scheduler(self.settings, self.store, self.redis, self._dispatch)
 
     #: a submit checks Redis first (a clear error before anything is recorded) unless it answered this recently:
     #: on a busy master the check was a twentieth of a submit; placement's own errors still say what failed

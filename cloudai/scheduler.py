@@ -19,6 +19,7 @@ from datetime import timedelta
 import redis
 
 from cloudai import keys
+from cloudai.dispatch import Dispatcher
 from cloudai.errors import CloudAIError, PlacementError, RedisUnavailable, ServiceUnavailable, WorkerNotFound
 from cloudai.fairshare import rank
 from cloudai.logs import LogBus
@@ -80,11 +81,13 @@ class Scheduler:
 
     STARVATION_S = 3600.0  # a task waiting longer goes before fair share and priority (oldest first)
 
-    def __init__(self, settings: Settings, store: TaskStore, client: redis.Redis, dispatch: Dispatch) -> None:
+    def __init__(self, settings: Settings, store: TaskStore, client: redis.Redis,
+                 dispatch: Dispatch | None = None) -> None:
         self.settings = settings
         self.store = store
         self.redis = client
-        self.dispatch = dispatch
+        # on the same client: a submit's placement and its message share one connection pool
+        self.dispatch: Dispatch = dispatch if dispatch is not None else Dispatcher(client)
         self.reservations = Reservations(
             client, settings.fairshare_halflife_s,
             live_on=lambda worker_id: store.list_tasks(status=LIVE, worker_id=worker_id, limit=None),

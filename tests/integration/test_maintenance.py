@@ -115,9 +115,7 @@ def test_resources_are_released_at_every_terminal_status(api: CloudAI, store: SQ
 def test_queued_task_whose_message_was_lost_is_sent_again(
     settings: Settings, store: SQLiteStore, redis_client: redis.Redis
 ) -> None:
-    from cloudai.celery_app import Dispatcher
-
-    api = CloudAI(settings, dispatch=Dispatcher(settings.redis_url))  # real messages on the worker's queue
+    api = CloudAI(settings)  # real messages on the worker's queue
     maintenance = Maintenance(settings, api.store, api.bus, api.scheduler)
     register(store, "w")
     kept = api.submit(SubmitRequest(image="busybox", command="true"))
