@@ -9,6 +9,8 @@ so a noisy, shared machine moves both sides alike. Cases:
 - ``many``: 100 trivial tasks submitted with ``xargs -P 8 cloudai submit -q`` and waited for (first submit to
   last completed) vs the same 100 ``docker run --rm`` with ``xargs -P 8``.
 - ``help``: ``cloudai --help``, absolute (no baseline exists).
+- ``floor``: ``python -c 'import click, redis'`` (``httpx`` through the master) against ``docker run --rm``: the
+  interpreter's share, which no change to CloudAI can remove.
 
 The worker must already run (``./scripts/bench`` starts one and passes its id and pid). With
 ``--through-master`` (or ``CLOUDAI_API_URL`` set) the ``cloudai`` commands go through the master with a token,
@@ -154,6 +156,18 @@ def case_many(tasks: int, parallel: int, runs: int) -> Row:
                "each task followed to its end (submit -f), so the time is first submit to last completed")
 
 
+def case_floor(runs: int, remote: bool) -> Row:
+    """What any Python command on the same libraries pays before it does anything: the interpreter starting and
+    importing click and the client library (redis-py in direct mode, httpx through the master). It shows how
+    much of the trivial task's ratio is left to CloudAI's own code."""
+    library = "httpx" if remote else "redis"
+    python = os.path.join(os.path.dirname(cloudai_cmd()[0]), "python")
+    ours, base = alternate(lambda: timed([python, "-c", f"import click, {library}"]),
+                           lambda: timed(docker_cmd("true")), runs)
+    return Row(f"floor: python -c 'import click, {library}' vs docker run --rm true", ours, base,
+               "no CloudAI code runs: the part of a submit's cost that is the interpreter's")
+
+
 def case_help(runs: int) -> Row:
     cli = cloudai_cmd()
     ours, _ = alternate(lambda: timed([*cli, "--help"]), None, runs)
@@ -190,7 +204,7 @@ def main() -> int:
     parser.add_argument("--lines", type=int, default=100_000)
     parser.add_argument("--million", action="store_true", help="also 1,000,000 lines (slow)")
     parser.add_argument("--many", type=int, default=100, help="tasks in the many-small-tasks case (0: skip)")
-    parser.add_argument("--cases", default="help,trivial,lines,many")
+    parser.add_argument("--cases", default="help,floor,trivial,lines,many")
     parser.add_argument("--through-master", action="store_true", help="start a cloudai server and go through it")
     args = parser.parse_args()
     stop = through_master() if args.through_master else None
@@ -211,6 +225,9 @@ def run(args: argparse.Namespace) -> int:
     rows: list[Row] = []
     if "help" in cases:
         rows.append(case_help(args.runs))
+        print(rows[-1].line(), flush=True)
+    if "floor" in cases:
+        rows.append(case_floor(args.runs, remote=bool(os.environ.get("CLOUDAI_API_URL"))))
         print(rows[-1].line(), flush=True)
     if "trivial" in cases:
         rows.append(case_trivial(worker, args.runs))

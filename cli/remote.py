@@ -5,17 +5,23 @@ Redis, Docker, Celery or store code."""
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
-
-import httpx
 
 from cloudai.errors import CloudAIError, ExitCode, ServiceUnavailable, redact
 from cloudai.logevents import LogEnd, LogEvent, LogLine
 from cloudai.models import Quota, Task, TaskStatus, WorkerInfo, WorkerState
 from cloudai.submission import SubmitRequest
 from cloudai.workerview import WorkerView
+
+# httpx imports its own command-line tool whenever rich and pygments are installed (they are: rich is ours), which
+# costs ~80 ms a command; we never run that tool. None in sys.modules makes the import fail as httpx expects it may
+# (httpx/__init__.py: `try: from ._main import main` / `except ImportError`).
+sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+import httpx  # noqa: E402
 
 
 class ApiUnavailable(ServiceUnavailable):
