@@ -275,7 +275,10 @@ def _events(entry_id: str, fields: dict[str, str]) -> list[LogEvent]:
     first = _seq(entry_id)
     texts = json.loads(fields.get("l", "[]"))
     stamps = json.loads(fields.get("t", "[]"))
-    return [LogLine(first + i, text, stamps[i] if i < len(stamps) else "") for i, text in enumerate(texts)]
+    if len(stamps) != len(texts):  # an entry without (all) its timestamps
+        stamps = (stamps + [""] * len(texts))[: len(texts)]
+    # map() over the columns: a follower (the CLI, the master's SSE) builds one of these per line
+    return list(map(LogLine, range(first, first + len(texts)), texts, stamps))
 
 
 class LogWriter:

@@ -120,8 +120,9 @@ def sse_events(batch: list[LogEvent], timestamps: bool = False) -> str:
     """One batch as SSE text: a line event (if it has lines) and the end event (if it ends the log)."""
     lines = [e for e in batch if isinstance(e, LogLine)]
     out = ""
-    if lines:
-        out = f"id: {lines[-1].seq}\n" + "".join(f"data: {_line(e, timestamps)}\n" for e in lines) + "\n"
+    if lines:  # one data field per line (a list, not a generator, and no call per line: ~100k lines a second)
+        fields = [f"data: {e.ts} {e.text}\n" for e in lines] if timestamps else [f"data: {e.text}\n" for e in lines]
+        out = f"id: {lines[-1].seq}\n" + "".join(fields) + "\n"
     end = batch[-1] if batch and isinstance(batch[-1], LogEnd) else None
     if end is not None:
         data = json.dumps({"status": end.status, "exit_code": end.exit_code, "reason": end.reason})

@@ -37,8 +37,9 @@ def test_a_command_through_the_master_imports_neither_redis_nor_httpxs_own_cli(t
                                                       "XDG_CONFIG_HOME": str(tmp_path)})
     assert "httpx" in loaded and "cli.remote" in loaded  # it did go through the API client
     # httpx's command-line tool (rich.progress, pygments) and everything of direct mode stay unloaded
-    assert not [m for m in ("redis", "celery", "docker", "pygments", "rich.progress", "rich.syntax")
+    assert not [m for m in ("redis", "celery", "docker", "pygments", "rich.progress", "rich.syntax", "attr")
                 if m in loaded]
+    assert not [m for m in loaded if m.startswith("trio.")]  # httpcore's optional trio support stays unloaded
 
 
 def test_list_status_choices_are_the_task_statuses() -> None:

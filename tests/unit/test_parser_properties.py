@@ -8,9 +8,12 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cli.remote import _log_lines, parse_sse
 from cloudai import limits
 from cloudai.errors import ValidationError
+from cloudai.logevents import LogLine
 from cloudai.models import parse_cpus, parse_duration, parse_size
+from cloudai.server.logstream import sse_events
 
 UNITS = {"": 1024**3, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 ANY_INPUT = st.one_of(
@@ -79,3 +82,30 @@ def test_negative_durations_are_refused(text: str) -> None:
     except ValidationError:
         return
     assert seconds is None or seconds >= 0
+
+
+# a log line is any text without a newline (the splitter's unit); a bare CR is left out: SSE treats it as a line end
+LOG_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\r\n"), max_size=30)
+STAMP = st.sampled_from(["", "2026-11-29T13:00:00.123456789Z"])  # CloudAI's own lines have none
+
+
+@given(st.lists(st.lists(st.tuples(STAMP, LOG_TEXT), min_size=1, max_size=6), max_size=5),
+       st.lists(st.integers(1, 400), max_size=12))
+def test_log_lines_cross_sse_unchanged_however_the_stream_is_cut(batches: list[list[tuple[str, str]]],
+                                                                  cuts: list[int]) -> None:
+    sent: list[LogLine] = []
+    body = "retry: 1000\n\n"
+    for batch in batches:
+        lines = [LogLine(len(sent) + n + 1, text, ts) for n, (ts, text) in enumerate(batch)]
+        sent += lines
+        body += sse_events(list(lines), timestamps=True) + ": keep-alive\n\n"
+    raw = body.encode()
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    chunks = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
+    received: list[LogLine] = []
+    for event in parse_sse(chunks):
+        if event.kind == "message":
+            assert event.id is not None
+            last = int(event.id)
+            received += _log_lines(last - len(event.data) + 1, event.data)
+    assert received == sent
