@@ -1,9 +1,10 @@
 """Logs over HTTP: the whole log as text, or Server-Sent Events that follow it live.
 
 SSE format: one event per batch of lines, ``id:`` = the seq of the batch's last line, one ``data:`` field per
-line; a keep-alive comment while nothing arrives; last ``event: end`` with JSON ``{status, exit_code, reason}``
-(or, when the log can't be read any more, ``event: error`` with ``{type, message, exit_code}``). A client
-resumes after ``Last-Event-ID`` (or ``?after=SEQ``) with no gap and no duplicate.
+line (or, with ``?batch=json``, ``event: lines`` and one ``data:`` field of JSON ``{first, lines, ts}``); a
+keep-alive comment while nothing arrives; last ``event: end`` with JSON ``{status, exit_code, reason}`` (or, when
+the log can't be read any more, ``event: error`` with ``{type, message, exit_code}``). A client resumes after
+``Last-Event-ID`` (or ``?after=SEQ``) with no gap and no duplicate.
 
 Following is :class:`cloudai.logfollow.LogFollow` (the CLI's state machine) driven with asyncio: ``XREAD BLOCK``
 through ``redis.asyncio``, so an idle follower holds a Redis connection and a coroutine, never a thread. Only
@@ -15,7 +16,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import redis
 import redis.asyncio as aioredis
@@ -116,11 +117,18 @@ def _line(event: LogLine, timestamps: bool) -> str:
     return f"{event.ts} {event.text}" if timestamps else event.text
 
 
-def sse_events(batch: list[LogEvent], timestamps: bool = False) -> str:
-    """One batch as SSE text: a line event (if it has lines) and the end event (if it ends the log)."""
+def sse_events(batch: list[LogEvent], timestamps: bool = False, as_json: bool = False) -> str:
+    """One batch as SSE text: a line event (if it has lines) and the end event (if it ends the log).
+
+    The line event has one ``data:`` field per line; with ``as_json`` (``?batch=json``, what the CLI asks for) it
+    is ``event: lines`` with one ``data:`` field holding ``{"first", "lines", "ts"}``, which a client decodes in
+    one call instead of one per line (the same ``id:``, so resuming is the same)."""
     lines = [e for e in batch if isinstance(e, LogLine)]
     out = ""
-    if lines:  # one data field per line (a list, not a generator, and no call per line: ~100k lines a second)
+    if lines and as_json:
+        data = json.dumps({"first": lines[0].seq, "lines": [e.text for e in lines], "ts": [e.ts for e in lines]})
+        out = f"event: lines\nid: {lines[-1].seq}\ndata: {data}\n\n"
+    elif lines:  # one data field per line (a list, not a generator, and no call per line: ~100k lines a second)
         fields = [f"data: {e.ts} {e.text}\n" for e in lines] if timestamps else [f"data: {e.text}\n" for e in lines]
         out = f"id: {lines[-1].seq}\n" + "".join(fields) + "\n"
     end = batch[-1] if batch and isinstance(batch[-1], LogEnd) else None
@@ -157,6 +165,9 @@ def _start_seq(after: int | None, last_event_id: str | None) -> int:
 async def task_logs(request: Request, task_id: str, who: Caller, follow: bool = False,
                     after: Annotated[int | None, Query(ge=0, le=MAX_SEQ, description="start after this line")] = None,
                     timestamps: bool = False,
+                    batch: Annotated[Literal["lines", "json"], Query(
+                        description="SSE only: one data field per line (default), or each batch as one JSON "
+                                    "object {first, lines, ts} in an `event: lines`")] = "lines",
                     accept: Annotated[str, Header()] = "text/plain",
                     last_event_id: Annotated[str | None, Header()] = None) -> StreamingResponse:
     """The log as text/plain (the whole log; with ``follow``, until the task ends), or with
@@ -168,16 +179,17 @@ async def task_logs(request: Request, task_id: str, who: Caller, follow: bool = 
     batches = follow_batches(bus, task_id, lambda: api.end_of(task_id), lambda: api.store.read_log(task_id),
                              start, follow)
     if "text/event-stream" in accept:
-        return StreamingResponse(_sse(batches, timestamps), media_type="text/event-stream", headers=SSE_HEADERS)
+        return StreamingResponse(_sse(batches, timestamps, batch == "json"), media_type="text/event-stream",
+                                 headers=SSE_HEADERS)
     return StreamingResponse(_text(batches, timestamps), media_type="text/plain; charset=utf-8",
                              headers={"X-Accel-Buffering": "no"})
 
 
-async def _sse(batches: AsyncIterator[list[LogEvent]], timestamps: bool) -> AsyncIterator[str]:
+async def _sse(batches: AsyncIterator[list[LogEvent]], timestamps: bool, as_json: bool) -> AsyncIterator[str]:
     yield "retry: 1000\n\n"
     try:
         async for batch in batches:
-            yield sse_events(batch, timestamps) if batch else ": keep-alive\n\n"
+            yield sse_events(batch, timestamps, as_json) if batch else ": keep-alive\n\n"
     except CloudAIError as exc:  # the headers are sent: say it in the stream (Redis gone for too long)
         data = json.dumps({"type": type(exc).__name__, "message": str(exc), "exit_code": int(exc.exit_code)})
         yield f"event: error\ndata: {data}\n\n"

@@ -8,7 +8,7 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cli.remote import _log_lines, parse_sse
+from cli.remote import event_lines, parse_sse
 from cloudai import limits
 from cloudai.errors import ValidationError
 from cloudai.logevents import LogLine
@@ -90,22 +90,23 @@ STAMP = st.sampled_from(["", "2026-11-29T13:00:00.123456789Z"])  # CloudAI's own
 
 
 @given(st.lists(st.lists(st.tuples(STAMP, LOG_TEXT), min_size=1, max_size=6), max_size=5),
-       st.lists(st.integers(1, 400), max_size=12))
+       st.lists(st.integers(1, 400), max_size=12), st.booleans())
 def test_log_lines_cross_sse_unchanged_however_the_stream_is_cut(batches: list[list[tuple[str, str]]],
-                                                                  cuts: list[int]) -> None:
+                                                                  cuts: list[int], as_json: bool) -> None:
     sent: list[LogLine] = []
     body = "retry: 1000\n\n"
     for batch in batches:
         lines = [LogLine(len(sent) + n + 1, text, ts) for n, (ts, text) in enumerate(batch)]
         sent += lines
-        body += sse_events(list(lines), timestamps=True) + ": keep-alive\n\n"
+        body += sse_events(list(lines), timestamps=True, as_json=as_json) + ": keep-alive\n\n"
     raw = body.encode()
     points = sorted({c % (len(raw) + 1) for c in cuts})
     chunks = [raw[a:b] for a, b in zip([0, *points], [*points, len(raw)], strict=True)]
-    received: list[LogLine] = []
+    received: list[object] = []
     for event in parse_sse(chunks):
-        if event.kind == "message":
+        if event.kind in ("message", "lines"):
             assert event.id is not None
-            last = int(event.id)
-            received += _log_lines(last - len(event.data) + 1, event.data)
+            got = event_lines(event)
+            assert got[-1].seq == int(event.id)  # type: ignore[union-attr]  # resuming after it loses nothing
+            received += got
     assert received == sent
