@@ -13,8 +13,9 @@ decided in one place: :meth:`cloudai.reservations.Reservations.fenced_gpu_ids`."
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 
@@ -89,16 +90,45 @@ class Scheduler:
             client, settings.fairshare_halflife_s,
             live_on=lambda worker_id: store.list_tasks(status=LIVE, worker_id=worker_id, limit=None),
         )
+        self._workers: tuple[object, list[WorkerInfo]] | None = None  # (store's workers version, the list)
+        self._clock: tuple[float, timedelta] = (float("-inf"), timedelta(0))  # (measured at, Redis - ours)
+
+    #: how often the offset of Redis's clock from this host's is measured again (one TIME per interval)
+    CLOCK_CHECK_S = 1.0
+
+    def _now(self) -> datetime:
+        """Now by Redis's clock (the one heartbeats are stamped with), without a round trip per submit: this
+        host's clock plus the offset measured at most :attr:`CLOCK_CHECK_S` ago."""
+        measured_at, offset = self._clock
+        mono = time.monotonic()
+        if mono - measured_at > self.CLOCK_CHECK_S:
+            before = utcnow()
+            sec, usec = self.redis.time()
+            after = utcnow()
+            offset = datetime.fromtimestamp(sec + usec / 1e6, before.tzinfo) - (before + (after - before) / 2)
+            self._clock = (mono, offset)
+        return utcnow() + offset
+
+    def _list_workers(self) -> list[WorkerInfo]:
+        """The registered workers; listed from the store only when its workers version changed (a submit
+        reads one counter instead of every worker record). The list is shared: callers must not change it."""
+        version = self.store.workers_version()
+        cached = self._workers
+        if version is not None and cached is not None and cached[0] == version:
+            return cached[1]
+        workers = self.store.list_workers()
+        self._workers = None if version is None else (version, workers)
+        return workers
 
     # -- candidates and reasons -------------------------------------------------------------------------
     def _alive(self, worker: WorkerInfo) -> bool:
-        return worker.state == WorkerState.ACTIVE and worker.alive(utcnow(), self.settings.heartbeat_timeout_s)
+        return worker.state == WorkerState.ACTIVE and worker.alive(self._now(), self.settings.heartbeat_timeout_s)
 
     def _candidates(self, task: Task, workers: list[WorkerInfo]) -> list[WorkerInfo]:
         """Active workers with a fresh heartbeat that have the task's labels (and are its pinned worker)."""
         # runs for every worker on every submit: one datetime comparison each (WorkerInfo.alive's arithmetic,
         # as a cut-off), and the label test only for a task that has constraints
-        cutoff = utcnow() - timedelta(seconds=self.settings.heartbeat_timeout_s)
+        cutoff = self._now() - timedelta(seconds=self.settings.heartbeat_timeout_s)
         active, pinned, wanted = WorkerState.ACTIVE, task.pinned_worker, task.constraints.items()
         return [w for w in workers if w.state == active and w.last_heartbeat >= cutoff
                 and (not pinned or w.worker_id == pinned)
@@ -205,14 +235,14 @@ class Scheduler:
     # -- submit -----------------------------------------------------------------------------------------
     def preview(self, task: Task) -> str:
         """Where ``task`` would go now (``--dry-run``); records nothing. Raises like :meth:`submit`."""
-        workers = self.store.list_workers()
+        workers = self._list_workers()
         self._check_possible(task, workers)
         quota = self._quota(task)
-        candidates = self._candidates(task, workers)
-        why = self._unavailable(task, workers, candidates)
-        if why:
-            return "pending: " + why
         try:
+            candidates = self._candidates(task, workers)  # reads Redis's clock
+            why = self._unavailable(task, workers, candidates)
+            if why:
+                return "pending: " + why
             outcome = self.reservations.place(task, candidates, quota, self.settings.placement_policy, dry=True)
         except redis.RedisError as exc:
             raise ServiceUnavailable(f"Redis error during placement: {exc}") from exc
@@ -228,7 +258,7 @@ class Scheduler:
         """Record ``task`` as queued on a worker that fits (and enqueue it), or as pending with a reason.
         On an enqueue failure nothing stays recorded."""
         try:
-            workers = self.store.list_workers()
+            workers = self._list_workers()
             self._check_possible(task, workers)
             quota = self._quota(task)
             if task.after:
@@ -266,13 +296,14 @@ class Scheduler:
         return self.reservations.release(task.task_id, task.attempt, task.worker_id)
 
     def _queue(self, task: Task, placed: Placed, create: bool) -> bool:
-        """Record ``task`` queued where it was reserved (a new record, or pending -> queued) and send its
-        message. Whatever fails gives the reservation back."""
+        """Record ``task`` queued where it was reserved (a new record with its assignment, in one store write;
+        or pending -> queued) and send its message. Whatever fails gives the reservation back and leaves
+        nothing half-written."""
         try:
             if create:
                 task.worker_id, task.gpu_ids, task.pending_reason, task.status = (
                     placed.worker_id, placed.gpu_ids, None, S.QUEUED)
-                self.store.create_task(task)
+                self.store.create_assigned(task)
             elif not self.store.transition(task.task_id, S.PENDING, S.QUEUED, worker_id=placed.worker_id,
                                            gpu_ids=placed.gpu_ids, pending_reason=None):
                 self.reservations.release(task.task_id, task.attempt)
@@ -283,11 +314,12 @@ class Scheduler:
         task.worker_id, task.gpu_ids, task.pending_reason, task.status = (
             placed.worker_id, placed.gpu_ids, None, S.QUEUED)
         try:
-            self.store.create_assignment(task.task_id, placed.worker_id)
+            if not create:
+                self.store.create_assignment(task.task_id, placed.worker_id)
             self.dispatch(task)
         except Exception as exc:
             if create:
-                self.store.delete_task(task.task_id)
+                self.store.delete_task(task.task_id)  # and its assignment
             else:
                 self.store.transition(task.task_id, S.QUEUED, S.PENDING, worker_id=None, gpu_ids=[],
                                       pending_reason=f"enqueue failed: {exc}")
@@ -326,7 +358,7 @@ class Scheduler:
         pending = self.store.list_tasks(status=S.PENDING, limit=None)
         if not pending:
             return []
-        workers = self.store.list_workers()
+        workers = self._list_workers()
         quotas = {q.user_id: q for q in self.store.list_quotas()}
         ordered = rank(pending, self.reservations.usage(), utcnow() - timedelta(seconds=self.STARVATION_S))
         generation = self.reservations.new_generation()
