@@ -34,7 +34,7 @@ from cloudai.models import (
     format_bytes,
     utcnow,
 )
-from cloudai.reservations import Held, NoFit, OverQuota, Placed, Reservations, gpu_order
+from cloudai.reservations import Candidates, Held, NoFit, OverQuota, Placed, Reservations, gpu_order
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
 
@@ -91,6 +91,7 @@ class Scheduler:
             live_on=lambda worker_id: store.list_tasks(status=LIVE, worker_id=worker_id, limit=None),
         )
         self._workers: tuple[object, list[WorkerInfo]] | None = None  # (store's workers version, the list)
+        self._packed: dict[tuple[str, ...], Candidates] = {}  # candidate sets of that list, packed for Lua
         self._clock: tuple[float, timedelta] = (float("-inf"), timedelta(0))  # (measured at, Redis - ours)
 
     #: how often the offset of Redis's clock from this host's is measured again (one TIME per interval)
@@ -118,7 +119,22 @@ class Scheduler:
             return cached[1]
         workers = self.store.list_workers()
         self._workers = None if version is None else (version, workers)
+        self._packed = {}
         return workers
+
+    def _pack(self, workers: list[WorkerInfo], candidates: list[WorkerInfo]) -> Candidates | list[WorkerInfo]:
+        """``candidates`` packed for the placement script, once per set of workers while the list of
+        ``workers`` is the cached one (whose records never change)."""
+        cached = self._workers
+        if cached is None or workers is not cached[1]:
+            return candidates
+        ids = tuple(w.worker_id for w in candidates)
+        packed = self._packed.get(ids)
+        if packed is None:
+            if len(self._packed) >= 64:
+                self._packed = {}
+            packed = self._packed[ids] = Candidates.of(candidates)
+        return packed
 
     # -- candidates and reasons -------------------------------------------------------------------------
     def _alive(self, worker: WorkerInfo) -> bool:
@@ -243,7 +259,8 @@ class Scheduler:
             why = self._unavailable(task, workers, candidates)
             if why:
                 return "pending: " + why
-            outcome = self.reservations.place(task, candidates, quota, self.settings.placement_policy, dry=True)
+            outcome = self.reservations.place(task, self._pack(workers, candidates), quota,
+                                              self.settings.placement_policy, dry=True)
         except redis.RedisError as exc:
             raise ServiceUnavailable(f"Redis error during placement: {exc}") from exc
         if isinstance(outcome, Placed):
@@ -272,7 +289,8 @@ class Scheduler:
             unavailable = self._unavailable(task, workers, candidates)
             if unavailable:
                 return self._record_pending(task, unavailable)
-            outcome = self.reservations.place(task, candidates, quota, self.settings.placement_policy, claim=True)
+            outcome = self.reservations.place(task, self._pack(workers, candidates), quota,
+                                              self.settings.placement_policy, claim=True)
             if isinstance(outcome, Placed):
                 self._queue(task, outcome, create=True)
                 return task
@@ -386,7 +404,7 @@ class Scheduler:
             if reason is None and shape in hopeless and task.user_id not in quotas:
                 reason = hopeless[shape]
             if reason is None:
-                outcome = self.reservations.place(task, candidates, quotas.get(task.user_id),
+                outcome = self.reservations.place(task, self._pack(workers, candidates), quotas.get(task.user_id),
                                                   self.settings.placement_policy, generation=generation,
                                                   claim=True)
                 if isinstance(outcome, Placed):
