@@ -14,6 +14,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -148,7 +149,7 @@ class Reservations:
         args.append(candidates.packed)
         by_id = candidates.by_id
         for _ in range(3):
-            out = [_text(x) for x in self._place(args=args)]
+            out = [_text(x) for x in self._evalsha(self._place, args)]
             if out[0] != "init":
                 break
             for worker_id in out[1:]:
@@ -163,6 +164,35 @@ class Reservations:
             return NoFit(max(0.0, int(out[1]) / 1000), max(0, int(out[2])), max(0, int(out[3])),
                          max(0, int(out[4])), out[5], out[6])
         raise RuntimeError(f"placement state of workers {out[1:]} could not be rebuilt")
+
+    def _evalsha(self, script: Any, args: list[str | int | float]) -> Any:
+        """Run a registered script on a pooled connection directly. Every submit runs the placement script
+        once, and redis-py's per-command wrapper (pool bookkeeping, retry closure, instrumentation) cost as
+        much CPU as the script itself; what it did that matters is kept: a script Redis lost is loaded again,
+        and a dropped connection is reconnected and tried once more (a placement that did run then answers
+        'held', as it would under redis-py's own retry)."""
+        pool = self.redis.connection_pool
+        try:
+            conn = pool.get_connection()
+        except TypeError:  # redis-py before 5.3 wants the command's name
+            conn = pool.get_connection("EVALSHA")  # type: ignore[call-arg]
+        try:
+            for attempt in range(3):
+                try:
+                    conn.send_command("EVALSHA", script.sha, 0, *args)
+                    return conn.read_response()
+                except redis.exceptions.NoScriptError:
+                    if attempt:
+                        raise
+                    conn.send_command("SCRIPT", "LOAD", script.script)
+                    conn.read_response()
+                except (redis.ConnectionError, redis.TimeoutError):
+                    conn.disconnect()
+                    if attempt:
+                        raise
+            raise RuntimeError("unreachable")
+        finally:
+            pool.release(conn)
 
     def release(self, task_id: str, attempt: int | None = None, worker_id: str | None = None) -> bool:
         """Give back what ``task_id`` holds (only for ``attempt`` when given); idempotent. Every path that

@@ -283,3 +283,16 @@ def test_heartbeats_are_judged_by_the_redis_clock_not_the_submitters(api: CloudA
     monkeypatch.setattr(api.scheduler.redis, "time", real_time)
     api.scheduler.CLOCK_CHECK_S = 0.0  # measure the offset again now
     assert api.submit(_req()).status == S.QUEUED
+
+
+def test_placement_survives_a_script_flush_and_a_dropped_connection(api: CloudAI, store: SQLiteStore) -> None:
+    """The placement script runs on a pooled connection directly (see Reservations._evalsha): a script Redis
+    forgot is loaded again, and a connection Redis closed is opened again, without failing the submit."""
+    register(store, "w")
+    assert api.submit(_req()).status == S.QUEUED
+    api.redis.script_flush()
+    assert api.submit(_req()).status == S.QUEUED
+    other = redis.Redis.from_url(api.settings.redis_url)
+    assert other.client_kill_filter(_type="normal", skipme=True) >= 1  # every connection of the api's pool
+    assert api.submit(_req()).status == S.QUEUED
+    assert len(store.list_tasks(status=S.QUEUED)) == 3
