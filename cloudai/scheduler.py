@@ -92,6 +92,9 @@ class Scheduler:
         )
         self._workers: tuple[object, list[WorkerInfo]] | None = None  # (store's workers version, the list)
         self._packed: dict[tuple[str, ...], Candidates] = {}  # candidate sets of that list, packed for Lua
+        # the candidates of a task without pin or constraints: (that list, valid while the cut-off is before
+        # this, the candidates)
+        self._open: tuple[list[WorkerInfo], datetime, list[WorkerInfo]] | None = None
         self._clock: tuple[float, timedelta] = (float("-inf"), timedelta(0))  # (measured at, Redis - ours)
 
     #: how often the offset of Redis's clock from this host's is measured again (one TIME per interval)
@@ -146,9 +149,19 @@ class Scheduler:
         # as a cut-off), and the label test only for a task that has constraints
         cutoff = self._now() - timedelta(seconds=self.settings.heartbeat_timeout_s)
         active, pinned, wanted = WorkerState.ACTIVE, task.pinned_worker, task.constraints.items()
-        return [w for w in workers if w.state == active and w.last_heartbeat >= cutoff
-                and (not pinned or w.worker_id == pinned)
-                and (not wanted or all(w.labels.get(k) == v for k, v in wanted))]
+        open_task = not pinned and not wanted
+        kept = self._open
+        if open_task and kept is not None and kept[0] is workers and cutoff <= kept[1]:
+            return kept[2]  # the same workers, none of them stale yet
+        candidates = [w for w in workers if w.state == active and w.last_heartbeat >= cutoff
+                      and (not pinned or w.worker_id == pinned)
+                      and (not wanted or all(w.labels.get(k) == v for k, v in wanted))]
+        cached = self._workers
+        if open_task and candidates and cached is not None and workers is cached[1]:
+            # what most tasks get; it holds until the first of them goes stale (a stale worker becomes fresh
+            # again only by a heartbeat, which changes the store's workers version and so the list)
+            self._open = (workers, min(w.last_heartbeat for w in candidates), candidates)
+        return candidates
 
     def _unavailable(self, task: Task, workers: list[WorkerInfo], candidates: list[WorkerInfo]) -> str | None:
         """Why no usable worker could run ``task`` even empty (it waits for one to come back), else None."""

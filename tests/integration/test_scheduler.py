@@ -296,3 +296,18 @@ def test_placement_survives_a_script_flush_and_a_dropped_connection(api: CloudAI
     assert other.client_kill_filter(_type="normal", skipme=True) >= 1  # every connection of the api's pool
     assert api.submit(_req()).status == S.QUEUED
     assert len(store.list_tasks(status=S.QUEUED)) == 3
+
+
+def test_a_worker_going_stale_between_two_submits_gets_nothing(api: CloudAI, store: SQLiteStore,
+                                                               settings: Settings,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates are kept between submits while no worker record changes: a worker whose heartbeat grows
+    stale meanwhile (no record changes) must drop out all the same."""
+    register(store, "w")
+    store.heartbeat("w", utcnow() - timedelta(seconds=settings.heartbeat_timeout_s - 2))
+    assert api.submit(_req()).status == S.QUEUED  # still fresh by 2 s
+    real_time = api.scheduler.redis.time
+    monkeypatch.setattr(api.scheduler.redis, "time", lambda: (real_time()[0] + 3, real_time()[1]))  # 3 s later
+    api.scheduler.CLOCK_CHECK_S = 0.0
+    late = api.submit(_req())
+    assert late.status == S.PENDING and "no active worker" in (late.pending_reason or "")
