@@ -7,6 +7,11 @@ users (:mod:`cloudai.fairshare`), priority then age within a user; dependencies 
 waiting task that fits nowhere claims the worker it is closest to fitting on: later tasks may use that
 worker's resources only beyond the claim (backfill), so the head is never starved yet blocks nothing else.
 
+A submit's fixed cost is kept small: the workers are listed from the store only when its workers version
+changed (:meth:`cloudai.store.base.TaskStore.workers_version`), their packing for the placement script is
+reused, heartbeats are judged by Redis's clock (its offset measured once a second), and the task and its
+assignment are one store write (:meth:`cloudai.store.base.TaskStore.create_assigned`).
+
 Which GPU ids of a worker count as free besides the reservations (a lost attempt may still hold some) is
 decided in one place: :meth:`cloudai.reservations.Reservations.fenced_gpu_ids`."""
 
