@@ -84,11 +84,21 @@ for id, sig in string.gmatch(ARGV[20], '([^\\n]+)\\n([^\\n]+)') do
 end
 if #ids > 0 then vals = redis.call('HMGET', P .. 'free', unpack(ids)) end
 -- the loop below runs for every candidate on every placement: no table per worker (decode() builds one,
--- which would cost more than all the rest of a worker's turn), and claims are read only where there are any
+-- which would cost more than all the rest of a worker's turn), no string made per worker (the tag is checked
+-- by its bytes, the signature found in place), library functions held in locals, and claims are read only
+-- where there are any
 local no_claim = {false, 0, 0, 0, false}
+local sunpack, sbyte, sfind, mmax = struct.unpack, string.byte, string.find, math.max
+local TAG1, TAG2 = string.byte(FREE_TAG, 1, 2)
+local best_i, bc, bm, bs, bcc, bcm, bcs, bcg = nil, 0, 0, 0, 0, 0, 0, 0  -- the best worker's free state
 for i, w in ipairs(ids) do
-  local rc, rm, rs, capc, capm, caps, capg, sig = unpackfree(vals[i])
-  if not rc or sig ~= sigs[i] then
+  local v, want_sig = vals[i], sigs[i]
+  local rc, rm, rs, capc, capm, caps, capg
+  if v and #v == 58 + #want_sig and sbyte(v, 1) == TAG1 and sbyte(v, 2) == TAG2
+     and sfind(v, want_sig, 59, true) == 59 then
+    rc, rm, rs, capc, capm, caps, capg = sunpack(FREE_FMT, v, 3)
+  end
+  if not rc then
     table.insert(init, w)
   else
     local rg = 0
@@ -111,9 +121,10 @@ for i, w in ipairs(ids) do
     if eg > maxg then maxg = eg end
     if es > maxs then maxs = es end
     if cpu <= ec and mem <= em and (gpus == 0 or gpus <= eg) and es >= 1 then
-      local load = math.max(1 - (rc - cpu) / capc, 1 - (rm - mem) / capm, 1 - (rs - 1) / caps)
+      local load = mmax(1 - (rc - cpu) / capc, 1 - (rm - mem) / capm, 1 - (rs - 1) / caps)
       if best == nil or (policy == 'pack' and load > best_score) or (policy ~= 'pack' and load < best_score) then
-        best, best_score = w, load
+        best, best_score, best_i = w, load, i
+        bc, bm, bs, bcc, bcm, bcs, bcg = rc, rm, rs, capc, capm, caps, capg
       end
     else
       if bound and cpu <= rc and mem <= rm and gpus <= rg and rs >= 1 then blocked_by = c[1] end
@@ -161,7 +172,9 @@ for i = 1, gpus do
   redis.call('SREM', P .. 'gpus:' .. best, ids[i])
 end
 local csv = table.concat(taken, ',')
-addfree(best, 0 - cpu, 0 - mem, -1)
+-- the best worker's free state as read above (nothing changed it since: the script is atomic), less the task
+redis.call('HSET', P .. 'free', best, FREE_TAG .. struct.pack(FREE_FMT, bc - cpu, bm - mem, bs - 1, bcc, bcm, bcs,
+           bcg) .. sigs[best_i])
 local t = now()
 redis.call('HSET', P .. 'res:' .. task, 'worker', best, 'cpu', cpu, 'mem', mem, 'gpus', csv, 'ngpus', gpus,
            'user', user, 'attempt', attempt, 'at', tostring(t), 'w', weight)

@@ -14,6 +14,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 
@@ -83,6 +84,20 @@ class FreeView:
 
 
 @dataclass(frozen=True)
+class Candidates:
+    """Workers packed once for the placement script: by id, with their capacity signatures. A submit that
+    places among the same workers as the last one reuses this instead of packing 50 workers again."""
+
+    by_id: dict[str, WorkerInfo]
+    packed: str  # lines alternating worker id and capacity signature, in id order
+
+    @classmethod
+    def of(cls, workers: Iterable[WorkerInfo]) -> Candidates:
+        ordered = sorted(workers, key=lambda w: w.worker_id)
+        return cls({w.worker_id: w for w in ordered}, "\n".join(f"{w.worker_id}\n{signature(w)}" for w in ordered))
+
+
+@dataclass(frozen=True)
 class Held:
     """The task already holds a reservation (another placement got it first)."""
 
@@ -117,10 +132,12 @@ class Reservations:
         return gpus.fenced_gpu_ids(self.redis, worker_id, gpu_ids) if gpu_ids else set()
 
     # -- placement --------------------------------------------------------------------------------------
-    def place(self, task: Task, candidates: list[WorkerInfo], quota: Quota | None, policy: str = "spread",
-              dry: bool = False, generation: str = "", claim: bool = False) -> Outcome:
+    def place(self, task: Task, candidates: list[WorkerInfo] | Candidates, quota: Quota | None,
+              policy: str = "spread", dry: bool = False, generation: str = "", claim: bool = False) -> Outcome:
         """Reserve the best candidate that fits ``task`` (atomically, with the quota), or say why none does.
         ``dry``: choose without reserving. ``claim``: when nothing fits, claim the worker it waits for."""
+        if not isinstance(candidates, Candidates):
+            candidates = Candidates.of(candidates)
         q = quota or Quota(task.user_id)
         args: list[str | int | float] = [
             P, task.task_id, task.attempt, task.user_id, milli(task.req_cpu), task.memory_bytes, task.req_gpu,
@@ -129,11 +146,10 @@ class Reservations:
             "dry" if dry else "reserve", policy, generation, "1" if claim else "0",
             repr(weight(task) * MIN_CHARGE_S), repr(self.halflife_s), CLAIM_TTL_S, repr(weight(task)),
         ]
-        ordered = sorted(candidates, key=lambda w: w.worker_id)
-        args.append("\n".join(f"{w.worker_id}\n{signature(w)}" for w in ordered))
-        by_id = {w.worker_id: w for w in candidates}
+        args.append(candidates.packed)
+        by_id = candidates.by_id
         for _ in range(3):
-            out = [_text(x) for x in self._place(args=args)]
+            out = [_text(x) for x in self._evalsha(self._place, args)]
             if out[0] != "init":
                 break
             for worker_id in out[1:]:
@@ -148,6 +164,35 @@ class Reservations:
             return NoFit(max(0.0, int(out[1]) / 1000), max(0, int(out[2])), max(0, int(out[3])),
                          max(0, int(out[4])), out[5], out[6])
         raise RuntimeError(f"placement state of workers {out[1:]} could not be rebuilt")
+
+    def _evalsha(self, script: Any, args: list[str | int | float]) -> Any:
+        """Run a registered script on a pooled connection directly. Every submit runs the placement script
+        once, and redis-py's per-command wrapper (pool bookkeeping, retry closure, instrumentation) cost as
+        much CPU as the script itself; what it did that matters is kept: a script Redis lost is loaded again,
+        and a dropped connection is reconnected and tried once more (a placement that did run then answers
+        'held', as it would under redis-py's own retry)."""
+        pool = self.redis.connection_pool
+        try:
+            conn = pool.get_connection()
+        except TypeError:  # redis-py before 5.3 wants the command's name
+            conn = pool.get_connection("EVALSHA")  # type: ignore[call-arg]
+        try:
+            for attempt in range(3):
+                try:
+                    conn.send_command("EVALSHA", script.sha, 0, *args)
+                    return conn.read_response()
+                except redis.exceptions.NoScriptError:
+                    if attempt:
+                        raise
+                    conn.send_command("SCRIPT", "LOAD", script.script)
+                    conn.read_response()
+                except (redis.ConnectionError, redis.TimeoutError):
+                    conn.disconnect()
+                    if attempt:
+                        raise
+            raise RuntimeError("unreachable")
+        finally:
+            pool.release(conn)
 
     def release(self, task_id: str, attempt: int | None = None, worker_id: str | None = None) -> bool:
         """Give back what ``task_id`` holds (only for ``attempt`` when given); idempotent. Every path that

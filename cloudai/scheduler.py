@@ -7,14 +7,20 @@ users (:mod:`cloudai.fairshare`), priority then age within a user; dependencies 
 waiting task that fits nowhere claims the worker it is closest to fitting on: later tasks may use that
 worker's resources only beyond the claim (backfill), so the head is never starved yet blocks nothing else.
 
+A submit's fixed cost is kept small: the workers are listed from the store only when its workers version
+changed (:meth:`cloudai.store.base.TaskStore.workers_version`), their packing for the placement script is
+reused, heartbeats are judged by Redis's clock (its offset measured once a second), and the task and its
+assignment are one store write (:meth:`cloudai.store.base.TaskStore.create_assigned`).
+
 Which GPU ids of a worker count as free besides the reservations (a lost attempt may still hold some) is
 decided in one place: :meth:`cloudai.reservations.Reservations.fenced_gpu_ids`."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 
@@ -34,7 +40,7 @@ from cloudai.models import (
     format_bytes,
     utcnow,
 )
-from cloudai.reservations import Held, NoFit, OverQuota, Placed, Reservations, gpu_order
+from cloudai.reservations import Candidates, Held, NoFit, OverQuota, Placed, Reservations, gpu_order
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
 
@@ -92,20 +98,78 @@ class Scheduler:
             client, settings.fairshare_halflife_s,
             live_on=lambda worker_id: store.list_tasks(status=LIVE, worker_id=worker_id, limit=None),
         )
+        self._workers: tuple[object, list[WorkerInfo]] | None = None  # (store's workers version, the list)
+        self._packed: dict[tuple[str, ...], Candidates] = {}  # candidate sets of that list, packed for Lua
+        # the candidates of a task without pin or constraints: (that list, valid while the cut-off is before
+        # this, the candidates)
+        self._open: tuple[list[WorkerInfo], datetime, list[WorkerInfo]] | None = None
+        self._clock: tuple[float, timedelta] = (float("-inf"), timedelta(0))  # (measured at, Redis - ours)
+
+    #: how often the offset of Redis's clock from this host's is measured again (one TIME per interval)
+    CLOCK_CHECK_S = 1.0
+
+    def _now(self) -> datetime:
+        """Now by Redis's clock (the one heartbeats are stamped with), without a round trip per submit: this
+        host's clock plus the offset measured at most :attr:`CLOCK_CHECK_S` ago."""
+        measured_at, offset = self._clock
+        mono = time.monotonic()
+        if mono - measured_at > self.CLOCK_CHECK_S:
+            before = utcnow()
+            sec, usec = self.redis.time()
+            after = utcnow()
+            offset = datetime.fromtimestamp(sec + usec / 1e6, before.tzinfo) - (before + (after - before) / 2)
+            self._clock = (mono, offset)
+        return utcnow() + offset
+
+    def _list_workers(self) -> list[WorkerInfo]:
+        """The registered workers; listed from the store only when its workers version changed (a submit
+        reads one counter instead of every worker record). The list is shared: callers must not change it."""
+        version = self.store.workers_version()
+        cached = self._workers
+        if version is not None and cached is not None and cached[0] == version:
+            return cached[1]
+        workers = self.store.list_workers()
+        self._workers = None if version is None else (version, workers)
+        self._packed = {}
+        return workers
+
+    def _pack(self, workers: list[WorkerInfo], candidates: list[WorkerInfo]) -> Candidates | list[WorkerInfo]:
+        """``candidates`` packed for the placement script, once per set of workers while the list of
+        ``workers`` is the cached one (whose records never change)."""
+        cached = self._workers
+        if cached is None or workers is not cached[1]:
+            return candidates
+        ids = tuple(w.worker_id for w in candidates)
+        packed = self._packed.get(ids)
+        if packed is None:
+            if len(self._packed) >= 64:
+                self._packed = {}
+            packed = self._packed[ids] = Candidates.of(candidates)
+        return packed
 
     # -- candidates and reasons -------------------------------------------------------------------------
     def _alive(self, worker: WorkerInfo) -> bool:
-        return worker.state == WorkerState.ACTIVE and worker.alive(utcnow(), self.settings.heartbeat_timeout_s)
+        return worker.state == WorkerState.ACTIVE and worker.alive(self._now(), self.settings.heartbeat_timeout_s)
 
     def _candidates(self, task: Task, workers: list[WorkerInfo]) -> list[WorkerInfo]:
         """Active workers with a fresh heartbeat that have the task's labels (and are its pinned worker)."""
         # runs for every worker on every submit: one datetime comparison each (WorkerInfo.alive's arithmetic,
         # as a cut-off), and the label test only for a task that has constraints
-        cutoff = utcnow() - timedelta(seconds=self.settings.heartbeat_timeout_s)
+        cutoff = self._now() - timedelta(seconds=self.settings.heartbeat_timeout_s)
         active, pinned, wanted = WorkerState.ACTIVE, task.pinned_worker, task.constraints.items()
-        return [w for w in workers if w.state == active and w.last_heartbeat >= cutoff
-                and (not pinned or w.worker_id == pinned)
-                and (not wanted or all(w.labels.get(k) == v for k, v in wanted))]
+        open_task = not pinned and not wanted
+        kept = self._open
+        if open_task and kept is not None and kept[0] is workers and cutoff <= kept[1]:
+            return kept[2]  # the same workers, none of them stale yet
+        candidates = [w for w in workers if w.state == active and w.last_heartbeat >= cutoff
+                      and (not pinned or w.worker_id == pinned)
+                      and (not wanted or all(w.labels.get(k) == v for k, v in wanted))]
+        cached = self._workers
+        if open_task and candidates and cached is not None and workers is cached[1]:
+            # what most tasks get; it holds until the first of them goes stale (a stale worker becomes fresh
+            # again only by a heartbeat, which changes the store's workers version and so the list)
+            self._open = (workers, min(w.last_heartbeat for w in candidates), candidates)
+        return candidates
 
     def _unavailable(self, task: Task, workers: list[WorkerInfo], candidates: list[WorkerInfo]) -> str | None:
         """Why no usable worker could run ``task`` even empty (it waits for one to come back), else None."""
@@ -208,15 +272,16 @@ class Scheduler:
     # -- submit -----------------------------------------------------------------------------------------
     def preview(self, task: Task) -> str:
         """Where ``task`` would go now (``--dry-run``); records nothing. Raises like :meth:`submit`."""
-        workers = self.store.list_workers()
+        workers = self._list_workers()
         self._check_possible(task, workers)
         quota = self._quota(task)
-        candidates = self._candidates(task, workers)
-        why = self._unavailable(task, workers, candidates)
-        if why:
-            return "pending: " + why
         try:
-            outcome = self.reservations.place(task, candidates, quota, self.settings.placement_policy, dry=True)
+            candidates = self._candidates(task, workers)  # reads Redis's clock
+            why = self._unavailable(task, workers, candidates)
+            if why:
+                return "pending: " + why
+            outcome = self.reservations.place(task, self._pack(workers, candidates), quota,
+                                              self.settings.placement_policy, dry=True)
         except redis.RedisError as exc:
             raise ServiceUnavailable(f"Redis error during placement: {exc}") from exc
         if isinstance(outcome, Placed):
@@ -231,7 +296,7 @@ class Scheduler:
         """Record ``task`` as queued on a worker that fits (and enqueue it), or as pending with a reason.
         On an enqueue failure nothing stays recorded."""
         try:
-            workers = self.store.list_workers()
+            workers = self._list_workers()
             self._check_possible(task, workers)
             quota = self._quota(task)
             if task.after:
@@ -245,7 +310,8 @@ class Scheduler:
             unavailable = self._unavailable(task, workers, candidates)
             if unavailable:
                 return self._record_pending(task, unavailable)
-            outcome = self.reservations.place(task, candidates, quota, self.settings.placement_policy, claim=True)
+            outcome = self.reservations.place(task, self._pack(workers, candidates), quota,
+                                              self.settings.placement_policy, claim=True)
             if isinstance(outcome, Placed):
                 self._queue(task, outcome, create=True)
                 return task
@@ -269,13 +335,14 @@ class Scheduler:
         return self.reservations.release(task.task_id, task.attempt, task.worker_id)
 
     def _queue(self, task: Task, placed: Placed, create: bool) -> bool:
-        """Record ``task`` queued where it was reserved (a new record, or pending -> queued) and send its
-        message. Whatever fails gives the reservation back."""
+        """Record ``task`` queued where it was reserved (a new record with its assignment, in one store write;
+        or pending -> queued) and send its message. Whatever fails gives the reservation back and leaves
+        nothing half-written."""
         try:
             if create:
                 task.worker_id, task.gpu_ids, task.pending_reason, task.status = (
                     placed.worker_id, placed.gpu_ids, None, S.QUEUED)
-                self.store.create_task(task)
+                self.store.create_assigned(task)
             elif not self.store.transition(task.task_id, S.PENDING, S.QUEUED, worker_id=placed.worker_id,
                                            gpu_ids=placed.gpu_ids, pending_reason=None):
                 self.reservations.release(task.task_id, task.attempt)
@@ -286,11 +353,12 @@ class Scheduler:
         task.worker_id, task.gpu_ids, task.pending_reason, task.status = (
             placed.worker_id, placed.gpu_ids, None, S.QUEUED)
         try:
-            self.store.create_assignment(task.task_id, placed.worker_id)
+            if not create:
+                self.store.create_assignment(task.task_id, placed.worker_id)
             self.dispatch(task)
         except Exception as exc:
             if create:
-                self.store.delete_task(task.task_id)
+                self.store.delete_task(task.task_id)  # and its assignment
             else:
                 self.store.transition(task.task_id, S.QUEUED, S.PENDING, worker_id=None, gpu_ids=[],
                                       pending_reason=f"enqueue failed: {exc}")
@@ -329,7 +397,7 @@ class Scheduler:
         pending = self.store.list_tasks(status=S.PENDING, limit=None)
         if not pending:
             return []
-        workers = self.store.list_workers()
+        workers = self._list_workers()
         quotas = {q.user_id: q for q in self.store.list_quotas()}
         ordered = rank(pending, self.reservations.usage(), utcnow() - timedelta(seconds=self.STARVATION_S))
         generation = self.reservations.new_generation()
@@ -357,7 +425,7 @@ class Scheduler:
             if reason is None and shape in hopeless and task.user_id not in quotas:
                 reason = hopeless[shape]
             if reason is None:
-                outcome = self.reservations.place(task, candidates, quotas.get(task.user_id),
+                outcome = self.reservations.place(task, self._pack(workers, candidates), quotas.get(task.user_id),
                                                   self.settings.placement_policy, generation=generation,
                                                   claim=True)
                 if isinstance(outcome, Placed):

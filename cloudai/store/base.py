@@ -124,6 +124,19 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def delete_task(self, task_id: str) -> bool: ...
 
+    def create_assigned(self, task: Task) -> Assignment:
+        """Record a new task together with its assignment to ``task.worker_id``: both or neither (a failure
+        of the second write removes the first). Raises :class:`~cloudai.errors.TaskExists` for a known id.
+        A backend that can write both in one transaction overrides this (a submit's one store round)."""
+        if not task.worker_id:
+            raise ValueError(f"task {task.task_id} has no worker to be assigned to")
+        self.create_task(task)
+        try:
+            return self.create_assignment(task.task_id, task.worker_id)
+        except BaseException:
+            self.delete_task(task.task_id)
+            raise
+
     # -- assignments (the seed's table) -----------------------------------------------------------------
     @abc.abstractmethod
     def create_assignment(self, task_id: str, worker_id: str) -> Assignment:
@@ -155,6 +168,13 @@ class TaskStore(abc.ABC):
 
     @abc.abstractmethod
     def list_workers(self) -> list[WorkerInfo]: ...
+
+    def workers_version(self) -> object | None:
+        """A value that changes whenever any worker record changes (registered, heartbeat, state, removed),
+        read more cheaply than :meth:`list_workers`: a placement lists the workers again only when it
+        changed. Read it *before* listing (a change in between then shows as a new version next time).
+        None: the backend can't tell, and callers list the workers every time."""
+        return None
 
     @abc.abstractmethod
     def set_worker_state(

@@ -41,6 +41,7 @@ class MongoStore(TaskStore):
         self.logs: Collection = db["log_archive"]
         self.quotas: Collection = db["quotas"]
         self.tokens: Collection = db["api_tokens"]
+        self.counters: Collection = db["counters"]
         try:
             self._ensure_indexes()
         except PyMongoError as exc:
@@ -172,13 +173,24 @@ class MongoStore(TaskStore):
         return self._call(self.assignments.delete_one, {"task_id": task_id}).deleted_count > 0
 
     # -- workers ----------------------------------------------------------------------------------------
+    def _workers_changed(self) -> None:
+        # after the change itself: a reader that saw the old version lists again once it sees the new one
+        self._call(self.counters.update_one, {"_id": "workers"}, {"$inc": {"value": 1}}, upsert=True)
+
+    def workers_version(self) -> object | None:
+        doc = self._call(self.counters.find_one, {"_id": "workers"})
+        return doc["value"] if doc else 0
+
     def upsert_worker(self, worker: WorkerInfo) -> None:
         self._call(self.workers.replace_one, {"worker_id": worker.worker_id}, worker.to_doc(), upsert=True)
+        self._workers_changed()
 
     def heartbeat(self, worker_id: str, at: datetime | None = None) -> bool:
         result = self._call(
             self.workers.update_one, {"worker_id": worker_id}, {"$set": {"last_heartbeat": at or utcnow()}}
         )
+        if result.matched_count:
+            self._workers_changed()
         return result.matched_count > 0
 
     def get_worker(self, worker_id: str) -> WorkerInfo | None:
@@ -192,10 +204,16 @@ class MongoStore(TaskStore):
         query: dict[str, Any] = {"worker_id": worker_id}
         if expected is not None:
             query["state"] = expected.value
-        return self._call(self.workers.update_one, query, {"$set": {"state": state.value}}).matched_count > 0
+        changed = self._call(self.workers.update_one, query, {"$set": {"state": state.value}}).matched_count > 0
+        if changed:
+            self._workers_changed()
+        return changed
 
     def delete_worker(self, worker_id: str) -> bool:
-        return self._call(self.workers.delete_one, {"worker_id": worker_id}).deleted_count > 0
+        deleted = self._call(self.workers.delete_one, {"worker_id": worker_id}).deleted_count > 0
+        if deleted:
+            self._workers_changed()
+        return deleted
 
     # -- quotas -----------------------------------------------------------------------------------------
     def set_quota(self, quota: Quota) -> None:

@@ -40,6 +40,14 @@ CREATE TABLE IF NOT EXISTS assignments (
     task_id TEXT PRIMARY KEY, ass_id TEXT NOT NULL, worker_id TEXT NOT NULL, assigned_at TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS assignments_worker ON assignments(worker_id);
 CREATE TABLE IF NOT EXISTS workers (worker_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters(name, value) VALUES ('workers', 0);
+CREATE TRIGGER IF NOT EXISTS workers_inserted AFTER INSERT ON workers
+    BEGIN UPDATE counters SET value = value + 1 WHERE name = 'workers'; END;
+CREATE TRIGGER IF NOT EXISTS workers_updated AFTER UPDATE ON workers
+    BEGIN UPDATE counters SET value = value + 1 WHERE name = 'workers'; END;
+CREATE TRIGGER IF NOT EXISTS workers_deleted AFTER DELETE ON workers
+    BEGIN UPDATE counters SET value = value + 1 WHERE name = 'workers'; END;
 CREATE TABLE IF NOT EXISTS quotas (user_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS log_archive (
     task_id TEXT NOT NULL, chunk INTEGER NOT NULL, text TEXT NOT NULL, PRIMARY KEY (task_id, chunk));
@@ -187,6 +195,25 @@ class SQLiteStore(TaskStore):
         fields.pop("status", None)
         return self._modify(task_id, status_values(expected), plain_fields(fields), execution)
 
+    def create_assigned(self, task: Task) -> Assignment:
+        if not task.worker_id:
+            raise ValueError(f"task {task.task_id} has no worker to be assigned to")
+        assignment = Assignment(ass_id=uuid.uuid4().hex, task_id=task.task_id, worker_id=task.worker_id)
+        try:
+            with self._tx() as db:  # one transaction: both rows or neither, one commit per submit
+                db.execute(
+                    "INSERT INTO tasks(task_id, user_id, status, worker_id, created_at, doc) VALUES (?,?,?,?,?,?)",
+                    (task.task_id, task.user_id, task.status.value, task.worker_id, _ts(task.created_at),
+                     _dumps(task.to_doc())),
+                )
+                db.execute(
+                    "INSERT OR REPLACE INTO assignments(task_id, ass_id, worker_id, assigned_at) VALUES (?,?,?,?)",
+                    (task.task_id, assignment.ass_id, task.worker_id, assignment.assigned_at.isoformat()),
+                )
+        except sqlite3.IntegrityError:
+            raise TaskExists(f"task {task.task_id!r} already exists") from None
+        return assignment
+
     def delete_task(self, task_id: str) -> bool:
         with self._tx() as db:
             db.execute("DELETE FROM assignments WHERE task_id=?", (task_id,))
@@ -247,6 +274,14 @@ class SQLiteStore(TaskStore):
     def get_worker(self, worker_id: str) -> WorkerInfo | None:
         row = self._conn().execute("SELECT doc FROM workers WHERE worker_id=?", (worker_id,)).fetchone()
         return WorkerInfo.from_doc(json.loads(row["doc"])) if row else None
+
+    def workers_version(self) -> object | None:
+        # bumped by triggers on the workers table, in the same transaction as the change, by any process
+        try:
+            row = self._conn().execute("SELECT value FROM counters WHERE name='workers'").fetchone()
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(self.url, exc) from exc
+        return row[0] if row else None
 
     def list_workers(self) -> list[WorkerInfo]:
         rows = self._conn().execute("SELECT doc FROM workers ORDER BY worker_id").fetchall()

@@ -147,6 +147,54 @@ def test_workers(backend: TaskStore) -> None:
     assert backend.delete_worker("w0") and backend.get_worker("w0") is None
 
 
+def test_create_assigned_records_the_task_and_its_assignment_or_neither(backend: TaskStore) -> None:
+    task = _task(1, worker="w2")
+    assignment = backend.create_assigned(task)
+    assert backend.get_task("t1") == task
+    got = backend.get_assignment("t1")
+    assert got is not None and (got.task_id, got.worker_id, got.ass_id) == ("t1", "w2", assignment.ass_id)
+    with pytest.raises(TaskExists):  # a known id: nothing changes, not even the assignment
+        backend.create_assigned(_task(1, worker="w3"))
+    assert backend.worker_for_task("t1") == "w2" and backend.get_task("t1").worker_id == "w2"  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="no worker"):
+        backend.create_assigned(_task(2, worker=None))
+    assert backend.get_task("t2") is None and backend.get_assignment("t2") is None
+
+
+def test_create_assigned_leaves_no_task_when_the_assignment_fails(backend: TaskStore,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A backend without a transaction over both (Mongo) writes the task, then the assignment: if that fails,
+    the task is removed again. (SQLite writes both in one transaction and never calls create_assignment.)"""
+    def broken(task_id: str, worker_id: str) -> None:
+        raise StoreUnavailable(backend.url, "connection lost")
+
+    monkeypatch.setattr(backend, "create_assignment", broken)
+    if isinstance(backend, SQLiteStore):
+        backend.create_assigned(_task(1))
+        assert backend.get_assignment("t1") is not None
+        return
+    with pytest.raises(StoreUnavailable):
+        backend.create_assigned(_task(1))
+    assert backend.get_task("t1") is None and backend.get_assignment("t1") is None
+
+
+def test_workers_version_changes_with_every_worker_write(backend: TaskStore) -> None:
+    seen = [backend.workers_version()]
+
+    def changed() -> bool:
+        seen.append(backend.workers_version())
+        return seen[-1] != seen[-2]
+
+    backend.upsert_worker(WorkerInfo(worker_id="w1", hostname="h", queue="q", cpus=1, memory=1))
+    assert changed()
+    backend.create_task(_task(1))  # tasks are not workers
+    assert not changed()
+    assert backend.heartbeat("w1", utcnow()) and changed()
+    assert backend.set_worker_state("w1", WorkerState.DRAINING) and changed()
+    assert backend.delete_worker("w1") and changed()
+    assert len(set(seen)) == 5 and None not in seen
+
+
 def test_quotas(backend: TaskStore) -> None:
     assert backend.get_quota("ana") is None and backend.list_quotas() == []
     backend.set_quota(Quota("bob", gpus=2))

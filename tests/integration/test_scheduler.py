@@ -242,3 +242,72 @@ def test_remove_worker_refuses_while_it_holds_live_tasks(api: CloudAI, store: SQ
     assert store.get_worker("w") is None
     with pytest.raises(WorkerNotFound):
         api.remove_worker("w")
+
+
+def test_worker_changes_made_elsewhere_reach_the_next_submit(api: CloudAI, store: SQLiteStore) -> None:
+    """A submit lists the workers only when the store's workers version moved: whatever another process
+    (here another store connection) registers, resizes, heartbeats or removes is seen by the next submit."""
+    register(store, "a", cpus=1)
+    assert api.submit(_req(cpus=1)).worker_id == "a"
+    assert api.submit(_req(cpus=1)).status == S.PENDING  # a is full
+    register(store, "b", cpus=1)
+    assert api.submit(_req(cpus=1)).worker_id == "b"
+    register(store, "b", cpus=4)  # re-registered bigger: its free counters are rebuilt for the new capacity
+    assert api.submit(_req(cpus=2)).worker_id == "b"
+    store.heartbeat("b", utcnow() - timedelta(seconds=600))
+    stale = api.submit(_req(cpus=0.5))
+    assert stale.status == S.PENDING and stale.worker_id is None
+    store.heartbeat("b")
+    assert api.submit(_req(cpus=0.5)).worker_id == "b"
+    assert store.delete_worker("b")
+    with pytest.raises(PlacementError, match="more than any registered worker"):
+        api.submit(_req(cpus=3))
+
+
+def test_heartbeats_are_judged_by_the_redis_clock_not_the_submitters(api: CloudAI, store: SQLiteStore,
+                                                                    settings: Settings,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Heartbeats are stamped with Redis TIME; a submitter whose own clock is behind must still see a worker
+    that stopped heartbeating as stale. (The real Redis clock can't be moved, so TIME is faked here.)"""
+    register(store, "w")
+    real_time = api.scheduler.redis.time
+    ahead = int(settings.heartbeat_timeout_s) + 60  # Redis's clock is this far ahead of this host's
+
+    def redis_time() -> tuple[int, int]:
+        sec, usec = real_time()
+        return sec + ahead, usec
+
+    monkeypatch.setattr(api.scheduler.redis, "time", redis_time)
+    task = api.submit(_req())
+    assert task.status == S.PENDING and "no active worker" in (task.pending_reason or "")
+    monkeypatch.setattr(api.scheduler.redis, "time", real_time)
+    api.scheduler.CLOCK_CHECK_S = 0.0  # measure the offset again now
+    assert api.submit(_req()).status == S.QUEUED
+
+
+def test_placement_survives_a_script_flush_and_a_dropped_connection(api: CloudAI, store: SQLiteStore) -> None:
+    """The placement script runs on a pooled connection directly (see Reservations._evalsha): a script Redis
+    forgot is loaded again, and a connection Redis closed is opened again, without failing the submit."""
+    register(store, "w")
+    assert api.submit(_req()).status == S.QUEUED
+    api.redis.script_flush()
+    assert api.submit(_req()).status == S.QUEUED
+    other = redis.Redis.from_url(api.settings.redis_url)
+    assert other.client_kill_filter(_type="normal", skipme=True) >= 1  # every connection of the api's pool
+    assert api.submit(_req()).status == S.QUEUED
+    assert len(store.list_tasks(status=S.QUEUED)) == 3
+
+
+def test_a_worker_going_stale_between_two_submits_gets_nothing(api: CloudAI, store: SQLiteStore,
+                                                               settings: Settings,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates are kept between submits while no worker record changes: a worker whose heartbeat grows
+    stale meanwhile (no record changes) must drop out all the same."""
+    register(store, "w")
+    store.heartbeat("w", utcnow() - timedelta(seconds=settings.heartbeat_timeout_s - 2))
+    assert api.submit(_req()).status == S.QUEUED  # still fresh by 2 s
+    real_time = api.scheduler.redis.time
+    monkeypatch.setattr(api.scheduler.redis, "time", lambda: (real_time()[0] + 3, real_time()[1]))  # 3 s later
+    api.scheduler.CLOCK_CHECK_S = 0.0
+    late = api.submit(_req())
+    assert late.status == S.PENDING and "no active worker" in (late.pending_reason or "")
