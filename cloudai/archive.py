@@ -38,11 +38,18 @@ class Archiver:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._started = False
 
     def start(self) -> Archiver:
-        self._thread = threading.Thread(target=self._loop, daemon=True, name=f"archive-{self.task_id}")
-        self._thread.start()
+        """Write chunks in the background from the first line on (a task that prints nothing costs no thread)."""
+        self._started = True
         return self
+
+    def _ensure_thread(self) -> None:
+        """Called with ``_lock`` held, when lines arrive."""
+        if self._thread is None and self._started and not self._closed.is_set():
+            self._thread = threading.Thread(target=self._loop, daemon=True, name=f"archive-{self.task_id}")
+            self._thread.start()
 
     def close(self) -> None:
         """Stop the background writer (what is buffered stays for :meth:`flush`)."""
@@ -80,6 +87,7 @@ class Archiver:
                 self._buf = []
                 return
             self._buf.append(archive_line(text, ts))
+            self._ensure_thread()
             if len(self._buf) >= MAX_BUFFER:
                 log.warning("task %s: the store is unreachable; the archive resumes from Docker's log at the end",
                             self.task_id)
@@ -101,6 +109,7 @@ class Archiver:
                 if not self._buf:
                     self._first = first
                 self._buf += [archive_line(text, ts) for text, ts in lines]
+                self._ensure_thread()
                 if len(self._buf) >= CHUNK_LINES:
                     self._wake.set()
         if fallback:  # the first line, a gap or an overflow: the line-by-line rules decide

@@ -35,7 +35,7 @@ from cloudai.logs import LogBus, LogWriter
 from cloudai.message import MessageError, RunMessage
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
 from cloudai.reservations import Reservations
-from cloudai.runtime import ENGINE_RESTARTED, ContainerSpec, DockerRuntime, oom_reason
+from cloudai.runtime import ENGINE_RESTARTED, ContainerSpec, DockerRuntime, ExitState, ImageMissing, oom_reason
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
 from cloudai.supervision import BATCH_WAIT, MAX_BACKLOG, drain, enforce_stop, quietly, start_reader, wait_exit
@@ -236,12 +236,12 @@ class Executor:
                 archiver.add(writer.next_seq, self._marker(task), "")
                 writer.add(self._marker(task))
                 writer.flush()
-            task.log_base = writer.published
-            if not self.store.update_task(task_id, S.RUNNING, execution=execution, log_base=task.log_base):
-                raise AttemptFenced(task_id, execution, "the start")
+            if writer.published != task.log_base:  # a first attempt's log is empty: nothing to record
+                task.log_base = writer.published
+                if not self.store.update_task(task_id, S.RUNNING, execution=execution, log_base=task.log_base):
+                    raise AttemptFenced(task_id, execution, "the start")
             self._check_image_allowed(task)
-            self.runtime.ensure_image(task.docker_image, task.pull_policy)
-            container_id = self.runtime.create(self._container_spec(task))
+            container_id = self._create(task)
             if not self.store.update_task(task_id, S.RUNNING, execution=execution, container_id=container_id):
                 raise AttemptFenced(task_id, execution, "the container id")
             if self.redis.exists(keys.cancel_flag(task_id)):
@@ -261,6 +261,19 @@ class Executor:
             outcome = Outcome(S.FAILED, None, f"worker error: {exc}", False, "WorkerError")
             return self._finish(task, container_id, outcome, archiver).value
         return self._supervise(task, container_id, writer, archiver, live)
+
+    def _create(self, task: Task) -> str:
+        """The container, its image pulled by the task's policy. An image that is here is not inspected first
+        (``docker run`` creates and pulls only on "no such image"); ``always`` pulls before."""
+        spec = self._container_spec(task)
+        if task.pull_policy not in ("missing", "never"):
+            self.runtime.ensure_image(task.docker_image, task.pull_policy)
+            return self.runtime.create(spec)
+        try:
+            return self.runtime.create(spec)
+        except ImageMissing:
+            self.runtime.ensure_image(task.docker_image, task.pull_policy)  # pulls it, or says why it can't
+            return self.runtime.create(spec)
 
     def _attach(self, container_id: str) -> Iterator[list[bytes]] | None:
         """The container's output stream, opened before its start (None: supervision reads Docker's log)."""
@@ -337,6 +350,7 @@ class Executor:
         retry_at = 0.0  # while Redis is unreachable: lines wait in the writer (bounded), the container runs on
         engine_trouble = False
         reader_done = False
+        exited: ExitState | None = None
         while True:
             if self._detach.is_set() and stop_reason is None:
                 quietly(writer.flush, 3)
@@ -372,7 +386,7 @@ class Executor:
                         threading.Thread(target=enforce_stop, args=(self.runtime, container_id, grace),
                                          daemon=True, name=f"stop-{task.task_id}").start()
             if reader_done:
-                state = self.runtime.state(container_id)
+                state, exited = self.runtime.poll(container_id)
                 if state == "running":  # the log stream broke, not the container: read on from where it broke
                     attached_whole = None
                     reader_done = False
@@ -393,9 +407,13 @@ class Executor:
             log.warning("task %s: Redis unreachable at the end; the archive keeps the whole log", task.task_id)
         except AttemptFenced as exc:
             return self._stale(task, container_id, str(exc))
-        exit_code, engine_restarted = wait_exit(self.runtime, container_id)
-        engine_trouble = engine_trouble or engine_restarted
-        oom = self.runtime.exit_state(container_id).oom_killed if exit_code is not None else False
+        exit_code: int | None
+        if exited is not None:  # the inspect that saw it stopped has its exit: no wait, no second inspect
+            exit_code, oom = exited.exit_code, exited.oom_killed
+        else:  # gone (someone removed it) or the engine was away: wait_exit says which
+            exit_code, engine_restarted = wait_exit(self.runtime, container_id)
+            engine_trouble = engine_trouble or engine_restarted
+            oom = self.runtime.exit_state(container_id).oom_killed if exit_code is not None else False
         # a follow stream can miss the last lines at exit: publish and archive what Docker's complete log has
         # beyond them, streamed (memory flat in the log's length)
         try:
@@ -410,7 +428,7 @@ class Executor:
             outcome = Outcome(S.FAILED, exit_code, ENGINE_RESTARTED + code, False, "EngineRestarted")
         else:
             outcome = self._outcome(task, exit_code, oom, stop_reason)
-        return self._finish(task, container_id, outcome, archiver).value
+        return self._finish(task, container_id, outcome, archiver, stopped=True).value
 
     def _catch_up(self, task: Task, container_id: str, consumed: int, writer: LogWriter,
                   archiver: Archiver) -> None:
@@ -475,10 +493,15 @@ class Executor:
         return Outcome(S.FAILED, exit_code, f"exited with code {exit_code}", False, "NonZeroExit")
 
     def _finish(self, task: Task, container_id: str | None, outcome: Outcome,
-                archiver: Archiver | None) -> TaskStatus:
+                archiver: Archiver | None, stopped: bool = False) -> TaskStatus:
         """Record the outcome first (compare-and-set from running, for this attempt only), then close the log,
         archive and clean up. The store is retried for a while if it is down; if the outcome still can't be
-        recorded the container stays (with its exit code and log) for the next reconcile to finish."""
+        recorded the container stays (with its exit code and log) for the next reconcile to finish.
+
+        ``stopped``: the container is known to have ended (Docker said so). Then its GPUs, its reservation and
+        the next placement don't wait for its removal, which comes last (an ended container holds no CPU,
+        memory or GPU; the user waited only for the exit, as with ``docker run``'s exit code); a container
+        that may still run is removed before anything it holds is handed on."""
         task_id, execution = task.task_id, task.execution_id
         error = TaskError(outcome.error_type or outcome.status.value, outcome.reason) if outcome.reason else None
         try:
@@ -501,6 +524,7 @@ class Executor:
                         current.execution_id if current else "-")
             self._stale(task, container_id, "its outcome was refused")
             return current.status if current else outcome.status
+        released = False
         try:
             try:
                 self.bus.end(task_id, outcome.status.value, outcome.exit_code, outcome.reason, execution,
@@ -509,18 +533,27 @@ class Executor:
                 log.warning("task %s: end marker not written (%s)", task_id, exc)
             if archiver is not None:
                 self._archive(task, container_id, archiver)
+            if stopped:
+                released = True
+                self._release(task)
             quietly(self.bus.expire, task_id, self.settings.log_retention_s)
             return outcome.status
         finally:
             if container_id:
                 quietly(self.runtime.remove, container_id)
-            quietly(self.gpus.release, holder(task_id, execution), task.gpu_ids)
-            quietly(self.redis.delete, keys.cancel_flag(task_id))
-            # this attempt's reservation only (a newer attempt keeps its own), after its GPU lease is gone: the
-            # placement hook (Reservations.fenced_gpu_ids) holds back GPU ids that are still leased
-            quietly(self.reservations.release, task_id, task.attempt, self.worker_id)
-            if self.after_finish is not None:
-                quietly(self.after_finish, task)
+            if not released:
+                self._release(task)
+
+    def _release(self, task: Task) -> None:
+        """Hand on what an ended attempt held: its GPU leases, its cancel flag, its reservation; then place
+        what waits for it."""
+        quietly(self.gpus.release, holder(task.task_id, task.execution_id), task.gpu_ids)
+        quietly(self.redis.delete, keys.cancel_flag(task.task_id))
+        # this attempt's reservation only (a newer attempt keeps its own), after its GPU lease is gone: the
+        # placement hook (Reservations.fenced_gpu_ids) holds back GPU ids that are still leased
+        quietly(self.reservations.release, task.task_id, task.attempt, self.worker_id)
+        if self.after_finish is not None:
+            quietly(self.after_finish, task)
 
     def _archive(self, task: Task, container_id: str | None, archiver: Archiver) -> None:
         """The rest of the archive (a gap the store's outage left is filled from Docker's log, in chunks)."""

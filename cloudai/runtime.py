@@ -58,6 +58,10 @@ class ExitState:
     error: str
 
 
+class ImageMissing(RuntimeFailure):
+    """The engine does not have the image a create asked for (the caller pulls it, or says why it can't)."""
+
+
 def host_config_args(spec: ContainerSpec) -> dict[str, Any]:
     """Arguments of ``create_host_config`` for ``spec``: exactly the limits the task asked for."""
     args: dict[str, Any] = {
@@ -134,7 +138,9 @@ class DockerRuntime:
             raise ImageError(f"image {image!r} could not be inspected: {exc.explanation}") from exc
 
     def create(self, spec: ContainerSpec) -> str:
-        """Create (never auto-remove: that loses the log and the exit state) and return the id."""
+        """Create (never auto-remove: that loses the log and the exit state) and return the id. Raises
+        :class:`ImageMissing` when the image is not here (so a present image costs no separate inspect, as
+        ``docker run`` does it)."""
         try:
             host_config = self.api.create_host_config(**host_config_args(spec))
             created = self.api.create_container(
@@ -147,6 +153,8 @@ class DockerRuntime:
                 host_config=host_config,
                 name=spec.name,
             )
+        except docker.errors.ImageNotFound as exc:
+            raise ImageMissing(f"image {spec.image!r} is not on this worker") from exc
         except docker.errors.APIError as exc:
             raise RuntimeFailure(f"docker could not create the container: {exc.explanation or exc}") from exc
         return str(created["Id"])
@@ -211,6 +219,22 @@ class DockerRuntime:
         except (requests.exceptions.RequestException, docker.errors.DockerException):
             return "unknown"
         return "running" if info.get("State", {}).get("Running") else "exited"
+
+    def poll(self, container_id: str) -> tuple[str, ExitState | None]:
+        """:meth:`state` and, once the container has stopped, its exit, from one inspect: a container that has
+        ended needs no separate wait and inspect (Docker records the exit code and the OOM kill together when it
+        marks the container stopped, which is also when ``wait`` returns)."""
+        try:
+            info = self.api.inspect_container(container_id)
+        except docker.errors.NotFound:
+            return "gone", None
+        except (requests.exceptions.RequestException, docker.errors.DockerException):
+            return "unknown", None
+        state = info.get("State", {})
+        if state.get("Running"):
+            return "running", None
+        return "exited", ExitState(int(state.get("ExitCode", -1)), bool(state.get("OOMKilled")),
+                                   state.get("Error") or "")
 
     def kill(self, container_id: str) -> None:
         """SIGKILL now (a stop that did not work, or a worker fencing itself)."""

@@ -110,6 +110,10 @@ class StubRuntime:
             return "gone"
         return "running" if box.state == "running" else "exited"
 
+    def poll(self, container_id: str) -> tuple[str, ExitState | None]:
+        state = self.state(container_id)
+        return state, (self.exit_state(container_id) if state == "exited" else None)
+
     def stop(self, container_id: str, grace_s: float) -> None:
         self._engine()
         self._fail_stop()

@@ -10,7 +10,8 @@ import pytest
 
 from cloudai import keys
 from cloudai.api import CloudAI
-from cloudai.logs import LogEnd, LogLine
+from cloudai.executor import Executor
+from cloudai.logs import LogBus, LogEnd, LogLine
 from cloudai.models import MiB, TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
@@ -112,6 +113,63 @@ def test_non_zero_exit_fails_with_that_code_and_log_is_archived(settings: Settin
     # Docker reads stdout and stderr through separate pipes: their relative order is Docker's
     assert sorted(ln.split(" ", 1)[1] for ln in store.read_log(task.task_id) or []) == ["a", "b"]
     assert DockerRuntime().find(task_id=task.task_id) == []  # removed after archiving
+
+
+class _RecordingApi(docker.APIClient):
+    """Docker's real API client, recording the calls a task makes."""
+
+    calls: list[str]
+
+    def _record(self, name: str, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+        self.calls.append(name)
+        return fn(*args, **kwargs)
+
+    def inspect_image(self, *a, **k):  # type: ignore[no-untyped-def]
+        return self._record("inspect_image", super().inspect_image, *a, **k)
+
+    def wait(self, *a, **k):  # type: ignore[no-untyped-def]
+        return self._record("wait", super().wait, *a, **k)
+
+    def inspect_container(self, *a, **k):  # type: ignore[no-untyped-def]
+        return self._record("inspect_container", super().inspect_container, *a, **k)
+
+
+def test_exit_and_log_end_are_reported_and_resources_handed_on_before_the_removal(
+    settings: Settings, store: SQLiteStore
+) -> None:
+    """As ``docker run``'s exit code: the user waits for the exit, not for the removal. When Docker removes the
+    container, the outcome is recorded, the log is closed with it and what the attempt held is handed on (the
+    next placement has run); the container is removed in the end. An image that is here is not inspected
+    first, and the exit (code and OOM flag) comes from the one inspect that saw the container stop."""
+    seen: list[tuple[str, object]] = []
+
+    class Recording(DockerRuntime):
+        def remove(self, container_id: str) -> None:
+            task_now = store.get_task(task.task_id)
+            _, last = CloudAI(settings).bus.last_entry(task.task_id)
+            seen.append(("remove", (task_now.status if task_now else None, last,
+                                    DockerRuntime().inspect(container_id) is not None)))
+            super().remove(container_id)
+
+    api = _RecordingApi(version="auto", **docker.utils.kwargs_from_env())
+    api.calls = []
+    client = docker.DockerClient.__new__(docker.DockerClient)
+    client.api = api
+    task = queued_task(store, settings.worker_id, "echo out; exit 4")
+    bus = LogBus.from_url(settings.redis_url)
+    ex = Executor(settings, store, bus, Recording(client), bus.redis,
+                  after_finish=lambda t: seen.append(("placed", t.task_id)))
+    assert ex.run(message(task)) == "failed"
+    assert [what for what, _ in seen] == ["placed", "remove"]
+    status, last, present = seen[1][1]  # type: ignore[misc]
+    assert status == S.FAILED and present
+    assert isinstance(last, LogEnd) and (last.status, last.exit_code) == ("failed", 4)
+    assert DockerRuntime().find(task_id=task.task_id) == []  # removed in the end
+    got = store.get_task(task.task_id)
+    assert got is not None and (got.exit_code, got.oom_killed, got.error.message) == (  # type: ignore[union-attr]
+        4, False, "exited with code 4")
+    assert "inspect_image" not in api.calls and "wait" not in api.calls
+    assert api.calls.count("inspect_container") == 1, api.calls
 
 
 class _CountingLogs(DockerRuntime):
