@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from cli import quota as quota_cli
+from cli.shutdown import SERVICES, ExitPlan, exit_now
 from cloudai.errors import CloudAIError, ExitCode, RedisUnavailable
 
 # TaskStatus's values (tests/unit check they match), so that defining `list --status` needs no models import
@@ -93,6 +94,8 @@ def cli(ctx: click.Context, redis_url: str | None, store_url: str | None) -> Non
     """
     from cloudai.settings import Settings
 
+    if isinstance(ctx.obj, ExitPlan):  # run as the console script: see main()
+        ctx.obj.fast = ctx.invoked_subcommand not in SERVICES
     try:
         settings = Settings.from_env().replace(redis_url=redis_url, store_url=store_url)
     except CloudAIError as exc:
@@ -508,7 +511,14 @@ quota_cli.register(cli, Context, pass_ctx)
 
 
 def main() -> None:
-    cli(prog_name="cloudai")
+    """The ``cloudai`` console script (a client command ends quickly: :mod:`cli.shutdown`)."""
+    plan = ExitPlan()
+    try:
+        cli.main(prog_name="cloudai", obj=plan)
+    except SystemExit as exc:
+        if not plan.fast:
+            raise
+        exit_now(exc.code)
 
 
 if __name__ == "__main__":
