@@ -1,4 +1,4 @@
-"""Benchmark: submits per second through the real library (SQLite store, Redis reservations, Celery dispatch
+"""Benchmark: submits per second through the real library (SQLite store, Redis reservations, the Celery message
 onto each worker's Redis queue) with 50 registered workers, as the backlog of live tasks grows to 10,000.
 
 Prints the rate of the first and the last 1,000 submits and their ratio: the last 1,000 (with 9,000 live tasks
@@ -146,7 +146,7 @@ def parts(url: str, workers: int, n: int) -> None:
     cluster = Cluster(url, workers)
     api, scheduler = cluster.api, cluster.api.scheduler
     for owner, name, label in [
-        (scheduler, "dispatch", "dispatch: Celery message + task-sent event"),
+        (scheduler, "dispatch", "dispatch: the Celery message + task-sent event, one pipelined round trip"),
         (scheduler.reservations, "place", "placement script (Lua)"),
         (api.store, "create_task", "store: insert the task (alone)"),
         (api.store, "create_assignment", "store: insert the assignment (alone)"),
