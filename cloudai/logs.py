@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import operator
 import time
 from collections.abc import Callable
 from typing import Any
@@ -101,6 +102,7 @@ return 1
 
 
 BATCH_LINES = 500
+_TEXT, _STAMP = operator.itemgetter(1), operator.itemgetter(2)  # of a pending (seq, text, ts)
 BATCH_SECONDS = 0.05
 
 
@@ -332,15 +334,26 @@ class LogWriter:
 
     def _entries(self, limit: int) -> list[list[tuple[int, str, str]]]:
         """The first pending lines cut into entries of at most BATCH_LINES lines and ~MAX_ENTRY_BYTES."""
+        pending = self._pending[:limit]
+        fast: list[list[tuple[int, str, str]]] = []
+        done = 0
+        while done < len(pending):  # whole BATCH_LINES slices while their text is small (a size sum, no loop)
+            chunk = pending[done: done + BATCH_LINES]
+            if sum(map(len, map(_TEXT, chunk))) + 40 * len(chunk) > MAX_ENTRY_BYTES:
+                break  # long lines: cut by size, line by line, from here (the same cuts as below would make)
+            fast.append(chunk)
+            done += len(chunk)
+        if done == len(pending):
+            return fast
         entries: list[list[tuple[int, str, str]]] = [[]]
         size = 0
-        for item in self._pending[:limit]:
+        for item in pending[done:]:
             if entries[-1] and (len(entries[-1]) >= BATCH_LINES or size + len(item[1]) > MAX_ENTRY_BYTES):
                 entries.append([])
                 size = 0
             entries[-1].append(item)
             size += len(item[1]) + 40
-        return entries
+        return fast + entries
 
     def flush(self, attempts: int = 20) -> None:
         """Write pending lines (up to 20 entries a script call, atomically fenced: see :data:`_APPEND`). On Redis
@@ -354,8 +367,8 @@ class LogWriter:
                 first_seq = entries[0][0][0]
                 args: list[Any] = [self.execution or "", _entry_id(max(0, first_seq - self.bus.maxlen))]
                 for entry in entries:
-                    texts = json.dumps([e[1] for e in entry])  # once: the entry and the pub/sub payload share it
-                    args += [entry[0][0], len(entry), texts, json.dumps([e[2] for e in entry]),
+                    texts = json.dumps(list(map(_TEXT, entry)))  # once: the entry and the pub/sub payload share it
+                    args += [entry[0][0], len(entry), texts, json.dumps(list(map(_STAMP, entry))),
                              f'{{"first": {entry[0][0]}, "lines": {texts}}}']
                 result = int(self.bus._append(keys=[self.key, keys.execution(self.task_id)], args=args))
                 if result == -2 and self.execution and self.revalidate is not None and self.revalidate():

@@ -110,3 +110,33 @@ def test_log_lines_cross_sse_unchanged_however_the_stream_is_cut(batches: list[l
             assert got[-1].seq == int(event.id)  # type: ignore[union-attr]  # resuming after it loses nothing
             received += got
     assert received == sent
+
+
+def _entries_line_by_line(pending: list[tuple[int, str, str]]) -> list[list[tuple[int, str, str]]]:
+    """The rule, one line at a time: a new entry at BATCH_LINES lines or when the next line passes the size."""
+    from cloudai.logs import BATCH_LINES, MAX_ENTRY_BYTES
+
+    entries: list[list[tuple[int, str, str]]] = [[]]
+    size = 0
+    for item in pending:
+        if entries[-1] and (len(entries[-1]) >= BATCH_LINES or size + len(item[1]) > MAX_ENTRY_BYTES):
+            entries.append([])
+            size = 0
+        entries[-1].append(item)
+        size += len(item[1]) + 40
+    return entries if entries[0] else []
+
+
+SHORT_RUNS = st.tuples(st.integers(1, 1200), st.sampled_from([0, 1, 10, 1000]))
+LONG_RUNS = st.tuples(st.integers(1, 4), st.sampled_from([40_000, 300_000]))  # pass the entry's byte limit
+
+
+@settings(max_examples=80)
+@given(st.lists(st.one_of(SHORT_RUNS, LONG_RUNS), max_size=6))
+def test_log_entries_are_cut_as_the_line_by_line_rule_cuts_them(runs: list[tuple[int, int]]) -> None:
+    from cloudai.logs import LogWriter
+
+    writer = LogWriter(None, "t", 1)  # type: ignore[arg-type]  # cutting entries needs no Redis
+    pending = [(n, "x" * length, "ts") for count, length in runs for n in range(count)]
+    writer._pending = pending
+    assert writer._entries(len(pending)) == _entries_line_by_line(pending)
