@@ -108,7 +108,7 @@ class Archiver:
                 fallback = False
                 if not self._buf:
                     self._first = first
-                self._buf += [f"{ts or '-'} {text}" for text, ts in lines]  # archive_line's format, no call a line
+                self._buf += [archive_line(text, ts) for text, ts in lines]
                 self._ensure_thread()
                 if len(self._buf) >= CHUNK_LINES:
                     self._wake.set()

@@ -36,8 +36,6 @@ ARGSREPR_MAXSIZE = 1024
 _SEP = "\x06\x16"
 EVENT_EXCHANGE = "celeryev"
 
-_clock = itertools.count(1)  # this process's Lamport clock for the events it sends (Celery's clock.forward())
-
 
 def origin() -> str:
     """Celery's name for a process that is not a worker (``gen<pid>@<host>``), the message's ``origin``."""
@@ -80,11 +78,12 @@ def task_message(name: str, task_id: str, args: list[Any], queue: str, sender: s
     return _envelope(body, headers, properties, "", queue)
 
 
-def task_sent_event(name: str, task_id: str, queue: str, sender: str, shown: str) -> str:
+def task_sent_event(name: str, task_id: str, queue: str, sender: str, shown: str, clock: int) -> str:
     """The ``task-sent`` event Celery publishes with a message (``task_send_sent_event``): Flower lists a task
-    from it while the task still waits on its queue."""
+    from it while the task still waits on its queue. ``clock``: the sender's Lamport clock (Celery's
+    ``clock.forward()``)."""
     event = {
-        "hostname": sender, "utcoffset": utcoffset(), "pid": os.getpid(), "clock": next(_clock),
+        "hostname": sender, "utcoffset": utcoffset(), "pid": os.getpid(), "clock": clock,
         "uuid": task_id, "root_id": task_id, "parent_id": None, "name": name, "args": shown, "kwargs": "{}",
         "retries": 0, "eta": None, "expires": None, "queue": queue, "exchange": "", "routing_key": queue,
         "timestamp": time.time(), "type": "task-sent",
@@ -106,6 +105,7 @@ class Dispatcher:
         self._declared: set[str] = set()
         self._lock = threading.Lock()
         self._sender = origin()
+        self._clock = itertools.count(1)  # the Lamport clock of the events this dispatcher sends
 
     @classmethod
     def from_url(cls, redis_url: str) -> Dispatcher:
@@ -130,7 +130,8 @@ class Dispatcher:
             pipe.sadd(f"_kombu.binding_permanent.{queue}", binding)
         pipe.lpush(queue, task_message(keys.RUN_CONTAINER_TASK, task_id, args, queue, self._sender, shown))
         pipe.publish(f"/{self._db}.{EVENT_EXCHANGE}/task.sent",
-                     task_sent_event(keys.RUN_CONTAINER_TASK, task_id, queue, self._sender, shown))
+                     task_sent_event(keys.RUN_CONTAINER_TASK, task_id, queue, self._sender, shown,
+                                     next(self._clock)))
         pipe.execute()
         if declare:
             with self._lock:
