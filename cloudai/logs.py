@@ -297,6 +297,7 @@ class LogWriter:
         self.revalidate = revalidate
         self._pending: list[tuple[int, str, str]] = []
         self._first_at = 0.0
+        self._unsure = False  # a write failed: it may have landed, which the stream must say before the next
 
     @property
     def published(self) -> int:
@@ -355,6 +356,11 @@ class LogWriter:
             size += len(item[1]) + 40
         return fast + entries
 
+    def _drop_landed(self) -> None:
+        last, _ = self.bus.last_entry(self.task_id)
+        self._pending = [p for p in self._pending if p[0] > last]
+        self._unsure = False
+
     def flush(self, attempts: int = 20) -> None:
         """Write pending lines (up to 20 entries a script call, atomically fenced: see :data:`_APPEND`). On Redis
         errors retry with back-off, never writing a line twice; after ``attempts`` failures in a row raise
@@ -362,8 +368,14 @@ class LogWriter:
         failures = 0
         delay = 0.1
         while self._pending:
-            entries = self._entries(BATCH_LINES * 20)
             try:
+                if self._unsure:
+                    # a failed write may have landed (its reply was lost): drop what the stream already has
+                    # before cutting entries again. The script skips an entry whose first line the stream has,
+                    # and a re-cut entry can hold lines it has and lines it lacks. Asked once Redis answers
+                    self._drop_landed()
+                    continue
+                entries = self._entries(BATCH_LINES * 20)
                 first_seq = entries[0][0][0]
                 args: list[Any] = [self.execution or "", _entry_id(max(0, first_seq - self.bus.maxlen))]
                 for entry in entries:
@@ -379,14 +391,10 @@ class LogWriter:
                     raise AttemptFenced(self.task_id, self.execution or "", "log lines")
                 del self._pending[: sum(len(e) for e in entries)]
                 failures = 0
-            except redis.RedisError as exc:
+            except (redis.RedisError, RedisUnavailable) as exc:
                 failures += 1
+                self._unsure = True
                 log.warning("log flush for %s failed (%s), attempt %d", self.task_id, exc, failures)
-                try:  # part of the pipeline may have landed: drop what the stream already has
-                    last, _ = self.bus.last_entry(self.task_id)
-                    self._pending = [p for p in self._pending if p[0] > last]
-                except RedisUnavailable:
-                    pass
                 if failures >= attempts:
                     raise RedisUnavailable(self.bus.url, f"could not write log lines of task {self.task_id}") from exc
                 time.sleep(delay)

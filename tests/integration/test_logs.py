@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from cloudai.api import CloudAI
+from cloudai.errors import RedisUnavailable
 from cloudai.lines import MAX_LINE_BYTES
 from cloudai.logevents import LogEnd, LogLine
 from cloudai.logs import LogBus
@@ -112,6 +113,40 @@ def test_many_concurrent_followers_all_get_every_line(settings: Settings, store:
         t.join(60)
     assert len(results) == 12
     assert all(r == [f"l{i}" for i in range(5000)] for r in results)
+
+
+def test_a_write_whose_reply_was_lost_while_redis_went_away_loses_no_line(
+    settings: Settings, store: SQLiteStore, api: CloudAI
+) -> None:
+    """The script ran and its entry landed, but the reply was lost and Redis went away before the writer could
+    ask what landed; later lines join the pending ones. The next write must neither skip nor repeat a line.
+    (Faked: the lost reply and the moment Redis is away; the stream, the script and the follower are real.)"""
+    task = queued_task(store, settings.worker_id, None, status=S.RUNNING)
+    bus = LogBus.from_url(settings.redis_url)
+    writer = bus.writer(task.task_id)
+    real_append, real_last_entry = bus._append, bus.last_entry
+
+    def lands_then_reply_lost(*args: object, **kwargs: object) -> object:
+        real_append(*args, **kwargs)
+        raise redis.ConnectionError("Connection closed by server.")
+
+    def redis_away(task_id: str) -> object:
+        raise RedisUnavailable(settings.redis_url, "connection refused")
+
+    for i in range(1, 21):
+        writer.add(f"line {i}")
+    bus._append, bus.last_entry = lands_then_reply_lost, redis_away  # type: ignore[assignment,method-assign]
+    with pytest.raises(RedisUnavailable):
+        writer.flush(attempts=1)
+    assert writer.backlog == 20  # unknown to the writer: they landed
+    bus._append, bus.last_entry = real_append, real_last_entry  # type: ignore[method-assign]
+    for i in range(21, 61):
+        writer.add(f"line {i}")
+    writer.flush()
+    bus.end(task.task_id, "completed", 0)
+    lines, _end = _collect(api, task.task_id)
+    assert [e.text for e in lines] == [f"line {i}" for i in range(1, 61)]  # each once, none skipped
+    assert [e.seq for e in lines] == list(range(1, 61))
 
 
 def test_follow_survives_a_dropped_redis_connection(
