@@ -20,6 +20,7 @@ import time
 import urllib.request
 from collections.abc import Callable
 
+from bench import processes
 from cloudai import tokens
 from cloudai.settings import Settings
 from cloudai.store import open_store
@@ -34,27 +35,18 @@ def free_port() -> int:
 
 
 def timed(env: dict[str, str], *args: str, lines: int | None = None) -> float:
-    """One whole ``cloudai`` process (the installed console script); with ``lines``, its output must hold
-    exactly that many numbered lines."""
-    started = time.perf_counter()
-    proc = subprocess.run(["cloudai", *args], env=env, check=True, stdout=subprocess.PIPE if lines else
-                          subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    elapsed = time.perf_counter() - started
-    if lines is not None:
-        got = sum(1 for line in proc.stdout.splitlines() if line[:1].isdigit())
-        if got != lines:
-            raise SystemExit(f"cloudai {' '.join(args)}: {got} of {lines} lines arrived")
-    return elapsed
+    """One whole ``cloudai`` process (the installed console script); with ``lines``, its output must hold lines
+    1..N of ``seq``, in order."""
+    return processes.timed(["cloudai", *args], count_lines=lines, env=env).seconds
 
 
 def alternate(direct: Callable[[], float], api: Callable[[], float], runs: int) -> tuple[float, float]:
     """Medians of ``runs`` alternating runs of each, after one warm-up of each."""
-    direct(), api()
-    d_times, a_times = [], []
-    for _ in range(runs):  # alternating: both see the same machine load
-        d_times.append(direct())
-        a_times.append(api())
-    return statistics.median(d_times), statistics.median(a_times)
+    from bench.processes import Sample
+    from bench.processes import alternate as interleave
+
+    d, a = interleave(lambda: Sample(direct()), lambda: Sample(api()), runs)
+    return statistics.median(s.seconds for s in d), statistics.median(s.seconds for s in a)
 
 
 def start_server(port: int) -> subprocess.Popen[bytes]:

@@ -68,11 +68,12 @@ def cloudai_cmd() -> list[str]:
     return [found]
 
 
-def timed(argv: Sequence[str], count_lines: int | None = None, shell: bool = False) -> Sample:
+def timed(argv: Sequence[str], count_lines: int | None = None, shell: bool = False,
+          env: dict[str, str] | None = None) -> Sample:
     """Run ``argv`` to its end; with ``count_lines``, its stdout must carry exactly lines 1..N of ``seq``."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv if not shell else argv[0], shell=shell, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=env)
     assert proc.stdout is not None
     expected = 1
     numbered = 0
