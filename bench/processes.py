@@ -9,8 +9,8 @@ so a noisy, shared machine moves both sides alike. Cases:
 - ``many``: 100 trivial tasks submitted with ``xargs -P 8 cloudai submit -q`` and waited for (first submit to
   last completed) vs the same 100 ``docker run --rm`` with ``xargs -P 8``.
 - ``help``: ``cloudai --help``, absolute (no baseline exists).
-- ``floor``: ``python -c 'import click, redis'`` (``httpx`` through the master) against ``docker run --rm``: the
-  interpreter's share, which no change to CloudAI can remove.
+- ``floor``: ``python -c 'import click, socket, sqlite3, json'`` (``click, httpx`` through the master) against
+  ``docker run --rm``: the interpreter's share, which no change to CloudAI can remove.
 
 The worker must already run (``./scripts/bench`` starts one and passes its id and pid). With
 ``--through-master`` (or ``CLOUDAI_API_URL`` set) the ``cloudai`` commands go through the master with a token,
@@ -159,9 +159,10 @@ def case_many(tasks: int, parallel: int, runs: int) -> Row:
 
 def case_floor(runs: int, remote: bool) -> Row:
     """What any Python command on the same libraries pays before it does anything: the interpreter starting and
-    importing click and the client library (redis-py in direct mode, httpx through the master). It shows how
-    much of the trivial task's ratio is left to CloudAI's own code."""
-    library = "httpx" if remote else "redis"
+    importing click and the client library (the standard library's socket and sqlite3 in direct mode, where
+    the CLI speaks RESP itself with :mod:`cloudai.resp`; httpx through the master). It shows how much of the
+    trivial task's ratio is left to CloudAI's own code."""
+    library = "httpx" if remote else "socket, sqlite3, json"
     # the CLI's client keeps httpx's own command-line tool and trio unloaded (cli/remote.py): so does the floor
     blocked = "import sys; sys.modules.update({'httpx._main': None, 'trio': None}); " if remote else ""
     python = os.path.join(os.path.dirname(cloudai_cmd()[0]), "python")

@@ -87,5 +87,6 @@ def open_client(settings: Settings) -> Client:
 
         return RemoteCloud(*target)
     from cloudai.api import CloudAI
+    from cloudai.resp import connect
 
-    return CloudAI(settings)
+    return CloudAI(settings, connect=connect)

@@ -6,8 +6,6 @@ import time
 from collections.abc import Callable, Iterator
 from functools import cached_property
 
-import redis
-
 from cloudai import keys, limits
 from cloudai.clock import redis_now, with_redis_heartbeats
 from cloudai.errors import (
@@ -32,6 +30,7 @@ from cloudai.models import (
     new_task_id,
     utcnow,
 )
+from cloudai.redispy import redis
 from cloudai.scheduler import Dispatch, Scheduler
 from cloudai.settings import Settings
 from cloudai.store import TaskStore, open_store
@@ -47,9 +46,13 @@ S = TaskStatus
 class CloudAI:
     """The operations of the CLI, on one cluster. Connections open lazily, on first use."""
 
-    def __init__(self, settings: Settings, dispatch: Dispatch | None = None) -> None:
+    def __init__(self, settings: Settings, dispatch: Dispatch | None = None,
+                 connect: Callable[[str], redis.Redis] | None = None) -> None:
+        """``connect``: how to open the Redis client from its URL (default redis-py's; the CLI passes
+        :func:`cloudai.resp.connect`, which does not import redis-py)."""
         self.settings = settings
         self._dispatch = dispatch
+        self._connect = connect
         self._redis_ok_at = float("-inf")
 
     @cached_property
@@ -62,7 +65,7 @@ class CloudAI:
 
     @cached_property
     def bus(self) -> LogBus:
-        return LogBus.from_url(self.settings.redis_url, self.settings.log_stream_maxlen)
+        return LogBus.from_url(self.settings.redis_url, self.settings.log_stream_maxlen, self._connect)
 
     @cached_property
     def scheduler(self) -> Scheduler:

@@ -24,11 +24,11 @@ import time
 import uuid
 from typing import Any
 
-import redis
-
 from cloudai import keys
 from cloudai.message import RunMessage
 from cloudai.models import Task
+from cloudai.redispy import redis
+from cloudai.resp import redis_db
 
 #: Celery's default ``argsrepr_maxsize``: longer argument reprs are cut (Flower shows the repr)
 ARGSREPR_MAXSIZE = 1024
@@ -95,13 +95,14 @@ class Dispatcher:
     """Puts a queued task's message on its worker's own queue (never ``worker_direct``: a message to a worker
     that never started would be dropped), with its ``task-sent`` event, in one pipelined round trip.
 
-    Uses the caller's Redis client (its connection pool and its retry on a dropped connection); a message that
-    lands twice after such a retry is harmless, as for beat's re-send: the worker claims the attempt with a
-    compare-and-set, queued -> running. Thread-safe: a redis-py client is, and each call has its own pipeline."""
+    Uses the caller's Redis client (redis-py's or the CLI's :class:`cloudai.resp.RespClient`, both of which
+    retry once on a dropped connection); a message that lands twice after such a retry is harmless, as for
+    beat's re-send: the worker claims the attempt with a compare-and-set, queued -> running. Thread-safe: both
+    clients are, and each call has its own pipeline."""
 
     def __init__(self, client: redis.Redis) -> None:
         self.client = client
-        self._db = int(client.connection_pool.connection_kwargs.get("db", 0) or 0)
+        self._db = redis_db(client)
         self._declared: set[str] = set()
         self._lock = threading.Lock()
         self._sender = origin()

@@ -20,11 +20,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import redis
-
 from cloudai import keys
 from cloudai.errors import AttemptFenced, RedisUnavailable
 from cloudai.logevents import LogEnd, LogEvent, LogLine
+from cloudai.redispy import redis
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +128,12 @@ class LogBus:
         self._registry = client.register_script(_REGISTRY)
 
     @classmethod
-    def from_url(cls, url: str, maxlen: int = 1_000_000) -> LogBus:
+    def from_url(cls, url: str, maxlen: int = 1_000_000,
+                 connect: Callable[[str], redis.Redis] | None = None) -> LogBus:
+        """A bus on a client of its own: ``connect(url)`` when given (the CLI's :func:`cloudai.resp.connect`),
+        else redis-py's."""
+        if connect is not None:
+            return cls(connect(url), maxlen, url)
         client = redis.Redis.from_url(
             url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5, health_check_interval=15
         )

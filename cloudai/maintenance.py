@@ -7,13 +7,12 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import redis
-
 from cloudai import keys
 from cloudai.clock import redis_now, with_redis_heartbeats
 from cloudai.lines import archive_line
 from cloudai.logs import LogBus
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, WorkerState, new_execution_id, utcnow
+from cloudai.redispy import redis
 from cloudai.reservations import Reservations
 from cloudai.scheduler import Scheduler
 from cloudai.settings import Settings

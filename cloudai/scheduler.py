@@ -22,8 +22,6 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-import redis
-
 from cloudai import keys
 from cloudai.dispatch import Dispatcher
 from cloudai.errors import CloudAIError, PlacementError, RedisUnavailable, ServiceUnavailable, WorkerNotFound
@@ -40,6 +38,7 @@ from cloudai.models import (
     format_bytes,
     utcnow,
 )
+from cloudai.redispy import redis
 from cloudai.reservations import Candidates, Held, NoFit, OverQuota, Placed, Reservations, gpu_order
 from cloudai.settings import Settings
 from cloudai.store import TaskStore

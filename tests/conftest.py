@@ -11,7 +11,7 @@ import pytest
 
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.services import RedisServer, docker_client
+from tests.services import PersistentRedis, RedisServer, docker_client
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +36,15 @@ def redis_client(redis_url: str):  # type: ignore[no-untyped-def]
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     yield client
     client.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
+    """A private redis-server a test may stop and start again (append-only: a restart keeps the data)."""
+    server = PersistentRedis(tmp_path)
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

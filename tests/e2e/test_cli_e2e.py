@@ -53,6 +53,21 @@ def test_submit_follow_prints_both_streams_and_exits_with_the_code(settings: Set
     assert "Task Failed — exit 3" in result.stdout
 
 
+def test_a_followed_submit_never_loads_redis_py(settings: Settings, workers, mode: str) -> None:  # type: ignore[no-untyped-def]
+    """Importing redis-py was most of a short command's CPU: the CLI talks to Redis with cloudai.resp (direct
+    mode) or to the master with httpx (API mode), and neither loads it (``-X importtime`` lists every import)."""
+    workers()
+    env = {**(_MODE_ENV or cli_env(settings)), "PYTHONPROFILEIMPORTTIME": "1"}
+    result = subprocess.run(cloudai("submit", "-f", "-m", "64m", TEST_IMAGE, "--", "echo", "hi"), cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[0] == "hi"
+    imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert ("cloudai.resp" if mode == "direct" else "cli.remote") in imported  # the list is complete
+    assert not sorted(m for m in imported if m.startswith("redis.") or m in ("celery", "kombu", "docker"))
+
+
 def test_monitor_started_late_prints_everything(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
     workers()
     task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 200); do echo line $i; done")

@@ -2,60 +2,18 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
 from cloudai.api import CloudAI
 from cloudai.logs import LogEnd, LogLine
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
 from tests.helpers import executor, message, queued_task, register, run_in_thread, wait_for
-from tests.services import free_port, missing
-
-
-class PersistentRedis:
-    """A private redis-server with an append-only file, so a restart keeps the streams."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.dir = directory
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        binary = shutil.which("redis-server") or missing("redis-server is not installed")
-        self.proc = subprocess.Popen(
-            [str(binary), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
-             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for(lambda: _pings(self.url), 10, 0.05, "redis-server")
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(10)
-            self.proc = None
-
-
-def _pings(url: str) -> bool:
-    try:
-        return bool(redis.Redis.from_url(url, socket_connect_timeout=0.2).ping())
-    except redis.RedisError:
-        return False
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[PersistentRedis]:
-    server = PersistentRedis(tmp_path)
-    server.start()
-    yield server
-    server.stop()
+from tests.services import PersistentRedis
 
 
 @pytest.mark.usefixtures("docker_ready")
