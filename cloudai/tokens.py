@@ -9,7 +9,6 @@ the store keeps only its SHA-256 (a random secret this long needs no slow passwo
 from __future__ import annotations
 
 import hashlib
-import secrets
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -87,6 +86,8 @@ def display_prefix(token: str) -> str:
 
 def new_secret() -> str:
     """A fresh token: 256 random bits."""
+    import secrets  # here: it imports random, which no other command needs
+
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
