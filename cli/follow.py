@@ -12,7 +12,7 @@ from typing import TextIO
 import click
 
 from cli.client import Client
-from cli.render import exit_code_for, final_block, print_status
+from cli.render import exit_code_for, final_block, print_status, write_text
 from cloudai.errors import ExitCode
 from cloudai.logevents import LogEnd, LogLine
 
@@ -71,9 +71,9 @@ def stream(api: Client, task_id: str, after_seq: int = 0, timestamps: bool = Fal
         if lines:
             shown = [e for e in lines if isinstance(e, LogLine)]
             if timestamps:
-                out.write("".join(_format(e, True) for e in shown))
+                write_text(out, "".join(_format(e, True) for e in shown))
             elif shown:
-                out.write("\n".join([e.text for e in shown]) + "\n")
+                write_text(out, "\n".join([e.text for e in shown]) + "\n")
         if end is not None:
             out.write(final_block(end, color) + "\n")
         if lines or end is not None:

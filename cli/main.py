@@ -273,7 +273,7 @@ def logs(ctx: Context, task_id: str, follow: bool, tail: int | None, timestamps:
         if attempt > task.attempt:
             raise click.BadParameter(f"task {task_id} has attempts 1 to {task.attempt}", param_hint="--attempt")
         lines = attempt_section(api.logs(task_id), attempt)
-        click.echo("".join(f"{e.ts} {e.text}\n" if timestamps else e.text + "\n" for e in lines), nl=False)
+        render.write_text(sys.stdout, "".join(f"{e.ts} {e.text}\n" if timestamps else e.text + "\n" for e in lines))
         return
     after = 0
     if tail is not None:

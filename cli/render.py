@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import select
 import sys
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TextIO
@@ -57,6 +59,26 @@ def cell(value: object, style: str = "") -> Text:
     from rich.text import Text
 
     return Text(visible(value), style=style)
+
+
+def write_text(out: TextIO, text: str) -> None:
+    """``out.write(text)``, but to a real file (the terminal, a pipe) with :func:`os.write` until every byte is
+    taken. Through the text layer, CPython 3.11's buffered writer lost bytes of large writes to a full pipe when
+    the process was stopped and continued meanwhile (Ctrl-Z and `fg`, a debugger, a sampling profiler): a
+    quarter of a 300,000-line log in tests/integration/test_cli_output.py. A short write is resumed here where
+    it stopped, and a full non-blocking pipe is waited on."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):  # not a file (io.UnsupportedOperation is both of the latter)
+        out.write(text)
+        return
+    out.flush()  # what went through the text layer before comes first
+    data = memoryview(text.encode(getattr(out, "encoding", None) or "utf-8", getattr(out, "errors", None) or "strict"))
+    while data:
+        try:
+            data = data[os.write(fd, data):]
+        except BlockingIOError:
+            select.select([], [fd], [])
 
 
 def exit_code_for(status: str, exit_code: int | None) -> int:
