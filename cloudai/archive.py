@@ -10,7 +10,7 @@ import threading
 from collections.abc import Iterable
 
 from cloudai.errors import AttemptFenced, StoreUnavailable
-from cloudai.lines import archive_line
+from cloudai.lines import archive_line, archive_lines
 from cloudai.store import TaskStore
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Archiver:
                 fallback = False
                 if not self._buf:
                     self._first = first
-                self._buf += [archive_line(text, ts) for text, ts in lines]
+                self._buf += archive_lines(lines)
                 self._ensure_thread()
                 if len(self._buf) >= CHUNK_LINES:
                     self._wake.set()

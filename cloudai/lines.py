@@ -113,7 +113,13 @@ def split_chunks(chunks: Iterable[list[bytes]]) -> Iterator[list[tuple[str, str]
 
 
 def archive_line(text: str, ts: str) -> str:
-    return f"{ts or '-'} {text}"
+    return archive_lines([(text, ts)])[0]
+
+
+def archive_lines(lines: list[tuple[str, str]]) -> list[str]:
+    """:func:`archive_line` of each ``(text, ts)``, formatted inline (a call per line was a tenth of the worker's
+    CPU on a long log)."""
+    return [f"{ts or '-'} {text}" for text, ts in lines]
 
 
 def parse_archive_line(line: str) -> tuple[str, str]:

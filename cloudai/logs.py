@@ -101,7 +101,7 @@ return 1
 
 
 BATCH_LINES = 500
-_TEXT, _STAMP = operator.itemgetter(1), operator.itemgetter(2)  # of a pending (seq, text, ts)
+_TEXT, _STAMP = operator.itemgetter(0), operator.itemgetter(1)  # of a line as the splitter gives it: (text, ts)
 BATCH_SECONDS = 0.05
 
 
@@ -299,7 +299,10 @@ class LogWriter:
         self.next_seq = next_seq
         self.execution = execution
         self.revalidate = revalidate
-        self._pending: list[tuple[int, str, str]] = []
+        # the pending lines as two columns (a tuple per line cost the worker a sixth of its CPU on a long log);
+        # the first is line ``next_seq - len(_texts)``
+        self._texts: list[str] = []
+        self._stamps: list[str] = []
         self._first_at = 0.0
         self._unsure = False  # a write failed: it may have landed, which the stream must say before the next
 
@@ -311,58 +314,67 @@ class LogWriter:
     @property
     def backlog(self) -> int:
         """Lines added but not yet written."""
-        return len(self._pending)
+        return len(self._texts)
+
+    @property
+    def _first_seq(self) -> int:
+        return self.next_seq - len(self._texts)
 
     def add(self, text: str, ts: str = "") -> None:
         """Queue a line; :meth:`flush_if_due` or :meth:`flush` writes it."""
-        if not self._pending:
+        if not self._texts:
             self._first_at = time.monotonic()
-        self._pending.append((self.next_seq, text, ts))
+        self._texts.append(text)
+        self._stamps.append(ts)
         self.next_seq += 1
 
     def add_many(self, lines: list[tuple[str, str]]) -> None:
         """:meth:`add` for each ``(text, ts)``."""
         if not lines:
             return
-        if not self._pending:
+        if not self._texts:
             self._first_at = time.monotonic()
-        seq = self.next_seq
-        self._pending += [(seq + n, text, ts) for n, (text, ts) in enumerate(lines)]
-        self.next_seq = seq + len(lines)
+        self._texts += map(_TEXT, lines)
+        self._stamps += map(_STAMP, lines)
+        self.next_seq += len(lines)
 
     def flush_if_due(self, attempts: int = 20) -> None:
         """Write when a batch is full or its first line has waited ~50 ms."""
-        if len(self._pending) >= BATCH_LINES or (
-            self._pending and time.monotonic() - self._first_at >= BATCH_SECONDS
+        if len(self._texts) >= BATCH_LINES or (
+            self._texts and time.monotonic() - self._first_at >= BATCH_SECONDS
         ):
             self.flush(attempts)
 
-    def _entries(self, limit: int) -> list[list[tuple[int, str, str]]]:
-        """The first pending lines cut into entries of at most BATCH_LINES lines and ~MAX_ENTRY_BYTES."""
-        pending = self._pending[:limit]
-        fast: list[list[tuple[int, str, str]]] = []
+    def _cuts(self, limit: int) -> list[int]:
+        """How many lines each entry takes when the first ``limit`` pending lines are cut into entries of at most
+        BATCH_LINES lines and ~MAX_ENTRY_BYTES."""
+        texts = self._texts[:limit]
+        sizes: list[int] = []
         done = 0
-        while done < len(pending):  # whole BATCH_LINES slices while their text is small (a size sum, no loop)
-            chunk = pending[done: done + BATCH_LINES]
-            if sum(map(len, map(_TEXT, chunk))) + 40 * len(chunk) > MAX_ENTRY_BYTES:
+        while done < len(texts):  # whole BATCH_LINES slices while their text is small (a size sum, no loop)
+            chunk = texts[done: done + BATCH_LINES]
+            if sum(map(len, chunk)) + 40 * len(chunk) > MAX_ENTRY_BYTES:
                 break  # long lines: cut by size, line by line, from here (the same cuts as below would make)
-            fast.append(chunk)
+            sizes.append(len(chunk))
             done += len(chunk)
-        if done == len(pending):
-            return fast
-        entries: list[list[tuple[int, str, str]]] = [[]]
-        size = 0
-        for item in pending[done:]:
-            if entries[-1] and (len(entries[-1]) >= BATCH_LINES or size + len(item[1]) > MAX_ENTRY_BYTES):
-                entries.append([])
-                size = 0
-            entries[-1].append(item)
-            size += len(item[1]) + 40
-        return fast + entries
+        if done == len(texts):
+            return sizes
+        count = size = 0
+        for text in texts[done:]:
+            if count and (count >= BATCH_LINES or size + len(text) > MAX_ENTRY_BYTES):
+                sizes.append(count)
+                count = size = 0
+            count += 1
+            size += len(text) + 40
+        return [*sizes, count]
+
+    def _drop(self, count: int) -> None:
+        del self._texts[:count]
+        del self._stamps[:count]
 
     def _drop_landed(self) -> None:
         last, _ = self.bus.last_entry(self.task_id)
-        self._pending = [p for p in self._pending if p[0] > last]
+        self._drop(max(0, min(len(self._texts), last - self._first_seq + 1)))
         self._unsure = False
 
     def flush(self, attempts: int = 20) -> None:
@@ -371,7 +383,7 @@ class LogWriter:
         :class:`RedisUnavailable` (lines stay pending). A stale attempt's lines raise :class:`AttemptFenced`."""
         failures = 0
         delay = 0.1
-        while self._pending:
+        while self._texts:
             try:
                 if self._unsure:
                     # a failed write may have landed (its reply was lost): drop what the stream already has
@@ -379,21 +391,24 @@ class LogWriter:
                     # and a re-cut entry can hold lines it has and lines it lacks. Asked once Redis answers
                     self._drop_landed()
                     continue
-                entries = self._entries(BATCH_LINES * 20)
-                first_seq = entries[0][0][0]
+                cuts = self._cuts(BATCH_LINES * 20)
+                first_seq = seq = self._first_seq
                 args: list[Any] = [self.execution or "", _entry_id(max(0, first_seq - self.bus.maxlen))]
-                for entry in entries:
-                    texts = json.dumps(list(map(_TEXT, entry)))  # once: the entry and the pub/sub payload share it
-                    args += [entry[0][0], len(entry), texts, json.dumps(list(map(_STAMP, entry))),
-                             f'{{"first": {entry[0][0]}, "lines": {texts}}}']
+                at = 0
+                for count in cuts:
+                    texts = json.dumps(self._texts[at:at + count])  # once: the entry and the pub/sub payload share it
+                    args += [seq, count, texts, json.dumps(self._stamps[at:at + count]),
+                             f'{{"first": {seq}, "lines": {texts}}}']
+                    seq += count
+                    at += count
                 result = int(self.bus._append(keys=[self.key, keys.execution(self.task_id)], args=args))
                 if result == -2 and self.execution and self.revalidate is not None and self.revalidate():
                     self.bus.attempt(self.task_id, self.execution, 3600)  # Redis lost it; the store vouches
                     continue
                 if result in (-1, -2, -3):
-                    self._pending.clear()
+                    self._drop(len(self._texts))
                     raise AttemptFenced(self.task_id, self.execution or "", "log lines")
-                del self._pending[: sum(len(e) for e in entries)]
+                self._drop(at)
                 failures = 0
             except (redis.RedisError, RedisUnavailable) as exc:
                 failures += 1

@@ -138,5 +138,7 @@ def test_log_entries_are_cut_as_the_line_by_line_rule_cuts_them(runs: list[tuple
 
     writer = LogWriter(None, "t", 1)  # type: ignore[arg-type]  # cutting entries needs no Redis
     pending = [(n, "x" * length, "ts") for count, length in runs for n in range(count)]
-    writer._pending = pending
-    assert writer._entries(len(pending)) == _entries_line_by_line(pending)
+    writer.add_many([(text, ts) for _, text, ts in pending])
+    cuts = writer._cuts(len(pending))
+    assert cuts == [len(entry) for entry in _entries_line_by_line(pending)]
+    assert sum(cuts) == len(pending)
