@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,7 +45,8 @@ class RedisServer:
                 missing("redis-server is not installed")
             port = free_port()
             self.proc = subprocess.Popen(
-                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", tempfile.mkdtemp(prefix="cloudai-redis-")],  # not the cwd: it would load a dump.rdb there
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             )
             self.url = f"redis://127.0.0.1:{port}/0"

@@ -312,7 +312,9 @@ def test_redis_restart_without_persistence_mid_task(
 
     port = free_port()
     binary = shutil.which("redis-server") or "redis-server"
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    # --dir: a redis-server loads any dump.rdb in its directory at start, even with --save ""
+    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            "--dir", str(tmp_path)]
     server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     private = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{port}/0")
     wait_for(lambda: _pings(private.redis_url), 10, what="private redis")

@@ -169,8 +169,8 @@ def test_password_and_database_from_the_url(tmp_path: Path) -> None:
 def test_a_unix_socket_url(tmp_path: Path) -> None:
     binary = shutil.which("redis-server") or missing("redis-server is not installed")
     sock = tmp_path / "redis.sock"
-    proc = subprocess.Popen([str(binary), "--port", "0", "--unixsocket", str(sock), "--save", ""],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([str(binary), "--port", "0", "--unixsocket", str(sock), "--save", "",
+                             "--dir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_for(sock.exists, 10, 0.05, "redis-server's socket")
         c = lean(f"unix://{sock}?db=2")
