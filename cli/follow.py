@@ -14,7 +14,7 @@ import click
 from cli.client import Client
 from cli.render import exit_code_for, final_block, print_status, write_text
 from cloudai.errors import ExitCode
-from cloudai.logevents import LogEnd, LogLine
+from cloudai.logevents import LogEnd, line_columns
 
 
 class KeyWatcher:
@@ -69,11 +69,11 @@ def stream(api: Client, task_id: str, after_seq: int = 0, timestamps: bool = Fal
         end = batch[-1] if batch and isinstance(batch[-1], LogEnd) else None
         lines = batch[:-1] if end is not None else batch
         if lines:
-            shown = [e for e in lines if isinstance(e, LogLine)]
+            _, _, texts, stamps = line_columns(lines)
             if timestamps:
-                write_text(out, "".join(_format(e, True) for e in shown))
-            elif shown:
-                write_text(out, "\n".join([e.text for e in shown]) + "\n")
+                write_text(out, "".join([f"{ts} {text}\n" for ts, text in zip(stamps, texts, strict=True)]))
+            elif texts:
+                write_text(out, "\n".join(texts) + "\n")
         if end is not None:
             out.write(final_block(end, color) + "\n")
         if lines or end is not None:
@@ -83,10 +83,6 @@ def stream(api: Client, task_id: str, after_seq: int = 0, timestamps: bool = Fal
         if stop is not None and stop.is_set():
             return None
     return None
-
-
-def _format(line: LogLine, timestamps: bool) -> str:
-    return f"{line.ts} {line.text}\n" if timestamps else line.text + "\n"
 
 
 def monitor(api: Client, task_id: str, header: bool = True) -> int:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from cloudai.errors import CloudAIError, ExitCode, ServiceUnavailable, redact
-from cloudai.logevents import LogEnd, LogEvent, LogLine
+from cloudai.logevents import LineBatch, LogEnd, LogEvent
 from cloudai.models import Quota, Task, TaskStatus, WorkerInfo, WorkerState
 from cloudai.submission import SubmitRequest
 from cloudai.workerview import WorkerView
@@ -163,7 +163,7 @@ class RemoteCloud:
     # -- logs -------------------------------------------------------------------------------------------
     def follow_batches(self, task_id: str, after_seq: int = 0, follow: bool = True,
                        on_reconnect: Callable[[Exception], None] | None = None,
-                       reconnect_for_s: float = 60.0) -> Iterator[list[LogEvent]]:
+                       reconnect_for_s: float = 60.0) -> Iterator[Sequence[LogEvent]]:
         """The log from line ``after_seq + 1`` in batches, over SSE; a dropped connection is resumed with
         ``Last-Event-ID`` (no gap, no duplicate) for ``reconnect_for_s``."""
         seq = after_seq
@@ -230,7 +230,7 @@ class RemoteCloud:
         return Quota(doc["user"], **doc["quota"]), doc["used"]
 
 
-def event_lines(event: SSEvent) -> list[LogEvent]:
+def event_lines(event: SSEvent) -> LineBatch:
     """The log lines of one SSE line event with timestamps, in either format: ``event: lines`` with JSON
     ``{first, lines, ts}`` (``?batch=json``), or one ``data: <ts> <text>`` field per line, the last numbered
     ``id:``. Column-wise, with no Python call per line: a 100k-line log is 100k of these."""
@@ -240,7 +240,7 @@ def event_lines(event: SSEvent) -> list[LogEvent]:
     else:
         parts = [d.partition(" ") for d in event.data]
         texts, stamps, first = [p[2] for p in parts], [p[0] for p in parts], int(event.id or 0) - len(parts) + 1
-    return list(map(LogLine, range(first, first + len(texts)), texts, stamps))
+    return LineBatch(first, texts, stamps)
 
 
 def _q(part: str) -> str:

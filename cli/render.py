@@ -73,7 +73,9 @@ def write_text(out: TextIO, text: str) -> None:
         out.write(text)
         return
     out.flush()  # what went through the text layer before comes first
-    data = memoryview(text.encode(getattr(out, "encoding", None) or "utf-8", getattr(out, "errors", None) or "strict"))
+    errors = getattr(out, "errors", None) or "strict"  # a character the output's encoding lacks: "?", not a crash
+    encoding = getattr(out, "encoding", None) or "utf-8"
+    data = memoryview(text.encode(encoding, "replace" if errors == "strict" else errors))
     while data:
         try:
             data = data[os.write(fd, data):]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 
 from cloudai import keys, limits
@@ -203,7 +203,7 @@ class CloudAI:
 
     def follow_batches(self, task_id: str, after_seq: int = 0, follow: bool = True,
                        on_reconnect: Callable[[Exception], None] | None = None,
-                       reconnect_for_s: float = 60.0) -> Iterator[list[LogEvent]]:
+                       reconnect_for_s: float = 60.0) -> Iterator[Sequence[LogEvent]]:
         """The task's log from line ``after_seq + 1`` in batches (see :func:`cloudai.logfollow.follow_batches`)."""
         self.get(task_id)  # an unknown task is an error before anything is read
         return follow_batches(self.bus, task_id, lambda: self.end_of(task_id), lambda: self.store.read_log(task_id),

@@ -6,12 +6,12 @@ sync :class:`~cloudai.logs.LogBus` (the CLI in direct mode); the master drives i
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 from cloudai.errors import RedisUnavailable
 from cloudai.lines import parse_archive_line
-from cloudai.logevents import LogEnd, LogEvent, LogLine
+from cloudai.logevents import LineBatch, LogEnd, LogEvent, LogLine
 from cloudai.logs import LogBus
 
 BLOCK_MS = 1000  # one XREAD BLOCK; a follower looks at its viewer (a key press, a closed connection) this often
@@ -42,10 +42,14 @@ class LogFollow:
         self.reconnect_for_s = reconnect_for_s
         self.ended = False
 
-    def take(self, events: list[LogEvent]) -> list[LogEvent]:
+    def take(self, events: Sequence[LogEvent]) -> Sequence[LogEvent]:
         """The batch a read's events make: lines after ``seq`` in order (a note where trimming left a gap),
         and the end marker last. The one place where events read from the stream are interpreted."""
-        if (events and isinstance(events[0], LogLine) and isinstance(events[-1], LogLine)
+        if isinstance(events, LineBatch) and events and events.first == self.seq + 1:
+            self.seq = events.first + len(events) - 1  # the common case, as one batch of columns: handed on as is
+            return events
+        if (not isinstance(events, LineBatch) and events and isinstance(events[0], LogLine)
+                and isinstance(events[-1], LogLine)
                 and events[0].seq == self.seq + 1 and events[-1].seq == self.seq + len(events)):
             self.seq = events[-1].seq  # the common case: lines that follow on with no gap and no end marker
             return list(events)
@@ -68,11 +72,15 @@ class LogFollow:
         """The requests, in order (see the class docstring)."""
         idle_since = time.monotonic()
         broken_since: float | None = None
+        # the first read does not wait: a log with nothing to read (its stream expired, or the task has not
+        # printed yet) asks the store at once, so `logs -f` of a task that ended long ago shows its archive now
+        quick = True
         while True:
             try:
                 if self.cursor is None:
                     self.cursor = yield ("cursor", self.seq)
-                events, self.cursor = yield ("read", (self.cursor, self.seq, BLOCK_MS if self.follow else None))
+                block = BLOCK_MS if self.follow and not quick else None
+                events, self.cursor = yield ("read", (self.cursor, self.seq, block))
                 broken_since = None
             except RedisUnavailable as exc:
                 now = time.monotonic()
@@ -88,11 +96,13 @@ class LogFollow:
                 return
             if events:
                 idle_since = time.monotonic()
+                quick = False
                 continue
             # nothing new: the stream may be gone (expired after the end) or the task may have ended without
             # a marker (its worker died): the store decides
-            if self.follow and time.monotonic() - idle_since < IDLE_CHECK_S:
+            if self.follow and not quick and time.monotonic() - idle_since < IDLE_CHECK_S:
                 continue
+            quick = False
             idle_since = time.monotonic()
             end: LogEnd | None = yield ("end_of_task", None)
             if end is None:
@@ -112,7 +122,7 @@ class LogFollow:
 def follow_batches(bus: LogBus, task_id: str, end_of_task: Callable[[], LogEnd | None],
                    read_archive: Callable[[], list[str] | None], after_seq: int = 0, follow: bool = True,
                    on_reconnect: Callable[[Exception], None] | None = None,
-                   reconnect_for_s: float = 60.0) -> Iterator[list[LogEvent]]:
+                   reconnect_for_s: float = 60.0) -> Iterator[Sequence[LogEvent]]:
     """A task's log from line ``after_seq + 1`` in batches as Redis hands them over: history, then (with
     ``follow``) live lines until the end marker, which comes last. No gap, no duplicate; a dropped Redis
     connection is retried for ``reconnect_for_s`` and resumes after the last line seen. Once the stream has

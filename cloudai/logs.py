@@ -17,12 +17,12 @@ import json
 import logging
 import operator
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from cloudai import keys
 from cloudai.errors import AttemptFenced, RedisUnavailable
-from cloudai.logevents import LogEnd, LogEvent, LogLine
+from cloudai.logevents import LineBatch, LogEnd, LogEvent, LogLine
 from cloudai.redispy import redis
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,7 @@ class LogBus:
         return cursor_before(entries)
 
     def read(self, task_id: str, cursor: str = "0-0", after_seq: int = 0, block_ms: int | None = None,
-             count: int = 50) -> tuple[list[LogEvent], str]:
+             count: int = 50) -> tuple[Sequence[LogEvent], str]:
         """Events in entries after ``cursor`` (lines only past ``after_seq``), and the new cursor; with
         ``block_ms``, wait that long for the first entry."""
         key = keys.log_stream(task_id)
@@ -260,31 +260,50 @@ def cursor_query(after_seq: int) -> str | None:
     return _entry_id(after_seq + 1) if after_seq > 0 else None
 
 
-def parse_read(reply: Any, cursor: str, after_seq: int) -> tuple[list[LogEvent], str]:
-    """:meth:`LogBus.read` from an ``XREAD`` reply: the events past ``after_seq`` and the new cursor."""
-    events: list[LogEvent] = []
+def parse_read(reply: Any, cursor: str, after_seq: int) -> tuple[Sequence[LogEvent], str]:
+    """:meth:`LogBus.read` from an ``XREAD`` reply: the events past ``after_seq`` and the new cursor. In the
+    common case (whole entries of lines, each following on, no end marker) the events are one
+    :class:`LineBatch`: the entries' columns joined, no object per line."""
+    batch: LineBatch | None = None
+    events: list[LogEvent] | None = None  # otherwise, event by event
     for _key, entries in reply or []:  # RESP2: [[key, [(id, fields), ...]]]
         for entry_id, fields in entries:
+            cursor = entry_id
+            first = _seq(entry_id)
+            if events is None and first > after_seq and not fields.get("end"):
+                texts, stamps = _columns(fields)
+                if batch is None:
+                    batch = LineBatch(first, texts, stamps)
+                    continue
+                if first == batch.first + len(batch):
+                    batch.texts += texts
+                    batch.stamps += stamps
+                    continue
+            if events is None:
+                events = list(batch) if batch is not None else []
             entry = _events(entry_id, fields)
             if _seq(entry_id) > after_seq:  # the whole entry is new (always, but for the first one read)
                 events += entry
             else:
                 events.extend(e for e in entry if not isinstance(e, LogLine) or e.seq > after_seq)
-            cursor = entry_id
-    return events, cursor
+    if events is not None:
+        return events, cursor
+    return (batch if batch is not None else []), cursor
+
+
+def _columns(fields: dict[str, str]) -> tuple[list[str], list[str]]:
+    texts = json.loads(fields.get("l", "[]"))
+    stamps = json.loads(fields.get("t", "[]"))
+    if len(stamps) != len(texts):  # an entry without (all) its timestamps
+        stamps = (stamps + [""] * len(texts))[: len(texts)]
+    return texts, stamps
 
 
 def _events(entry_id: str, fields: dict[str, str]) -> list[LogEvent]:
     if fields.get("end"):
         code = fields.get("exit_code") or ""
         return [LogEnd(fields.get("status", ""), int(code) if code else None, fields.get("reason") or None)]
-    first = _seq(entry_id)
-    texts = json.loads(fields.get("l", "[]"))
-    stamps = json.loads(fields.get("t", "[]"))
-    if len(stamps) != len(texts):  # an entry without (all) its timestamps
-        stamps = (stamps + [""] * len(texts))[: len(texts)]
-    # map() over the columns: a follower (the CLI, the master's SSE) builds one of these per line
-    return list(map(LogLine, range(first, first + len(texts)), texts, stamps))
+    return list(LineBatch(_seq(entry_id), *_columns(fields)))
 
 
 class LogWriter:

@@ -3,38 +3,38 @@
 Importing redis-py costs a ``cloudai`` command ~0.12 s of CPU (redis 8 loads its asyncio client, cluster,
 sentinel and telemetry modules with the package), more than the rest of a trivial ``submit -f`` together. The
 CLI talks to Redis with :mod:`cloudai.resp` instead, so the modules it shares with the services name redis-py
-through this module: ``from cloudai.redispy import redis`` binds a module object that loads redis-py on the first
-attribute read. An ``except redis.RedisError`` clause reads it only when an exception passes, and annotations are
-strings, so a command that never meets redis-py never loads it; a service loads it on its first client.
+through this module: ``from cloudai.redispy import redis`` binds a stand-in whose first attribute read imports
+redis-py (an ordinary import, under the interpreter's import lock: safe from any thread) and hands on the
+attribute. An ``except redis.RedisError`` clause reads it only when an exception passes, and annotations are
+strings, so a command that never meets redis-py never loads it; a service loads it with its first client.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 
-def lazy_module(name: str) -> ModuleType:
-    """``name`` as a module that executes on its first attribute read (the standard library's recipe with
-    :class:`importlib.util.LazyLoader`); the module itself when it is already imported."""
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.loader is None:
-        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-    loader = importlib.util.LazyLoader(spec.loader)
-    spec.loader = loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    loader.exec_module(module)
-    return module
+class LazyModule(ModuleType):
+    """Stands for the module ``name`` and imports it on the first attribute read. Not put in ``sys.modules``:
+    the real module goes there, by the real import. (The standard library's ``LazyLoader`` is not safe when two
+    threads make the first read at once before Python 3.12.)"""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self._module: ModuleType | None = None
+
+    def __getattr__(self, attr: str) -> Any:  # only for what the stand-in itself lacks: the module's names
+        module = self._module
+        if module is None:
+            module = self._module = importlib.import_module(self.__name__)
+        return getattr(module, attr)
 
 
 if TYPE_CHECKING:
     import redis
 else:
-    redis = lazy_module("redis")
+    redis = LazyModule("redis")
 
-__all__ = ["lazy_module", "redis"]
+__all__ = ["LazyModule", "redis"]

@@ -35,7 +35,14 @@ class ReplyError:
         self.message = message
 
     def exception(self) -> Exception:
-        """The exception redis-py raises for this reply (its classes, chosen by the error's first word)."""
+        """The exception redis-py raises for this reply: its own parser's choice (by the error's first word and,
+        for ``ERR``, the message), or the same table for a redis-py without that module."""
+        try:
+            from redis._parsers.base import BaseParser
+        except ImportError:
+            pass
+        else:
+            return BaseParser.parse_error(self.message)  # type: ignore[no-any-return]
         code, _, rest = self.message.partition(" ")
         exc = redis.exceptions
         classes: dict[str, type[Exception]] = {
@@ -90,6 +97,8 @@ class Commands:
 
     def mget(self, keys: str | Iterable[str], *args: str) -> Any:
         names = [keys] if isinstance(keys, str) else list(keys)
+        if not names and not args:
+            return []  # as redis-py answers, without asking
         return self.execute_command("MGET", *names, *args)
 
     def set(self, name: str, value: Arg, ex: int | None = None, px: int | None = None, nx: bool = False,
@@ -201,6 +210,7 @@ class RespClient(Commands):
         return f"unix socket: {self.path}" if self.path else f"{self.host}:{self.port}"
 
     def _connect(self) -> None:
+        """Open the connection and log in (AUTH, SELECT); any failure closes it and raises redis-py's error."""
         try:
             if self.path:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -218,17 +228,33 @@ class RespClient(Commands):
         sock.settimeout(self.socket_timeout)
         self._sock, self._reader = sock, sock.makefile("rb", buffering=1 << 16)
         hello: list[list[Arg]] = []
-        if self.password is not None:
+        if self.password:
             hello.append(["AUTH", self.username, self.password] if self.username else ["AUTH", self.password])
         if self.db:
             hello.append(["SELECT", self.db])
-        for reply in self._round_trip(hello):
+        if not hello:
+            return
+        try:
+            replies = self._round_trip(hello)
+        except BaseException as exc:
+            self.close()
+            raise self._wire_error(exc) from exc
+        for reply in replies:
             if isinstance(reply, ReplyError):
                 self.close()
                 raise reply.exception()
 
+    def _wire_error(self, exc: BaseException) -> BaseException:
+        """redis-py's exception for a failure on the wire (anything else is raised as it is)."""
+        if isinstance(exc, TimeoutError):
+            return redis.TimeoutError("Timeout reading from socket")
+        if isinstance(exc, OSError):
+            return redis.ConnectionError(f"Error while reading from {self._where()}: {exc}")
+        return exc
+
     def close(self) -> None:
-        """Close the connection (the next command opens another)."""
+        """Close the connection (the next command opens another); also what any error in a round trip does, so
+        that no half-read reply is taken for the next command's."""
         sock, self._sock, self._reader = self._sock, None, None
         if sock is not None:
             sock.close()
@@ -291,13 +317,11 @@ class RespClient(Commands):
                     self._connect()
                 try:
                     return self._round_trip(commands)
-                except TimeoutError as exc:
+                except BaseException as exc:  # a timeout, a reset, a bad byte, an interrupt: never read on after it
                     self.close()
-                    raise redis.TimeoutError("Timeout reading from socket") from exc
-                except OSError as exc:
-                    self.close()
-                    if fresh or attempt:
-                        raise redis.ConnectionError(f"Error while reading from {self._where()}: {exc}") from exc
+                    stale = isinstance(exc, OSError) and not isinstance(exc, TimeoutError) and not fresh
+                    if not stale or attempt:
+                        raise self._wire_error(exc) from exc
             raise AssertionError("unreachable")
 
     # -- commands ---------------------------------------------------------------------------------------
@@ -310,9 +334,11 @@ class RespClient(Commands):
     def register_script(self, script: str) -> Script:
         return Script(self, script)
 
-    def pipeline(self, transaction: bool = False) -> Pipeline:
+    def pipeline(self, transaction: bool = True) -> Any:
+        """Commands sent in one write (``transaction=False``, what the CLI uses); a MULTI/EXEC transaction is
+        redis-py's, as redis-py's default is."""
         if transaction:
-            raise NotImplementedError("RespClient pipelines are not transactions; use redis-py for MULTI/EXEC")
+            return self._redis_py.pipeline(transaction=True)
         return Pipeline(self)
 
     @cached_property
@@ -344,13 +370,13 @@ class Pipeline(Commands):
     def execute(self) -> list[Any]:
         loads: list[list[Arg]] = [["SCRIPT", "LOAD", s.script] for s in {s.sha: s for s in self.scripts}.values()]
         try:
-            replies = self.client.send(loads + self.commands)[len(loads):] if self.commands else []
+            replies = self.client.send(loads + self.commands) if self.commands else []
         finally:
             self.commands, converts, self.converts, self.scripts = [], self.converts, [], []
-        for reply in replies:
+        for reply in replies:  # a script that does not compile fails at its SCRIPT LOAD
             if isinstance(reply, ReplyError):
                 raise reply.exception()
-        return [convert(reply) for convert, reply in zip(converts, replies, strict=True)]
+        return [convert(reply) for convert, reply in zip(converts, replies[len(loads):], strict=True)]
 
 
 def connect(url: str, socket_timeout: float | None = 30.0, socket_connect_timeout: float | None = 5.0) -> redis.Redis:
@@ -359,14 +385,19 @@ def connect(url: str, socket_timeout: float | None = 30.0, socket_connect_timeou
     parts = urlsplit(url)
     query = parse_qs(parts.query)
     db = query.pop("db", [None])[0] or (parts.path.lstrip("/") if parts.scheme == "redis" else "") or "0"
-    if parts.scheme not in ("redis", "unix") or query or not db.isdigit():
+    unusual = (  # what redis-py reads its own way: let it
+        not url.startswith(("redis://", "unix://")) or query or not (db.isascii() and db.isdigit())
+        or (parts.username and not parts.password)  # a user without a password
+        or "%" in (parts.hostname or "") or (parts.scheme == "unix" and ("%" in parts.path or not parts.path))
+    )
+    if unusual:
         return redis.Redis.from_url(url, decode_responses=True, socket_timeout=socket_timeout,
                                     socket_connect_timeout=socket_connect_timeout, health_check_interval=15)
     client = RespClient(
         url, host=parts.hostname or "localhost", port=parts.port or 6379,
         path=parts.path if parts.scheme == "unix" else None, db=int(db),
         username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password is not None else None,
+        password=unquote(parts.password) if parts.password else None,  # an empty one is none, as for redis-py
         socket_timeout=socket_timeout, socket_connect_timeout=socket_connect_timeout,
     )
     # duck-typed: every redis.Redis method it does not implement is redis-py's (RespClient.__getattr__)

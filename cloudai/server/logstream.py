@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any, Literal
 
 import redis
@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cloudai import keys
 from cloudai.errors import CloudAIError, RedisUnavailable, ValidationError
-from cloudai.logevents import LogEnd, LogEvent, LogLine
+from cloudai.logevents import LogEnd, LogEvent, line_columns
 from cloudai.logfollow import LogFollow
 from cloudai.logs import cursor_before, cursor_query, parse_last_entry, parse_read
 from cloudai.server.auth import Caller, cloud
@@ -63,7 +63,8 @@ class AsyncLogBus:
             return "0-0"
         return cursor_before(await self._call(self.redis.xrevrange, keys.log_stream(task_id), max=top, count=1))
 
-    async def read(self, task_id: str, cursor: str, after_seq: int, block_ms: int | None) -> tuple[list[LogEvent], str]:
+    async def read(self, task_id: str, cursor: str, after_seq: int,
+                   block_ms: int | None) -> tuple[Sequence[LogEvent], str]:
         reply = await self._call(self.redis.xread, {keys.log_stream(task_id): cursor}, count=50, block=block_ms)
         return parse_read(reply, cursor, after_seq)
 
@@ -79,7 +80,7 @@ class AsyncLogBus:
 
 async def follow_batches(bus: AsyncLogBus, task_id: str, end_of_task: Callable[[], LogEnd | None],
                          read_archive: Callable[[], list[str] | None], after_seq: int = 0, follow: bool = True,
-                         reconnect_for_s: float = 60.0) -> AsyncIterator[list[LogEvent]]:
+                         reconnect_for_s: float = 60.0) -> AsyncIterator[Sequence[LogEvent]]:
     """:func:`cloudai.logfollow.follow_batches` with asyncio; the blocking store calls run in the thread pool. While
     Redis is unreachable it yields empty batches (keep-alives) and retries for ``reconnect_for_s``."""
     plan = LogFollow(after_seq, follow, reconnect_for_s).steps()
@@ -113,25 +114,28 @@ async def follow_batches(bus: AsyncLogBus, task_id: str, end_of_task: Callable[[
             error = exc
 
 
-def _line(event: LogLine, timestamps: bool) -> str:
-    return f"{event.ts} {event.text}" if timestamps else event.text
+def _lines(texts: list[str], stamps: list[str], timestamps: bool) -> list[str]:
+    if timestamps:
+        return [f"{ts} {text}\n" for ts, text in zip(stamps, texts, strict=True)]
+    return [f"{text}\n" for text in texts]
 
 
-def sse_events(batch: list[LogEvent], timestamps: bool = False, as_json: bool = False) -> str:
+def sse_events(batch: Sequence[LogEvent], timestamps: bool = False, as_json: bool = False) -> str:
     """One batch as SSE text: a line event (if it has lines) and the end event (if it ends the log).
 
     The line event has one ``data:`` field per line; with ``as_json`` (``?batch=json``, what the CLI asks for) it
     is ``event: lines`` with one ``data:`` field holding ``{"first", "lines", "ts"}``, which a client decodes in
     one call instead of one per line (the same ``id:``, so resuming is the same)."""
-    lines = [e for e in batch if isinstance(e, LogLine)]
-    out = ""
-    if lines and as_json:
-        data = json.dumps({"first": lines[0].seq, "lines": [e.text for e in lines], "ts": [e.ts for e in lines]})
-        out = f"event: lines\nid: {lines[-1].seq}\ndata: {data}\n\n"
-    elif lines:  # one data field per line (a list, not a generator, and no call per line: ~100k lines a second)
-        fields = [f"data: {e.ts} {e.text}\n" for e in lines] if timestamps else [f"data: {e.text}\n" for e in lines]
-        out = f"id: {lines[-1].seq}\n" + "".join(fields) + "\n"
     end = batch[-1] if batch and isinstance(batch[-1], LogEnd) else None
+    first, last, texts, stamps = line_columns(batch[:-1] if end is not None else batch)
+    out = ""
+    if texts and as_json:
+        data = json.dumps({"first": first, "lines": texts, "ts": stamps})
+        out = f"event: lines\nid: {last}\ndata: {data}\n\n"
+    elif texts:  # one data field per line (a list, not a generator, and no call per line: ~100k lines a second)
+        fields = ([f"data: {ts} {text}\n" for ts, text in zip(stamps, texts, strict=True)] if timestamps
+                  else [f"data: {text}\n" for text in texts])
+        out = f"id: {last}\n" + "".join(fields) + "\n"
     if end is not None:
         data = json.dumps({"status": end.status, "exit_code": end.exit_code, "reason": end.reason})
         out += f"event: end\ndata: {data}\n\n"
@@ -185,7 +189,7 @@ async def task_logs(request: Request, task_id: str, who: Caller, follow: bool = 
                              headers={"X-Accel-Buffering": "no"})
 
 
-async def _sse(batches: AsyncIterator[list[LogEvent]], timestamps: bool, as_json: bool) -> AsyncIterator[str]:
+async def _sse(batches: AsyncIterator[Sequence[LogEvent]], timestamps: bool, as_json: bool) -> AsyncIterator[str]:
     yield "retry: 1000\n\n"
     try:
         async for batch in batches:
@@ -195,10 +199,11 @@ async def _sse(batches: AsyncIterator[list[LogEvent]], timestamps: bool, as_json
         yield f"event: error\ndata: {data}\n\n"
 
 
-async def _text(batches: AsyncIterator[list[LogEvent]], timestamps: bool) -> AsyncIterator[str]:
+async def _text(batches: AsyncIterator[Sequence[LogEvent]], timestamps: bool) -> AsyncIterator[str]:
     try:
         async for batch in batches:
-            text = "".join(_line(e, timestamps) + "\n" for e in batch if isinstance(e, LogLine))
+            _, _, texts, stamps = line_columns(batch)
+            text = "".join(_lines(texts, stamps, timestamps))
             if text:
                 yield text
     except Exception:  # the headers are sent: end the body (the client sees a short read), log the cause

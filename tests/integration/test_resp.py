@@ -5,7 +5,9 @@ restarted, a connection killed, a script flushed, a reply slower than the socket
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -115,9 +117,15 @@ def test_a_script_redis_forgot_is_loaded_again_alone_and_in_a_pipeline(redis_url
     c.execute_command("SCRIPT", "FLUSH")
     assert script(args=[2]) == 3
     c.execute_command("SCRIPT", "FLUSH")
-    pipe = c.pipeline()
+    pipe = c.pipeline(transaction=False)
     script(args=[3], client=pipe)
     assert pipe.execute() == [4]
+    broken = c.register_script("return (")  # does not compile: its SCRIPT LOAD says so
+    pipe = c.pipeline(transaction=False)
+    broken(client=pipe)
+    with pytest.raises(redis.ResponseError, match="(?i)compiling"):
+        pipe.execute()
+    assert c.ping()
 
 
 def test_connection_refused_is_redis_pys_connection_error() -> None:
@@ -190,8 +198,12 @@ def _answers(c: resp.RespClient) -> bool:
 
 
 def test_urls_it_does_not_speak_get_redis_py() -> None:
-    for url in ("rediss://127.0.0.1:6380/0", "redis://127.0.0.1:6379/0?protocol=3", "redis://h/0?ssl_cert_reqs=none"):
+    for url in ("rediss://127.0.0.1:6380/0", "redis://127.0.0.1:6379/0?protocol=3", "redis://h/0?ssl_cert_reqs=none",
+                "redis://user@h/0", "unix://", "unix:///tmp/r%20s.sock", "redis://h%41/0", "redis://h/\u00b2"):
         assert isinstance(resp.connect(url), redis.Redis), url
+    with pytest.raises(ValueError, match="schemes"):  # redis-py's own answer to a scheme it does not know
+        resp.connect("REDIS://h/0")
+    assert lean("redis://:@127.0.0.1:6390/0").password is None  # an empty password is none, as for redis-py
     c = lean("redis://127.0.0.1:6390/7")
     assert (c.host, c.port, c.db, c.password) == ("127.0.0.1", 6390, 7, None)
     assert resp.redis_db(c) == 7 and resp.redis_db(redis.Redis.from_url("redis://h/5")) == 5
@@ -269,3 +281,78 @@ def test_the_clis_follow_gets_every_line_across_a_redis_restart(settings: Settin
     lines = [e for e in got if isinstance(e, LogLine)]
     assert [ln.text for ln in lines] == [f"line {i}" for i in range(1, 101)]
     assert isinstance(got[-1], LogEnd) and got[-1].exit_code == 0
+
+
+# -- faults the review found -------------------------------------------------------------------------------
+
+def _silent_server(close: bool) -> tuple[socket.socket, int]:
+    """A TCP server that accepts and then says nothing (or closes at once)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            if close:
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return server, server.getsockname()[1]
+
+
+@pytest.mark.parametrize(("close", "error"), [(False, redis.TimeoutError), (True, redis.ConnectionError)])
+def test_a_login_that_times_out_or_is_cut_is_redis_pys_error_and_leaves_no_half_open_connection(
+        close: bool, error: type[Exception]) -> None:
+    server, port = _silent_server(close)
+    try:
+        c = lean(f"redis://:pw@127.0.0.1:{port}/2", socket_timeout=0.3, socket_connect_timeout=2)
+        for _ in range(2):
+            with pytest.raises(error):
+                c.get("k")
+            assert c._sock is None
+    finally:
+        server.close()
+
+
+def test_a_reply_it_cannot_decode_closes_the_connection_so_the_next_command_gets_its_own(redis_url: str) -> None:
+    raw = redis.Redis.from_url(redis_url)
+    raw.set("bad", b"\xff\xfe not utf-8")
+    raw.set("other", "OTHER")
+    c = lean(redis_url)
+    with pytest.raises(UnicodeDecodeError):  # as redis-py with decode_responses raises
+        c.mget(["bad", "other"])
+    assert c.get("other") == "OTHER"
+    assert c.mget([]) == [] == py(redis_url).mget([])
+
+
+def test_error_replies_map_to_redis_pys_classes() -> None:
+    for message, cls in [("ERR max number of clients reached", redis.ConnectionError),
+                         ("ERR invalid password", redis.AuthenticationError),
+                         ("NOSCRIPT No matching script", redis.exceptions.NoScriptError),
+                         ("WRONGTYPE Operation against a key", redis.ResponseError),
+                         ("LOADING Redis is loading", redis.BusyLoadingError)]:
+        assert type(resp.ReplyError(message).exception()) is cls, message
+
+
+def test_the_default_pipeline_is_a_transaction_as_redis_pys(redis_url: str) -> None:
+    c = lean(redis_url)
+    pipe = c.pipeline()
+    assert not isinstance(pipe, resp.Pipeline)
+    pipe.set("a", "1")
+    pipe.incr("a")
+    assert pipe.execute() == [True, 2]
+
+
+def test_the_first_read_of_redis_py_from_many_threads_at_once_sees_the_whole_module() -> None:
+    code = ("import threading\nfrom cloudai.redispy import redis\nerrors = []\n"
+            "def read():\n    try:\n        redis.RedisError, redis.exceptions.NoScriptError\n"
+            "    except Exception as exc:\n        errors.append(repr(exc))\n"
+            "threads = [threading.Thread(target=read) for _ in range(16)]\n"
+            "[t.start() for t in threads]\n[t.join() for t in threads]\nprint(errors)")
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+        assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -14,7 +14,7 @@ from cloudai.logevents import LogEnd, LogLine
 def test_history_then_end_skipping_duplicates_and_noting_a_trimmed_gap() -> None:
     steps = logs.LogFollow(after_seq=2).steps()
     assert next(steps) == ("cursor", 2)
-    assert steps.send("1-0") == ("read", ("1-0", 2, logs.BLOCK_MS))
+    assert steps.send("1-0") == ("read", ("1-0", 2, None))  # the first read does not wait
     kind, batch = steps.send(([LogLine(2, "dup"), LogLine(3, "c"), LogLine(7, "g")], "7-0"))
     assert kind == "emit"
     assert [e.seq for e in batch] == [3, 4, 7] and "3 earlier lines were trimmed" in batch[1].text
@@ -46,6 +46,28 @@ def test_an_expired_stream_is_read_from_the_archive() -> None:
     assert steps.send(False) == ("archive", None)
     kind, batch = steps.send(["2026-01-01T00:00:00Z one", "- two"])
     assert (kind, batch) == ("emit", [LogLine(1, "one", "2026-01-01T00:00:00Z"), LogLine(2, "two"), end])
+
+
+def test_following_a_log_that_expired_long_ago_asks_the_store_at_once() -> None:
+    """`logs -f` of a task that ended long ago: no blocking read and no idle wait before the archive."""
+    steps = logs.LogFollow(follow=True).steps()
+    next(steps)
+    assert steps.send("0-0") == ("read", ("0-0", 0, None))
+    assert steps.send(([], "0-0")) == ("emit", [])  # a viewer may look at its keys
+    assert steps.send(None) == ("end_of_task", None)  # at once, not after IDLE_CHECK_S
+    end = LogEnd("completed", 0)
+    assert steps.send(end) == ("exists", None)
+    assert steps.send(False) == ("archive", None)
+    assert steps.send(["- only"]) == ("emit", [LogLine(1, "only"), end])
+
+
+def test_a_task_that_has_not_printed_yet_is_then_followed_with_blocking_reads() -> None:
+    steps = logs.LogFollow(follow=True).steps()
+    next(steps)
+    steps.send("0-0")
+    steps.send(([], "0-0"))
+    assert steps.send(None) == ("end_of_task", None)
+    assert steps.send(None) == ("read", ("0-0", 0, logs.BLOCK_MS))  # running: wait for lines from now on
 
 
 def test_redis_errors_wait_and_resume_then_give_up(monkeypatch: pytest.MonkeyPatch) -> None:

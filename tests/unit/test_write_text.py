@@ -37,3 +37,11 @@ def test_not_a_file_is_written_as_usual() -> None:
     out = io.StringIO()
     write_text(out, "a\nb\n")
     assert out.getvalue() == "a\nb\n"
+
+
+def test_a_character_the_outputs_encoding_lacks_becomes_a_question_mark() -> None:
+    read_fd, write_fd = os.pipe()
+    with os.fdopen(write_fd, "w", encoding="ascii") as out:
+        write_text(out, "naïve\n")
+    with os.fdopen(read_fd, "rb") as got:
+        assert got.read() == b"na?ve\n"
