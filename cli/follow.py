@@ -14,7 +14,7 @@ import click
 from cli.client import Client
 from cli.render import exit_code_for, final_block, print_status, write_text
 from cloudai.errors import ExitCode
-from cloudai.logevents import LogEnd, line_columns
+from cloudai.logevents import LogEnd, lines_text
 
 
 class KeyWatcher:
@@ -68,12 +68,9 @@ def stream(api: Client, task_id: str, after_seq: int = 0, timestamps: bool = Fal
     for batch in api.follow_batches(task_id, after_seq, follow=follow, on_reconnect=reconnecting):
         end = batch[-1] if batch and isinstance(batch[-1], LogEnd) else None
         lines = batch[:-1] if end is not None else batch
-        if lines:
-            _, _, texts, stamps = line_columns(lines)
-            if timestamps:
-                write_text(out, "".join([f"{ts} {text}\n" for ts, text in zip(stamps, texts, strict=True)]))
-            elif texts:
-                write_text(out, "\n".join(texts) + "\n")
+        text = lines_text(lines, timestamps) if lines else ""
+        if text:
+            write_text(out, text)
         if end is not None:
             out.write(final_block(end, color) + "\n")
         if lines or end is not None:

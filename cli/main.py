@@ -265,7 +265,7 @@ def logs(ctx: Context, task_id: str, follow: bool, tail: int | None, timestamps:
     """Print TASK's log: from the live stream or, once it finished, the archive."""
     from cli import follow as viewer
     from cli import render
-    from cloudai.logevents import attempt_section
+    from cloudai.logevents import attempt_section, lines_text
 
     api = ctx.api
     task = api.get(task_id)
@@ -273,7 +273,7 @@ def logs(ctx: Context, task_id: str, follow: bool, tail: int | None, timestamps:
         if attempt > task.attempt:
             raise click.BadParameter(f"task {task_id} has attempts 1 to {task.attempt}", param_hint="--attempt")
         lines = attempt_section(api.logs(task_id), attempt)
-        render.write_text(sys.stdout, "".join(f"{e.ts} {e.text}\n" if timestamps else e.text + "\n" for e in lines))
+        render.write_text(sys.stdout, lines_text(lines, timestamps))
         return
     after = 0
     if tail is not None:

@@ -85,6 +85,17 @@ def line_columns(lines: Sequence[Any]) -> tuple[int, int, list[str], list[str]]:
     return shown[0].seq, shown[-1].seq, [e.text for e in shown], [e.ts for e in shown]
 
 
+def lines_text(lines: Sequence[Any], timestamps: bool = False) -> str:
+    """The :class:`LogLine` among ``lines`` as text, a line each (``"<ts> <text>"`` with ``timestamps``), as the
+    CLI prints a log and the master serves it; ``""`` when there is none."""
+    _, _, texts, stamps = line_columns(lines)
+    if not texts:
+        return ""
+    if timestamps:
+        return "".join([f"{ts} {text}\n" for ts, text in zip(stamps, texts, strict=True)])
+    return "\n".join(texts) + "\n"
+
+
 # a retry's section of the log starts with this line, written by CloudAI itself (it has no Docker timestamp)
 ATTEMPT_MARKER = "[cloudai] attempt {attempt} started"
 _MARKER_RE = re.compile(r"^\[cloudai\] attempt (\d+) started")
@@ -116,4 +127,4 @@ def attempt_section(events: Iterable[LogEvent], attempt: int) -> list[LogLine]:
 
 
 __all__ = ["ATTEMPT_MARKER", "LineBatch", "LogEnd", "LogEvent", "LogLine", "attempt_marker", "attempt_section",
-           "line_columns"]
+           "line_columns", "lines_text"]

@@ -48,11 +48,6 @@ class LogFollow:
         if isinstance(events, LineBatch) and events and events.first == self.seq + 1:
             self.seq = events.first + len(events) - 1  # the common case, as one batch of columns: handed on as is
             return events
-        if (not isinstance(events, LineBatch) and events and isinstance(events[0], LogLine)
-                and isinstance(events[-1], LogLine)
-                and events[0].seq == self.seq + 1 and events[-1].seq == self.seq + len(events)):
-            self.seq = events[-1].seq  # the common case: lines that follow on with no gap and no end marker
-            return list(events)
         batch: list[LogEvent] = []
         for event in events:
             if isinstance(event, LogEnd):

@@ -24,6 +24,7 @@ from cloudai import keys
 from cloudai.errors import AttemptFenced, RedisUnavailable
 from cloudai.logevents import LineBatch, LogEnd, LogEvent, LogLine
 from cloudai.redispy import redis
+from cloudai.resp import redis_py
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +133,7 @@ class LogBus:
                  connect: Callable[[str], redis.Redis] | None = None) -> LogBus:
         """A bus on a client of its own: ``connect(url)`` when given (the CLI's :func:`cloudai.resp.connect`),
         else redis-py's."""
-        if connect is not None:
-            return cls(connect(url), maxlen, url)
-        client = redis.Redis.from_url(
-            url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5, health_check_interval=15
-        )
-        return cls(client, maxlen, url)
+        return cls((connect or redis_py)(url), maxlen, url)
 
     def _guard(self, exc: Exception) -> RedisUnavailable:
         return RedisUnavailable(self.url, exc)
@@ -282,7 +278,7 @@ def parse_read(reply: Any, cursor: str, after_seq: int) -> tuple[Sequence[LogEve
             if events is None:
                 events = list(batch) if batch is not None else []
             entry = _events(entry_id, fields)
-            if _seq(entry_id) > after_seq:  # the whole entry is new (always, but for the first one read)
+            if first > after_seq:  # the whole entry is new (always, but for the first one read)
                 events += entry
             else:
                 events.extend(e for e in entry if not isinstance(e, LogLine) or e.seq > after_seq)

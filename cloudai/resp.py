@@ -343,8 +343,7 @@ class RespClient(Commands):
 
     @cached_property
     def _redis_py(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, decode_responses=True, socket_timeout=self.socket_timeout,
-                                    socket_connect_timeout=self.socket_connect_timeout, health_check_interval=15)
+        return redis_py(self.url, self.socket_timeout, self.socket_connect_timeout)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -379,6 +378,12 @@ class Pipeline(Commands):
         return [convert(reply) for convert, reply in zip(converts, replies[len(loads):], strict=True)]
 
 
+def redis_py(url: str, socket_timeout: float | None = 30.0, socket_connect_timeout: float | None = 5.0) -> redis.Redis:
+    """redis-py's client for ``url`` as the log bus uses it (text replies, timeouts, a health check when idle)."""
+    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=socket_timeout,
+                                socket_connect_timeout=socket_connect_timeout, health_check_interval=15)
+
+
 def connect(url: str, socket_timeout: float | None = 30.0, socket_connect_timeout: float | None = 5.0) -> redis.Redis:
     """A :class:`RespClient` for a ``redis://`` or ``unix://`` URL (password, user and db included); redis-py's
     client, with ``decode_responses``, for anything else (TLS, other query options)."""
@@ -391,8 +396,7 @@ def connect(url: str, socket_timeout: float | None = 30.0, socket_connect_timeou
         or "%" in (parts.hostname or "") or (parts.scheme == "unix" and ("%" in parts.path or not parts.path))
     )
     if unusual:
-        return redis.Redis.from_url(url, decode_responses=True, socket_timeout=socket_timeout,
-                                    socket_connect_timeout=socket_connect_timeout, health_check_interval=15)
+        return redis_py(url, socket_timeout, socket_connect_timeout)
     client = RespClient(
         url, host=parts.hostname or "localhost", port=parts.port or 6379,
         path=parts.path if parts.scheme == "unix" else None, db=int(db),

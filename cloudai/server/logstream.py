@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cloudai import keys
 from cloudai.errors import CloudAIError, RedisUnavailable, ValidationError
-from cloudai.logevents import LogEnd, LogEvent, line_columns
+from cloudai.logevents import LogEnd, LogEvent, line_columns, lines_text
 from cloudai.logfollow import LogFollow
 from cloudai.logs import cursor_before, cursor_query, parse_last_entry, parse_read
 from cloudai.server.auth import Caller, cloud
@@ -114,12 +114,6 @@ async def follow_batches(bus: AsyncLogBus, task_id: str, end_of_task: Callable[[
             error = exc
 
 
-def _lines(texts: list[str], stamps: list[str], timestamps: bool) -> list[str]:
-    if timestamps:
-        return [f"{ts} {text}\n" for ts, text in zip(stamps, texts, strict=True)]
-    return [f"{text}\n" for text in texts]
-
-
 def sse_events(batch: Sequence[LogEvent], timestamps: bool = False, as_json: bool = False) -> str:
     """One batch as SSE text: a line event (if it has lines) and the end event (if it ends the log).
 
@@ -202,8 +196,7 @@ async def _sse(batches: AsyncIterator[Sequence[LogEvent]], timestamps: bool, as_
 async def _text(batches: AsyncIterator[Sequence[LogEvent]], timestamps: bool) -> AsyncIterator[str]:
     try:
         async for batch in batches:
-            _, _, texts, stamps = line_columns(batch)
-            text = "".join(_lines(texts, stamps, timestamps))
+            text = lines_text(batch, timestamps)
             if text:
                 yield text
     except Exception:  # the headers are sent: end the body (the client sees a short read), log the cause
