@@ -112,7 +112,6 @@ def _parse(fn: Any, *args: Any, param: str) -> Any:
 
 
 def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, follow: bool, dry_run: bool) -> None:
-    from cli import follow as viewer
     from cli import render
     from cloudai.models import TaskStatus as S
 
@@ -131,6 +130,9 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
             where = f"{task.status.value}: {task.error.message if task.error else ''}"
         click.echo(f"{task.task_id}  ({render.visible(where)})", err=follow)
     if follow:
+        # imported once the task is on its way: the container starts while the viewer loads
+        from cli import follow as viewer
+
         sys.exit(viewer.monitor(api, task.task_id, header=False))
 
 

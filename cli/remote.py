@@ -237,6 +237,8 @@ def event_lines(event: SSEvent) -> LineBatch:
     if event.kind == "lines":
         doc = json.loads(event.data[0])
         texts, stamps, first = doc["lines"], doc["ts"], int(doc["first"])
+        if len(stamps) != len(texts):  # the stored entries' arrays, passed on as they are: keep them aligned
+            stamps = (stamps + [""] * len(texts))[: len(texts)]
     else:
         parts = [d.partition(" ") for d in event.data]
         texts, stamps, first = [p[2] for p in parts], [p[0] for p in parts], int(event.id or 0) - len(parts) + 1

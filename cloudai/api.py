@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from cloudai import keys, limits
 from cloudai.clock import redis_now, with_redis_heartbeats
@@ -16,8 +17,6 @@ from cloudai.errors import (
     WorkerNotFound,
 )
 from cloudai.logevents import LogEnd, LogEvent
-from cloudai.logfollow import follow_batches
-from cloudai.logs import LogBus
 from cloudai.models import (
     LIVE,
     GiB,
@@ -31,11 +30,15 @@ from cloudai.models import (
     utcnow,
 )
 from cloudai.redispy import redis
+from cloudai.resp import redis_py
 from cloudai.scheduler import Dispatch, Scheduler
 from cloudai.settings import Settings
 from cloudai.store import TaskStore, open_store
 from cloudai.submission import SubmitRequest, parse_key_values, read_env_file
 from cloudai.workerview import WorkerView
+
+if TYPE_CHECKING:
+    from cloudai.logs import LogBus
 
 # SubmitRequest, parse_key_values, read_env_file and WorkerView live in light modules (the CLI imports them
 # without Redis in API mode); they stay importable from here
@@ -61,11 +64,14 @@ class CloudAI:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return self.bus.redis
+        return (self._connect or redis_py)(self.settings.redis_url)
 
     @cached_property
     def bus(self) -> LogBus:
-        return LogBus.from_url(self.settings.redis_url, self.settings.log_stream_maxlen, self._connect)
+        # the log modules load when a log is first read or closed: a submit's critical path doesn't need them
+        from cloudai.logs import LogBus
+
+        return LogBus(self.redis, self.settings.log_stream_maxlen, self.settings.redis_url)
 
     @cached_property
     def scheduler(self) -> Scheduler:
@@ -205,6 +211,8 @@ class CloudAI:
                        on_reconnect: Callable[[Exception], None] | None = None,
                        reconnect_for_s: float = 60.0) -> Iterator[Sequence[LogEvent]]:
         """The task's log from line ``after_seq + 1`` in batches (see :func:`cloudai.logfollow.follow_batches`)."""
+        from cloudai.logfollow import follow_batches
+
         self.get(task_id)  # an unknown task is an error before anything is read
         return follow_batches(self.bus, task_id, lambda: self.end_of(task_id), lambda: self.store.read_log(task_id),
                               after_seq, follow, on_reconnect, reconnect_for_s)

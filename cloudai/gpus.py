@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import re
-import shutil
-import subprocess
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -91,6 +89,9 @@ def detect_gpus(spec: str = "auto") -> list[str]:
             pynvml.nvmlShutdown()
     except Exception:  # no pynvml or no driver: fall back to the CLI
         pass
+    import shutil  # only a worker's start takes the inventory: a submit doesn't load these
+    import subprocess
+
     if not shutil.which("nvidia-smi"):
         return []
     try:

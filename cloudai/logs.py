@@ -22,7 +22,7 @@ from typing import Any
 
 from cloudai import keys
 from cloudai.errors import AttemptFenced, RedisUnavailable
-from cloudai.logevents import LineBatch, LogEnd, LogEvent, LogLine
+from cloudai.logevents import LineBatch, LogEnd, LogEvent, LogLine, entry_columns
 from cloudai.redispy import redis
 from cloudai.resp import redis_py
 
@@ -267,13 +267,11 @@ def parse_read(reply: Any, cursor: str, after_seq: int) -> tuple[Sequence[LogEve
             cursor = entry_id
             first = _seq(entry_id)
             if events is None and first > after_seq and not fields.get("end"):
-                texts, stamps = _columns(fields)
+                count = int(fields.get("n") or 0)
                 if batch is None:
-                    batch = LineBatch(first, texts, stamps)
-                    continue
-                if first == batch.first + len(batch):
-                    batch.texts += texts
-                    batch.stamps += stamps
+                    batch = LineBatch(first, [], [])
+                if first == batch.first + len(batch) and count and "l" in fields and "t" in fields:
+                    batch.add_entry(count, fields["l"], fields["t"])  # decoded when read, if ever
                     continue
             if events is None:
                 events = list(batch) if batch is not None else []
@@ -287,19 +285,11 @@ def parse_read(reply: Any, cursor: str, after_seq: int) -> tuple[Sequence[LogEve
     return (batch if batch is not None else []), cursor
 
 
-def _columns(fields: dict[str, str]) -> tuple[list[str], list[str]]:
-    texts = json.loads(fields.get("l", "[]"))
-    stamps = json.loads(fields.get("t", "[]"))
-    if len(stamps) != len(texts):  # an entry without (all) its timestamps
-        stamps = (stamps + [""] * len(texts))[: len(texts)]
-    return texts, stamps
-
-
 def _events(entry_id: str, fields: dict[str, str]) -> list[LogEvent]:
     if fields.get("end"):
         code = fields.get("exit_code") or ""
         return [LogEnd(fields.get("status", ""), int(code) if code else None, fields.get("reason") or None)]
-    return list(LineBatch(_seq(entry_id), *_columns(fields)))
+    return list(LineBatch(_seq(entry_id), *entry_columns(fields.get("l", "[]"), fields.get("t", "[]"))))
 
 
 class LogWriter:

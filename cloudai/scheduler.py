@@ -26,7 +26,6 @@ from cloudai import keys
 from cloudai.dispatch import Dispatcher
 from cloudai.errors import CloudAIError, PlacementError, RedisUnavailable, ServiceUnavailable, WorkerNotFound
 from cloudai.fairshare import rank
-from cloudai.logs import LogBus
 from cloudai.models import (
     LIVE,
     Quota,
@@ -264,6 +263,8 @@ class Scheduler:
         elif not self.store.transition(task.task_id, S.PENDING, S.CANCELLED, completed_at=utcnow(), error=error,
                                        pending_reason=None):
             return
+        from cloudai.logs import LogBus  # rare; a submit's usual path doesn't load the log modules
+
         bus = LogBus(self.redis, self.settings.log_stream_maxlen)
         bus.end(task.task_id, S.CANCELLED.value, None, reason)
         bus.expire(task.task_id, self.settings.log_retention_s)

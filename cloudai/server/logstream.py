@@ -26,7 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cloudai import keys
 from cloudai.errors import CloudAIError, RedisUnavailable, ValidationError
-from cloudai.logevents import LogEnd, LogEvent, line_columns, lines_text
+from cloudai.logevents import LineBatch, LogEnd, LogEvent, line_columns, lines_text
 from cloudai.logfollow import LogFollow
 from cloudai.logs import cursor_before, cursor_query, parse_last_entry, parse_read
 from cloudai.server.auth import Caller, cloud
@@ -121,19 +121,30 @@ def sse_events(batch: Sequence[LogEvent], timestamps: bool = False, as_json: boo
     is ``event: lines`` with one ``data:`` field holding ``{"first", "lines", "ts"}``, which a client decodes in
     one call instead of one per line (the same ``id:``, so resuming is the same)."""
     end = batch[-1] if batch and isinstance(batch[-1], LogEnd) else None
-    first, last, texts, stamps = line_columns(batch[:-1] if end is not None else batch)
-    out = ""
-    if texts and as_json:
+    lines = batch[:-1] if end is not None else batch
+    tail = _end_event(end) if end is not None else ""
+    if as_json and isinstance(lines, LineBatch):
+        if not lines:
+            return tail
+        # the stream entries' own JSON arrays, joined: no decode and encode per line (two thirds of the CPU)
+        texts_json, stamps_json = lines.json_columns()
+        data = f'{{"first": {lines.first}, "lines": {texts_json}, "ts": {stamps_json}}}'
+        return f"event: lines\nid: {lines.first + len(lines) - 1}\ndata: {data}\n\n{tail}"
+    first, last, texts, stamps = line_columns(lines)
+    if not texts:
+        return tail
+    if as_json:
         data = json.dumps({"first": first, "lines": texts, "ts": stamps})
-        out = f"event: lines\nid: {last}\ndata: {data}\n\n"
-    elif texts:  # one data field per line (a list, not a generator, and no call per line: ~100k lines a second)
-        fields = ([f"data: {ts} {text}\n" for ts, text in zip(stamps, texts, strict=True)] if timestamps
-                  else [f"data: {text}\n" for text in texts])
-        out = f"id: {last}\n" + "".join(fields) + "\n"
-    if end is not None:
-        data = json.dumps({"status": end.status, "exit_code": end.exit_code, "reason": end.reason})
-        out += f"event: end\ndata: {data}\n\n"
-    return out
+        return f"event: lines\nid: {last}\ndata: {data}\n\n{tail}"
+    # one data field per line (a list, not a generator, and no call per line: ~100k lines a second)
+    fields = ([f"data: {ts} {text}\n" for ts, text in zip(stamps, texts, strict=True)] if timestamps
+              else [f"data: {text}\n" for text in texts])
+    return f"id: {last}\n" + "".join(fields) + "\n" + tail
+
+
+def _end_event(end: LogEnd) -> str:
+    data = json.dumps({"status": end.status, "exit_code": end.exit_code, "reason": end.reason})
+    return f"event: end\ndata: {data}\n\n"
 
 
 def _bus(request: Request) -> AsyncLogBus:

@@ -59,7 +59,8 @@ def test_a_read_gives_the_events_entry_by_entry_would_in_one_batch_when_it_can(
     for gap, count, end in shape:
         seq += gap
         texts = [f"line {seq + n}" for n in range(count)]
-        entries.append((seq, {"l": json.dumps(texts), "t": json.dumps([f"ts{seq + n}" for n in range(count)])}))
+        entries.append((seq, {"n": str(count), "l": json.dumps(texts),
+                              "t": json.dumps([f"ts{seq + n}" for n in range(count)])}))
         seq += count
         if end:
             entries.append((seq, {"end": "1", "status": "completed", "exit_code": "0", "reason": ""}))
@@ -80,3 +81,26 @@ def test_the_follower_hands_a_batch_that_follows_on_as_it_is_and_trims_one_that_
     assert follow.take(overlapping) == [LogLine(7, "g")] and follow.seq == 7
     gap = follow.take(LineBatch(10, ["j"], [""]))
     assert [e.seq for e in gap] == [8, 10] and "2 earlier lines" in gap[0].text  # type: ignore[union-attr]
+
+
+def test_entries_read_from_the_stream_stay_json_until_read_and_pass_through_as_json_unchanged() -> None:
+    entries = [(3, {"n": "2", "l": json.dumps(["a", "é \"q\""]), "t": json.dumps(["t3", "t4"])}),
+               (5, {"n": "1", "l": json.dumps(["c"]), "t": json.dumps(["t5"])})]
+    batch, _ = parse_read(_reply(entries), "0-0", 0)
+    assert isinstance(batch, LineBatch) and len(batch) == 3 and batch.first == 3
+    lines_json, stamps_json = batch.json_columns()  # the entries' own text, joined: nothing decoded
+    assert batch._raw is not None
+    assert json.loads(lines_json) == ["a", "é \"q\"", "c"] and json.loads(stamps_json) == ["t3", "t4", "t5"]
+    assert batch.texts == ["a", "é \"q\"", "c"] and batch._raw is None  # decoded on the first read
+    assert batch.json_columns() == (json.dumps(batch.texts), json.dumps(batch.stamps))
+
+
+def test_an_entry_without_its_count_or_timestamps_is_read_line_by_line_with_empty_stamps() -> None:
+    entries = [(1, {"n": "1", "l": '["a"]', "t": '["t1"]'}), (2, {"l": '["b", "c"]'}),
+               (4, {"n": "2", "l": '["d", "e"]', "t": '["t4"]'})]
+    events, _ = parse_read(_reply(entries), "0-0", 0)
+    assert list(events) == [LogLine(1, "a", "t1"), LogLine(2, "b"), LogLine(3, "c"), LogLine(4, "d", "t4"),
+                            LogLine(5, "e")]
+    batch = LineBatch(4, [], [])
+    batch.add_entry(2, '["d", "e"]', '["t4"]')  # stamps shorter than the lines: padded per entry when decoded
+    assert batch.stamps == ["t4", ""] and len(batch) == 2

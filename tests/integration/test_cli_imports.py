@@ -1,0 +1,31 @@
+"""What a command loads before it does its work: each `cloudai` process pays for every module it imports, and a
+submit's imports are on the path between the user's Enter and the container's start (``-X importtime`` lists
+every import a process makes)."""
+
+from __future__ import annotations
+
+import subprocess
+
+from cloudai.settings import Settings
+from cloudai.store.sqlite import SQLiteStore
+from tests.helpers import ROOT, cli_env, cloudai, register
+
+# what following a log needs, and what only a worker's start does (the GPU inventory runs nvidia-smi)
+FOLLOW_ONLY = ("cli.follow", "cloudai.logfollow", "cloudai.logs", "subprocess")
+
+
+def _imports(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:
+    result = subprocess.run(cloudai(*args), cwd=ROOT, env={**env, "PYTHONPROFILEIMPORTTIME": "1"},
+                            capture_output=True, text=True, timeout=60)
+    return result, {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+                    if line.startswith("import time:")}
+
+
+def test_a_quiet_submit_loads_no_log_following_code(settings: Settings, store: SQLiteStore) -> None:
+    register(store, "w-imports")
+    result, imported = _imports(cli_env(settings), "submit", "-q", "busybox", "--", "true")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "cloudai.scheduler" in imported and "cloudai.resp" in imported  # the list is complete
+    assert not sorted(m for m in imported if m in FOLLOW_ONLY)
+    # nor redis-py, even on this fresh Redis, which answers the first call of each script with NOSCRIPT
+    assert not sorted(m for m in imported if m.split(".")[0] == "redis")
