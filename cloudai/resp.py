@@ -12,7 +12,6 @@ Services keep redis-py: they are long-lived (the import is paid once), threaded 
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -166,39 +165,23 @@ class Commands:
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Arg) -> Any:
         return self.execute_command("EVALSHA", sha, numkeys, *keys_and_args)
 
+    def eval(self, script: str, numkeys: int, *keys_and_args: Arg) -> Any:
+        return self.execute_command("EVAL", script, numkeys, *keys_and_args)
+
 
 class Script:
-    """A Lua script run by its SHA1, loaded again when Redis lost it (as redis-py's ``Script``)."""
+    """A Lua script, sent whole with ``EVAL`` each time it runs: Redis keeps it compiled by its SHA1, so there is
+    nothing to load first or to load again when Redis lost it. (redis-py's ``Script`` runs ``EVALSHA``: for a
+    long-lived client that saves sending the text; a CLI process runs each script once or twice, and hashing it
+    would load OpenSSL's hashlib, ~3 ms of every command.)"""
 
     def __init__(self, client: RespClient, script: str) -> None:
         self.client = client
         self.script = script
 
-    @cached_property
-    def sha(self) -> str:
-        return hashlib.sha1(self.script.encode()).hexdigest()
-
     def __call__(self, keys: Sequence[Arg] = (), args: Sequence[Arg] = (), client: Any = None) -> Any:
         target = client if client is not None else self.client
-        if isinstance(target, Pipeline):
-            target.scripts.append(self)
-            return target.evalsha(self.sha, len(keys), *keys, *args)
-        if not isinstance(target, RespClient):
-            try:
-                return target.evalsha(self.sha, len(keys), *keys, *args)
-            except redis.exceptions.NoScriptError:
-                target.execute_command("SCRIPT", "LOAD", self.script)
-                return target.evalsha(self.sha, len(keys), *keys, *args)
-        call: list[Arg] = ["EVALSHA", self.sha, len(keys), *keys, *args]
-        replies = target.send([call])
-        if isinstance(replies[0], ReplyError) and replies[0].message.startswith("NOSCRIPT"):
-            # Redis lost it (a restart, SCRIPT FLUSH): load it and run it in one round trip. Seen as the reply,
-            # not as redis-py's exception: making that one imports redis-py (~90 ms of the first submit)
-            replies = target.send([["SCRIPT", "LOAD", self.script], call])
-        for reply in replies:  # a script that does not compile fails at its SCRIPT LOAD
-            if isinstance(reply, ReplyError):
-                raise reply.exception()
-        return replies[-1]
+        return target.eval(self.script, len(keys), *keys, *args)
 
 
 class RespClient(Commands):
@@ -364,13 +347,12 @@ class RespClient(Commands):
 
 class Pipeline(Commands):
     """Commands buffered and sent in one write on :meth:`execute` (not a transaction, as
-    ``pipeline(transaction=False)``); the scripts it runs are loaded in the same write."""
+    ``pipeline(transaction=False)``)."""
 
     def __init__(self, client: RespClient) -> None:
         self.client = client
         self.commands: list[list[Arg]] = []
         self.converts: list[Convert] = []
-        self.scripts: list[Script] = []
 
     def execute_command(self, *args: Arg, convert: Convert = _same) -> Pipeline:
         self.commands.append(list(args))
@@ -378,15 +360,14 @@ class Pipeline(Commands):
         return self
 
     def execute(self) -> list[Any]:
-        loads: list[list[Arg]] = [["SCRIPT", "LOAD", s.script] for s in {s.sha: s for s in self.scripts}.values()]
         try:
-            replies = self.client.send(loads + self.commands) if self.commands else []
+            replies = self.client.send(self.commands) if self.commands else []
         finally:
-            self.commands, converts, self.converts, self.scripts = [], self.converts, [], []
-        for reply in replies:  # a script that does not compile fails at its SCRIPT LOAD
+            self.commands, converts, self.converts = [], self.converts, []
+        for reply in replies:
             if isinstance(reply, ReplyError):
                 raise reply.exception()
-        return [convert(reply) for convert, reply in zip(converts, replies[len(loads):], strict=True)]
+        return [convert(reply) for convert, reply in zip(converts, replies, strict=True)]
 
 
 def redis_py(url: str, socket_timeout: float | None = 30.0, socket_connect_timeout: float | None = 5.0) -> redis.Redis:

@@ -58,7 +58,7 @@ def scenario(c: Any) -> list[Any]:
     sec, usec = c.time()
     out.append((type(sec), type(usec), abs(sec - time.time()) < 60))
     script = c.register_script("return {KEYS[1], ARGV[1], 3, redis.call('GET', 'k')}")
-    out += [script.sha, script(keys=["key"], args=["a"]), script(args=[1], keys=["x"])]
+    out += [script(keys=["key"], args=["a"]), script(args=[1], keys=["x"]), c.eval("return ARGV[1]", 0, "e")]
     pipe = c.pipeline(transaction=False)
     pipe.set("p", "1")
     pipe.get("p")
@@ -110,7 +110,7 @@ def test_errors_are_redis_pys_classes_with_its_messages(redis_url: str) -> None:
         assert c.ping()  # the connection is still in step
 
 
-def test_a_script_redis_forgot_is_loaded_again_alone_and_in_a_pipeline(redis_url: str) -> None:
+def test_a_script_runs_after_redis_forgot_its_scripts_alone_and_in_a_pipeline(redis_url: str) -> None:
     c = lean(redis_url)
     script = c.register_script("return tonumber(ARGV[1]) + 1")
     assert script(args=[1]) == 2
@@ -120,7 +120,7 @@ def test_a_script_redis_forgot_is_loaded_again_alone_and_in_a_pipeline(redis_url
     pipe = c.pipeline(transaction=False)
     script(args=[3], client=pipe)
     assert pipe.execute() == [4]
-    broken = c.register_script("return (")  # does not compile: its SCRIPT LOAD says so
+    broken = c.register_script("return (")  # does not compile: its EVAL says so
     pipe = c.pipeline(transaction=False)
     broken(client=pipe)
     with pytest.raises(redis.ResponseError, match="(?i)compiling"):
