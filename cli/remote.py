@@ -237,7 +237,8 @@ def event_lines(event: SSEvent) -> LineBatch:
     if event.kind == "lines":
         doc = json.loads(event.data[0])
         texts, stamps, first = doc["lines"], doc["ts"], int(doc["first"])
-        if len(stamps) != len(texts):  # the stored entries' arrays, passed on as they are: keep them aligned
+        if len(stamps) != len(texts):  # the master passes the stream entries' arrays on as they are: only an
+            # entry not written by CloudAI's writer (which writes as many of each) could make them differ
             stamps = (stamps + [""] * len(texts))[: len(texts)]
     else:
         parts = [d.partition(" ") for d in event.data]

@@ -40,7 +40,8 @@ class LineBatch(Sequence[LogLine]):
     A batch read from the stream may hold its entries' columns still as the JSON text they are stored as
     (:meth:`add_entry`): they are decoded on the first read of ``texts`` or ``stamps``, and the master's JSON
     SSE passes them on without decoding them at all (:meth:`json_columns`; that decode and encode were two
-    thirds of its CPU per line)."""
+    thirds of its CPU per line). An entry's count (its ``n`` field) is its number of lines, as for the stream's
+    seqs; the writer writes ``n`` texts and ``n`` timestamps, and a decoded entry is held to ``n`` either way."""
 
     __slots__ = ("first", "_texts", "_stamps", "_count", "_raw")
 
@@ -49,16 +50,22 @@ class LineBatch(Sequence[LogLine]):
         self._texts = texts
         self._stamps = stamps
         self._count = len(texts)
-        self._raw: tuple[list[str], list[str]] | None = None  # entries' JSON arrays not yet decoded
+        # entries not decoded yet: their lines' JSON arrays, their timestamps' and their counts
+        self._raw: tuple[list[str], list[str], list[int]] | None = None
 
     def add_entry(self, count: int, lines_json: str, stamps_json: str) -> None:
-        """Append one stream entry's ``count`` lines as its fields hold them: JSON arrays, as long as each other
-        (the writer's format), decoded when they are first read."""
+        """Append one stream entry's ``count`` lines as its ``l`` and ``t`` fields hold them (JSON arrays),
+        decoded when they are first read."""
         if self._raw is None:
-            self._raw = ([json.dumps(self._texts)], [json.dumps(self._stamps)]) if self._count else ([], [])
+            self._raw = ([], [], [])
+            if self._count:  # lines already decoded go first, as one more entry
+                self._raw[0].append(json.dumps(self._texts))
+                self._raw[1].append(json.dumps(self._stamps))
+                self._raw[2].append(self._count)
             self._texts, self._stamps = [], []
         self._raw[0].append(lines_json)
         self._raw[1].append(stamps_json)
+        self._raw[2].append(count)
         self._count += count
 
     def _decode(self) -> None:
@@ -66,11 +73,13 @@ class LineBatch(Sequence[LogLine]):
             return
         texts: list[str] = []
         stamps: list[str] = []
-        for lines_json, stamps_json in zip(*self._raw, strict=True):
+        for lines_json, stamps_json, count in zip(*self._raw, strict=True):
             entry_texts, entry_stamps = entry_columns(lines_json, stamps_json)
+            if len(entry_texts) != count:  # not as the writer writes them: held to the count the seqs follow
+                entry_texts, entry_stamps = _fit(entry_texts, count), _fit(entry_stamps, count)
             texts += entry_texts
             stamps += entry_stamps
-        self._texts, self._stamps, self._count, self._raw = texts, stamps, len(texts), None
+        self._texts, self._stamps, self._raw = texts, stamps, None
 
     @property
     def texts(self) -> list[str]:
@@ -83,10 +92,10 @@ class LineBatch(Sequence[LogLine]):
         return self._stamps
 
     def json_columns(self) -> tuple[str, str]:
-        """``texts`` and ``stamps`` as JSON arrays: the stored entries' own text, joined, while not decoded."""
-        if self._raw is None:
-            return json.dumps(self._texts), json.dumps(self._stamps)
-        return _join_arrays(self._raw[0]), _join_arrays(self._raw[1])
+        """``texts`` and ``stamps`` as JSON arrays: while not decoded, the stored entries' own arrays joined."""
+        if self._raw is not None and all(map(_plain_array, self._raw[0])) and all(map(_plain_array, self._raw[1])):
+            return _join_arrays(self._raw[0]), _join_arrays(self._raw[1])
+        return json.dumps(self.texts), json.dumps(self.stamps)
 
     def __len__(self) -> int:
         return self._count
@@ -124,13 +133,23 @@ def entry_columns(lines_json: str, stamps_json: str) -> tuple[list[str], list[st
     texts = json.loads(lines_json)
     stamps = json.loads(stamps_json)
     if len(stamps) != len(texts):  # an entry without (all) its timestamps
-        stamps = (stamps + [""] * len(texts))[: len(texts)]
+        stamps = _fit(stamps, len(texts))
     return texts, stamps
+
+
+def _fit(column: list[str], count: int) -> list[str]:
+    return (column + [""] * count)[:count]
+
+
+def _plain_array(text: str) -> bool:
+    """Whether ``text`` has the shape of ``json.dumps`` of a list (``[...]``, on one line), which SSE can carry
+    as it is; anything else in the stream (not our writer's) is decoded and encoded again."""
+    return text[:1] == "[" and text[-1:] == "]" and "\n" not in text and "\r" not in text
 
 
 def _join_arrays(arrays: list[str]) -> str:
     """JSON arrays (as ``json.dumps`` writes them) joined into one, without decoding them."""
-    items = [a[1:-1] for a in arrays if a != "[]"]
+    items = [a[1:-1] for a in arrays if a[1:-1].strip()]  # an empty one adds nothing
     return "[" + ", ".join(items) + "]"
 
 

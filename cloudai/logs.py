@@ -268,9 +268,9 @@ def parse_read(reply: Any, cursor: str, after_seq: int) -> tuple[Sequence[LogEve
             first = _seq(entry_id)
             if events is None and first > after_seq and not fields.get("end"):
                 count = int(fields.get("n") or 0)
-                if batch is None:
-                    batch = LineBatch(first, [], [])
-                if first == batch.first + len(batch) and count and "l" in fields and "t" in fields:
+                follows = batch is None or first == batch.first + len(batch)
+                if follows and count and "l" in fields and "t" in fields:  # as the writer writes them
+                    batch = batch if batch is not None else LineBatch(first, [], [])
                     batch.add_entry(count, fields["l"], fields["t"])  # decoded when read, if ever
                     continue
             if events is None:

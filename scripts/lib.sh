@@ -107,17 +107,18 @@ ensure_venv() {
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"
   fi
-  local stamp="$VENV/.cloudai-installed" kind="editable-compat"
-  if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ] || [ "$(cat "$stamp")" != "$kind" ]; then
+  # the stamp holds the version of this recipe: a venv installed by an older one is installed again once
+  local stamp="$VENV/.cloudai-installed" recipe="2"
+  if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ] || [ "$(cat "$stamp")" != "$recipe" ]; then
     log "installing cloudai[test] into $VENV"
     "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
-    # editable as a plain path entry (compat): setuptools' default editable finder imports pathlib, importlib.util
-    # and urllib.parse at every interpreter start, ~10 ms of each `cloudai` command. A setuptools without the
-    # compat mode gets the default one.
+    # editable as a plain path entry (compat mode: the repository's root on sys.path, so tests/ and bench/ are
+    # importable too): setuptools' default editable finder imports pathlib, importlib.util and urllib.parse at
+    # every interpreter start, ~10 ms of each `cloudai` command. A setuptools without compat gets the default.
     { "$VENV/bin/pip" install -e "$ROOT[test]" --config-settings editable_mode=compat >"$STATE/pip.log" 2>&1 ||
       "$VENV/bin/pip" install -e "$ROOT[test]" >>"$STATE/pip.log" 2>&1; } || { tail -30 "$STATE/pip.log" >&2;
       die "pip install failed (log: $STATE/pip.log)"; }
-    echo "$kind" >"$stamp"
+    echo "$recipe" >"$stamp"
   fi
   # bytecode for our own sources, as an installed (non-editable) package has it: where
   # PYTHONDONTWRITEBYTECODE is set (CI sandboxes), every `cloudai` process would compile them anew (~60 ms of

@@ -10,9 +10,11 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from cloudai import logevents
 from cloudai.logevents import LineBatch, LogEnd, LogEvent, LogLine, line_columns
 from cloudai.logfollow import LogFollow
 from cloudai.logs import parse_read
+from cloudai.server.logstream import sse_events
 
 
 def test_it_reads_as_a_sequence_of_log_lines() -> None:
@@ -83,16 +85,44 @@ def test_the_follower_hands_a_batch_that_follows_on_as_it_is_and_trims_one_that_
     assert [e.seq for e in gap] == [8, 10] and "2 earlier lines" in gap[0].text  # type: ignore[union-attr]
 
 
-def test_entries_read_from_the_stream_stay_json_until_read_and_pass_through_as_json_unchanged() -> None:
-    entries = [(3, {"n": "2", "l": json.dumps(["a", "é \"q\""]), "t": json.dumps(["t3", "t4"])}),
-               (5, {"n": "1", "l": json.dumps(["c"]), "t": json.dumps(["t5"])})]
-    batch, _ = parse_read(_reply(entries), "0-0", 0)
-    assert isinstance(batch, LineBatch) and len(batch) == 3 and batch.first == 3
-    lines_json, stamps_json = batch.json_columns()  # the entries' own text, joined: nothing decoded
-    assert batch._raw is not None
-    assert json.loads(lines_json) == ["a", "é \"q\"", "c"] and json.loads(stamps_json) == ["t3", "t4", "t5"]
-    assert batch.texts == ["a", "é \"q\"", "c"] and batch._raw is None  # decoded on the first read
-    assert batch.json_columns() == (json.dumps(batch.texts), json.dumps(batch.stamps))
+def _entries_read(*entries: tuple[int, list[str], list[str]]) -> LineBatch:
+    batch, _ = parse_read(_reply([(seq, {"n": str(len(texts)), "l": json.dumps(texts), "t": json.dumps(stamps)})
+                                  for seq, texts, stamps in entries]), "0-0", 0)
+    assert isinstance(batch, LineBatch)
+    return batch
+
+
+def test_the_masters_json_sse_passes_the_entries_arrays_on_without_decoding_them(monkeypatch: Any) -> None:
+    entries = ((3, ["a", 'é "q"'], ["t3", "t4"]), (5, ["c"], ["t5"]))
+    expected = sse_events(LineBatch(3, ["a", 'é "q"', "c"], ["t3", "t4", "t5"]), True, True)
+    with monkeypatch.context() as patched:
+        patched.setattr(logevents, "entry_columns", lambda *a: pytest.fail("decoded"))
+        batch = _entries_read(*entries)
+        assert len(batch) == 3 and batch.first == 3
+        got = sse_events(batch, True, True)
+    assert got.startswith("event: lines\nid: 5\ndata: {") and got.count("\n") == 4
+    assert json.loads(got.split("data: ")[1]) == json.loads(expected.split("data: ")[1])
+    assert batch.texts == ["a", 'é "q"', "c"] and batch.stamps == ["t3", "t4", "t5"]  # decoded when read
+    assert batch == [LogLine(3, "a", "t3"), LogLine(4, 'é "q"', "t4"), LogLine(5, "c", "t5")]
+
+
+def test_a_batch_of_decoded_lines_and_stored_entries_reads_and_encodes_as_one() -> None:
+    batch = LineBatch(5, ["x"], ["tx"])
+    batch.add_entry(2, '["y", "z"]', '["ty", "tz"]')
+    batch.add_entry(0, "[ ]", "[]")
+    assert len(batch) == 3
+    lines_json, stamps_json = batch.json_columns()
+    assert json.loads(lines_json) == ["x", "y", "z"] and json.loads(stamps_json) == ["tx", "ty", "tz"]
+    assert batch[1:] == [LogLine(6, "y", "ty"), LogLine(7, "z", "tz")]
+
+
+def test_stored_entries_not_as_the_writer_writes_them_are_decoded_to_their_counts() -> None:
+    batch = LineBatch(1, [], [])
+    batch.add_entry(2, '["a"]', "[]")  # fewer lines than its count says, and no timestamps
+    batch.add_entry(1, '["c"\n]', '["t3"]')  # valid JSON, but not one line: never passed into SSE as it is
+    lines_json, stamps_json = batch.json_columns()
+    assert "\n" not in lines_json and json.loads(lines_json) == ["a", "", "c"]
+    assert batch.stamps == ["", "", "t3"] and len(batch) == 3 == len(list(batch))
 
 
 def test_an_entry_without_its_count_or_timestamps_is_read_line_by_line_with_empty_stamps() -> None:
@@ -101,6 +131,3 @@ def test_an_entry_without_its_count_or_timestamps_is_read_line_by_line_with_empt
     events, _ = parse_read(_reply(entries), "0-0", 0)
     assert list(events) == [LogLine(1, "a", "t1"), LogLine(2, "b"), LogLine(3, "c"), LogLine(4, "d", "t4"),
                             LogLine(5, "e")]
-    batch = LineBatch(4, [], [])
-    batch.add_entry(2, '["d", "e"]', '["t4"]')  # stamps shorter than the lines: padded per entry when decoded
-    assert batch.stamps == ["t4", ""] and len(batch) == 2
