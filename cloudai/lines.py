@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
+from cloudai.logevents import LineBatch
+
 MAX_LINE_BYTES = 64 * 1024
 
 
@@ -122,7 +124,8 @@ def archive_lines(lines: list[tuple[str, str]]) -> list[str]:
     return [f"{ts or '-'} {text}" for text, ts in lines]
 
 
-def parse_archive_line(line: str) -> tuple[str, str]:
-    """``(ts, text)`` from an archived line."""
-    ts, _, text = line.partition(" ")
-    return ("" if ts == "-" else ts), text
+def archived_lines(lines: list[str], after_seq: int) -> LineBatch:
+    """An archived log's lines after ``after_seq`` (line n of the archive is seq n) as one batch of columns:
+    ``logs`` of a finished task whose live log expired reads them all at once."""
+    parts = [line.partition(" ") for line in lines[after_seq:]]
+    return LineBatch(after_seq + 1, [p[2] for p in parts], ["" if p[0] == "-" else p[0] for p in parts])

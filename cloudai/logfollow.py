@@ -10,7 +10,7 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 from cloudai.errors import RedisUnavailable
-from cloudai.lines import parse_archive_line
+from cloudai.lines import archived_lines
 from cloudai.logevents import LineBatch, LogEnd, LogEvent, LogLine
 from cloudai.logs import LogBus
 
@@ -106,7 +106,10 @@ class LogFollow:
                 continue
             if not (yield ("exists", None)):
                 archive = (yield ("archive", None)) if self.seq == self.start_seq else None
-                yield ("emit", [*_archived(archive, self.seq), end])
+                lines = archived_lines(archive or [], self.seq)
+                if lines:
+                    yield ("emit", lines)
+                yield ("emit", [end])
                 return
             last_seq, last = yield ("last_entry", None)
             if last_seq <= self.seq and not isinstance(last, LogEnd):
@@ -151,10 +154,3 @@ def follow_batches(bus: LogBus, task_id: str, end_of_task: Callable[[], LogEnd |
                 reply = io[kind](arg)
             except RedisUnavailable as exc:
                 error = exc
-
-
-def _archived(lines: list[str] | None, after_seq: int) -> Iterator[LogLine]:
-    for n, line in enumerate(lines or [], start=1):
-        if n > after_seq:
-            ts, text = parse_archive_line(line)
-            yield LogLine(n, text, ts)

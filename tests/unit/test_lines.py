@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from cloudai.lines import MAX_LINE_BYTES, LineSplitter, archive_line, parse_archive_line, split_frames
+from cloudai.lines import MAX_LINE_BYTES, LineSplitter, archive_line, archived_lines, split_frames
+from cloudai.logevents import LogLine
 
 
 def test_lines_split_across_frames_keep_the_first_timestamp() -> None:
@@ -44,9 +45,10 @@ def test_splitting_is_deterministic_for_reattach() -> None:
 
 
 def test_archive_line_round_trip() -> None:
-    assert parse_archive_line(archive_line("hello world", "2026-01-01T00:00:00Z")) == (
-        "2026-01-01T00:00:00Z", "hello world")
-    assert parse_archive_line(archive_line("x", "")) == ("", "x")
+    archived = [archive_line("hello world", "2026-01-01T00:00:00Z"), archive_line("x", ""), archive_line("", "t")]
+    assert archived_lines(archived, 0) == [LogLine(1, "hello world", "2026-01-01T00:00:00Z"), LogLine(2, "x"),
+                                           LogLine(3, "", "t")]
+    assert archived_lines(archived, 2) == [LogLine(3, "", "t")] and not archived_lines(archived, 3)
 
 
 def test_chunks_give_the_lines_frames_give_whatever_the_grouping() -> None:

@@ -8,7 +8,7 @@ import pytest
 
 from cloudai import logfollow as logs
 from cloudai.errors import RedisUnavailable
-from cloudai.logevents import LogEnd, LogLine
+from cloudai.logevents import LineBatch, LogEnd, LogLine
 
 
 def test_history_then_end_skipping_duplicates_and_noting_a_trimmed_gap() -> None:
@@ -45,7 +45,9 @@ def test_an_expired_stream_is_read_from_the_archive() -> None:
     assert steps.send(end) == ("exists", None)
     assert steps.send(False) == ("archive", None)
     kind, batch = steps.send(["2026-01-01T00:00:00Z one", "- two"])
-    assert (kind, batch) == ("emit", [LogLine(1, "one", "2026-01-01T00:00:00Z"), LogLine(2, "two"), end])
+    assert kind == "emit" and isinstance(batch, LineBatch)  # one batch of columns, then the end
+    assert batch == [LogLine(1, "one", "2026-01-01T00:00:00Z"), LogLine(2, "two")]
+    assert steps.send(None) == ("emit", [end])
 
 
 def test_following_a_log_that_expired_long_ago_asks_the_store_at_once() -> None:
@@ -58,7 +60,8 @@ def test_following_a_log_that_expired_long_ago_asks_the_store_at_once() -> None:
     end = LogEnd("completed", 0)
     assert steps.send(end) == ("exists", None)
     assert steps.send(False) == ("archive", None)
-    assert steps.send(["- only"]) == ("emit", [LogLine(1, "only"), end])
+    assert steps.send(["- only"]) == ("emit", [LogLine(1, "only")])
+    assert steps.send(None) == ("emit", [end])
 
 
 def test_a_task_that_has_not_printed_yet_is_then_followed_with_blocking_reads() -> None:
