@@ -3,7 +3,7 @@
 medians and the ratio (machines are shared: look at the ratio; the target is within 10%):
 - a trivial task, `submit -f` to its end;
 - `submit -f` of a task printing 100,000 lines (every line counted);
-- `logs -f` of that ended task's 100,000 lines (over SSE through the master).
+- `logs -f` of that ended task's 100,000 lines (over SSE through the master), and the master's CPU for each.
 
 Run it with ./scripts/bench (which starts Redis, dockerd and a worker); it starts its own server.
 """
@@ -49,6 +49,13 @@ def alternate(direct: Callable[[], float], api: Callable[[], float], runs: int) 
     return statistics.median(s.seconds for s in d), statistics.median(s.seconds for s in a)
 
 
+def server_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def start_server(port: int) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-m", "cli.main", "server", "--port", str(port), "--log-level",
                              "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -91,10 +98,12 @@ def main() -> int:
                              env=direct, check=True, capture_output=True, text=True).stdout.strip()
         timed(direct, "logs", "-f", out)  # wait for its end
         logs = ("logs", "-f", out)
+        served = server_cpu_s(server.pid)
         d, a = alternate(lambda: timed(direct, *logs, lines=args.lines), lambda: timed(api, *logs, lines=args.lines),
                          args.runs)
+        per_request = (server_cpu_s(server.pid) - served) / (args.runs + 1)
         print(f"logs -f of {args.lines} lines   direct: {d:.3f}s   through the API (SSE): {a:.3f}s   "
-              f"ratio {a / d:.2f}x")
+              f"ratio {a / d:.2f}x   (the master's CPU per request: {per_request:.3f}s)")
     finally:
         server.terminate()
         server.wait(15)

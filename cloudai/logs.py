@@ -129,11 +129,9 @@ class LogBus:
         self._registry = client.register_script(_REGISTRY)
 
     @classmethod
-    def from_url(cls, url: str, maxlen: int = 1_000_000,
-                 connect: Callable[[str], redis.Redis] | None = None) -> LogBus:
-        """A bus on a client of its own: ``connect(url)`` when given (the CLI's :func:`cloudai.resp.connect`),
-        else redis-py's."""
-        return cls((connect or redis_py)(url), maxlen, url)
+    def from_url(cls, url: str, maxlen: int = 1_000_000) -> LogBus:
+        """A bus on a redis-py client of its own."""
+        return cls(redis_py(url), maxlen, url)
 
     def _guard(self, exc: Exception) -> RedisUnavailable:
         return RedisUnavailable(self.url, exc)
