@@ -3,7 +3,8 @@
 medians and the ratio (machines are shared: look at the ratio; the target is within 10%):
 - a trivial task, `submit -f` to its end;
 - `submit -f` of a task printing 100,000 lines (every line counted);
-- `logs -f` of that ended task's 100,000 lines (over SSE through the master), and the master's CPU for each.
+- `logs -f` of that ended task's 100,000 lines (over SSE through the master), and the master's CPU for each;
+  then the same once its live log is gone (the archive in the store).
 
 Run it with ./scripts/bench (which starts Redis, dockerd and a worker); it starts its own server.
 """
@@ -21,7 +22,7 @@ import urllib.request
 from collections.abc import Callable
 
 from bench import processes
-from cloudai import tokens
+from cloudai import keys, resp, tokens
 from cloudai.settings import Settings
 from cloudai.store import open_store
 
@@ -47,6 +48,21 @@ def alternate(direct: Callable[[], float], api: Callable[[], float], runs: int) 
 
     d, a = interleave(lambda: Sample(direct()), lambda: Sample(api()), runs)
     return statistics.median(s.seconds for s in d), statistics.median(s.seconds for s in a)
+
+
+def logs_f(direct: dict[str, str], api: dict[str, str], logs: tuple[str, ...], server_pid: int,
+           args: argparse.Namespace) -> tuple[float, float, float]:
+    """Medians of ``cloudai logs -f`` direct and through the master, and the master's CPU seconds per command."""
+    calls = 0
+
+    def through_master() -> float:
+        nonlocal calls
+        calls += 1
+        return timed(api, *logs, lines=args.lines)
+
+    before = server_cpu_s(server_pid)
+    d, a = alternate(lambda: timed(direct, *logs, lines=args.lines), through_master, args.runs)
+    return d, a, (server_cpu_s(server_pid) - before) / calls
 
 
 def server_cpu_s(pid: int) -> float:
@@ -98,12 +114,12 @@ def main() -> int:
                              env=direct, check=True, capture_output=True, text=True).stdout.strip()
         timed(direct, "logs", "-f", out)  # wait for its end
         logs = ("logs", "-f", out)
-        served = server_cpu_s(server.pid)
-        d, a = alternate(lambda: timed(direct, *logs, lines=args.lines), lambda: timed(api, *logs, lines=args.lines),
-                         args.runs)
-        per_request = (server_cpu_s(server.pid) - served) / (args.runs + 1)
-        print(f"logs -f of {args.lines} lines   direct: {d:.3f}s   through the API (SSE): {a:.3f}s   "
-              f"ratio {a / d:.2f}x   (the master's CPU per request: {per_request:.3f}s)")
+        for what in ("", "expired "):
+            if what:  # the live log gone (as after CLOUDAI_LOG_RETENTION): the archive in the store is read
+                resp.redis_py(settings.redis_url).delete(keys.log_stream(out))
+            d, a, master_cpu = logs_f(direct, api, logs, server.pid, args)
+            print(f"logs -f of an {what}ended task's {args.lines} lines   direct: {d:.3f}s   through the API (SSE): "
+                  f"{a:.3f}s   ratio {a / d:.2f}x   (the master's CPU per logs -f: {master_cpu:.3f}s)")
     finally:
         server.terminate()
         server.wait(15)

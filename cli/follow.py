@@ -97,6 +97,11 @@ def monitor(api: Client, task_id: str, header: bool = True) -> int:
     with watcher as keys:
         end = stream(api, task_id, stop=keys.pressed if isinstance(keys, KeyWatcher) else None)
     if end is None:
+        task = api.get(task_id)
+        if task.status.terminal:  # the key came between its last lines and its end marker: it did end
+            end = LogEnd.of_task(task)
+            click.echo(final_block(end, sys.stdout.isatty()))
+            return exit_code_for(end.status, end.exit_code)
         click.echo(f"Stopped watching; task {task_id} keeps running. `cloudai monitor {task_id}` resumes.")
         return ExitCode.OK
     return exit_code_for(end.status, end.exit_code)

@@ -220,7 +220,7 @@ class CloudAI:
     def end_of(self, task_id: str) -> LogEnd | None:
         """The end marker a finished task's log would close with; None while it is not finished."""
         task = self.get(task_id)
-        return _end_of(task) if task.status.terminal else None
+        return LogEnd.of_task(task) if task.status.terminal else None
 
     def logs(self, task_id: str) -> Iterator[LogEvent]:
         """The log so far (no waiting): from the live stream, or the archive once the stream expired."""
@@ -305,7 +305,3 @@ def _worker_id_or_unknown(worker_id: str) -> None:
         limits.text("worker id", worker_id, max_chars=limits.MAX_ID_CHARS)
     except ValidationError:
         raise WorkerNotFound(worker_id) from None
-
-
-def _end_of(task: Task) -> LogEnd:
-    return LogEnd(task.status.value, task.exit_code, task.error.message if task.error else None)

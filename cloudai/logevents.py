@@ -7,7 +7,10 @@ import json
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
+
+if TYPE_CHECKING:
+    from cloudai.models import Task
 
 
 # not frozen: a frozen dataclass's __init__ costs 3x (object.__setattr__ per field), and a follower of a
@@ -27,6 +30,11 @@ class LogEnd:
     exit_code: int | None = None
     reason: str | None = None
 
+    @classmethod
+    def of_task(cls, task: Task) -> LogEnd:
+        """The end marker a finished task's log closes with."""
+        return cls(task.status.value, task.exit_code, task.error.message if task.error else None)
+
 
 LogEvent = LogLine | LogEnd
 
@@ -41,7 +49,9 @@ class LineBatch(Sequence[LogLine]):
     (:meth:`add_entry`): they are decoded on the first read of ``texts`` or ``stamps``, and the master's JSON
     SSE passes them on without decoding them at all (:meth:`json_columns`; that decode and encode were two
     thirds of its CPU per line). An entry's count (its ``n`` field) is its number of lines, as for the stream's
-    seqs; the writer writes ``n`` texts and ``n`` timestamps, and a decoded entry is held to ``n`` either way."""
+    seqs; the writer writes ``n`` texts and ``n`` timestamps. A decoded entry is held to ``n``; the pass-through
+    trusts the writer's shape (it checks only that each array is one line of JSON). ``texts`` and ``stamps``
+    are read-only: a batch grows by :meth:`add_entry`."""
 
     __slots__ = ("first", "_texts", "_stamps", "_count", "_raw")
 
