@@ -15,6 +15,9 @@ from cloudai.logevents import LineBatch, LogEnd, LogEvent, LogLine
 from cloudai.logs import LogBus
 
 BLOCK_MS = 1000  # one XREAD BLOCK; a follower looks at its viewer (a key press, a closed connection) this often
+# an archive goes out in batches of this many lines, so that a viewer prints (and the master's client decodes)
+# the first while the next is encoded, and a key press stops `monitor` between two
+ARCHIVE_BATCH_LINES = 10_000
 IDLE_CHECK_S = 2.0  # with nothing new for this long, ask the store whether the task ended without a marker
 
 FollowStep = tuple[str, Any]
@@ -107,8 +110,8 @@ class LogFollow:
             if not (yield ("exists", None)):
                 archive = (yield ("archive", None)) if self.seq == self.start_seq else None
                 lines = archived_lines(archive or [], self.seq)
-                if lines:
-                    yield ("emit", lines)
+                for start in range(0, len(lines), ARCHIVE_BATCH_LINES):
+                    yield ("emit", lines[start:start + ARCHIVE_BATCH_LINES])
                 yield ("emit", [end])
                 return
             last_seq, last = yield ("last_entry", None)

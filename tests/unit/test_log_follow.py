@@ -89,3 +89,18 @@ def test_redis_errors_wait_and_resume_then_give_up(monkeypatch: pytest.MonkeyPat
     clock[0] += 6  # broken for 11 s in a row: more than reconnect_for_s
     with pytest.raises(RedisUnavailable):
         steps.throw(error)
+
+
+def test_a_long_archive_goes_out_in_batches_then_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logs, "ARCHIVE_BATCH_LINES", 2)
+    steps = logs.LogFollow(after_seq=1, follow=False).steps()
+    steps.send(None)  # the cursor for after_seq=1 is asked first
+    steps.send("1-0")
+    steps.send(([], "1-0"))
+    end = LogEnd("completed", 0)
+    steps.send(end)
+    assert steps.send(False) == ("archive", None)
+    first = steps.send([f"- l{n}" for n in range(1, 6)])
+    assert first == ("emit", [LogLine(2, "l2"), LogLine(3, "l3")])
+    assert steps.send(None) == ("emit", [LogLine(4, "l4"), LogLine(5, "l5")])
+    assert steps.send(None) == ("emit", [end])
