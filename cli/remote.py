@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from cloudai.errors import CloudAIError, ExitCode, ServiceUnavailable, redact
-from cloudai.logevents import LineBatch, LogEnd, LogEvent
+from cloudai.logevents import LineBatch, LogEnd, LogEvent, fit_column
 from cloudai.models import Quota, Task, TaskStatus, WorkerInfo, WorkerState
 from cloudai.submission import SubmitRequest
 from cloudai.workerview import WorkerView
@@ -239,7 +239,7 @@ def event_lines(event: SSEvent) -> LineBatch:
         texts, stamps, first = doc["lines"], doc["ts"], int(doc["first"])
         if len(stamps) != len(texts):  # the master passes the stream entries' arrays on as they are: only an
             # entry not written by CloudAI's writer (which writes as many of each) could make them differ
-            stamps = (stamps + [""] * len(texts))[: len(texts)]
+            stamps = fit_column(stamps, len(texts))
     else:
         parts = [d.partition(" ") for d in event.data]
         texts, stamps, first = [p[2] for p in parts], [p[0] for p in parts], int(event.id or 0) - len(parts) + 1

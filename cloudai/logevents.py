@@ -86,7 +86,7 @@ class LineBatch(Sequence[LogLine]):
         for lines_json, stamps_json, count in zip(*self._raw, strict=True):
             entry_texts, entry_stamps = entry_columns(lines_json, stamps_json)
             if len(entry_texts) != count:  # not as the writer writes them: held to the count the seqs follow
-                entry_texts, entry_stamps = _fit(entry_texts, count), _fit(entry_stamps, count)
+                entry_texts, entry_stamps = fit_column(entry_texts, count), fit_column(entry_stamps, count)
             texts += entry_texts
             stamps += entry_stamps
         self._texts, self._stamps, self._raw = texts, stamps, None
@@ -143,11 +143,12 @@ def entry_columns(lines_json: str, stamps_json: str) -> tuple[list[str], list[st
     texts = json.loads(lines_json)
     stamps = json.loads(stamps_json)
     if len(stamps) != len(texts):  # an entry without (all) its timestamps
-        stamps = _fit(stamps, len(texts))
+        stamps = fit_column(stamps, len(texts))
     return texts, stamps
 
 
-def _fit(column: list[str], count: int) -> list[str]:
+def fit_column(column: list[str], count: int) -> list[str]:
+    """``column`` cut or padded with ``""`` to ``count`` items (timestamps missing from a line's entry)."""
     return (column + [""] * count)[:count]
 
 
@@ -216,4 +217,4 @@ def attempt_section(events: Iterable[LogEvent], attempt: int) -> list[LogLine]:
 
 
 __all__ = ["ATTEMPT_MARKER", "LineBatch", "LogEnd", "LogEvent", "LogLine", "attempt_marker", "attempt_section",
-           "entry_columns", "line_columns", "lines_text"]
+           "entry_columns", "fit_column", "line_columns", "lines_text"]

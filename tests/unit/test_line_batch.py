@@ -131,3 +131,10 @@ def test_an_entry_without_its_count_or_timestamps_is_read_line_by_line_with_empt
     events, _ = parse_read(_reply(entries), "0-0", 0)
     assert list(events) == [LogLine(1, "a", "t1"), LogLine(2, "b"), LogLine(3, "c"), LogLine(4, "d", "t4"),
                             LogLine(5, "e")]
+
+
+def test_the_api_client_keeps_a_json_batch_with_fewer_timestamps_than_lines_aligned() -> None:
+    from cli.remote import SSEvent, event_lines
+
+    batch = event_lines(SSEvent("lines", "3", ['{"first": 1, "lines": ["a", "b", "c"], "ts": ["t1"]}']))
+    assert list(batch) == [LogLine(1, "a", "t1"), LogLine(2, "b"), LogLine(3, "c")]
