@@ -124,9 +124,7 @@ def sse_events(batch: Sequence[LogEvent], timestamps: bool = False, as_json: boo
         if not batch:  # that would decode them
             return ""
         # the stream entries' own JSON arrays, joined: no decode and encode per line (two thirds of the CPU)
-        texts_json, stamps_json = batch.json_columns()
-        data = f'{{"first": {batch.first}, "lines": {texts_json}, "ts": {stamps_json}}}'
-        return f"event: lines\nid: {batch.first + len(batch) - 1}\ndata: {data}\n\n"
+        return _lines_event(batch.first, batch.first + len(batch) - 1, *batch.json_columns())
     end = batch[-1] if batch and isinstance(batch[-1], LogEnd) else None
     lines = batch[:-1] if end is not None else batch
     tail = _end_event(end) if end is not None else ""
@@ -134,12 +132,16 @@ def sse_events(batch: Sequence[LogEvent], timestamps: bool = False, as_json: boo
     if not texts:
         return tail
     if as_json:
-        data = json.dumps({"first": first, "lines": texts, "ts": stamps})
-        return f"event: lines\nid: {last}\ndata: {data}\n\n{tail}"
+        return _lines_event(first, last, json.dumps(texts), json.dumps(stamps)) + tail
     # one data field per line (a list, not a generator, and no call per line: ~100k lines a second)
     fields = ([f"data: {ts} {text}\n" for ts, text in zip(stamps, texts, strict=True)] if timestamps
               else [f"data: {text}\n" for text in texts])
     return f"id: {last}\n" + "".join(fields) + "\n" + tail
+
+
+def _lines_event(first: int, last: int, texts_json: str, stamps_json: str) -> str:
+    """The ``?batch=json`` line event, from the columns as JSON arrays."""
+    return f'event: lines\nid: {last}\ndata: {{"first": {first}, "lines": {texts_json}, "ts": {stamps_json}}}\n\n'
 
 
 def _end_event(end: LogEnd) -> str:
