@@ -10,6 +10,9 @@ so a noisy, shared machine moves both sides alike. Cases:
   each followed to its end (``submit -f``: whole processes, first submit to last exit), and in the issue's form
   (``submit -q``, first submit to the last completion the store records; direct mode).
 - ``help``: ``cloudai --help``, absolute (no baseline exists).
+- ``trivial`` and ``many`` again with ``CLOUDAI_CMDSERVER=off``: each command in its own interpreter, as before the
+  command server (cli/cmdserver.py). The other rows use the server, as a user's commands do after their first;
+  the run starts it first and prints how many commands it ran at the end, so a row that missed it shows.
 - ``floor``: ``python -c 'import click, socket, sqlite3, json'`` (``click, httpx`` through the master) against
   ``docker run --rm``: the interpreter's share, which no change to CloudAI can remove.
 
@@ -128,12 +131,17 @@ def docker_cmd(*command: str) -> list[str]:
     return ["docker", "run", "--rm", IMAGE, *command]
 
 
-def case_trivial(worker: str, runs: int) -> Row:
+def own_process() -> dict[str, str]:
+    """The environment of a command that runs in its own interpreter, without the command server."""
+    return {**os.environ, "CLOUDAI_CMDSERVER": "off"}
+
+
+def case_trivial(worker: str, runs: int, own: bool = False) -> Row:
     cli = cloudai_cmd()
     ours, base = alternate(lambda: timed([*cli, "submit", "-f", "--worker", worker, "--cpus", "0.5", "-m", "64m",
-                                          IMAGE, "--", "true"]),
+                                          IMAGE, "--", "true"], env=own_process() if own else None),
                            lambda: timed(docker_cmd("true")), runs)
-    return Row("trivial task, submit -f vs docker run --rm", ours, base)
+    return Row("trivial task, submit -f vs docker run --rm" + (", CLOUDAI_CMDSERVER=off" if own else ""), ours, base)
 
 
 def case_lines(lines: int, runs: int, worker_pid: int | None) -> Row:
@@ -141,21 +149,24 @@ def case_lines(lines: int, runs: int, worker_pid: int | None) -> Row:
     ours, base = alternate(lambda: timed([*cli, "submit", "-f", "-m", "256m", IMAGE, "--", "seq", "1", str(lines)],
                                          count_lines=lines),
                            lambda: timed(docker_cmd("seq", "1", str(lines)), count_lines=lines), runs)
-    cli_rss = max(s.peak_rss_kib for s in ours) // 1024
+    # the CLI's peak RSS from one more run in its own process: through the command server the measured process
+    # is only the launcher, and the viewer (the same code) runs in the server's child
+    cli_rss = timed([*cli, "submit", "-f", "-m", "256m", IMAGE, "--", "seq", "1", str(lines)], count_lines=lines,
+                    env=own_process()).peak_rss_kib // 1024
     worker_rss = worker_peak_rss_kib(worker_pid) // 1024
     return Row(f"{lines:,} lines into a pipe", ours, base,
-               f"all lines, in order; peak RSS: CLI {cli_rss} MiB, worker {worker_rss or '?'} MiB")
+               f"all lines, in order; peak RSS: CLI {cli_rss} MiB (in its own process), worker {worker_rss or '?'} MiB")
 
 
-def case_many(tasks: int, parallel: int, runs: int) -> Row:
+def case_many(tasks: int, parallel: int, runs: int, own: bool = False) -> Row:
     cli = " ".join(cloudai_cmd())
-    ours_cmd = (f"seq 1 {tasks} | xargs -P {parallel} -I{{}} {cli} submit -f -q --cpus 0.2 -m 32m {IMAGE} "
-                "-- true >/dev/null")
+    ours_cmd = (f"seq 1 {tasks} | {'CLOUDAI_CMDSERVER=off ' if own else ''}xargs -P {parallel} -I{{}} {cli} submit "
+                f"-f -q --cpus 0.2 -m 32m {IMAGE} -- true >/dev/null")
     base_cmd = f"seq 1 {tasks} | xargs -P {parallel} -I{{}} docker run --rm {IMAGE} true >/dev/null"
     ours, base = alternate(lambda: timed([ours_cmd], shell=True), lambda: timed([base_cmd], shell=True), runs,
                            warmup=0)
-    return Row(f"{tasks} trivial tasks, {parallel} at a time", ours, base,
-               "each task followed to its end (submit -f), so the time is first submit to last completed")
+    return Row(f"{tasks} trivial tasks, {parallel} at a time" + (", CLOUDAI_CMDSERVER=off" if own else ""), ours,
+               base, "each task followed to its end (submit -f), so the time is first submit to last completed")
 
 
 def case_many_quiet(tasks: int, parallel: int, runs: int) -> Row:
@@ -206,6 +217,22 @@ def case_floor(runs: int, remote: bool) -> Row:
                            lambda: timed(docker_cmd("true")), runs)
     return Row(f"floor: python -c 'import click, {library}' vs docker run --rm true", ours, base,
                "no CloudAI code runs: the part of a submit's cost that is the interpreter's")
+
+
+def cmdserver_state() -> str:
+    """``cloudai cmdserver status``'s line."""
+    return subprocess.run([*cloudai_cmd(), "cmdserver", "status"], capture_output=True, text=True).stdout.strip()
+
+
+def start_cmdserver() -> str:
+    """Start the command server as a user's first command does, and wait for it to listen."""
+    subprocess.run([*cloudai_cmd(), "--help"], stdout=subprocess.DEVNULL, check=True)
+    deadline = time.monotonic() + 30
+    while not (state := cmdserver_state()).startswith("running"):
+        if time.monotonic() > deadline:
+            sys.exit(f"the command server did not start: {state}")
+        time.sleep(0.1)
+    return state
 
 
 def case_help(runs: int) -> Row:
@@ -260,7 +287,8 @@ def run(args: argparse.Namespace) -> int:
     worker_pid = int(os.environ["CLOUDAI_BENCH_WORKER_PID"]) if os.environ.get("CLOUDAI_BENCH_WORKER_PID") else None
     cases = set(args.cases.split(","))
     mode = f"through the master at {os.environ['CLOUDAI_API_URL']}" if os.environ.get("CLOUDAI_API_URL") else "direct"
-    print(f"# cloudai ({mode}) vs docker run --rm; {args.runs} alternating runs each, median (min-max)\n")
+    print(f"# cloudai ({mode}) vs docker run --rm; {args.runs} alternating runs each, median (min-max)")
+    print(f"# command server: {start_cmdserver()}\n")
     print("| what | cloudai | docker run --rm | ratio | notes |\n|---|---|---|---|---|")
     rows: list[Row] = []
     if "help" in cases:
@@ -272,6 +300,8 @@ def run(args: argparse.Namespace) -> int:
     if "trivial" in cases:
         rows.append(case_trivial(worker, args.runs))
         print(rows[-1].line(), flush=True)
+        rows.append(case_trivial(worker, args.runs, own=True))
+        print(rows[-1].line(), flush=True)
     if "lines" in cases:
         rows.append(case_lines(args.lines, args.runs, worker_pid))
         print(rows[-1].line(), flush=True)
@@ -281,10 +311,13 @@ def run(args: argparse.Namespace) -> int:
     if "many" in cases and args.many:
         rows.append(case_many(args.many, 8, max(1, args.runs // 3)))
         print(rows[-1].line(), flush=True)
+        rows.append(case_many(args.many, 8, max(1, args.runs // 3), own=True))
+        print(rows[-1].line(), flush=True)
         if not os.environ.get("CLOUDAI_API_URL"):  # it reads the store
             rows.append(case_many_quiet(args.many, 8, max(1, args.runs // 3)))
             print(rows[-1].line(), flush=True)
-    print(f"\n(self: peak RSS of this script {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB)")
+    print(f"\n# command server at the end: {cmdserver_state()}")
+    print(f"(self: peak RSS of this script {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB)")
     return 0
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from cli import cmdserver_cli
 from cli import quota as quota_cli
 from cli.shutdown import SERVICES, ExitPlan, exit_now
 from cloudai.errors import CloudAIError, ExitCode, RedisUnavailable
@@ -510,6 +511,7 @@ from cli.identity import login, logout, server, whoami  # noqa: E402
 for _command in (admin, login, logout, whoami, server):
     cli.add_command(_command)
 quota_cli.register(cli, Context, pass_ctx)
+cmdserver_cli.register(cli)
 
 
 def main() -> None:

@@ -14,6 +14,29 @@ from cloudai.store.sqlite import SQLiteStore
 from tests.services import PersistentRedis, RedisServer, docker_client
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cmdserver_dir() -> Iterator[str]:
+    """The command servers that the tests' ``cloudai`` launchers start live here, apart from a developer's own,
+    and are stopped when the session ends."""
+    import shutil
+    import signal
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="cs-", dir="/tmp")  # short: a socket's path must fit in 108 bytes
+    saved = os.environ.get("CLOUDAI_CMDSERVER_DIR")
+    os.environ["CLOUDAI_CMDSERVER_DIR"] = folder
+    yield folder
+    from tests.helpers import cmdservers_in
+
+    for pid in cmdservers_in(folder):
+        os.kill(pid, signal.SIGTERM)
+    shutil.rmtree(folder, ignore_errors=True)
+    if saved is None:
+        os.environ.pop("CLOUDAI_CMDSERVER_DIR", None)
+    else:
+        os.environ["CLOUDAI_CMDSERVER_DIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def redis_server() -> Iterator[RedisServer]:
     server = RedisServer()
@@ -89,7 +112,7 @@ def _no_user_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key in list(os.environ):
         if key.startswith("CLOUDAI_") and key not in ("CLOUDAI_REDIS_URL", "CLOUDAI_TEST_IMAGE",
                                                       "CLOUDAI_TEST_MONGO_URL", "CLOUDAI_REQUIRE_SERVICES",
-                                                      "CLOUDAI_SERVICE_WAIT"):
+                                                      "CLOUDAI_SERVICE_WAIT", "CLOUDAI_CMDSERVER_DIR"):
             monkeypatch.delenv(key)
 
 

@@ -87,7 +87,8 @@ def run_in_thread(fn: Callable[..., T], *args: Any) -> tuple[threading.Thread, l
 
 
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CLOUDAI_") or k == "CLOUDAI_TEST_IMAGE"}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CLOUDAI_") or k in ("CLOUDAI_TEST_IMAGE", "CLOUDAI_CMDSERVER_DIR")}
     env.update({
         "CLOUDAI_REDIS_URL": settings.redis_url,
         "CLOUDAI_STORE_URL": settings.store_url,
@@ -103,7 +104,9 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def cloudai(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cli.main", *args]
+    """``cloudai ARGS`` as the console script runs it: through the session's command server (tests/conftest.py
+    points ``CLOUDAI_CMDSERVER_DIR`` at a directory of its own), or in its own process where it must."""
+    return [sys.executable, "-m", "cli.launch", *args]
 
 
 class WorkerProc:
@@ -246,3 +249,17 @@ def capture_events(celery_app: Any, redis_client: Any, kind: str, count: int) ->
     # between are lost (pub/sub keeps nothing), which a loaded machine makes likely
     wait_for(lambda: int(redis_client.pubsub_numpat()) > 0, 10, what="the event receiver's subscription")
     return events
+
+
+def cmdservers_in(folder: str) -> list[int]:
+    """The pids of the command servers whose socket is in ``folder``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"cli.cmdserver" in cmdline and any(arg.startswith(folder.encode()) for arg in cmdline):
+                found.append(int(entry))
+    return found
