@@ -236,3 +236,40 @@ def test_the_command_is_found_after_the_groups_options() -> None:
     assert command_of(["--store-url=sqlite:///x", "submit", "-q", "img"]) == "submit"
     assert command_of(["--help"]) is None
     assert command_of(["login", "http://master"]) == "login"
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+            except (OSError, IndexError):
+                continue
+    return found
+
+
+def test_ctrl_z_stops_the_command_with_its_launcher_and_fg_resumes_both(  # type: ignore[no-untyped-def]
+        settings: Settings, store, workers, cmdserver: CmdServer) -> None:
+    workers()
+    cmdserver.start()
+    assert cmdserver.proc is not None
+    task_id = cmdserver.run("submit", "-q", TEST_IMAGE, "--", "sh", "-c", "echo started; sleep 60").stdout.strip()
+    wait_started(store, task_id)
+    proc = subprocess.Popen(launch("logs", "-f", task_id), cwd=ROOT, env=cmdserver.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline() == "started\n"
+    (runner,) = _children(cmdserver.proc.pid)  # the server runs in the process `cmdserver run` started
+    (command,) = _children(runner)
+    proc.send_signal(signal.SIGTSTP)
+    wait_for(lambda: _state(proc.pid) == "T" and _state(command) == "T", 10, 0.05, "both to stop")
+    proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: _state(proc.pid) != "T" and _state(command) != "T", 10, 0.05, "both to go on")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err.strip()) == (1, "Aborted!")

@@ -1,0 +1,64 @@
+"""How a command server's runner waits for its command (cli/cmdserver.py ``Runner._wait``), on real child
+processes: the exit status or the signal that ended it, and a hang-up once the launcher's connection closes,
+with and without ``pidfd_open`` (kernels before 5.3 lack it)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from cli.cmdserver import Runner, Server
+
+
+@pytest.fixture(params=["pidfd", "polling"])
+def runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Runner, socket.socket]]:
+    if request.param == "polling":
+        monkeypatch.delattr(os, "pidfd_open")
+    ours, launcher = socket.socketpair()
+    server = Server("/nonexistent/cmd.sock", 1.0)
+    yield Runner(ours, server), launcher
+    for sock in (ours, launcher):
+        sock.close()
+    for fd in (server.tally_r, server.tally_w):
+        os.close(fd)
+
+
+def _child(code: str) -> int:
+    return subprocess.Popen([sys.executable, "-c", code]).pid  # waited for by the runner, not by Popen
+
+
+def test_the_exit_code_of_the_command(runner: tuple[Runner, socket.socket]) -> None:
+    wait, _ = runner
+    assert wait._wait(_child("raise SystemExit(7)")) == 7
+
+
+def test_a_command_killed_by_a_signal_reports_it_negated(runner: tuple[Runner, socket.socket]) -> None:
+    wait, _ = runner
+    assert wait._wait(_child("import os, signal; os.kill(os.getpid(), signal.SIGTERM)")) == -signal.SIGTERM
+
+
+def test_a_gone_launcher_hangs_the_command_up(runner: tuple[Runner, socket.socket]) -> None:
+    wait, launcher = runner
+    pid = _child("import time; time.sleep(60)")
+    launcher.close()
+    assert wait._wait(pid) == -signal.SIGHUP
+
+
+def test_a_command_that_ignores_the_hang_up_is_killed_after_the_grace(
+        runner: tuple[Runner, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("cli.cmdserver.HANGUP_GRACE_S", 0.3)
+    wait, launcher = runner
+    read, write = os.pipe()
+    pid = subprocess.Popen([sys.executable, "-c", "import os, signal, time; signal.signal(signal.SIGHUP, "
+                            f"signal.SIG_IGN); os.write({write}, b'x'); time.sleep(60)"], pass_fds=[write]).pid
+    assert os.read(read, 1) == b"x"  # it ignores SIGHUP from here on
+    launcher.close()
+    assert wait._wait(pid) == -signal.SIGKILL
+    os.close(read)
+    os.close(write)
