@@ -40,7 +40,8 @@ from cli.shutdown import SERVICES
 #: imported before the first fork: what the client commands use (the rest a child imports itself)
 PRELOAD = ("cli.main", "cli.render", "cli.client", "cli.follow", "cli.remote", "cloudai.api", "cloudai.logs",
            "cloudai.logfollow", "cloudai.submission", "cloudai.models", "cloudai.settings", "cloudai.store",
-           "cloudai.store.sqlite", "cloudai.store.mongo", "rich.console", "rich.table", "pwd", "difflib")
+           "cloudai.store.sqlite", "cloudai.store.mongo", "rich.console", "rich.table", "rich._emoji_codes", "pwd",
+           "difflib", "httpcore", "h11", "certifi")  # the last three: httpx imports them at its first request
 #: commands that run in the launcher's own process
 LOCAL_COMMANDS = SERVICES | {"login", "cmdserver"}  # cli.launch.LOCAL too
 #: environment variables that decide how Python starts: a request whose values differ runs in its own process

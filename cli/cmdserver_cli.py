@@ -47,6 +47,8 @@ def register(cli: click.Group) -> None:
     @click.option("--idle", type=float, help="Seconds without a command before it exits.  [default: 3600]")
     def run(idle: float | None) -> None:
         """Run the server in the foreground (the launcher starts one in the background by itself)."""
-        from cli.cmdserver import main
+        import sys
 
-        raise SystemExit(main([] if idle is None else ["--idle", str(idle)]))
+        # the same process as the one the launcher starts: a fresh interpreter, not this command's click state
+        idle_args = [] if idle is None else ["--idle", str(idle)]
+        os.execv(sys.executable, [sys.executable, "-P", "-m", "cli.cmdserver", *idle_args])

@@ -65,7 +65,8 @@ def stream(api: Client, task_id: str, after_seq: int = 0, timestamps: bool = Fal
     def reconnecting(exc: Exception) -> None:
         click.echo(click.style(f"[cloudai] {exc}; reconnecting...", fg="yellow"), err=True)
 
-    for batch in api.follow_batches(task_id, after_seq, follow=follow, on_reconnect=reconnecting):
+    for batch in api.follow_batches(task_id, after_seq, follow=follow, on_reconnect=reconnecting,
+                                    timestamps=timestamps):
         end = batch[-1] if batch and isinstance(batch[-1], LogEnd) else None
         lines = batch[:-1] if end is not None else batch
         text = lines_text(lines, timestamps) if lines else ""

@@ -209,8 +209,9 @@ class CloudAI:
 
     def follow_batches(self, task_id: str, after_seq: int = 0, follow: bool = True,
                        on_reconnect: Callable[[Exception], None] | None = None,
-                       reconnect_for_s: float = 60.0) -> Iterator[Sequence[LogEvent]]:
-        """The task's log from line ``after_seq + 1`` in batches (see :func:`cloudai.logfollow.follow_batches`)."""
+                       reconnect_for_s: float = 60.0, timestamps: bool = True) -> Iterator[Sequence[LogEvent]]:
+        """The task's log from line ``after_seq + 1`` in batches (see :func:`cloudai.logfollow.follow_batches`);
+        the lines have their timestamps whatever ``timestamps`` says (the stream's entries hold both columns)."""
         from cloudai.logfollow import follow_batches
 
         self.get(task_id)  # an unknown task is an error before anything is read

@@ -101,11 +101,12 @@ class LineBatch(Sequence[LogLine]):
         self._decode()
         return self._stamps
 
-    def json_columns(self) -> tuple[str, str]:
-        """``texts`` and ``stamps`` as JSON arrays: while not decoded, the stored entries' own arrays joined."""
+    def json_columns(self, stamps: bool = True) -> tuple[str, str | None]:
+        """``texts`` and (with ``stamps``, else None) ``stamps`` as JSON arrays: while not decoded, the stored
+        entries' own arrays joined."""
         if self._raw is not None and all(map(_plain_array, self._raw[0])) and all(map(_plain_array, self._raw[1])):
-            return _join_arrays(self._raw[0]), _join_arrays(self._raw[1])
-        return json.dumps(self.texts), json.dumps(self.stamps)
+            return _join_arrays(self._raw[0]), _join_arrays(self._raw[1]) if stamps else None
+        return json.dumps(self.texts), json.dumps(self.stamps) if stamps else None
 
     def __len__(self) -> int:
         return self._count

@@ -191,13 +191,14 @@ def test_sse_follow_of_20000_lines_resumes_after_a_dropped_connection(
         events = [(k, d) for k, _i, d in _sse_lines(tail) if k != "comment"]
     assert events[0] == ("message", ["line 19999", "line 20000"]) and events[-1][0] == "end"
     # the CLI's format (?batch=json): the same batches, each one JSON object, the same ids to resume after
-    with http.stream("GET", url, params={"after": "19998", "batch": "json"},
-                     headers={"Accept": "text/event-stream", "Last-Event-ID": "19997"}) as tail:
-        events = [(k, i, d) for k, i, d in _sse_lines(tail) if k != "comment"]
-    assert events[0][:2] == ("lines", "20000") and events[-1][0] == "end"  # Last-Event-ID wins over ?after=
-    batch = json.loads(events[0][2][0])
-    assert (batch["first"], batch["lines"]) == (19998, ["line 19998", "line 19999", "line 20000"])
-    assert len(batch["ts"]) == 3 and all(batch["ts"])
+    for timestamps in ("true", "false"):  # the timestamps only if asked for
+        with http.stream("GET", url, params={"after": "19998", "batch": "json", "timestamps": timestamps},
+                         headers={"Accept": "text/event-stream", "Last-Event-ID": "19997"}) as tail:
+            events = [(k, i, d) for k, i, d in _sse_lines(tail) if k != "comment"]
+        assert events[0][:2] == ("lines", "20000") and events[-1][0] == "end"  # Last-Event-ID wins over ?after=
+        batch = json.loads(events[0][2][0])
+        assert (batch["first"], batch["lines"]) == (19998, ["line 19998", "line 19999", "line 20000"])
+        assert len(batch["ts"]) == 3 and all(batch["ts"]) if timestamps == "true" else "ts" not in batch
     assert wait_ended(store, task_id).status == S.COMPLETED
 
 

@@ -106,6 +106,18 @@ def test_the_masters_json_sse_passes_the_entries_arrays_on_without_decoding_them
     assert batch == [LogLine(3, "a", "t3"), LogLine(4, 'é "q"', "t4"), LogLine(5, "c", "t5")]
 
 
+def test_the_json_sse_leaves_the_timestamps_out_unless_asked_and_the_client_reads_both() -> None:
+    from cli.remote import event_lines, parse_sse
+
+    decoded = LineBatch(3, ["a", "b"], ["t3", "t4"])
+    for batch in (decoded, _entries_read((3, ["a", "b"], ["t3", "t4"]))):  # encoded, and passed through
+        for timestamps in (True, False):
+            (event,) = parse_sse([sse_events(batch, timestamps, True).encode()])
+            assert ('"ts"' in event.data[0]) is timestamps
+            got = event_lines(event)
+            assert (got.first, got.texts, got.stamps) == (3, ["a", "b"], ["t3", "t4"] if timestamps else ["", ""])
+
+
 def test_a_batch_of_decoded_lines_and_stored_entries_reads_and_encodes_as_one() -> None:
     batch = LineBatch(5, ["x"], ["tx"])
     batch.add_entry(2, '["y", "z"]', '["ty", "tz"]')
