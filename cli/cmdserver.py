@@ -23,33 +23,26 @@ from __future__ import annotations
 import argparse
 import fcntl
 import importlib
+import math
 import os
 import select
 import signal
 import socket
 import sys
 import time
-import traceback
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import IO, Any
 
-from cli.cmdwire import MAX_FRAME, PROTOCOL, peer_uid, recv_frame, send_frame, socket_path
-from cli.shutdown import SERVICES
+from cli.cmdprocess import Runner, end_process, reset_signals
+from cli.cmdwire import PROTOCOL, peer_uid, recv_frame, send_frame, socket_path
 
 #: imported before the first fork: what the client commands use (the rest a child imports itself)
 PRELOAD = ("cli.main", "cli.render", "cli.client", "cli.follow", "cli.remote", "cloudai.api", "cloudai.logs",
            "cloudai.logfollow", "cloudai.submission", "cloudai.models", "cloudai.settings", "cloudai.store",
            "cloudai.store.sqlite", "cloudai.store.mongo", "rich.console", "rich.table", "rich._emoji_codes", "pwd",
-           "difflib", "httpcore", "h11", "certifi")  # the last three: httpx imports them at its first request
-#: commands that run in the launcher's own process
-LOCAL_COMMANDS = SERVICES | {"login", "cmdserver"}  # cli.launch.LOCAL too
-#: environment variables that decide how Python starts: a request whose values differ runs in its own process
-STARTUP_PREFIXES = ("PYTHON", "LC_")
-STARTUP_NAMES = frozenset({"LANG", "LANGUAGE"})
+           "difflib", "ctypes", "httpcore", "h11", "certifi")  # the last three: httpx imports them at its first request
 DEFAULT_IDLE_S = 3600.0
-#: how long a hung-up command has to end before the runner kills it
-HANGUP_GRACE_S = 10.0
 
 
 @dataclass
@@ -81,11 +74,6 @@ class Fingerprint:
         return any(self._stat(path) != seen for path, seen in self.files.items())
 
 
-def startup_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The variables that decide how Python starts and decodes text."""
-    return {k: v for k, v in env.items() if k.startswith(STARTUP_PREFIXES) or k in STARTUP_NAMES}
-
-
 def command_of(args: list[str]) -> str | None:
     """The command that ``cloudai ARGS`` names (after the group's options), or None if there is none."""
     from cli.main import cli
@@ -115,6 +103,8 @@ class Server:
         os.set_blocking(self.tally_r, False)
         self.listener: socket.socket | None = None
         self.fingerprint = Fingerprint()
+        self.lock: IO[str] | None = None
+        self.pid = os.getpid()
         self._inode = -1
 
     def serve(self) -> int:
@@ -122,6 +112,11 @@ class Server:
         with open(self.path + ".lock", "a") as lock:
             if not _lock(lock):
                 return 1  # another one is running
+            self.lock = lock
+            # nothing of the process that started us: its directory (we'd keep it busy), its ignored or blocked
+            # signals (the children would have them; an ignored SIGCHLD would even reap them before the runner)
+            os.chdir("/")
+            reset_signals()
             for name in PRELOAD:
                 importlib.import_module(name)
             self.fingerprint = Fingerprint.of_modules(list(sys.modules.values()))
@@ -183,13 +178,22 @@ class Server:
                 return False
             self._count()
             pid = os.fork()
-            if pid == 0:
-                assert self.listener is not None
-                self.listener.close()
-                _end_process(lambda: Runner(conn, self).run())
+            if pid == 0:  # the runner: none of the server's descriptors but the tally's write end
+                for held in (self.listener, self.lock):
+                    if held is not None:
+                        held.close()
+                os.close(self.tally_r)
+                end_process(Runner(conn, self.tally_w, self._status, command_of).run)
             self.runners.add(pid)
             self.served += 1
             return True
+
+    def _status(self, what: str) -> dict[str, Any]:
+        """A control request's answer (in a runner: the counts are the server's at its fork, without this one)."""
+        if what == "stop":
+            os.kill(self.pid, signal.SIGTERM)
+        return {"pid": self.pid, "started": self.started, "served": self.served, "commands": self.commands,
+                "local": self.local, "running": len(self.runners), "socket": self.path, "python": sys.executable}
 
     def _count(self) -> None:
         try:
@@ -227,176 +231,6 @@ def _raise_exit(signum: int, frame: object) -> None:
     raise SystemExit(0)
 
 
-def _end_process(body: Any) -> NoReturn:
-    """Run ``body`` in a forked process and end it without the parent's clean-up (atexit, buffered files)."""
-    code = 1
-    try:
-        code = int(body() or 0)
-    except BaseException:  # noqa: BLE001 - nothing may return into the server's loop
-        traceback.print_exc()
-    os._exit(code)
-
-
-class Runner:
-    """Runs one launcher's request: forks the command, passes its pid back, reports how it ended."""
-
-    def __init__(self, conn: socket.socket, server: Server) -> None:
-        self.conn = conn
-        self.server = server
-
-    def run(self) -> int:
-        os.close(self.server.tally_r)
-        request, fds = self._receive()
-        if request is None:
-            return 0
-        why = self._why_local(request, fds)
-        os.write(self.server.tally_w, b"c" if why is None else b"l")
-        if why is not None:
-            send_frame(self.conn, ("local", why))
-            return 0
-        pid = os.fork()
-        if pid == 0:
-            os.close(self.server.tally_w)
-            _end_process(lambda: Command(request, fds, self.conn).run())
-        for fd in fds:
-            os.close(fd)
-        send_frame(self.conn, ("pid", pid))
-        send_frame(self.conn, ("exit", self._wait(pid)))
-        return 0
-
-    def _receive(self) -> tuple[dict[str, Any] | None, list[int]]:
-        data, fds, _, _ = socket.recv_fds(self.conn, 65536, 3)
-        if len(data) < 4:
-            return None, fds
-        size = int.from_bytes(data[:4], "big")
-        while len(data) < 4 + size <= 4 + MAX_FRAME:
-            chunk = self.conn.recv(4 + size - len(data))
-            if not chunk:
-                return None, fds
-            data += chunk
-        import marshal
-
-        request = marshal.loads(data[4:4 + size])
-        if isinstance(request, dict) and request.get("control"):
-            self._control(str(request["control"]))
-            return None, fds
-        return request, fds
-
-    def _control(self, what: str) -> None:
-        server = self.server
-        if what == "stop":
-            os.kill(os.getppid(), signal.SIGTERM)
-        # the counts are the server's at this runner's fork: they leave this request out
-        send_frame(self.conn, ("status", {"pid": os.getppid(), "started": server.started, "served": server.served,
-                                          "commands": server.commands, "local": server.local,
-                                          "running": len(server.runners), "socket": server.path,
-                                          "python": sys.executable}))
-
-    def _why_local(self, request: dict[str, Any], fds: list[int]) -> str | None:
-        if request.get("v") != PROTOCOL or len(fds) != 3:
-            return "protocol"
-        if startup_env(request["env"]) != startup_env(os.environ):
-            return "environment"
-        if command_of(request["argv"][1:]) in LOCAL_COMMANDS:
-            return "command"
-        return None
-
-    def _wait(self, pid: int) -> int:
-        """The child's exit code (negative: the signal that killed it); hangs it up if the launcher goes."""
-        try:
-            child: int | None = os.pidfd_open(pid)  # readable once the child has ended (Linux 5.3)
-        except (AttributeError, OSError):
-            child = None  # then look every 50 ms
-        watch = [self.conn.fileno()] + ([child] if child is not None else [])
-        deadline = None
-        while True:
-            timeout = 0.05 if child is None else None
-            if deadline is not None:
-                timeout = min(timeout or HANGUP_GRACE_S, max(0.0, deadline - time.monotonic()))
-            ready, _, _ = select.select(watch, [], [], timeout)
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            if deadline is not None and time.monotonic() >= deadline:  # the grace after a hang-up is over
-                os.kill(pid, signal.SIGKILL)
-                deadline = None
-            if self.conn.fileno() in ready and not self.conn.recv(1):  # the launcher is gone: as if its
-                watch.remove(self.conn.fileno())                      # terminal had closed
-                os.kill(pid, signal.SIGHUP)
-                deadline = time.monotonic() + HANGUP_GRACE_S
-        if child is not None:
-            os.close(child)
-        return os.waitstatus_to_exitcode(status)
-
-
-class Command:
-    """The forked child: becomes the launcher's process (stdio, argv, environment, directory) and runs the CLI."""
-
-    def __init__(self, request: dict[str, Any], fds: list[int], conn: socket.socket) -> None:
-        self.request = request
-        self.fds = fds
-        self.conn = conn
-
-    def run(self) -> int:
-        self.conn.close()
-        for target, fd in enumerate(self.fds):
-            os.dup2(fd, target)
-        for fd in self.fds:
-            if fd > 2:
-                os.close(fd)
-        request = self.request
-        os.chdir(request["cwd"])
-        os.umask(request["umask"])
-        os.environ.clear()
-        os.environ.update(request["env"])
-        time.tzset()
-        for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as Python starts: a closed pipe is BrokenPipeError
-        self._stdio(request["streams"])
-        sys.argv = list(request["argv"])
-        return _as_main()
-
-    @staticmethod
-    def _stdio(streams: list[tuple[str, str, bool]]) -> None:
-        """Text streams on fds 0-2 as the launcher's own Python made them (encoding, errors, line buffering)."""
-        made = [open(fd, "r" if fd == 0 else "w", buffering=1 if lines else -1, encoding=enc, errors=errors,  # noqa: SIM115
-                     closefd=False) for fd, (enc, errors, lines) in enumerate(streams)]
-        sys.stdin, sys.stdout, sys.stderr = made
-        for name, stream in zip(("__stdin__", "__stdout__", "__stderr__"), made, strict=True):
-            setattr(sys, name, stream)  # the originals too: some libraries look there for the terminal
-
-
-def _as_main() -> int:
-    """Run :func:`cli.main.main` and end as ``python -m cli.main`` would: its exit code, a traceback, or SIGINT."""
-    from cli.main import main
-
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-        if not isinstance(exc.code, int | None):
-            print(exc.code, file=sys.stderr)
-    except KeyboardInterrupt:
-        traceback.print_exc()
-        _flush()
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-        code = 130
-    _flush()
-    return code
-
-
-def _flush() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-
-
 def control(env: Mapping[str, str], what: str) -> dict[str, Any] | None:
     """Ask this installation's server for its status (``what="status"``) or to stop; None if none is listening."""
     path = socket_path(env)
@@ -424,8 +258,17 @@ def main(argv: list[str] | None = None) -> int:
     path = args.socket or socket_path(os.environ)
     if path is None:
         parser.error("no safe directory for the socket: set CLOUDAI_CMDSERVER_DIR to a directory only you can use")
-    idle = args.idle if args.idle is not None else float(os.environ.get("CLOUDAI_CMDSERVER_IDLE") or DEFAULT_IDLE_S)
+    idle = args.idle if args.idle is not None else idle_seconds(os.environ)
     return Server(path, idle).serve()
+
+
+def idle_seconds(env: Mapping[str, str]) -> float:
+    """``CLOUDAI_CMDSERVER_IDLE`` if it is a positive number of seconds, else the default (an hour)."""
+    try:
+        value = float(env.get("CLOUDAI_CMDSERVER_IDLE") or DEFAULT_IDLE_S)
+    except ValueError:
+        return DEFAULT_IDLE_S
+    return value if math.isfinite(value) and value > 0 else DEFAULT_IDLE_S
 
 
 if __name__ == "__main__":

@@ -23,16 +23,17 @@ import sys
 
 from cli.cmdwire import MAX_FRAME, PROTOCOL, peer_uid, recv_frame, server_off, socket_path
 
-#: commands that always run in the launcher's process (cli.cmdserver.LOCAL_COMMANDS): no server is started for them
+#: commands that always run in the launcher's process (cli.cmdprocess.LOCAL_COMMANDS): no server starts for them
 LOCAL = ("server", "worker", "beat", "flower", "login", "cmdserver")
-#: signals passed on to the command (SIGTSTP/SIGCONT are handled apart: see _suspend)
+#: the group's options that take a value (cli.main.cli), skipped to find the command's name
+GROUP_VALUES = ("--redis-url", "--store-url")
+#: signals passed on to the command; SIGTSTP and SIGCONT are handled apart (see _Forwarder.suspend)
 FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
 
 
 def main() -> None:
     """Run ``cloudai`` with ``sys.argv``: through the command server if one takes it, else here."""
-    # -X and -W options change how this interpreter runs, which a forked server child would not follow
-    if not server_off(os.environ) and sys.argv[1:2] != ["cmdserver"] and not sys._xoptions and not sys.warnoptions:
+    if _may_use_server():
         code = _through_server()
         if code is not None:
             _exit(code)
@@ -41,11 +42,40 @@ def main() -> None:
     run_here()
 
 
+def _may_use_server() -> bool:
+    if server_off(os.environ) or _command_name() == "cmdserver":
+        return False
+    flags = sys.flags  # -X, -W, -O, -E, -I, -v change how this interpreter runs: a server's child would not
+    if sys._xoptions or sys.warnoptions or flags.optimize or flags.ignore_environment or flags.isolated \
+            or flags.verbose or flags.dev_mode:
+        return False
+    # a background job on a terminal (`cloudai monitor ID &`) must meet the terminal's job control (stopped
+    # when it reads or changes the terminal): a server's child has no controlling terminal, this process has
+    try:
+        return not os.isatty(0) or os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return True
+
+
+def _command_name() -> str | None:
+    args = sys.argv[1:]
+    i = 0
+    while i < len(args):
+        if args[i] in GROUP_VALUES:
+            i += 2
+        elif args[i].startswith("-"):
+            i += 1
+        else:
+            return args[i]
+    return None
+
+
 def _exit(code: int) -> None:
     """Exit as the command did: with its code, or by the same signal."""
     if code < 0:
         signum = -code
         _signal.signal(signum, _signal.SIG_DFL)
+        _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [signum])
         os.kill(os.getpid(), signum)
         code = 128 + signum
     os._exit(code)
@@ -53,15 +83,24 @@ def _exit(code: int) -> None:
 
 def _request() -> bytes | None:
     """What the child needs to run this command as this process would, or None if our stdio can't be passed."""
+    import resource
+
     streams = []
     for fd, stream in enumerate((sys.stdin, sys.stdout, sys.stderr)):
         if stream is None or stream.fileno() != fd:
             return None
-        streams.append((stream.encoding, stream.errors, stream.line_buffering))
+        streams.append((stream.encoding, stream.errors, stream.line_buffering, getattr(stream, "write_through", False)))
     umask = os.umask(0o22)
     os.umask(umask)
-    return marshal.dumps({"v": PROTOCOL, "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ),
-                          "umask": umask, "streams": streams})
+    limits = {getattr(resource, n): resource.getrlimit(getattr(resource, n)) for n in dir(resource)
+              if n.startswith("RLIMIT_")}
+    return marshal.dumps({
+        "v": PROTOCOL, "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask,
+        "streams": streams, "groups": os.getgroups(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
+        "affinity": sorted(os.sched_getaffinity(0)), "rlimits": limits,
+        "ignored": [int(s) for s in _signal.valid_signals() if _signal.getsignal(s) == _signal.SIG_IGN],
+        "blocked": [int(s) for s in _signal.pthread_sigmask(_signal.SIG_BLOCK, [])],
+    })
 
 
 def _connect(path: str) -> _socket.socket | None:
@@ -83,13 +122,14 @@ def _through_server() -> int | None:
         return None
     sock = _connect(path)
     if sock is None:
-        named = [arg for arg in sys.argv[1:3] if not arg.startswith("-")]
-        if not (named and named[0] in LOCAL):  # a worker host's `cloudai worker start` needs no server
+        if _command_name() not in LOCAL:  # a worker host's `cloudai worker start` needs no server
             _start_server(path)
         return None
+    forwarder = _Forwarder()  # from here a Ctrl-C waits for the command's pid, or ends this process
     try:
         payload = _request()
         if payload is None or len(payload) > MAX_FRAME:
+            forwarder.local()
             return None
         header = len(payload).to_bytes(4, "big")
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
@@ -100,43 +140,72 @@ def _through_server() -> int | None:
         if reply is None or reply[0] != "pid":  # ("local", why): the server can't run this one
             if reply is not None and reply[1] == "stale":
                 _start_server(path)
+            forwarder.local()
             return None
-        return _wait(sock, reply[1])
+        forwarder.started(reply[1])
+        try:
+            reply = recv_frame(sock)
+        except OSError:
+            reply = None
+        if reply is None or reply[0] != "exit":
+            os.write(2, b"cloudai: lost the command server while the command ran (CLOUDAI_CMDSERVER=off runs"
+                        b" commands without it)\n")
+            return 1
+        return int(reply[1])
     except OSError:
-        return None  # before the server took the command: run it here
+        forwarder.local()  # before the server took the command: run it here
+        return None
     finally:
         sock.close()
 
 
-def _wait(sock: _socket.socket, pid: int) -> int:
-    """Pass our signals on to the child ``pid`` until the server reports how it ended."""
+class _Forwarder:
+    """Passes this process's signals on to the command once its pid is known; one that comes before is kept
+    and passed on then, or, if the command runs here after all, ends this process as it would have."""
 
-    def forward(signum: int, frame: object) -> None:
+    def __init__(self) -> None:
+        self.pid = 0
+        self.early: list[int] = []
+        self.saved: dict[int, object] = {}
+        for name in FORWARDED:
+            signum = getattr(_signal, name)
+            if _signal.getsignal(signum) != _signal.SIG_IGN:  # `nohup`, or a non-interactive shell's `&`
+                self.saved[signum] = _signal.signal(signum, self.forward)
+        for signum, handler in ((_signal.SIGTSTP, self.suspend), (_signal.SIGCONT, self.resume)):
+            if _signal.getsignal(signum) != _signal.SIG_IGN:
+                self.saved[signum] = _signal.signal(signum, handler)
+
+    def forward(self, signum: int, frame: object = None) -> None:
+        if not self.pid:
+            self.early.append(signum)
+            return
         try:
-            os.kill(pid, signum)
+            os.kill(self.pid, signum)
         except OSError:
             pass
 
-    def suspend(signum: int, frame: object) -> None:  # Ctrl-Z: stop the child, then ourselves
-        forward(_signal.SIGTSTP, frame)
-        os.kill(os.getpid(), _signal.SIGSTOP)
+    def suspend(self, signum: int, frame: object) -> None:
+        """Ctrl-Z: stop the command, then this process. SIGSTOP, as the command's process group is orphaned
+        (its parent is in another session), and the kernel drops SIGTSTP sent to such a group."""
+        self.forward(_signal.SIGSTOP)
+        if self.pid:
+            os.kill(os.getpid(), _signal.SIGSTOP)
 
-    def resume(signum: int, frame: object) -> None:  # fg/bg: let the child go on too
-        forward(_signal.SIGCONT, frame)
+    def resume(self, signum: int, frame: object) -> None:  # fg/bg: the command goes on too
+        self.forward(_signal.SIGCONT)
 
-    for name in FORWARDED:
-        _signal.signal(getattr(_signal, name), forward)
-    _signal.signal(_signal.SIGTSTP, suspend)
-    _signal.signal(_signal.SIGCONT, resume)
-    try:
-        reply = recv_frame(sock)
-    except OSError:
-        reply = None
-    if reply is None or reply[0] != "exit":
-        os.write(2, b"cloudai: lost the command server while the command ran (CLOUDAI_CMDSERVER=off runs commands"
-                    b" without it)\n")
-        return 1
-    return int(reply[1])
+    def started(self, pid: int) -> None:
+        self.pid = pid
+        for signum in self.early:
+            self.forward(signum)
+
+    def local(self) -> None:
+        """Back to this process's own handlers, as the command runs here; a signal that came meanwhile acts."""
+        for signum, handler in self.saved.items():
+            _signal.signal(signum, handler)  # type: ignore[arg-type]
+        for signum in self.early:
+            if signum in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT):
+                _exit(-signum)
 
 
 def _start_server(path: str) -> None:
@@ -148,7 +217,10 @@ def _start_server(path: str) -> None:
     except OSError:
         return
     if pid:
-        os.waitpid(pid, 0)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:  # SIGCHLD ignored (by whoever started us): the child was reaped already
+            pass
         return
     try:  # detach: a new session, then a grandchild that no terminal's signals reach
         os.setsid()

@@ -51,7 +51,8 @@ class CmdServer:
 
     def run(self, *args: str, off: bool = False, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         env = {**self.env, **({"CLOUDAI_CMDSERVER": "off"} if off else {}), **kwargs.pop("env", {})}
-        return subprocess.run(launch(*args), cwd=kwargs.pop("cwd", ROOT), env=env, capture_output=True, text=True,
+        return subprocess.run(launch(*args), cwd=kwargs.pop("cwd", ROOT), env=env, text=True,
+                              stdout=kwargs.pop("stdout", subprocess.PIPE), stderr=subprocess.PIPE,
                               timeout=kwargs.pop("timeout", 120), **kwargs)
 
     def stop(self) -> None:
@@ -254,18 +255,42 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _auto_started(server: CmdServer) -> int:
+    """Let a launcher start the server the real way (detached, as a user's first command does); its pid."""
+    server.env.pop("CLOUDAI_CMDSERVER", None)
+    server.run("--help")
+    wait_for(server.status, 30, 0.05, "a server to start")
+    (pid,) = cmdservers_in(server.dir)
+    return pid
+
+
+def _the_command(server_pid: int) -> int:
+    """The one command a server runs now (its runner's child)."""
+    (runner,) = wait_for(lambda: _children(server_pid), 10, 0.05, "a runner")
+    (command,) = wait_for(lambda: _children(runner), 10, 0.05, "the command")
+    return command
+
+
+def _status_field(pid: int, name: str) -> str:
+    return next(line.split(":", 1)[1].strip() for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                if line.startswith(name + ":"))
+
+
+def _following(server: CmdServer, store, **popen: Any) -> tuple[subprocess.Popen[str], str]:  # type: ignore[no-untyped-def]
+    task_id = server.run("submit", "-q", TEST_IMAGE, "--", "sh", "-c", "echo started; sleep 60").stdout.strip()
+    wait_started(store, task_id)
+    proc = subprocess.Popen(launch("logs", "-f", task_id), cwd=ROOT, env=server.env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+    assert proc.stdout is not None and proc.stdout.readline() == "started\n"
+    return proc, task_id
+
+
 def test_ctrl_z_stops_the_command_with_its_launcher_and_fg_resumes_both(  # type: ignore[no-untyped-def]
         settings: Settings, store, workers, cmdserver: CmdServer) -> None:
     workers()
-    cmdserver.start()
-    assert cmdserver.proc is not None
-    task_id = cmdserver.run("submit", "-q", TEST_IMAGE, "--", "sh", "-c", "echo started; sleep 60").stdout.strip()
-    wait_started(store, task_id)
-    proc = subprocess.Popen(launch("logs", "-f", task_id), cwd=ROOT, env=cmdserver.env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdout.readline() == "started\n"
-    (runner,) = _children(cmdserver.proc.pid)  # the server runs in the process `cmdserver run` started
-    (command,) = _children(runner)
+    server_pid = _auto_started(cmdserver)  # its children's process group is orphaned: SIGTSTP would be dropped
+    proc, _ = _following(cmdserver, store)
+    command = _the_command(server_pid)
     proc.send_signal(signal.SIGTSTP)
     wait_for(lambda: _state(proc.pid) == "T" and _state(command) == "T", 10, 0.05, "both to stop")
     proc.send_signal(signal.SIGCONT)
@@ -273,3 +298,53 @@ def test_ctrl_z_stops_the_command_with_its_launcher_and_fg_resumes_both(  # type
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert (proc.returncode, err.strip()) == (1, "Aborted!")
+
+
+def _nohup_nice() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    os.nice(3)
+
+
+def test_the_command_has_the_launchers_ignored_signals_and_priority_and_none_of_the_servers_files(  # type: ignore[no-untyped-def]
+        settings: Settings, store, workers, cmdserver: CmdServer) -> None:
+    workers()
+    server_pid = _auto_started(cmdserver)
+    proc, _ = _following(cmdserver, store, preexec_fn=_nohup_nice)  # as `nohup nice -n 3 cloudai logs -f ID`
+    command = _the_command(server_pid)
+    assert os.getpriority(os.PRIO_PROCESS, command) == os.getpriority(os.PRIO_PROCESS, proc.pid) == 3
+    assert int(_status_field(command, "SigIgn"), 16) & (1 << (signal.SIGHUP - 1))
+    held = {os.readlink(f"/proc/{command}/fd/{fd}") for fd in os.listdir(f"/proc/{command}/fd")}
+    assert not [h for h in held if cmdserver.dir in h], held  # not the server's socket or lock
+    proc.send_signal(signal.SIGHUP)  # ignored, as by the launcher itself
+    time.sleep(0.5)
+    assert proc.poll() is None and _state(command) in "RS"
+    # the server can be replaced while a command runs (it held the lock through its children before)
+    control(cmdserver.env, "stop")
+    wait_for(lambda: not Path(f"/proc/{server_pid}").exists() or _state(server_pid) == "Z", 10, 0.05, "stopped")
+    cmdserver.run("--help")
+    new = wait_for(cmdserver.status, 30, 0.05, "a new server")
+    assert new["pid"] != server_pid
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert (proc.returncode, err.strip()) == (1, "Aborted!")
+
+
+def test_a_server_started_with_sigchld_ignored_still_reports_exit_codes(cmdserver: CmdServer) -> None:
+    cmdserver.env.pop("CLOUDAI_CMDSERVER")
+    first = subprocess.run(launch("status", "nosuch"), cwd=ROOT, env=cmdserver.env, capture_output=True, text=True,
+                           timeout=60, preexec_fn=lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN))
+    own = cmdserver.run("status", "nosuch", off=True)
+    assert (first.returncode, first.stderr) == (own.returncode, own.stderr) != (0, "")
+    wait_for(cmdserver.status, 30, 0.05, "a server to start")
+    assert _same(cmdserver.run("status", "nosuch")) == _same(own)
+    assert cmdserver.status()["commands"] == 1  # type: ignore[index]
+
+
+def test_unbuffered_output_that_fails_reports_as_in_its_own_process(cmdserver: CmdServer) -> None:
+    assert cmdserver.env["PYTHONUNBUFFERED"] == "1"  # the tests' environment, and many images'
+    cmdserver.start()
+    with open("/dev/full", "w") as full:
+        results = [cmdserver.run("--help", off=off, stdout=full) for off in (True, False)]
+    assert results[0].returncode == results[1].returncode != 0
+    assert results[0].stderr.splitlines()[-1] == results[1].stderr.splitlines()[-1] != ""
+    assert cmdserver.status()["commands"] == 1  # type: ignore[index]

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cli.cmdserver import Runner, Server
+from cli.cmdprocess import Runner
 
 
 @pytest.fixture(params=["pidfd", "polling"])
@@ -21,11 +21,11 @@ def runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
     if request.param == "polling":
         monkeypatch.delattr(os, "pidfd_open")
     ours, launcher = socket.socketpair()
-    server = Server("/nonexistent/cmd.sock", 1.0)
-    yield Runner(ours, server), launcher
+    read, write = os.pipe()
+    yield Runner(ours, write, lambda what: {}, lambda args: None), launcher
     for sock in (ours, launcher):
         sock.close()
-    for fd in (server.tally_r, server.tally_w):
+    for fd in (read, write):
         os.close(fd)
 
 
@@ -35,30 +35,35 @@ def _child(code: str) -> int:
 
 def test_the_exit_code_of_the_command(runner: tuple[Runner, socket.socket]) -> None:
     wait, _ = runner
-    assert wait._wait(_child("raise SystemExit(7)")) == 7
+    assert wait._wait(_child("raise SystemExit(7)"), False) == 7
 
 
 def test_a_command_killed_by_a_signal_reports_it_negated(runner: tuple[Runner, socket.socket]) -> None:
     wait, _ = runner
-    assert wait._wait(_child("import os, signal; os.kill(os.getpid(), signal.SIGTERM)")) == -signal.SIGTERM
+    assert wait._wait(_child("import os, signal; os.kill(os.getpid(), signal.SIGTERM)"), False) == -signal.SIGTERM
 
 
 def test_a_gone_launcher_hangs_the_command_up(runner: tuple[Runner, socket.socket]) -> None:
     wait, launcher = runner
     pid = _child("import time; time.sleep(60)")
     launcher.close()
-    assert wait._wait(pid) == -signal.SIGHUP
+    assert wait._wait(pid, False) == -signal.SIGHUP
+
+
+def test_a_launcher_gone_before_the_pid_reached_it_hangs_the_command_up(runner: tuple[Runner, socket.socket]) -> None:
+    wait, _ = runner
+    assert wait._wait(_child("import time; time.sleep(60)"), True) == -signal.SIGHUP
 
 
 def test_a_command_that_ignores_the_hang_up_is_killed_after_the_grace(
         runner: tuple[Runner, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cli.cmdserver.HANGUP_GRACE_S", 0.3)
+    monkeypatch.setattr("cli.cmdprocess.HANGUP_GRACE_S", 0.3)
     wait, launcher = runner
     read, write = os.pipe()
     pid = subprocess.Popen([sys.executable, "-c", "import os, signal, time; signal.signal(signal.SIGHUP, "
                             f"signal.SIG_IGN); os.write({write}, b'x'); time.sleep(60)"], pass_fds=[write]).pid
     assert os.read(read, 1) == b"x"  # it ignores SIGHUP from here on
     launcher.close()
-    assert wait._wait(pid) == -signal.SIGKILL
+    assert wait._wait(pid, False) == -signal.SIGKILL
     os.close(read)
     os.close(write)
