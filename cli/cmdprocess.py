@@ -4,9 +4,9 @@ the launcher's request, and the *command*, which becomes the launcher's process 
 The command must behave as ``cloudai`` run in the launcher's own process would, so it takes on what that process
 had: stdin, stdout and stderr (the file descriptors themselves), argv, the environment, the working directory,
 the umask, the signals it ignores and blocks, its priority, CPU affinity and resource limits. What a child of the
-server cannot take on (supplementary groups, a lower nice value or a higher hard limit than the server's) makes
-the runner send the command back to run in the launcher (``("local", why)``). Not taken on: the cgroup, which
-each terminal of a systemd desktop has its own of, so comparing it would send most commands back.
+server cannot take on (other supplementary groups, a lower nice value or a higher hard limit than the server's)
+makes the server step aside: the command runs in the launcher, which starts a new server, as for changed code.
+Not taken on: the cgroup, which each terminal of a systemd desktop has its own of.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def startup_env(env: dict[str, str]) -> dict[str, str]:
 class Runner:
     """Runs one launcher's request: forks the command, passes its pid back, reports how it ended. If the launcher
     goes away, the command is hung up (SIGHUP, then SIGKILL after :data:`HANGUP_GRACE_S`), as if its terminal had
-    closed; if the runner dies, the command gets SIGHUP from the kernel (``PR_SET_PDEATHSIG``)."""
+    closed; if the runner dies, the kernel kills the command (``PR_SET_PDEATHSIG``)."""
 
     def __init__(self, conn: socket.socket, tally: int, status: Callable[[str], dict[str, Any]],
                  command_of: Callable[[list[str]], str | None]) -> None:
@@ -93,6 +93,7 @@ class Runner:
 
     def run(self) -> int:
         reset_signals()
+        os.setpgid(0, 0)  # its own process group with its command: not killed with the server's group
         request, fds = self._receive()
         if request is None:
             return 0
@@ -102,10 +103,14 @@ class Runner:
             send_frame(self.conn, ("local", why))
             return 0
         parent = os.getpid()
+        # a signal the launcher passes on at once must not reach the command before it runs the CLI (it would
+        # end it in its set-up): blocked across the fork, set as the launcher's mask in _as_main
+        signal.pthread_sigmask(signal.SIG_BLOCK, SETTABLE)
         pid = os.fork()
         if pid == 0:
             os.close(self.tally)
             end_process(lambda: Command(request, fds, self.conn, parent).run())
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
         for fd in fds:
             os.close(fd)
         try:
@@ -148,12 +153,13 @@ class Runner:
             return "protocol"
         if startup_env(request["env"]) != startup_env(dict(os.environ)):
             return "environment"
-        if sorted(request["groups"]) != sorted(os.getgroups()):
-            return "groups"  # only root can change them
-        if request["nice"] < os.getpriority(os.PRIO_PROCESS, 0):
-            return "priority"  # only root can raise it
-        if any(_limit(hard) > _limit(resource.getrlimit(res)[1]) for res, (_, hard) in request["rlimits"].items()):
-            return "limits"  # only root can raise a hard limit
+        # what only root could give a child: the server is the odd one out (started by a `nice`d or limited
+        # launcher, or before a group change), so it steps aside for a new one, as for changed code
+        raised = any(_limit(hard) > _limit(resource.getrlimit(res)[1]) for res, (_, hard) in request["rlimits"].items())
+        if raised or sorted(request["groups"]) != sorted(os.getgroups()) \
+                or request["nice"] < os.getpriority(os.PRIO_PROCESS, 0):
+            self.status("stop")
+            return "stale"
         if self.command_of(request["argv"][1:]) in LOCAL_COMMANDS:
             return "command"
         return None
@@ -217,7 +223,7 @@ class Command:
         self._process(request)
         self._stdio(request["streams"])
         sys.argv = list(request["argv"])
-        return _as_main()
+        return _as_main([s for s in request["blocked"] if s in SETTABLE])
 
     @staticmethod
     def _process(request: dict[str, Any]) -> None:
@@ -226,7 +232,6 @@ class Command:
         for signum in request["ignored"]:
             if signum in SETTABLE:
                 signal.signal(signum, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_SETMASK, [s for s in request["blocked"] if s in SETTABLE])
         os.setpriority(os.PRIO_PROCESS, 0, request["nice"])
         os.sched_setaffinity(0, request["affinity"])
         for res, limits in request["rlimits"].items():
@@ -252,20 +257,23 @@ def _limit(value: int) -> float:
 
 
 def _die_with_parent(parent: int) -> None:
-    """SIGHUP when the runner dies (it can't report this command's end any more), as a closed terminal would."""
+    """SIGKILL when the runner dies: nothing could report this command's end any more, and a command that
+    ignores SIGHUP (``nohup``) must not go on unwatched."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, int(signal.SIGHUP), 0, 0, 0)  # PR_SET_PDEATHSIG
+    libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
     if os.getppid() != parent:  # it died before the line above
-        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _as_main() -> int:
-    """Run :func:`cli.main.main` and end as ``python -m cli.main`` would: its exit code, a traceback, or SIGINT."""
+def _as_main(blocked: list[int]) -> int:
+    """Run :func:`cli.main.main` and end as ``python -m cli.main`` would: its exit code, a traceback, or SIGINT.
+    Signals held back since the fork arrive here, with the launcher's own mask."""
     from cli.main import main
 
     try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         main()
         code = 0
     except SystemExit as exc:

@@ -51,10 +51,7 @@ def _may_use_server() -> bool:
         return False
     # a background job on a terminal (`cloudai monitor ID &`) must meet the terminal's job control (stopped
     # when it reads or changes the terminal): a server's child has no controlling terminal, this process has
-    try:
-        return not os.isatty(0) or os.tcgetpgrp(0) == os.getpgrp()
-    except OSError:
-        return True
+    return not _background()
 
 
 def _command_name() -> str | None:
@@ -160,8 +157,14 @@ def _through_server() -> int | None:
 
 
 class _Forwarder:
-    """Passes this process's signals on to the command once its pid is known; one that comes before is kept
-    and passed on then, or, if the command runs here after all, ends this process as it would have."""
+    """Passes this process's signals on to the command once its pid is known.
+
+    Before that, a signal that ends a process (Ctrl-C, a hang-up) ends this one at once, by that signal: if the
+    server has started the command meanwhile, the runner finds us gone and hangs the command up. Ctrl-Z stops
+    us at once and the command when it starts; the other signals are kept for the command (or, should it run
+    here after all, raised here)."""
+
+    ENDING = (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT)
 
     def __init__(self) -> None:
         self.pid = 0
@@ -176,22 +179,28 @@ class _Forwarder:
                 self.saved[signum] = _signal.signal(signum, handler)
 
     def forward(self, signum: int, frame: object = None) -> None:
-        if not self.pid:
+        if self.pid:
+            try:
+                os.kill(self.pid, signum)
+            except OSError:
+                pass
+        elif signum in self.ENDING:
+            _exit(-signum)
+        else:
             self.early.append(signum)
-            return
-        try:
-            os.kill(self.pid, signum)
-        except OSError:
-            pass
 
     def suspend(self, signum: int, frame: object) -> None:
         """Ctrl-Z: stop the command, then this process. SIGSTOP, as the command's process group is orphaned
-        (its parent is in another session), and the kernel drops SIGTSTP sent to such a group."""
+        (no parent in the terminal's session), and the kernel drops SIGTSTP sent to such a group."""
         self.forward(_signal.SIGSTOP)
-        if self.pid:
-            os.kill(os.getpid(), _signal.SIGSTOP)
+        os.kill(os.getpid(), _signal.SIGSTOP)
 
-    def resume(self, signum: int, frame: object) -> None:  # fg/bg: the command goes on too
+    def resume(self, signum: int, frame: object) -> None:
+        """fg: the command goes on too. bg: as a background job this process would stop at the terminal's
+        input, which the command, with no controlling terminal, would not: so both stay stopped until fg."""
+        if _background():
+            os.kill(os.getpid(), _signal.SIGTTIN)
+            return
         self.forward(_signal.SIGCONT)
 
     def started(self, pid: int) -> None:
@@ -204,8 +213,16 @@ class _Forwarder:
         for signum, handler in self.saved.items():
             _signal.signal(signum, handler)  # type: ignore[arg-type]
         for signum in self.early:
-            if signum in (_signal.SIGINT, _signal.SIGTERM, _signal.SIGHUP, _signal.SIGQUIT):
-                _exit(-signum)
+            if signum not in (_signal.SIGSTOP, _signal.SIGCONT, _signal.SIGWINCH):
+                os.kill(os.getpid(), signum)
+
+
+def _background() -> bool:
+    """True when this process is a background job of the terminal on its stdin."""
+    try:
+        return os.isatty(0) and os.tcgetpgrp(0) != os.getpgrp()
+    except OSError:
+        return False
 
 
 def _start_server(path: str) -> None:

@@ -348,3 +348,28 @@ def test_unbuffered_output_that_fails_reports_as_in_its_own_process(cmdserver: C
     assert results[0].returncode == results[1].returncode != 0
     assert results[0].stderr.splitlines()[-1] == results[1].stderr.splitlines()[-1] != ""
     assert cmdserver.status()["commands"] == 1  # type: ignore[index]
+
+
+def test_a_server_started_by_a_niced_launcher_steps_aside_for_the_next_one(cmdserver: CmdServer) -> None:
+    cmdserver.env.pop("CLOUDAI_CMDSERVER")
+    niced = subprocess.run(launch("--help"), cwd=ROOT, env=cmdserver.env, capture_output=True, timeout=60,
+                           preexec_fn=lambda: os.nice(5))  # `nice -n 5 cloudai ...` as the first command
+    assert niced.returncode == 0
+    first = wait_for(cmdserver.status, 30, 0.05, "a server to start")
+    assert cmdserver.run("--help").returncode == 0  # its child could not be less nice than the server
+    second = wait_for(lambda: (s := cmdserver.status()) and s["pid"] != first["pid"] and s, 30, 0.05, "a new one")
+    assert cmdserver.run("--help").returncode == 0
+    assert cmdserver.status()["commands"] == 1 and second["commands"] == 0  # type: ignore[index]
+
+
+def test_a_nohup_command_dies_with_its_runner(  # type: ignore[no-untyped-def]
+        settings: Settings, store, workers, cmdserver: CmdServer) -> None:
+    workers()
+    server_pid = _auto_started(cmdserver)
+    proc, _ = _following(cmdserver, store, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    command = _the_command(server_pid)
+    (runner,) = _children(server_pid)
+    os.kill(runner, signal.SIGKILL)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "lost the command server" in err
+    wait_for(lambda: not Path(f"/proc/{command}").exists() or _state(command) == "Z", 10, 0.05, "the command to die")
