@@ -1,18 +1,20 @@
 """The command server: one per user and installation, it imports the CLI once and runs each ``cloudai`` command in
 a forked child, so that a command costs a fork rather than an interpreter's start (see :mod:`cli.launch`).
 
-Processes: the server accepts a connection and forks a *runner* for it, which takes the launcher's request and
-file descriptors and forks the *command* child. The runner tells the launcher the child's pid (its signals go
-there), waits for the child, and sends its exit status. If the launcher goes away first, the runner hangs the
-child up (SIGHUP), as closing its terminal would. The server itself never touches a request, holds no
-connection to Redis or the master, and starts no thread, so that forking it is safe.
+Processes: the server accepts a connection and forks a *runner* for it (:mod:`cli.cmdprocess`), which takes the
+launcher's request and file descriptors and forks the *command* child. The runner tells the launcher the child's
+pid (its signals go there), waits for the child, and sends its exit status. If the launcher goes away first, the
+runner hangs the child up (SIGHUP, then SIGKILL), as closing its terminal would; if the runner dies, the child is
+killed. The server itself never touches a request, holds no connection to Redis or the master, and starts no
+thread, so that forking it is safe.
 
 What makes a command run in the launcher's own process instead (the server answers ``("local", why)``):
 - a service (``server``, ``worker``, ``beat``, ``flower``), ``login`` (its hidden prompt needs the terminal as
   the process's controlling terminal) and ``cmdserver``;
 - a different locale or ``PYTHON*`` variable than the server started with (they decide how Python starts);
-- code that changed since the server imported it (``git pull``, ``pip install``): the server then exits, and
-  the launcher starts a new one.
+- code that changed since the server imported it (``git pull``, ``pip install``), or a launcher whose priority,
+  hard limits or groups a child of the server can't have: the server then exits, and the launcher starts a new
+  one.
 
 The server exits after ``CLOUDAI_CMDSERVER_IDLE`` seconds (default 3600) without a command, on SIGTERM, on
 ``cloudai cmdserver stop``, or when its socket is gone.
