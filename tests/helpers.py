@@ -252,7 +252,8 @@ def capture_events(celery_app: Any, redis_client: Any, kind: str, count: int) ->
 
 
 def cmdservers_in(folder: str) -> list[int]:
-    """The pids of the command servers whose socket is in ``folder``."""
+    """The pids of the command servers whose socket is in ``folder``, and of their runners and commands (forks of
+    a server, with its command line)."""
     found = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():

@@ -87,7 +87,9 @@ def test_commands_through_the_server_print_and_exit_as_in_their_own_process(  # 
     workers()
     cmdserver.start()
     followed = ["submit", "-f", "-m", "64m", TEST_IMAGE, "--", "sh", "-c", "echo one; echo two; exit 3"]
-    commands = [["--help"], ["submit", "--bogus"], ["status", "nosuch"], followed, ["list", "--status", "failed"]]
+    # (`list --json`: the table's "3s ago" could differ between the two runs)
+    commands = [["--help"], ["submit", "--bogus"], ["status", "nosuch"], followed,
+                ["list", "--status", "failed", "--json"]]
     for args in commands:
         own = cmdserver.run(*args, off=True)
         served = cmdserver.run(*args)
@@ -259,9 +261,9 @@ def _auto_started(server: CmdServer) -> int:
     """Let a launcher start the server the real way (detached, as a user's first command does); its pid."""
     server.env.pop("CLOUDAI_CMDSERVER", None)
     server.run("--help")
-    wait_for(server.status, 30, 0.05, "a server to start")
-    (pid,) = cmdservers_in(server.dir)
-    return pid
+    state = wait_for(server.status, 30, 0.05, "a server to start")
+    assert state["pid"] in cmdservers_in(server.dir)  # with its runners: forks, with the same command line
+    return int(state["pid"])
 
 
 def _the_command(server_pid: int) -> int:
