@@ -67,3 +67,15 @@ def test_a_command_that_ignores_the_hang_up_is_killed_after_the_grace(
     assert wait._wait(pid, False) == -signal.SIGKILL
     os.close(read)
     os.close(write)
+
+
+def test_the_launchers_own_lists_agree_with_the_cli() -> None:
+    """The launcher imports no CloudAI module (cli/launch.py), so it keeps two lists of its own."""
+    from cli import launch
+    from cli.cmdprocess import LOCAL_COMMANDS
+    from cli.main import cli
+
+    assert set(launch.LOCAL) == LOCAL_COMMANDS
+    valued = {opt for p in cli.params if not getattr(p, "is_flag", False) and p.opts[0].startswith("--")
+              and p.name not in ("version", "help") for opt in p.opts}
+    assert set(launch.GROUP_VALUES) == valued
