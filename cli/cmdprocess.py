@@ -12,7 +12,6 @@ Not taken on: the cgroup, which each terminal of a systemd desktop has its own o
 from __future__ import annotations
 
 import io
-import marshal
 import math
 import os
 import resource
@@ -25,8 +24,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from cli.cmdwire import MAX_FRAME, PROTOCOL, send_frame
-from cli.shutdown import SERVICES
+from cli.cmdwire import PROTOCOL, recv_frame, send_frame
+from cli.shutdown import SERVICES, exit_status
 
 #: commands that run in the launcher's own process (cli.launch.LOCAL too)
 LOCAL_COMMANDS = SERVICES | {"login", "cmdserver"}
@@ -128,18 +127,10 @@ class Runner:
     def _receive(self) -> tuple[dict[str, Any] | None, list[int]]:
         self.conn.settimeout(REQUEST_TIMEOUT_S)  # a connection that sends nothing must not hold a runner
         try:
-            data, fds, _, _ = socket.recv_fds(self.conn, 65536, 3)
-            if len(data) < 4:
-                return None, fds
-            size = int.from_bytes(data[:4], "big")
-            while len(data) < 4 + size <= 4 + MAX_FRAME:
-                chunk = self.conn.recv(4 + size - len(data))
-                if not chunk:
-                    return None, fds
-                data += chunk
+            head, fds, _, _ = socket.recv_fds(self.conn, 4, 3)  # the descriptors come with the first bytes
+            request = recv_frame(self.conn, head) if head else None
         finally:
             self.conn.settimeout(None)
-        request = marshal.loads(data[4:4 + size])
         if not isinstance(request, dict):
             return None, fds
         if request.get("control"):
@@ -277,9 +268,7 @@ def _as_main(blocked: list[int]) -> int:
         main()
         code = 0
     except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
-        if not isinstance(exc.code, int | None):
-            print(exc.code, file=sys.stderr)
+        code = exit_status(exc.code)
     except KeyboardInterrupt:
         traceback.print_exc()
         flush()

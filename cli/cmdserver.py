@@ -241,10 +241,7 @@ def control(env: Mapping[str, str], what: str) -> dict[str, Any] | None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         try:
             sock.connect(path)
-            import marshal
-
-            payload = marshal.dumps({"v": PROTOCOL, "control": what})
-            sock.sendall(len(payload).to_bytes(4, "big") + payload)
+            send_frame(sock, {"v": PROTOCOL, "control": what})
             reply = recv_frame(sock)
         except OSError:
             return None

@@ -49,6 +49,7 @@ def register(cli: click.Group) -> None:
         """Run the server in the foreground (the launcher starts one in the background by itself)."""
         import sys
 
+        from cli.cmdwire import server_argv
+
         # the same process as the one the launcher starts: a fresh interpreter, not this command's click state
-        idle_args = [] if idle is None else ["--idle", str(idle)]
-        os.execv(sys.executable, [sys.executable, "-P", "-m", "cli.cmdserver", *idle_args])
+        os.execv(sys.executable, server_argv(idle_s=idle))

@@ -75,10 +75,22 @@ def peer_uid(sock: _socket.socket) -> int:
     return int.from_bytes(creds[4:8], sys.byteorder)
 
 
-def send_frame(sock: _socket.socket, message: tuple[Any, ...]) -> None:
-    """Send one framed message."""
+def server_argv(path: str | None = None, idle_s: float | None = None) -> list[str]:
+    """The command line of a command server (``-P``: not the working directory on sys.path, where a ``cli``
+    package must not stand in for ours)."""
+    return [sys.executable, "-P", "-m", "cli.cmdserver", *(["--socket", path] if path else []),
+            *(["--idle", str(idle_s)] if idle_s is not None else [])]
+
+
+def frame(message: Any) -> bytes:
+    """One message as a frame."""
     payload = marshal.dumps(message)
-    sock.sendall(len(payload).to_bytes(4, "big") + payload)
+    return len(payload).to_bytes(4, "big") + payload
+
+
+def send_frame(sock: _socket.socket, message: Any) -> None:
+    """Send one framed message."""
+    sock.sendall(frame(message))
 
 
 def _recv_exactly(sock: _socket.socket, size: int) -> bytes | None:
@@ -91,11 +103,13 @@ def _recv_exactly(sock: _socket.socket, size: int) -> bytes | None:
     return data
 
 
-def recv_frame(sock: _socket.socket) -> Any:
-    """The next framed message, or None when the other end closed the connection."""
-    header = _recv_exactly(sock, 4)
-    if header is None:
+def recv_frame(sock: _socket.socket, received: bytes = b"") -> Any:
+    """The next framed message, or None when the other end closed the connection; ``received``: its first bytes,
+    already read (with the descriptors that came with them)."""
+    rest = _recv_exactly(sock, 4 - len(received)) if len(received) < 4 else b""
+    if rest is None or len(received) > 4:
         return None
+    header = received + rest
     size = int.from_bytes(header, "big")
     if size > MAX_FRAME:
         raise OSError(f"a frame of {size} bytes is larger than the command server's limit")

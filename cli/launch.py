@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import _signal
 import _socket
-import marshal
 import os
 import sys
 
-from cli.cmdwire import MAX_FRAME, PROTOCOL, peer_uid, recv_frame, server_off, socket_path
+from cli.cmdwire import MAX_FRAME, PROTOCOL, frame, peer_uid, recv_frame, server_argv, server_off, socket_path
 
 #: commands that always run in the launcher's process (cli.cmdprocess.LOCAL_COMMANDS): no server starts for them
 LOCAL = ("server", "worker", "beat", "flower", "login", "cmdserver")
@@ -79,7 +78,8 @@ def _exit(code: int) -> None:
 
 
 def _request() -> bytes | None:
-    """What the child needs to run this command as this process would, or None if our stdio can't be passed."""
+    """What the child needs to run this command as this process would, framed; None if our stdio can't be
+    passed."""
     import resource
 
     streams = []
@@ -91,7 +91,7 @@ def _request() -> bytes | None:
     os.umask(umask)
     limits = {getattr(resource, n): resource.getrlimit(getattr(resource, n)) for n in dir(resource)
               if n.startswith("RLIMIT_")}
-    return marshal.dumps({
+    return frame({
         "v": PROTOCOL, "argv": sys.argv, "cwd": os.getcwd(), "env": dict(os.environ), "umask": umask,
         "streams": streams, "groups": os.getgroups(), "nice": os.getpriority(os.PRIO_PROCESS, 0),
         "affinity": sorted(os.sched_getaffinity(0)), "rlimits": limits,
@@ -124,15 +124,14 @@ def _through_server() -> int | None:
         return None
     forwarder = _Forwarder()  # from here a Ctrl-C waits for the command's pid, or ends this process
     try:
-        payload = _request()
-        if payload is None or len(payload) > MAX_FRAME:
+        request = _request()
+        if request is None or len(request) > 4 + MAX_FRAME:
             forwarder.local()
             return None
-        header = len(payload).to_bytes(4, "big")
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
-        sent = sock.sendmsg([header + payload], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
-        if sent < len(header) + len(payload):
-            sock.sendall((header + payload)[sent:])
+        sent = sock.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
+        if sent < len(request):
+            sock.sendall(request[sent:])
         reply = recv_frame(sock)
         if reply is None or reply[0] != "pid":  # ("local", why): the server can't run this one
             if reply is not None and reply[1] == "stale":
@@ -247,8 +246,7 @@ def _start_server(path: str) -> None:
         for fd in (0, 1, 2):
             os.dup2(null, fd)
         os.closerange(3, 1 << 16)
-        # -P: not the working directory on sys.path (a `cli` package there must not stand in for ours)
-        os.execv(sys.executable, [sys.executable, "-P", "-m", "cli.cmdserver", "--socket", path])
+        os.execv(sys.executable, server_argv(path))
     finally:
         os._exit(1)
 

@@ -21,12 +21,19 @@ class ExitPlan:
     fast: bool = False
 
 
-def exit_now(code: object) -> None:
-    """End the process with ``code`` as :class:`SystemExit` would (None is 0, a message is printed and is 1),
-    after flushing what it printed, without tearing the interpreter down."""
-    status = code if isinstance(code, int) else 0 if code is None else 1
+def exit_status(code: object) -> int:
+    """The status :class:`SystemExit` with ``code`` ends a process with (None is 0; a message is printed, and
+    is 1)."""
     if not isinstance(code, int | None):
         print(code, file=sys.stderr)
+        return 1
+    return code or 0
+
+
+def exit_now(code: object) -> None:
+    """End the process with ``code`` as :class:`SystemExit` would, after flushing what it printed, without
+    tearing the interpreter down."""
+    status = exit_status(code)
     try:
         sys.stdout.flush()
         sys.stderr.flush()

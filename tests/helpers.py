@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -251,16 +251,28 @@ def capture_events(celery_app: Any, redis_client: Any, kind: str, count: int) ->
     return events
 
 
-def cmdservers_in(folder: str) -> list[int]:
-    """The pids of the command servers whose socket is in ``folder``, and of their runners and commands (forks of
-    a server, with its command line)."""
-    found = []
+def _processes(field: str) -> Iterator[tuple[int, bytes]]:
+    """Each live process's pid and its ``/proc/PID/<field>`` file."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
+                yield int(entry), Path(f"/proc/{entry}/{field}").read_bytes()
+            except OSError:  # it ended meanwhile
                 continue
-            if b"cli.cmdserver" in cmdline and any(arg.startswith(folder.encode()) for arg in cmdline):
-                found.append(int(entry))
-    return found
+
+
+def proc_stat(pid: int) -> list[str]:
+    """``/proc/PID/stat`` after the command's name: state, ppid, pgrp, ..."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of a process's children."""
+    return [child for child, stat in _processes("stat") if int(stat.rsplit(b")", 1)[1].split()[1]) == pid]
+
+
+def cmdservers_in(folder: str) -> list[int]:
+    """The pids of the command servers whose socket is in ``folder``, and of their runners and commands (forks of
+    a server, with its command line)."""
+    return [pid for pid, raw in _processes("cmdline") if b"cli.cmdserver" in (cmdline := raw.split(b"\0"))
+            and any(arg.startswith(folder.encode()) for arg in cmdline)]

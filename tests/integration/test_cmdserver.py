@@ -22,7 +22,7 @@ import pytest
 from cli.cmdserver import command_of, control
 from cli.cmdwire import socket_path
 from cloudai.settings import Settings
-from tests.helpers import ROOT, cli_env, cmdservers_in, wait_for, wait_started
+from tests.helpers import ROOT, children_of, cli_env, cmdservers_in, proc_stat, wait_for, wait_started
 from tests.services import TEST_IMAGE
 
 
@@ -213,8 +213,7 @@ def test_the_launcher_starts_a_server_and_a_new_one_when_the_code_changes(settin
         second = wait_for(lambda: (s := server.status()) and s["pid"] != first["pid"] and s, 30, 0.05,
                           "a new server")
         assert second["commands"] == 0
-        wait_for(lambda: not Path(f"/proc/{first['pid']}").exists() or
-                 b"Z" in Path(f"/proc/{first['pid']}/stat").read_bytes().split(b")")[1][:3], 10, 0.05,
+        wait_for(lambda: _gone(first["pid"]), 10, 0.05,
                  "the old server to exit")
     finally:
         os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
@@ -242,19 +241,15 @@ def test_the_command_is_found_after_the_groups_options() -> None:
 
 
 def _state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    return proc_stat(pid)[0]
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                    found.append(int(entry))
-            except (OSError, IndexError):
-                continue
-    return found
+def _gone(pid: int) -> bool:
+    """Ended: no longer there, or a zombie its parent hasn't reaped yet."""
+    try:
+        return _state(pid) == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def _auto_started(server: CmdServer) -> int:
@@ -268,8 +263,8 @@ def _auto_started(server: CmdServer) -> int:
 
 def _the_command(server_pid: int) -> int:
     """The one command a server runs now (its runner's child)."""
-    (runner,) = wait_for(lambda: _children(server_pid), 10, 0.05, "a runner")
-    (command,) = wait_for(lambda: _children(runner), 10, 0.05, "the command")
+    (runner,) = wait_for(lambda: children_of(server_pid), 10, 0.05, "a runner")
+    (command,) = wait_for(lambda: children_of(runner), 10, 0.05, "the command")
     return command
 
 
@@ -322,7 +317,7 @@ def test_the_command_has_the_launchers_ignored_signals_and_priority_and_none_of_
     assert proc.poll() is None and _state(command) in "RS"
     # the server can be replaced while a command runs (it held the lock through its children before)
     control(cmdserver.env, "stop")
-    wait_for(lambda: not Path(f"/proc/{server_pid}").exists() or _state(server_pid) == "Z", 10, 0.05, "stopped")
+    wait_for(lambda: _gone(server_pid), 10, 0.05, "stopped")
     cmdserver.run("--help")
     new = wait_for(cmdserver.status, 30, 0.05, "a new server")
     assert new["pid"] != server_pid
@@ -370,8 +365,8 @@ def test_a_nohup_command_dies_with_its_runner(  # type: ignore[no-untyped-def]
     server_pid = _auto_started(cmdserver)
     proc, _ = _following(cmdserver, store, preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
     command = _the_command(server_pid)
-    (runner,) = _children(server_pid)
+    (runner,) = children_of(server_pid)
     os.kill(runner, signal.SIGKILL)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1 and "lost the command server" in err
-    wait_for(lambda: not Path(f"/proc/{command}").exists() or _state(command) == "Z", 10, 0.05, "the command to die")
+    wait_for(lambda: _gone(command), 10, 0.05, "the command to die")
