@@ -73,7 +73,7 @@ def server_cpu_s(pid: int) -> float:
 
 
 def start_server(port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "cli.main", "server", "--port", str(port), "--log-level",
+    proc = subprocess.Popen([sys.executable, "-m", "cloudai.cli.main", "server", "--port", str(port), "--log-level",
                              "warning"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while True:
@@ -110,7 +110,7 @@ def main() -> int:
                          args.runs)
         print(f"submit -f of {args.lines} lines   direct: {d:.3f}s   through the API (SSE): {a:.3f}s   "
               f"ratio {a / d:.2f}x")
-        out = subprocess.run([sys.executable, "-m", "cli.main", "submit", "-q", IMAGE, f"seq 1 {args.lines}"],
+        out = subprocess.run([sys.executable, "-m", "cloudai.cli.main", "submit", "-q", IMAGE, f"seq 1 {args.lines}"],
                              env=direct, check=True, capture_output=True, text=True).stdout.strip()
         timed(direct, "logs", "-f", out)  # wait for its end
         logs = ("logs", "-f", out)

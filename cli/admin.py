@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import click
 
 if TYPE_CHECKING:
-    from cli.main import Context
+    from cloudai.cli.main import Context
 
 
 @click.group()
@@ -43,7 +43,7 @@ def token_create(ctx: Context, user: str, is_admin: bool, expires: str | None) -
 @click.pass_obj
 def token_list(ctx: Context, user: str | None, as_json: bool) -> None:
     """List tokens: prefix, user, role, created, expires, last use, revoked (never the secrets)."""
-    from cli import render
+    from cloudai.cli import render
     from cloudai.models import utcnow
     from cloudai.store import open_store
 

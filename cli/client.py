@@ -1,5 +1,5 @@
 """The one interface the user commands talk to, with two implementations chosen once per process: direct
-mode (:class:`cloudai.api.CloudAI`: Redis and the store) and API mode (:class:`cli.remote.RemoteCloud`: the
+mode (:class:`cloudai.api.CloudAI`: Redis and the store) and API mode (:class:`cloudai.cli.remote.RemoteCloud`: the
 master over HTTP). Also the credentials file that ``cloudai login`` writes."""
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def open_client(settings: Settings) -> Client:
     """The client for this process: the API when configured, else the cluster directly."""
     target = api_target(settings)
     if target is not None:
-        from cli.remote import RemoteCloud
+        from cloudai.cli.remote import RemoteCloud
 
         return RemoteCloud(*target)
     from cloudai.api import CloudAI

@@ -1,4 +1,4 @@
-"""The two processes a command server forks for each command (:mod:`cli.cmdserver`): the *runner*, which takes
+"""The two processes a command server forks for each command (:mod:`cloudai.cli.cmdserver`): the *runner*, which takes
 the launcher's request, and the *command*, which becomes the launcher's process and runs the CLI.
 
 The command must behave as ``cloudai`` run in the launcher's own process would, so it takes on what that process
@@ -24,8 +24,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any, NoReturn
 
-from cli.cmdwire import PROTOCOL, recv_frame, send_frame
-from cli.shutdown import SERVICES, exit_status
+from cloudai.cli.cmdwire import PROTOCOL, recv_frame, send_frame
+from cloudai.cli.shutdown import SERVICES, exit_status
 
 #: commands that run in the launcher's own process (cli.launch.LOCAL too)
 LOCAL_COMMANDS = SERVICES | {"login", "cmdserver"}
@@ -259,9 +259,9 @@ def _die_with_parent(parent: int) -> None:
 
 
 def _as_main(blocked: list[int]) -> int:
-    """Run :func:`cli.main.main` and end as ``python -m cli.main`` would: its exit code, a traceback, or SIGINT.
-    Signals held back since the fork arrive here, with the launcher's own mask."""
-    from cli.main import main
+    """Run :func:`cloudai.cli.main.main` and end as ``python -m cloudai.cli.main`` would: its exit code, a traceback,
+    or SIGINT. Signals held back since the fork arrive here, with the launcher's own mask."""
+    from cloudai.cli.main import main
 
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, blocked)

@@ -1,7 +1,7 @@
 """The command server: one per user and installation, it imports the CLI once and runs each ``cloudai`` command in
-a forked child, so that a command costs a fork rather than an interpreter's start (see :mod:`cli.launch`).
+a forked child, so that a command costs a fork rather than an interpreter's start (see :mod:`cloudai.cli.launch`).
 
-Processes: the server accepts a connection and forks a *runner* for it (:mod:`cli.cmdprocess`), which takes the
+Processes: the server accepts a connection and forks a *runner* for it (:mod:`cloudai.cli.cmdprocess`), which takes the
 launcher's request and file descriptors and forks the *command* child. The runner tells the launcher the child's
 pid (its signals go there), waits for the child, and sends its exit status. If the launcher goes away first, the
 runner hangs the child up (SIGHUP, then SIGKILL), as closing its terminal would; if the runner dies, the child is
@@ -36,14 +36,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from cli.cmdprocess import Runner, end_process, reset_signals
-from cli.cmdwire import PROTOCOL, peer_uid, recv_frame, send_frame, socket_path
+from cloudai.cli.cmdprocess import Runner, end_process, reset_signals
+from cloudai.cli.cmdwire import PROTOCOL, peer_uid, recv_frame, send_frame, socket_path
 
-#: imported before the first fork: what the client commands use (the rest a child imports itself)
-PRELOAD = ("cli.main", "cli.render", "cli.client", "cli.follow", "cli.remote", "cloudai.api", "cloudai.logs",
-           "cloudai.logfollow", "cloudai.submission", "cloudai.models", "cloudai.settings", "cloudai.store",
-           "cloudai.store.sqlite", "cloudai.store.mongo", "rich.console", "rich.table", "rich._emoji_codes", "pwd",
-           "difflib", "ctypes", "httpcore", "h11", "certifi")  # the last three: httpx imports them at its first request
+#: imported before the first fork: what the client commands use (the rest a child imports itself); the last three:
+#: httpx imports them at its first request
+PRELOAD = ("cloudai.cli.main", "cloudai.cli.render", "cloudai.cli.client", "cloudai.cli.follow", "cloudai.cli.remote",
+           "cloudai.api", "cloudai.logs", "cloudai.logfollow", "cloudai.submission", "cloudai.models",
+           "cloudai.settings", "cloudai.store", "cloudai.store.sqlite", "cloudai.store.mongo", "rich.console",
+           "rich.table", "rich._emoji_codes", "pwd", "difflib", "ctypes", "httpcore", "h11", "certifi")
 DEFAULT_IDLE_S = 3600.0
 
 
@@ -78,7 +79,7 @@ class Fingerprint:
 
 def command_of(args: list[str]) -> str | None:
     """The command that ``cloudai ARGS`` names (after the group's options), or None if there is none."""
-    from cli.main import cli
+    from cloudai.cli.main import cli
 
     try:
         ctx = cli.make_context("cloudai", list(args), resilient_parsing=True)

@@ -1,5 +1,5 @@
 """``cloudai cmdserver status|stop|run``: the per-user command server that makes each command cost a fork
-(:mod:`cli.cmdserver`). The launcher starts one by itself; these are for looking at it and stopping it."""
+(:mod:`cloudai.cli.cmdserver`). The launcher starts one by itself; these are for looking at it and stopping it."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def register(cli: click.Group) -> None:
     @cmdserver.command()
     def status() -> None:
         """Whether this installation's server is running (exit code 1 if not)."""
-        from cli.cmdserver import control
+        from cloudai.cli.cmdserver import control
 
         state = control(os.environ, "status")
         if state is None:
@@ -38,7 +38,7 @@ def register(cli: click.Group) -> None:
     @cmdserver.command()
     def stop() -> None:
         """Stop this installation's server (commands it runs now go on to their end)."""
-        from cli.cmdserver import control
+        from cloudai.cli.cmdserver import control
 
         state = control(os.environ, "stop")
         click.echo("stopped" if state is not None else "not running")
@@ -49,7 +49,7 @@ def register(cli: click.Group) -> None:
         """Run the server in the foreground (the launcher starts one in the background by itself)."""
         import sys
 
-        from cli.cmdwire import server_argv
+        from cloudai.cli.cmdwire import server_argv
 
         # the same process as the one the launcher starts: a fresh interpreter, not this command's click state
         os.execv(sys.executable, server_argv(idle_s=idle))

@@ -1,5 +1,6 @@
-"""What the ``cloudai`` launcher (:mod:`cli.launch`) and the command server (:mod:`cli.cmdserver`) share: where the
-socket is and how a message is framed. Built-in modules only: the launcher imports this at every command.
+"""What the ``cloudai`` launcher (:mod:`cloudai.cli.launch`) and the command server (:mod:`cloudai.cli.cmdserver`)
+share: where the socket is and how a message is framed. Built-in modules only: the launcher imports this at every
+command.
 
 A frame is a 4-byte big-endian length and a :mod:`marshal` payload (both ends are the same interpreter: the
 socket's name includes the interpreter's path and version). The launcher sends one request, with its stdin, stdout
@@ -78,7 +79,7 @@ def peer_uid(sock: _socket.socket) -> int:
 def server_argv(path: str | None = None, idle_s: float | None = None) -> list[str]:
     """The command line of a command server (``-P``: not the working directory on sys.path, where a ``cli``
     package must not stand in for ours)."""
-    return [sys.executable, "-P", "-m", "cli.cmdserver", *(["--socket", path] if path else []),
+    return [sys.executable, "-P", "-m", "cloudai.cli.cmdserver", *(["--socket", path] if path else []),
             *(["--idle", str(idle_s)] if idle_s is not None else [])]
 
 

@@ -11,8 +11,8 @@ from typing import TextIO
 
 import click
 
-from cli.client import Client
-from cli.render import exit_code_for, final_block, print_status, write_text
+from cloudai.cli.client import Client
+from cloudai.cli.render import exit_code_for, final_block, print_status, write_text
 from cloudai.errors import ExitCode
 from cloudai.logevents import LogEnd, lines_text
 

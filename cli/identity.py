@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import click
 
 if TYPE_CHECKING:
-    from cli.main import Context
+    from cloudai.cli.main import Context
 
 
 @click.command()
@@ -49,8 +49,8 @@ def server(ctx: Context, host: str, port: int, ssl_certfile: str | None, ssl_key
 @click.pass_obj
 def login(ctx: Context, url: str | None, token: str | None) -> None:
     """Save the master's URL and your token (in a file only you can read) for the commands that follow."""
-    from cli.client import api_target, write_credentials
-    from cli.remote import RemoteCloud
+    from cloudai.cli.client import api_target, write_credentials
+    from cloudai.cli.remote import RemoteCloud
 
     target = api_target(ctx.settings)
     url = (url or (target[0] if target else "")).rstrip("/")
@@ -73,7 +73,7 @@ def login(ctx: Context, url: str | None, token: str | None) -> None:
 @click.command()
 def logout() -> None:
     """Forget the saved URL and token (the commands use direct mode again unless CLOUDAI_API_URL is set)."""
-    from cli.client import credentials_path
+    from cloudai.cli.client import credentials_path
 
     path = credentials_path()
     path.unlink(missing_ok=True)
@@ -84,7 +84,7 @@ def logout() -> None:
 @click.pass_obj
 def whoami(ctx: Context) -> None:
     """Who the commands act as, and through what."""
-    from cli.remote import RemoteCloud
+    from cloudai.cli.remote import RemoteCloud
 
     api = ctx.api
     if isinstance(api, RemoteCloud):

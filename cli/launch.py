@@ -1,11 +1,11 @@
-"""The ``cloudai`` console script: hands the command to the user's command server (:mod:`cli.cmdserver`) when one
-is listening, else runs it in this process.
+"""The ``cloudai`` console script: hands the command to the user's command server (:mod:`cloudai.cli.cmdserver`)
+when one is listening, else runs it in this process.
 
 Why: a command run in a fresh interpreter spends ~120 ms of CPU importing click, httpx and CloudAI before it does
 ~10 ms of work (``docker run``'s whole client is ~23 ms). The command server has imported them once; for each
 command it forks a child that takes this process's stdin, stdout and stderr (passed over a Unix socket with
-``SCM_RIGHTS``), its argv, environment, working directory and umask, runs :func:`cli.main.main` and reports the exit
-status, which this process exits with. Signals sent to this process (Ctrl-C, a terminal hang-up, Ctrl-Z) go to
+``SCM_RIGHTS``), its argv, environment, working directory and umask, runs :func:`cloudai.cli.main.main` and reports the
+exit status, which this process exits with. Signals sent to this process (Ctrl-C, a terminal hang-up, Ctrl-Z) go to
 the child. Mercurial's ``chg`` works the same way.
 
 This module imports only built-in modules, so that it costs the interpreter's start and nothing more. Anything
@@ -20,7 +20,7 @@ import _socket
 import os
 import sys
 
-from cli.cmdwire import MAX_FRAME, PROTOCOL, frame, peer_uid, recv_frame, server_argv, server_off, socket_path
+from cloudai.cli.cmdwire import MAX_FRAME, PROTOCOL, frame, peer_uid, recv_frame, server_argv, server_off, socket_path
 
 #: commands that always run in the launcher's process (cli.cmdprocess.LOCAL_COMMANDS): no server starts for them
 LOCAL = ("server", "worker", "beat", "flower", "login", "cmdserver")
@@ -36,7 +36,7 @@ def main() -> None:
         code = _through_server()
         if code is not None:
             _exit(code)
-    from cli.main import main as run_here
+    from cloudai.cli.main import main as run_here
 
     run_here()
 

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cli import cmdserver_cli
-from cli import quota as quota_cli
-from cli.shutdown import SERVICES, ExitPlan, exit_now
+from cloudai.cli import cmdserver_cli
+from cloudai.cli import quota as quota_cli
+from cloudai.cli.shutdown import SERVICES, ExitPlan, exit_now
 from cloudai.errors import CloudAIError, ExitCode, RedisUnavailable
 
 # TaskStatus's values (tests/unit check they match), so that defining `list --status` needs no models import
@@ -21,8 +21,8 @@ STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled", 
 # Each command imports what it uses when it runs: `cloudai --help` (and a mistyped option) loads click and
 # the command definitions only, not the models, the clients, Redis or rich.
 if TYPE_CHECKING:
-    from cli.client import Client
     from cloudai.api import CloudAI
+    from cloudai.cli.client import Client
     from cloudai.settings import Settings
     from cloudai.submission import SubmitRequest
 
@@ -36,7 +36,7 @@ class Context:
     @cached_property
     def api(self) -> Client:
         """The master's API when ``CLOUDAI_API_URL`` (or ``cloudai login``) says so, else the cluster directly."""
-        from cli.client import open_client
+        from cloudai.cli.client import open_client
 
         return open_client(self.settings)
 
@@ -63,7 +63,7 @@ class CloudAIGroup(click.Group):
         try:
             return super().invoke(ctx)
         except CloudAIError as exc:
-            from cli import render
+            from cloudai.cli import render
 
             click.echo(click.style("Error: ", fg="red", bold=True) + render.visible(exc, keep_lines=True), err=True)
             ctx.exit(int(exc.exit_code))
@@ -113,7 +113,7 @@ def _parse(fn: Any, *args: Any, param: str) -> Any:
 
 
 def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, follow: bool, dry_run: bool) -> None:
-    from cli import render
+    from cloudai.cli import render
     from cloudai.models import TaskStatus as S
 
     api = ctx.api
@@ -132,7 +132,7 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
         click.echo(f"{task.task_id}  ({render.visible(where)})", err=follow)
     if follow:
         # imported once the task is on its way: the container starts while the viewer loads
-        from cli import follow as viewer
+        from cloudai.cli import follow as viewer
 
         sys.exit(viewer.monitor(api, task.task_id, header=False))
 
@@ -249,7 +249,7 @@ def seed_task(ctx: Context, worker: str, image: str, args: tuple[str, ...]) -> N
 @pass_ctx
 def monitor(ctx: Context, task_id: str, user: str | None) -> None:
     """Show TASK's header, its whole log live, and its final status; exit with its exit code."""
-    from cli import follow as viewer
+    from cloudai.cli import follow as viewer
 
     task = ctx.api.get(task_id)
     if user is not None and task.user_id != user:
@@ -266,8 +266,8 @@ def monitor(ctx: Context, task_id: str, user: str | None) -> None:
 @pass_ctx
 def logs(ctx: Context, task_id: str, follow: bool, tail: int | None, timestamps: bool, attempt: int | None) -> None:
     """Print TASK's log: from the live stream or, once it finished, the archive."""
-    from cli import follow as viewer
-    from cli import render
+    from cloudai.cli import follow as viewer
+    from cloudai.cli import render
     from cloudai.logevents import attempt_section, lines_text
 
     api = ctx.api
@@ -293,7 +293,7 @@ def logs(ctx: Context, task_id: str, follow: bool, tail: int | None, timestamps:
 @pass_ctx
 def status(ctx: Context, task_id: str, as_json: bool) -> None:
     """Show TASK's record."""
-    from cli import render
+    from cloudai.cli import render
 
     task = ctx.api.get(task_id)
     if as_json:
@@ -312,7 +312,7 @@ def status(ctx: Context, task_id: str, as_json: bool) -> None:
 def list_tasks(ctx: Context, user: str | None, statuses: tuple[str, ...], worker: str | None, limit: int,
                as_json: bool) -> None:
     """List tasks, newest first."""
-    from cli import render
+    from cloudai.cli import render
     from cloudai.models import TaskStatus as S
 
     who = None if user == "all" else (user or ctx.default_user())
@@ -331,7 +331,7 @@ def list_tasks(ctx: Context, user: str | None, statuses: tuple[str, ...], worker
 @pass_ctx
 def cancel(ctx: Context, task_ids: tuple[str, ...], no_wait: bool) -> None:
     """Cancel tasks; a running one has its container stopped (SIGTERM, then SIGKILL after the grace period)."""
-    from cli import render
+    from cloudai.cli import render
     from cloudai.models import TaskStatus as S
 
     worst = ExitCode.OK
@@ -359,7 +359,7 @@ def cancel(ctx: Context, task_ids: tuple[str, ...], no_wait: bool) -> None:
 @click.pass_context
 def workers(click_ctx: click.Context, as_json: bool) -> None:
     """List workers (capacity, in use, GPUs, state, heartbeat age); drain, undrain, remove."""
-    from cli import render
+    from cloudai.cli import render
 
     if click_ctx.invoked_subcommand is not None:
         return
@@ -446,7 +446,7 @@ def worker_start(ctx: Context, worker_id: str | None, cpus: str | None, memory: 
             CLOUDAI_WORKER_CONCURRENCY=str(concurrency))  # its slots: part of the capacity placement counts
     from cloudai import keys
     from cloudai.celery_app import run_worker
-    from workers import bootstrap
+    from cloudai.workers import bootstrap
 
     bootstrap.current()  # store, Redis and Docker errors show here, before Celery starts
     run_worker(["-Q", f"{keys.worker_queue(worker_id)},{keys.MAINTENANCE_QUEUE}", "-n", f"{worker_id}@%h",
@@ -505,8 +505,8 @@ def flower(ctx: Context, port: int, address: str, basic_auth: str | None, no_aut
     run_celery(args)
 
 
-from cli.admin import admin  # noqa: E402  (commands defined beside this module)
-from cli.identity import login, logout, server, whoami  # noqa: E402
+from cloudai.cli.admin import admin  # noqa: E402  (commands defined beside this module)
+from cloudai.cli.identity import login, logout, server, whoami  # noqa: E402
 
 for _command in (admin, login, logout, whoami, server):
     cli.add_command(_command)
@@ -515,7 +515,7 @@ cmdserver_cli.register(cli)
 
 
 def main() -> None:
-    """The ``cloudai`` console script (a client command ends quickly: :mod:`cli.shutdown`)."""
+    """The ``cloudai`` console script (a client command ends quickly: :mod:`cloudai.cli.shutdown`)."""
     plan = ExitPlan()
     try:
         cli.main(prog_name="cloudai", obj=plan)

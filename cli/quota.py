@@ -69,7 +69,7 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
     @pass_ctx
     def quota_list(ctx: Any, as_json: bool) -> None:
         """Every user's quota."""
-        from cli import render
+        from cloudai.cli import render
         from cloudai.models import quota_doc
 
         quotas = ctx.direct.quotas()
@@ -102,7 +102,7 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
     @pass_ctx
     def quota_view(ctx: Any, user: str | None, as_json: bool) -> None:
         """What your queued and running tasks hold now, against your quota."""
-        from cli import render
+        from cloudai.cli import render
         from cloudai.models import quota_doc
 
         quota, usage = ctx.api.quota_usage(user or ctx.default_user())

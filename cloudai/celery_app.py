@@ -27,7 +27,7 @@ def queue(name: str) -> Queue:
 
 def make_app(s: Settings) -> Celery:
     celery_app = Celery("cloudai", broker=s.redis_url, backend=result_backend(s),
-                        include=["workers.tasks", "beat.tasks"])
+                        include=["cloudai.workers.tasks", "cloudai.beat.tasks"])
     tick = max(1.0, s.beat_interval_s)
     maintenance = {"queue": keys.MAINTENANCE_QUEUE, "routing_key": keys.MAINTENANCE_QUEUE,
                    "exchange": keys.MAINTENANCE_QUEUE, "expires": tick * 2}

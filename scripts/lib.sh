@@ -102,23 +102,33 @@ build_test_image() {
   rm -rf "$rootfs"
 }
 
+# The virtualenv, from the lock: requirements/test.txt pins every package (and setuptools, which builds
+# CloudAI itself) with its hashes, so what is installed is decided by the commit, never by the day. `pip` only
+# checks: --require-hashes refuses a file whose hash the lock lacks, --no-deps installs nothing the lock doesn't
+# name. scripts/relock moves the lock to newer releases as a deliberate step.
 ensure_venv() {
+  local lock="$ROOT/requirements/${CLOUDAI_LOCK:-test}.txt"
   if [ ! -x "$VENV/bin/python" ]; then
     log "creating virtualenv $VENV"
     python3 -m venv "$VENV"
   fi
-  # the stamp holds the version of this recipe: a venv installed by an older one is installed again once
-  local stamp="$VENV/.cloudai-installed" recipe="2"
-  if [ ! -f "$stamp" ] || [ "$ROOT/setup.cfg" -nt "$stamp" ] || [ "$(cat "$stamp")" != "$recipe" ]; then
-    log "installing cloudai[test] into $VENV"
-    "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 || true
-    # editable as a plain path entry (compat mode: the repository's root on sys.path, so tests/ and bench/ are
-    # importable too): setuptools' default editable finder imports pathlib, importlib.util and urllib.parse at
-    # every interpreter start, ~10 ms of each `cloudai` command. A setuptools without compat gets the default.
-    { "$VENV/bin/pip" install -e "$ROOT[test]" --config-settings editable_mode=compat >"$STATE/pip.log" 2>&1 ||
-      "$VENV/bin/pip" install -e "$ROOT[test]" >>"$STATE/pip.log" 2>&1; } || { tail -30 "$STATE/pip.log" >&2;
-      die "pip install failed (log: $STATE/pip.log)"; }
-    echo "$recipe" >"$stamp"
+  # the stamp holds the lock's and the recipe's digest: a venv installed from another lock is installed again
+  local stamp="$VENV/.cloudai-installed" want
+  want="$(cat "$lock" "$ROOT/setup.cfg" "${BASH_SOURCE[0]}" | sha256sum | cut -d' ' -f1)"
+  if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+    log "installing $(basename "$lock") into $VENV"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r "$lock" \
+      >"$STATE/pip.log" 2>&1 || { tail -30 "$STATE/pip.log" >&2; die "pip install failed (log: $STATE/pip.log)"; }
+    # CloudAI itself, editable as a plain path entry (compat mode: the repository's root on sys.path, so tests/
+    # and bench/ are importable too, and cloudai/cli, cloudai/workers, cloudai/beat are the links to the card's
+    # folders): setuptools' default editable finder imports pathlib, importlib.util and urllib.parse at every
+    # interpreter start, ~10 ms of each `cloudai` command. Built with the locked setuptools, nothing fetched.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+      -e "$ROOT" --config-settings editable_mode=compat >>"$STATE/pip.log" 2>&1 ||
+      { tail -30 "$STATE/pip.log" >&2; die "pip install -e failed (log: $STATE/pip.log)"; }
+    "$VENV/bin/python" -m pip check >>"$STATE/pip.log" 2>&1 ||
+      { tail -10 "$STATE/pip.log" >&2; die "the lock $lock is not consistent (pip check; run scripts/relock)"; }
+    echo "$want" >"$stamp"
   fi
   # bytecode for our own sources, as an installed (non-editable) package has it: where
   # PYTHONDONTWRITEBYTECODE is set (CI sandboxes), every `cloudai` process would compile them anew (~60 ms of

@@ -106,7 +106,7 @@ def cli_env(settings: Settings, **extra: str) -> dict[str, str]:
 def cloudai(*args: str) -> list[str]:
     """``cloudai ARGS`` as the console script runs it: through the session's command server (tests/conftest.py
     points ``CLOUDAI_CMDSERVER_DIR`` at a directory of its own), or in its own process where it must."""
-    return [sys.executable, "-m", "cli.launch", *args]
+    return [sys.executable, "-m", "cloudai.cli.launch", *args]
 
 
 class WorkerProc:
@@ -274,5 +274,5 @@ def children_of(pid: int) -> list[int]:
 def cmdservers_in(folder: str) -> list[int]:
     """The pids of the command servers whose socket is in ``folder``, and of their runners and commands (forks of
     a server, with its command line)."""
-    return [pid for pid, raw in _processes("cmdline") if b"cli.cmdserver" in (cmdline := raw.split(b"\0"))
+    return [pid for pid, raw in _processes("cmdline") if b"cloudai.cli.cmdserver" in (cmdline := raw.split(b"\0"))
             and any(arg.startswith(folder.encode()) for arg in cmdline)]

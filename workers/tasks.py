@@ -11,7 +11,7 @@ from cloudai.celery_app import app
 from cloudai.errors import TaskFailed
 from cloudai.models import TaskStatus
 from cloudai.store import TaskStore
-from workers import bootstrap
+from cloudai.workers import bootstrap
 
 
 @app.task(name=keys.RUN_CONTAINER_TASK, acks_late=False, throws=(TaskFailed,))

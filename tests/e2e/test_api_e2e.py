@@ -220,8 +220,8 @@ def test_monitor_through_the_api_keeps_header_live_log_and_final_block(
 def test_awkward_output_arrives_through_the_api_exactly_as_in_direct_mode(
     api_server: ServerProc, settings: Settings, store: SQLiteStore, workers  # type: ignore[no-untyped-def]
 ) -> None:
-    from cli.remote import RemoteCloud
     from cloudai.api import CloudAI
+    from cloudai.cli.remote import RemoteCloud
     from cloudai.logevents import LogEnd, LogLine
     from cloudai.submission import SubmitRequest
 

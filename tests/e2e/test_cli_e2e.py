@@ -64,7 +64,7 @@ def test_a_followed_submit_never_loads_redis_py(settings: Settings, workers, mod
     assert result.stdout.splitlines()[0] == "hi"
     imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
                 if line.startswith("import time:")}
-    assert ("cloudai.resp" if mode == "direct" else "cli.remote") in imported  # the list is complete
+    assert ("cloudai.resp" if mode == "direct" else "cloudai.cli.remote") in imported  # the list is complete
     assert not sorted(m for m in imported if m.startswith("redis.") or m in ("celery", "kombu", "docker"))
 
 

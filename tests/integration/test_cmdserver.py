@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from cli.cmdserver import command_of, control
-from cli.cmdwire import socket_path
+from cloudai.cli.cmdserver import command_of, control
+from cloudai.cli.cmdwire import socket_path
 from cloudai.settings import Settings
 from tests.helpers import ROOT, children_of, cli_env, cmdservers_in, proc_stat, wait_for, wait_started
 from tests.services import TEST_IMAGE
@@ -28,7 +28,7 @@ from tests.services import TEST_IMAGE
 
 def launch(*args: str) -> list[str]:
     """The console script's entry point, as ``cloudai`` runs it."""
-    return [sys.executable, "-m", "cli.launch", *args]
+    return [sys.executable, "-m", "cloudai.cli.launch", *args]
 
 
 class CmdServer:

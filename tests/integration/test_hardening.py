@@ -7,8 +7,8 @@ from __future__ import annotations
 import docker
 import pytest
 
-from cli.render import exit_code_for
 from cloudai.api import CloudAI
+from cloudai.cli.render import exit_code_for
 from cloudai.limits import CAPABILITIES, DEFAULT_CAPS
 from cloudai.logs import LogEnd, LogLine
 from cloudai.models import TaskStatus

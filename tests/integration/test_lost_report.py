@@ -8,8 +8,8 @@ from datetime import timedelta
 
 import redis
 
-from beat.tasks import report_lost
 from cloudai.api import CloudAI, SubmitRequest
+from cloudai.beat.tasks import report_lost
 from cloudai.celery_app import make_app
 from cloudai.maintenance import Maintenance
 from cloudai.models import TaskStatus, utcnow

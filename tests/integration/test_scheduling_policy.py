@@ -10,9 +10,9 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from cli.main import cli
 from cloudai import keys
 from cloudai.api import CloudAI, SubmitRequest
+from cloudai.cli.main import cli
 from cloudai.errors import ExitCode, PlacementError, ValidationError
 from cloudai.maintenance import Maintenance
 from cloudai.models import GiB, Quota, Resources, Task, TaskStatus, WorkerState, utcnow

@@ -11,7 +11,7 @@ from cloudai.store.sqlite import SQLiteStore
 from tests.helpers import ROOT, cli_env, cloudai, register
 
 # what following a log needs, and what only a worker's start does (the GPU inventory runs nvidia-smi)
-FOLLOW_ONLY = ("cli.follow", "cloudai.logfollow", "cloudai.logs", "subprocess")
+FOLLOW_ONLY = ("cloudai.cli.follow", "cloudai.logfollow", "cloudai.logs", "subprocess")
 
 
 def _imports(env: dict[str, str], *args: str) -> tuple[subprocess.CompletedProcess[str], set[str]]:

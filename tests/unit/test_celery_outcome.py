@@ -12,7 +12,7 @@ from celery.exceptions import Ignore
 from cloudai.errors import TaskFailed
 from cloudai.models import Task, TaskError, TaskStatus
 from cloudai.store.sqlite import SQLiteStore
-from workers.tasks import celery_result
+from cloudai.workers.tasks import celery_result
 
 S = TaskStatus
 

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 
-from cli.main import STATUSES
+from cloudai.cli.main import STATUSES
 from cloudai.models import TaskStatus
 
 HEAVY = ("cloudai.models", "cloudai.api", "cloudai.celery_app", "redis", "rich", "docker", "httpx", "celery")
@@ -35,7 +35,7 @@ def test_a_command_through_the_master_imports_neither_redis_nor_httpxs_own_cli(t
         url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     loaded = _modules_after("status", "abc123", env={"CLOUDAI_API_URL": url, "CLOUDAI_TOKEN": "x" * 40,
                                                       "XDG_CONFIG_HOME": str(tmp_path)})
-    assert "httpx" in loaded and "cli.remote" in loaded  # it did go through the API client
+    assert "httpx" in loaded and "cloudai.cli.remote" in loaded  # it did go through the API client
     # httpx's command-line tool (rich.progress, pygments) and everything of direct mode stay unloaded
     assert not [m for m in ("redis", "celery", "docker", "pygments", "rich.progress", "rich.syntax", "attr")
                 if m in loaded]

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from cloudai.cli.main import cli
 from cloudai.store.sqlite import SQLiteStore
 
 

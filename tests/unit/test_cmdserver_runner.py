@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from cli.cmdprocess import Runner
+from cloudai.cli.cmdprocess import Runner
 
 
 @pytest.fixture(params=["pidfd", "polling"])
@@ -57,7 +57,7 @@ def test_a_launcher_gone_before_the_pid_reached_it_hangs_the_command_up(runner: 
 
 def test_a_command_that_ignores_the_hang_up_is_killed_after_the_grace(
         runner: tuple[Runner, socket.socket], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("cli.cmdprocess.HANGUP_GRACE_S", 0.3)
+    monkeypatch.setattr("cloudai.cli.cmdprocess.HANGUP_GRACE_S", 0.3)
     wait, launcher = runner
     read, write = os.pipe()
     pid = subprocess.Popen([sys.executable, "-c", "import os, signal, time; signal.signal(signal.SIGHUP, "
@@ -71,9 +71,9 @@ def test_a_command_that_ignores_the_hang_up_is_killed_after_the_grace(
 
 def test_the_launchers_own_lists_agree_with_the_cli() -> None:
     """The launcher imports no CloudAI module (cli/launch.py), so it keeps two lists of its own."""
-    from cli import launch
-    from cli.cmdprocess import LOCAL_COMMANDS
-    from cli.main import cli
+    from cloudai.cli import launch
+    from cloudai.cli.cmdprocess import LOCAL_COMMANDS
+    from cloudai.cli.main import cli
 
     assert set(launch.LOCAL) == LOCAL_COMMANDS
     valued = {opt for p in cli.params if not getattr(p, "is_flag", False) and p.opts[0].startswith("--")

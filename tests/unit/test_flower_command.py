@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
+from cloudai.cli.main import cli
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from cli.main import cli
 from cloudai import limits
 from cloudai.api import SubmitRequest, parse_key_values
+from cloudai.cli.main import cli
 from cloudai.errors import ValidationError
 from cloudai.store.sqlite import SQLiteStore
 
@@ -203,7 +203,7 @@ def test_real_process_with_invalid_utf8_argv(env: dict[str, str], tmp_path: Path
     from tests.helpers import ROOT
 
     for args in ([b"--name", b"caf\xe9", b"busybox"], [b"busybox", b"echo caf\xe9"], [b"-e", b"A=\xff", b"busybox"]):
-        result = subprocess.run([sys.executable.encode(), b"-m", b"cli.main", b"submit", *args], cwd=ROOT,
+        result = subprocess.run([sys.executable.encode(), b"-m", b"cloudai.cli.main", b"submit", *args], cwd=ROOT,
                                 env={**os.environ, **env}, capture_output=True, timeout=60)
         assert result.returncode == 2, result.stderr
         assert b"not valid UTF-8" in result.stderr and b"Traceback" not in result.stderr

@@ -107,7 +107,7 @@ def test_the_masters_json_sse_passes_the_entries_arrays_on_without_decoding_them
 
 
 def test_the_json_sse_leaves_the_timestamps_out_unless_asked_and_the_client_reads_both() -> None:
-    from cli.remote import event_lines, parse_sse
+    from cloudai.cli.remote import event_lines, parse_sse
 
     decoded = LineBatch(3, ["a", "b"], ["t3", "t4"])
     for batch in (decoded, _entries_read((3, ["a", "b"], ["t3", "t4"]))):  # encoded, and passed through
@@ -146,7 +146,7 @@ def test_an_entry_without_its_count_or_timestamps_is_read_line_by_line_with_empt
 
 
 def test_the_api_client_keeps_a_json_batch_with_fewer_timestamps_than_lines_aligned() -> None:
-    from cli.remote import SSEvent, event_lines
+    from cloudai.cli.remote import SSEvent, event_lines
 
     batch = event_lines(SSEvent("lines", "3", ['{"first": 1, "lines": ["a", "b", "c"], "ts": ["t1"]}']))
     assert list(batch) == [LogLine(1, "a", "t1"), LogLine(2, "b"), LogLine(3, "c")]

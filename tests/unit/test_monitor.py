@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from cli import follow
+from cloudai.cli import follow
 from cloudai.logevents import LineBatch, LogEnd, LogEvent
 from cloudai.models import Task, TaskError, TaskStatus
 

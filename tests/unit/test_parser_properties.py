@@ -8,8 +8,8 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cli.remote import event_lines, parse_sse
 from cloudai import limits
+from cloudai.cli.remote import event_lines, parse_sse
 from cloudai.errors import ValidationError
 from cloudai.logevents import LogLine
 from cloudai.models import parse_cpus, parse_duration, parse_size

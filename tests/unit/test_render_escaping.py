@@ -8,8 +8,8 @@ from pathlib import Path
 from click.testing import CliRunner
 from rich.console import Console
 
-from cli import render
-from cli.main import cli
+from cloudai.cli import render
+from cloudai.cli.main import cli
 from cloudai.logs import LogEnd
 from cloudai.models import Task, TaskError, TaskStatus
 from cloudai.store.sqlite import SQLiteStore

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from cli.remote import parse_sse
 from cloudai import tokens
+from cloudai.cli.remote import parse_sse
 from cloudai.errors import (
     AuthError,
     CloudAIError,

@@ -1,4 +1,4 @@
-"""cli.render.write_text: every byte reaches a real file however the kernel takes it (short writes, a full
+"""cloudai.cli.render.write_text: every byte reaches a real file however the kernel takes it (short writes, a full
 non-blocking pipe), in order after what went through the text layer before; anything else gets ``write``."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import os
 import threading
 import time
 
-from cli.render import write_text
+from cloudai.cli.render import write_text
 
 
 def test_a_full_non_blocking_pipe_gets_every_byte_in_order() -> None:
