@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 from celery import Celery
 
-from cloudai.celery_app import app, settings
+from cloudai.celery_app import app, dispatcher, settings
 from cloudai.errors import TaskFailed
 from cloudai.logs import LogBus
 from cloudai.maintenance import Maintenance
@@ -28,7 +28,7 @@ def maintenance() -> Maintenance:
         if _maintenance is None:
             store = open_store(settings.store_url)
             bus = LogBus.from_url(settings.redis_url, settings.log_stream_maxlen)
-            _maintenance = Maintenance(settings, store, bus, Scheduler(settings, store, bus.redis))
+            _maintenance = Maintenance(settings, store, bus, Scheduler(settings, store, bus.redis, dispatcher(app)))
         return _maintenance
 
 

@@ -1,10 +1,9 @@
-"""Benchmark: the cost of going through the master. Whole `cloudai` processes as a user runs them, in direct mode
-(Redis and the store) and through `cloudai server` (CLOUDAI_API_URL + a token), alternating, in the same run;
+"""Benchmark: the cost of reading through the master. Whole `cloudai` processes, an operator's direct mode (Redis
+and the store) against a user's `cloudai server` (CLOUDAI_API_URL + a token), alternating, in the same run;
 medians and the ratio (machines are shared: look at the ratio; the target is within 10%):
-- a trivial task, `submit -f` to its end;
-- `submit -f` of a task printing 100,000 lines (every line counted);
-- `logs -f` of that ended task's 100,000 lines (over SSE through the master), and the master's CPU for each;
+- `logs -f` of an ended task's 100,000 lines (over SSE through the master), and the master's CPU for each;
   then the same once its live log is gone (the archive in the store).
+Submits go through the master only (one front door): bench/processes.py measures them against `docker run`.
 
 Run it with ./scripts/bench (which starts Redis, dockerd and a worker); it starts its own server.
 """
@@ -22,7 +21,8 @@ import urllib.request
 from collections.abc import Callable
 
 from bench import processes
-from cloudai import keys, resp, tokens
+from cloudai import keys, tokens
+from cloudai.redisconn import connect
 from cloudai.settings import Settings
 from cloudai.store import open_store
 
@@ -101,22 +101,13 @@ def main() -> int:
         api = {k: v for k, v in os.environ.items() if k not in ("CLOUDAI_REDIS_URL", "CLOUDAI_STORE_URL")}
         api.update(CLOUDAI_API_URL=f"http://127.0.0.1:{port}", CLOUDAI_TOKEN=secret,
                    XDG_CONFIG_HOME=os.path.join(os.getcwd(), ".cache", "bench-xdg"))
-        submit = ("submit", "-f", "-m", "64m", IMAGE, "true")
-        d, a = alternate(lambda: timed(direct, *submit), lambda: timed(api, *submit), args.runs)
-        print(f"trivial submit -f → end   direct: {d:.3f}s   through the API: {a:.3f}s   ratio {a / d:.2f}x "
-              f"(median of {args.runs}, alternating)")
-        many = ("submit", "-f", "-m", "256m", IMAGE, f"seq 1 {args.lines}")
-        d, a = alternate(lambda: timed(direct, *many, lines=args.lines), lambda: timed(api, *many, lines=args.lines),
-                         args.runs)
-        print(f"submit -f of {args.lines} lines   direct: {d:.3f}s   through the API (SSE): {a:.3f}s   "
-              f"ratio {a / d:.2f}x")
         out = subprocess.run([sys.executable, "-m", "cloudai.cli.main", "submit", "-q", IMAGE, f"seq 1 {args.lines}"],
-                             env=direct, check=True, capture_output=True, text=True).stdout.strip()
+                             env=api, check=True, capture_output=True, text=True).stdout.strip()
         timed(direct, "logs", "-f", out)  # wait for its end
         logs = ("logs", "-f", out)
         for what in ("", "expired "):
             if what:  # the live log gone (as after CLOUDAI_LOG_RETENTION): the archive in the store is read
-                resp.redis_py(settings.redis_url).delete(keys.log_stream(out))
+                connect(settings.redis_url).delete(keys.log_stream(out))
             d, a, master_cpu = logs_f(direct, api, logs, server.pid, args)
             print(f"logs -f of an {what}ended task's {args.lines} lines   direct: {d:.3f}s   through the API (SSE): "
                   f"{a:.3f}s   ratio {a / d:.2f}x   (the master's CPU per logs -f: {master_cpu:.3f}s)")

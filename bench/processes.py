@@ -8,17 +8,16 @@ so a noisy, shared machine moves both sides alike. Cases:
   counts every line (a run that loses one fails the benchmark); peak RSS of the CLI and of the worker.
 - ``many``: 100 trivial tasks, 8 at a time (``xargs -P 8``), vs the same 100 ``docker run --rm`` with ``xargs -P 8``:
   each followed to its end (``submit -f``: whole processes, first submit to last exit), and in the issue's form
-  (``submit -q``, first submit to the last completion the store records; direct mode).
+  (``submit -q``, first submit to the last completion the store records).
 - ``help``: ``cloudai --help``, absolute (no baseline exists).
 - ``trivial`` and ``many`` again with ``CLOUDAI_CMDSERVER=off``: each command in its own interpreter, as before the
   command server (cli/cmdserver.py). The other rows use the server, as a user's commands do after their first;
   the run starts it first and prints how many commands it ran at the end, so a row that missed it shows.
-- ``floor``: ``python -c 'import click, socket, sqlite3, json'`` (``click, httpx`` through the master) against
-  ``docker run --rm``: the interpreter's share, which no change to CloudAI can remove.
+- ``floor``: ``python -c 'import click, httpx'`` against ``docker run --rm``: the interpreter's share, which no
+  change to CloudAI can remove.
 
-The worker must already run (``./scripts/bench`` starts one and passes its id and pid). With
-``--through-master`` (or ``CLOUDAI_API_URL`` set) the ``cloudai`` commands go through the master with a token,
-as a remote user's would; ``--through-master`` starts a ``cloudai server`` of its own for the run.
+The worker must already run (``./scripts/bench`` starts one and passes its id and pid). The ``cloudai`` commands
+go through the master with a token, as every user's do: the run starts a ``cloudai server`` of its own.
 """
 
 from __future__ import annotations
@@ -171,12 +170,12 @@ def case_many(tasks: int, parallel: int, runs: int, own: bool = False) -> Row:
 
 def case_many_quiet(tasks: int, parallel: int, runs: int) -> Row:
     """The issue's own form: ``xargs -P 8 cloudai submit -q`` (each command ends once its task is queued), timed
-    from the first submit to the last task's completion as the store records it (direct mode only)."""
+    from the first submit to the last task's completion as the store records it (the bench reads the store
+    the master writes)."""
     from cloudai.models import TaskStatus
-    from cloudai.settings import Settings
     from cloudai.store import open_store
 
-    store = open_store(Settings.from_env().store_url)
+    store = open_store(MASTER_STORE[0])
     cli = " ".join(cloudai_cmd())
     ours_cmd = f"seq 1 {tasks} | xargs -P {parallel} -I{{}} {cli} submit -q --cpus 0.2 -m 32m {IMAGE} -- true"
     base_cmd = f"seq 1 {tasks} | xargs -P {parallel} -I{{}} docker run --rm {IMAGE} true >/dev/null"
@@ -204,14 +203,13 @@ def case_many_quiet(tasks: int, parallel: int, runs: int) -> Row:
                "the issue's form: first submit to the last completion the store records")
 
 
-def case_floor(runs: int, remote: bool) -> Row:
+def case_floor(runs: int) -> Row:
     """What any Python command on the same libraries pays before it does anything: the interpreter starting and
-    importing click and the client library (the standard library's socket and sqlite3 in direct mode, where
-    the CLI speaks RESP itself with :mod:`cloudai.resp`; httpx through the master). It shows how much of the
-    trivial task's ratio is left to CloudAI's own code."""
-    library = "httpx" if remote else "socket, sqlite3, json"
+    importing click and the client library (httpx). It shows how much of the trivial task's ratio is left to
+    CloudAI's own code."""
+    library = "httpx"
     # the CLI's client keeps httpx's own command-line tool and trio unloaded (cli/remote.py): so does the floor
-    blocked = "import sys; sys.modules.update({'httpx._main': None, 'trio': None}); " if remote else ""
+    blocked = "import sys; sys.modules.update({'httpx._main': None, 'trio': None}); "
     python = os.path.join(os.path.dirname(cloudai_cmd()[0]), "python")
     ours, base = alternate(lambda: timed([python, "-c", f"{blocked}import click, {library}"]),
                            lambda: timed(docker_cmd("true")), runs)
@@ -241,6 +239,9 @@ def case_help(runs: int) -> Row:
     return Row("cloudai --help", ours, [], "no baseline; target 0.15 s")
 
 
+MASTER_STORE: list[str] = []  # the store URL the master runs on (the users' environment has none)
+
+
 def through_master() -> Callable[[], None]:
     """Start ``cloudai server`` on a free port, point this process's children at it with a fresh token, and
     return what stops it."""
@@ -250,6 +251,7 @@ def through_master() -> Callable[[], None]:
     from cloudai.store import open_store
 
     settings = Settings.from_env()
+    MASTER_STORE[:] = [settings.store_url]
     port = free_port()
     server = start_server(port)
     secret = tokens.create(open_store(settings.store_url), settings.user, expires="1h")[0]
@@ -272,22 +274,20 @@ def main() -> int:
     parser.add_argument("--million", action="store_true", help="also 1,000,000 lines (slow)")
     parser.add_argument("--many", type=int, default=100, help="tasks in the many-small-tasks case (0: skip)")
     parser.add_argument("--cases", default="help,floor,trivial,lines,many")
-    parser.add_argument("--through-master", action="store_true", help="start a cloudai server and go through it")
     args = parser.parse_args()
-    stop = through_master() if args.through_master else None
+    stop = through_master()
     try:
         return run(args)
     finally:
-        if stop is not None:
-            stop()
+        stop()
 
 
 def run(args: argparse.Namespace) -> int:
     worker = os.environ.get("CLOUDAI_BENCH_WORKER", "bench-worker")
     worker_pid = int(os.environ["CLOUDAI_BENCH_WORKER_PID"]) if os.environ.get("CLOUDAI_BENCH_WORKER_PID") else None
     cases = set(args.cases.split(","))
-    mode = f"through the master at {os.environ['CLOUDAI_API_URL']}" if os.environ.get("CLOUDAI_API_URL") else "direct"
-    print(f"# cloudai ({mode}) vs docker run --rm; {args.runs} alternating runs each, median (min-max)")
+    print(f"# cloudai (through the master at {os.environ['CLOUDAI_API_URL']}) vs docker run --rm; "
+          f"{args.runs} alternating runs each, median (min-max)")
     print(f"# command server: {start_cmdserver()}\n")
     print("| what | cloudai | docker run --rm | ratio | notes |\n|---|---|---|---|---|")
     rows: list[Row] = []
@@ -295,7 +295,7 @@ def run(args: argparse.Namespace) -> int:
         rows.append(case_help(args.runs))
         print(rows[-1].line(), flush=True)
     if "floor" in cases:
-        rows.append(case_floor(args.runs, remote=bool(os.environ.get("CLOUDAI_API_URL"))))
+        rows.append(case_floor(args.runs))
         print(rows[-1].line(), flush=True)
     if "trivial" in cases:
         rows.append(case_trivial(worker, args.runs))
@@ -313,9 +313,8 @@ def run(args: argparse.Namespace) -> int:
         print(rows[-1].line(), flush=True)
         rows.append(case_many(args.many, 8, max(1, args.runs // 3), own=True))
         print(rows[-1].line(), flush=True)
-        if not os.environ.get("CLOUDAI_API_URL"):  # it reads the store
-            rows.append(case_many_quiet(args.many, 8, max(1, args.runs // 3)))
-            print(rows[-1].line(), flush=True)
+        rows.append(case_many_quiet(args.many, 8, max(1, args.runs // 3)))
+        print(rows[-1].line(), flush=True)
     print(f"\n# command server at the end: {cmdserver_state()}")
     print(f"(self: peak RSS of this script {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB)")
     return 0

@@ -60,6 +60,7 @@ class Cluster:
 
     def __init__(self, url: str, workers: int) -> None:
         from cloudai.api import CloudAI
+        from cloudai.celery_app import dispatcher, make_app
         from cloudai.settings import Settings
 
         redis.Redis.from_url(url).flushdb()
@@ -67,7 +68,7 @@ class Cluster:
         self.tmp = tempfile.mkdtemp(prefix="cloudai-bench-")
         settings = Settings(redis_url=url, store_url=f"sqlite:///{self.tmp}/store.db", user="bench",
                             heartbeat_timeout_s=3600.0)
-        self.api = CloudAI(settings)
+        self.api = CloudAI(settings, dispatcher(make_app(settings)))
         for n in range(workers):
             wid = f"bench-{n:02d}"
             self.api.store.upsert_worker(WorkerInfo(worker_id=wid, hostname="bench", queue=f"cloudai.worker.{wid}",

@@ -1,6 +1,7 @@
-"""The one interface the user commands talk to, with two implementations chosen once per process: direct
-mode (:class:`cloudai.api.CloudAI`: Redis and the store) and API mode (:class:`cloudai.cli.remote.RemoteCloud`: the
-master over HTTP). Also the credentials file that ``cloudai login`` writes."""
+"""The one interface the user commands talk to, with two implementations chosen once per process: the master's
+API (:class:`cloudai.cli.remote.RemoteCloud`, over HTTP: every command) and direct mode (:class:`cloudai.api.CloudAI`
+on Redis and the store, without a dispatcher: the operators' read-only view). Also the credentials file that
+``cloudai login`` writes."""
 
 from __future__ import annotations
 
@@ -80,13 +81,16 @@ def api_target(settings: Settings) -> tuple[str, str | None] | None:
 
 
 def open_client(settings: Settings) -> Client:
-    """The client for this process: the API when configured, else the cluster directly."""
+    """The client for this process: the API when configured, else the cluster's read-only direct view (redis-py
+    and the store: an operator's tools on the cluster network, which a client-only install lacks)."""
     target = api_target(settings)
     if target is not None:
         from cloudai.cli.remote import RemoteCloud
 
         return RemoteCloud(*target)
-    from cloudai.api import CloudAI
-    from cloudai.resp import connect
-
-    return CloudAI(settings, connect=connect)
+    try:
+        from cloudai.api import CloudAI
+    except ImportError as exc:  # `pip install cloudai` without the worker or server extra
+        raise ConfigError(f"no CloudAI master configured, and direct mode needs `pip install cloudai[all]` "
+                          f"({exc}); set CLOUDAI_API_URL or run `cloudai login URL`") from None
+    return CloudAI(settings)

@@ -121,7 +121,10 @@ class Server:
             os.chdir("/")
             reset_signals()
             for name in PRELOAD:
-                importlib.import_module(name)
+                try:
+                    importlib.import_module(name)
+                except ImportError:  # a client-only install has no direct mode (redis-py, the stores)
+                    pass
             self.fingerprint = Fingerprint.of_modules(list(sys.modules.values()))
             signal.signal(signal.SIGTERM, _raise_exit)
             signal.signal(signal.SIGHUP, _raise_exit)

@@ -31,9 +31,10 @@ def server(ctx: Context, host: str, port: int, ssl_certfile: str | None, ssl_key
     import uvicorn
 
     from cloudai.api import CloudAI
+    from cloudai.celery_app import dispatcher, make_app
     from cloudai.server import create_app
 
-    cloud = CloudAI(ctx.settings)
+    cloud = CloudAI(ctx.settings, dispatcher(make_app(ctx.settings)))
     cloud.store.ping()  # a store or Redis that can't be reached is an error now, not on the first request
     cloud.ping_redis()
     scheme = "https" if ssl_certfile else "http"

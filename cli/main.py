@@ -13,7 +13,7 @@ import click
 from cloudai.cli import cmdserver_cli
 from cloudai.cli import quota as quota_cli
 from cloudai.cli.shutdown import SERVICES, ExitPlan, exit_now
-from cloudai.errors import CloudAIError, ExitCode, RedisUnavailable
+from cloudai.errors import CloudAIError, ExitCode, NeedsMaster, RedisUnavailable
 
 # TaskStatus's values (tests/unit check they match), so that defining `list --status` needs no models import
 STATUSES = ("pending", "queued", "running", "completed", "failed", "cancelled", "timeout", "lost")
@@ -35,10 +35,20 @@ class Context:
 
     @cached_property
     def api(self) -> Client:
-        """The master's API when ``CLOUDAI_API_URL`` (or ``cloudai login``) says so, else the cluster directly."""
+        """The master's API when ``CLOUDAI_API_URL`` (or ``cloudai login``) says so, else the operator's
+        read-only view of the cluster (direct mode: Redis and the store, never a change)."""
         from cloudai.cli.client import open_client
 
         return open_client(self.settings)
+
+    def master(self, command: str) -> Client:
+        """The master's API, for a command that changes the cluster: users have one front door, and tasks
+        are placed only by the long-lived processes (:class:`NeedsMaster` without an API URL)."""
+        from cloudai.cli.client import api_target
+
+        if api_target(self.settings) is None:
+            raise NeedsMaster(command)
+        return self.api
 
     @cached_property
     def direct(self) -> CloudAI:
@@ -90,8 +100,9 @@ def cli(ctx: click.Context, redis_url: str | None, store_url: str | None) -> Non
     Cluster:  workers, worker start, beat, flower, server, admin token
     Identity: login, logout, whoami
 
-    With CLOUDAI_API_URL set (or after `cloudai login URL`) the task and worker commands go through the
-    master's API with your token; otherwise they use Redis and the store directly.
+    Task and worker commands go through the master's API (CLOUDAI_API_URL and CLOUDAI_TOKEN, or `cloudai
+    login URL`). Without it, operators on the cluster network can still read (monitor, logs, status, list,
+    workers) from Redis and the store directly; every change needs the master.
     """
     from cloudai.settings import Settings
 
@@ -112,14 +123,16 @@ def _parse(fn: Any, *args: Any, param: str) -> Any:
         raise click.BadParameter(str(exc), param_hint=param) from exc
 
 
-def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, follow: bool, dry_run: bool) -> None:
+def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, follow: bool, dry_run: bool,
+            command: str = "submit") -> None:
     from cloudai.cli import render
     from cloudai.models import TaskStatus as S
 
-    api = ctx.api
-    if dry_run:
+    if dry_run:  # records nothing: an operator may preview placement directly too
+        api = ctx.api
         click.echo(f"valid: {request.image} with {request.resources.describe()}; would be {api.dry_run(request)}")
         return
+    api = ctx.master(command)
     task = api.submit(request)
     if as_json:
         click.echo(render.task_json(task))
@@ -240,7 +253,7 @@ def seed_task(ctx: Context, worker: str, image: str, args: tuple[str, ...]) -> N
                          param="-cpu_cores/-mem/-gpu_cores"),
     )
     _parse(request.validate, param="task")
-    _submit(ctx, request, quiet=False, as_json=False, follow=False, dry_run=False)
+    _submit(ctx, request, quiet=False, as_json=False, follow=False, dry_run=False, command="task")
 
 
 @cli.command()
@@ -337,8 +350,9 @@ def cancel(ctx: Context, task_ids: tuple[str, ...], no_wait: bool) -> None:
     worst = ExitCode.OK
     for task_id in task_ids:
         try:
-            before = ctx.api.get(task_id).status
-            task = ctx.api.cancel(task_id, wait_s=0 if no_wait else None)
+            api = ctx.master("cancel")
+            before = api.get(task_id).status
+            task = api.cancel(task_id, wait_s=0 if no_wait else None)
         except CloudAIError as exc:
             click.echo(render.visible(f"{task_id}: {exc}"), err=True)
             worst = max(worst, exc.exit_code)
@@ -379,7 +393,7 @@ def drain(ctx: Context, worker_id: str) -> None:
     """Stop placing new tasks on WORKER_ID; its running tasks finish."""
     from cloudai.models import WorkerState
 
-    ctx.api.set_worker_state(worker_id, WorkerState.DRAINING)
+    ctx.master("workers drain").set_worker_state(worker_id, WorkerState.DRAINING)
     click.echo(f"{worker_id}: draining")
 
 
@@ -390,7 +404,7 @@ def undrain(ctx: Context, worker_id: str) -> None:
     """Place tasks on WORKER_ID again."""
     from cloudai.models import WorkerState
 
-    ctx.api.set_worker_state(worker_id, WorkerState.ACTIVE)
+    ctx.master("workers undrain").set_worker_state(worker_id, WorkerState.ACTIVE)
     click.echo(f"{worker_id}: active")
 
 
@@ -400,7 +414,7 @@ def undrain(ctx: Context, worker_id: str) -> None:
 @pass_ctx
 def remove(ctx: Context, worker_id: str, force: bool) -> None:
     """Forget WORKER_ID (it registers again if it starts)."""
-    ctx.api.remove_worker(worker_id, force)
+    ctx.master("workers remove").remove_worker(worker_id, force)
     click.echo(f"{worker_id}: removed")
 
 

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import redis
+
 from cloudai import keys
 from cloudai.clock import redis_now, stamp_ms
 from cloudai.errors import ConfigError
@@ -20,7 +22,6 @@ from cloudai.fencing import Fence, fence_after
 from cloudai.gpus import holder, parse_holder
 from cloudai.logs import LogBus
 from cloudai.models import Task, TaskStatus, WorkerInfo, WorkerState, utcnow
-from cloudai.redispy import redis
 from cloudai.runtime import DockerRuntime
 from cloudai.scheduler import Dispatch, Scheduler
 from cloudai.settings import Settings

@@ -7,6 +7,8 @@ from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
 from typing import TYPE_CHECKING
 
+import redis
+
 from cloudai import keys, limits
 from cloudai.clock import redis_now, with_redis_heartbeats
 from cloudai.errors import (
@@ -29,8 +31,7 @@ from cloudai.models import (
     new_task_id,
     utcnow,
 )
-from cloudai.redispy import redis
-from cloudai.resp import redis_py
+from cloudai.redisconn import connect
 from cloudai.scheduler import Dispatch, Scheduler
 from cloudai.settings import Settings
 from cloudai.store import TaskStore, open_store
@@ -49,13 +50,13 @@ S = TaskStatus
 class CloudAI:
     """The operations of the CLI, on one cluster. Connections open lazily, on first use."""
 
-    def __init__(self, settings: Settings, dispatch: Dispatch | None = None,
-                 connect: Callable[[str], redis.Redis] | None = None) -> None:
-        """``connect``: how to open the Redis client from its URL (default redis-py's; the CLI passes
-        :func:`cloudai.resp.connect`, which does not import redis-py)."""
+    def __init__(self, settings: Settings, dispatch: Dispatch | None = None) -> None:
+        """``dispatch`` sends a placed task's message to its worker (:func:`cloudai.celery_app.dispatcher`):
+        the long-lived processes that place tasks (master, beat, worker agents) pass one. Without it this is
+        the operator's read-only view of the cluster (direct mode): it never places, dispatches or changes
+        a task (:class:`cloudai.errors.NotAPlacer`)."""
         self.settings = settings
         self._dispatch = dispatch
-        self._connect = connect
         self._redis_ok_at = float("-inf")
 
     @cached_property
@@ -64,7 +65,7 @@ class CloudAI:
 
     @cached_property
     def redis(self) -> redis.Redis:
-        return (self._connect or redis_py)(self.settings.redis_url)
+        return connect(self.settings.redis_url)
 
     @cached_property
     def bus(self) -> LogBus:

@@ -1,21 +1,24 @@
-"""The Celery app (``celery -A cloudai worker|beat|flower``): queues, routes, beat schedule.
-The only module of ``cloudai`` that imports Celery; messages are sent without it (:mod:`cloudai.dispatch`)."""
+"""The Celery app (``celery -A cloudai worker|beat|flower``): queues, routes, beat schedule, and the dispatcher
+that sends a placed task's message. The only module of ``cloudai`` that imports Celery."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from celery import Celery
 from kombu import Exchange, Queue
 
 from cloudai import keys
+from cloudai.message import RunMessage
+from cloudai.models import Task
 from cloudai.settings import Settings
 
 settings = Settings.from_env()
 
 
 def result_backend(s: Settings) -> str:
-    """MongoDB when the store is MongoDB, else Redis (DESIGN.md)."""
+    """MongoDB when the store is MongoDB, else Redis (docs/architecture.md, "Queues and Celery")."""
     return s.store_url if s.store_url.startswith(("mongodb://", "mongodb+srv://")) else s.redis_url
 
 
@@ -73,6 +76,23 @@ def make_app(s: Settings) -> Celery:
 
 
 app = make_app(settings)
+
+
+def dispatcher(celery_app: Celery) -> Callable[[Task], None]:
+    """What the scheduler calls to send a placed task to its worker: Celery's ``send_task`` onto the worker's
+    own queue (declared on first use, so a message for a worker that has not started yet waits for it; never
+    ``worker_direct``, whose messages to an absent worker are dropped). The Celery task id is
+    ``<task id>.<attempt>``: beat's re-send of a lost message finds it by that id. ``ignore_result``: nothing
+    waits on a result, so the sender subscribes to no result channel. Only the long-lived processes that place
+    tasks (master, beat, worker agents) make one."""
+
+    def send(task: Task) -> None:
+        assert task.worker_id, "dispatch needs a placed task"
+        celery_app.send_task(keys.RUN_CONTAINER_TASK, args=[RunMessage.from_task(task).to_wire()],
+                             task_id=f"{task.task_id}.{task.attempt}", queue=keys.worker_queue(task.worker_id),
+                             ignore_result=True)
+
+    return send
 
 
 def run_worker(argv: list[str]) -> Any:

@@ -6,9 +6,10 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import redis
+
 from cloudai import keys
 from cloudai.models import WorkerInfo
-from cloudai.redispy import redis
 
 
 def redis_now(client: redis.Redis) -> datetime:

@@ -61,6 +61,17 @@ class NotFoundError(CloudAIError):
     exit_code = ExitCode.NOT_FOUND
 
 
+class NeedsMaster(ConfigError):
+    """A command that changes the cluster, run without the master: users reach the cluster through the master's
+    API alone (direct mode is the operators' read-only view)."""
+
+    def __init__(self, command: str) -> None:
+        super().__init__(
+            f"`cloudai {command}` goes through the CloudAI master: set CLOUDAI_API_URL (and CLOUDAI_TOKEN), or run "
+            "`cloudai login URL`. Without a master only the read-only commands (monitor, logs, status, list, "
+            "workers) work, for operators on the cluster network.")
+
+
 class TaskNotFound(NotFoundError):
     def __init__(self, task_id: str) -> None:
         self.task_id = task_id

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import redis
+
 from cloudai import keys
 from cloudai.archive import CHUNK_LINES, Archiver
 from cloudai.errors import (
@@ -32,7 +34,6 @@ from cloudai.logevents import ATTEMPT_MARKER
 from cloudai.logs import LogBus, LogWriter
 from cloudai.message import MessageError, RunMessage
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
-from cloudai.redispy import redis
 from cloudai.reservations import Reservations
 from cloudai.runtime import ENGINE_RESTARTED, ContainerSpec, DockerRuntime, ExitState, ImageMissing, oom_reason
 from cloudai.settings import Settings

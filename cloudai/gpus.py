@@ -7,10 +7,11 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import redis
+
 from cloudai import keys
 from cloudai.errors import ConfigError
 from cloudai.models import LIVE, Task
-from cloudai.redispy import redis
 
 log = logging.getLogger(__name__)
 

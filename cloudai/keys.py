@@ -15,7 +15,7 @@ def worker_queue(worker_id: str) -> str:
 
 
 def log_stream(task_id: str) -> str:
-    """Redis Stream holding a task's log history; the pub/sub channel has the same name."""
+    """Redis Stream holding a task's log: its history and its live tail."""
     return f"cloudai:logs:{task_id}"
 
 

@@ -1,9 +1,10 @@
 """The log bus on Redis.
 
-Per task: a Redis Stream ``cloudai:logs:<task_id>`` and a pub/sub channel of the same name that gets each
-batch for live listeners. Every line has a sequence number (1, 2, ...). A stream entry holds one batch of
-lines: its id is ``<seq of its first line>-0`` and its fields are ``n`` (how many), ``l`` and ``t`` (JSON lists
-of texts and Docker timestamps); one entry per batch keeps Redis work per line small. The last entry is an
+Per task: a Redis Stream ``cloudai:logs:<task_id>``, which is both the history and the live tail (no pub/sub
+channel: a PUBLISHed batch is lost to a reader that is slow or reconnecting, and nothing needs one). Every line
+has a sequence number (1, 2, ...). A stream entry holds one batch of lines: its id is ``<seq of its first
+line>-0`` and its fields are ``n`` (how many), ``l`` and ``t`` (JSON lists of texts and Docker timestamps); one
+entry per batch keeps Redis work per line small. The last entry is an
 end marker (``end``, ``status``, ``exit_code``, ``reason``) with id ``<last seq + 1>-0``. Followers read with
 ``XREAD BLOCK`` from the last entry they saw, so history and live tail join with no gap and no duplicate, and a
 dropped connection resumes where it stopped. History is bounded by MINID trimming to about ``maxlen`` lines.
@@ -20,11 +21,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import redis
+
 from cloudai import keys
 from cloudai.errors import AttemptFenced, RedisUnavailable
 from cloudai.logevents import LineBatch, LogEnd, LogEvent, LogLine, entry_columns
-from cloudai.redispy import redis
-from cloudai.resp import redis_py
+from cloudai.redisconn import connect
 
 log = logging.getLogger(__name__)
 
@@ -52,26 +54,26 @@ local function last_seq()
   return first + n - 1, false
 end
 """
-# ARGV[2]: MINID for trimming; then per entry: first seq, n, l, t, pub/sub payload
+# ARGV[2]: MINID for trimming; then per entry: first seq, n, l, t. Readers follow the stream itself (XREAD from
+# the last id they saw): nothing is PUBLISHed, since a pub/sub message is lost to a slow or reconnecting reader
 _APPEND = _CHECK + """
 local ok = check()
 if ok < 0 then return ok end
 local last, closed = last_seq()
 if closed then return -3 end
 local written = 0
-for i = 3, #ARGV, 5 do
+for i = 3, #ARGV, 4 do
   local first = tonumber(ARGV[i])
   if first > last then  -- an entry a lost reply already landed is not written twice
     redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[2], ARGV[i] .. '-0', 'n', ARGV[i + 1], 'l', ARGV[i + 2],
                't', ARGV[i + 3])
-    redis.call('PUBLISH', KEYS[1], ARGV[i + 4])
     last = first + tonumber(ARGV[i + 1]) - 1
     written = written + 1
   end
 end
 return written
 """
-# ARGV[2..5]: status, exit code, reason, pub/sub payload. The attempt ends here: its execution key goes.
+# ARGV[2..4]: status, exit code, reason. The attempt ends here: its execution key goes.
 _END = _CHECK + """
 local ok = check()
 if ok < 0 then return ok end
@@ -79,7 +81,6 @@ local last, closed = last_seq()
 if closed then return -3 end
 redis.call('XADD', KEYS[1], (last + 1) .. '-0', 'end', '1', 'status', ARGV[2], 'exit_code', ARGV[3],
            'reason', ARGV[4])
-redis.call('PUBLISH', KEYS[1], ARGV[5])
 redis.call('DEL', KEYS[2])
 return 1
 """
@@ -131,7 +132,7 @@ class LogBus:
     @classmethod
     def from_url(cls, url: str, maxlen: int = 1_000_000) -> LogBus:
         """A bus on a redis-py client of its own."""
-        return cls(redis_py(url), maxlen, url)
+        return cls(connect(url), maxlen, url)
 
     def _guard(self, exc: Exception) -> RedisUnavailable:
         return RedisUnavailable(self.url, exc)
@@ -175,13 +176,11 @@ class LogBus:
         only while that attempt is current (a stale attempt's end raises :class:`AttemptFenced`); without, it
         is a controller's verdict (lost, cancelled) that also fences out whichever attempt still writes."""
         code = "" if exit_code is None else str(exit_code)
-        fields: dict[Any, Any] = {"end": "1", "status": status, "exit_code": code, "reason": reason or ""}
         key = keys.log_stream(task_id)
         for _ in range(2):
             try:
                 result = int(self._end(keys=[key, keys.execution(task_id)],  # type: ignore[arg-type]
-                                       args=[execution or "", status, code, reason or "",
-                                             json.dumps({"end": fields})]))
+                                       args=[execution or "", status, code, reason or ""]))
             except redis.RedisError as exc:
                 raise self._guard(exc) from exc
             if result == -2 and execution and revalidate is not None and revalidate():
@@ -291,8 +290,8 @@ def _events(entry_id: str, fields: dict[str, str]) -> list[LogEvent]:
 
 
 class LogWriter:
-    """Batches a task's lines into stream entries written with pipelined XADD + PUBLISH (never one round-trip
-    per line)."""
+    """Batches a task's lines into stream entries, several per script call (never one round-trip per
+    line)."""
 
     def __init__(self, bus: LogBus, task_id: str, next_seq: int, execution: str | None = None,
                  revalidate: Callable[[], bool] | None = None) -> None:
@@ -399,9 +398,8 @@ class LogWriter:
                 args: list[Any] = [self.execution or "", _entry_id(max(0, first_seq - self.bus.maxlen))]
                 at = 0
                 for count in cuts:
-                    texts = json.dumps(self._texts[at:at + count])  # once: the entry and the pub/sub payload share it
-                    args += [seq, count, texts, json.dumps(self._stamps[at:at + count]),
-                             f'{{"first": {seq}, "lines": {texts}}}']
+                    args += [seq, count, json.dumps(self._texts[at:at + count]),
+                             json.dumps(self._stamps[at:at + count])]
                     seq += count
                     at += count
                 result = int(self.bus._append(keys=[self.key, keys.execution(self.task_id)], args=args))

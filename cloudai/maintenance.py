@@ -7,12 +7,13 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import redis
+
 from cloudai import keys
 from cloudai.clock import redis_now, with_redis_heartbeats
 from cloudai.lines import archive_line
 from cloudai.logs import LogBus
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, WorkerState, new_execution_id, utcnow
-from cloudai.redispy import redis
 from cloudai.reservations import Reservations
 from cloudai.scheduler import Scheduler
 from cloudai.settings import Settings
@@ -164,6 +165,7 @@ class Maintenance:
                     continue
                 log.warning("task %s is queued on %s but its message is gone: sending it again", task.task_id,
                             task.worker_id)
+                assert self.scheduler.dispatch is not None, "beat's maintenance places and sends tasks"
                 self.scheduler.dispatch(task)
                 self.store.create_assignment(task.task_id, task.worker_id or "")
                 sent.append(task.task_id)

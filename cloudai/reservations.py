@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+
 from cloudai import gpus, keys
 from cloudai import reservation_scripts as scripts
 from cloudai.models import Quota, Task, WorkerInfo
-from cloudai.redispy import redis
-from cloudai.resp import RespClient
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,6 @@ class Reservations:
         much CPU as the script itself; what it did that matters is kept: a script Redis lost is loaded again,
         and a dropped connection is reconnected and tried once more (a placement that did run then answers
         'held', as it would under redis-py's own retry)."""
-        if isinstance(self.redis, RespClient):  # the CLI's client has no wrapper to skip
-            return script(args=args)
         pool = self.redis.connection_pool
         try:
             conn = pool.get_connection()

@@ -22,8 +22,9 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
+import redis
+
 from cloudai import keys
-from cloudai.dispatch import Dispatcher
 from cloudai.errors import CloudAIError, PlacementError, RedisUnavailable, ServiceUnavailable, WorkerNotFound
 from cloudai.fairshare import rank
 from cloudai.models import (
@@ -37,7 +38,6 @@ from cloudai.models import (
     format_bytes,
     utcnow,
 )
-from cloudai.redispy import redis
 from cloudai.reservations import Candidates, Held, NoFit, OverQuota, Placed, Reservations, gpu_order
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
@@ -91,7 +91,8 @@ class Scheduler:
         self.store = store
         self.redis = client
         # on the same client: a submit's placement and its message share one connection pool
-        self.dispatch: Dispatch = dispatch if dispatch is not None else Dispatcher(client)
+        # None: this process only reads (an operator's direct-mode command); placing needs a dispatcher
+        self.dispatch: Dispatch | None = dispatch
         self.reservations = Reservations(
             client, settings.fairshare_halflife_s,
             live_on=lambda worker_id: store.list_tasks(status=LIVE, worker_id=worker_id, limit=None),
@@ -295,6 +296,8 @@ class Scheduler:
     def submit(self, task: Task) -> Task:
         """Record ``task`` as queued on a worker that fits (and enqueue it), or as pending with a reason.
         On an enqueue failure nothing stays recorded."""
+        if self.dispatch is None:
+            raise RuntimeError("this process does not place tasks: the master, beat and worker agents do")
         try:
             workers = self._list_workers()
             self._check_possible(task, workers)
@@ -355,7 +358,7 @@ class Scheduler:
         try:
             if not create:
                 self.store.create_assignment(task.task_id, placed.worker_id)
-            self.dispatch(task)
+            self.dispatch(task)  # type: ignore[misc]  # submit and place_pending return early without one
         except Exception as exc:
             if create:
                 self.store.delete_task(task.task_id)  # and its assignment
@@ -371,8 +374,11 @@ class Scheduler:
     # -- waiting tasks ----------------------------------------------------------------------------------
     def place_pending(self) -> list[Task]:
         """Queue waiting tasks that fit now (a pass; see the module doc). A call while another process runs a
-        pass makes that one run again instead, so no freed resource waits for beat's next tick."""
+        pass makes that one run again instead, so no freed resource waits for beat's next tick. A process that
+        does not place (no dispatcher: an operator's command) leaves the pass to beat's next tick."""
         placed: list[Task] = []
+        if self.dispatch is None:
+            return placed
         try:
             self.redis.set(keys.SCHED_PASS_DIRTY, "1")
             for _ in range(5):

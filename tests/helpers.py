@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import redis
 
+from cloudai.api import CloudAI
 from cloudai.executor import Executor
 from cloudai.logs import LogBus
 from cloudai.models import GiB, Task, TaskStatus, WorkerInfo, utcnow
@@ -84,6 +85,13 @@ def run_in_thread(fn: Callable[..., T], *args: Any) -> tuple[threading.Thread, l
     thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
     thread.start()
     return thread, out
+
+
+def placing(settings: Settings) -> CloudAI:
+    """The cluster as the master sees it: placing tasks and sending real Celery messages to workers' queues."""
+    from cloudai.celery_app import dispatcher, make_app
+
+    return CloudAI(settings, dispatcher(make_app(settings)))
 
 
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:

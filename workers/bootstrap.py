@@ -11,7 +11,7 @@ import threading
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
 from cloudai.agent import WorkerProcess, build_worker
-from cloudai.celery_app import settings
+from cloudai.celery_app import app, dispatcher, settings
 
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -27,7 +27,7 @@ def current() -> WorkerProcess:
     global _process
     with _lock:
         if _process is None:
-            _process = build_worker(settings)
+            _process = build_worker(settings, dispatcher(app))
         return _process
 
 

@@ -88,7 +88,8 @@ class SecurityHeaders:
 
 
 def create_app(settings: Settings, cloud: CloudAI | None = None) -> FastAPI:
-    """The master's app for ``settings`` (``cloud``: the operations to use, by default ``CloudAI(settings)``)."""
+    """The master's app for ``settings`` (``cloud``: the operations to use, by default the cluster of
+    ``settings``, placing tasks and sending them with a Celery app of its own)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -99,7 +100,11 @@ def create_app(settings: Settings, cloud: CloudAI | None = None) -> FastAPI:
     app = FastAPI(title="CloudAI", summary="Run containers on a pool of GPU and CPU hosts", version="1",
                   lifespan=lifespan)
     app.state.settings = settings
-    app.state.cloud = cloud or CloudAI(settings)
+    if cloud is None:
+        from cloudai.celery_app import dispatcher, make_app
+
+        cloud = CloudAI(settings, dispatcher(make_app(settings)))
+    app.state.cloud = cloud
     app.state.log_bus = None
     errors.install(app)
     app.add_middleware(BodyLimit)

@@ -9,33 +9,43 @@ import time
 
 import pytest
 
-from cloudai.api import CloudAI, SubmitRequest
+from cloudai.api import SubmitRequest
 from cloudai.models import Resources, TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import ROOT, cli_env, cloudai, wait_ended, wait_for, wait_started
+from tests.helpers import ROOT, cli_env, cloudai, placing, wait_ended, wait_for, wait_started
 from tests.services import TEST_IMAGE
 
 S = TaskStatus
-_MODE_ENV: dict[str, str] = {}  # the CLI's environment in API mode; empty in direct mode
+_MODE_ENV: dict[str, str] = {}  # the CLI's environment for reads: the master's, or empty in direct mode
+_MASTER_ENV: dict[str, str] = {}  # the CLI's environment for changes: always the master's
 
 
 @pytest.fixture(params=["direct", "api"], autouse=True)
 def mode(request: pytest.FixtureRequest, settings: Settings):  # type: ignore[no-untyped-def]
-    """Every test here runs twice: the CLI on Redis and the store directly, and through `cloudai server` with
-    a token of the same user (and no Redis or store URL). Same commands, same assertions."""
+    """Every test here runs twice: every command through `cloudai server` with a token of the same user (and
+    no Redis or store URL); and the changes through the master but the reads (monitor, logs, status, list,
+    workers) in an operator's direct mode on Redis and the store. Same commands, same assertions."""
     _MODE_ENV.clear()
+    server = request.getfixturevalue("api_server")
+    _MASTER_ENV.update(server.cli_env(server.token(settings.user)))
     if request.param == "api":
-        server = request.getfixturevalue("api_server")
-        _MODE_ENV.update(server.cli_env(server.token(settings.user)))
+        _MODE_ENV.update(_MASTER_ENV)
     yield request.param
     _MODE_ENV.clear()
+    _MASTER_ENV.clear()
+
+
+def changes(args: tuple[str, ...]) -> bool:
+    """Whether ``cloudai ARGS`` changes the cluster (and so needs the master)."""
+    return (args[0] in ("submit", "task", "cancel") and "--dry-run" not in args) or (
+        args[0] == "workers" and len(args) > 1 and args[1] in ("drain", "undrain", "remove"))
 
 
 def run(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cloudai(*args), cwd=ROOT, env=_MODE_ENV or cli_env(settings), capture_output=True,
-                          text=True, timeout=timeout)
+    env = _MASTER_ENV if changes(args) else _MODE_ENV or cli_env(settings)
+    return subprocess.run(cloudai(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def submit(settings: Settings, *args: str) -> str:
@@ -53,18 +63,18 @@ def test_submit_follow_prints_both_streams_and_exits_with_the_code(settings: Set
     assert "Task Failed — exit 3" in result.stdout
 
 
-def test_a_followed_submit_never_loads_redis_py(settings: Settings, workers, mode: str) -> None:  # type: ignore[no-untyped-def]
-    """Importing redis-py was most of a short command's CPU: the CLI talks to Redis with cloudai.resp (direct
-    mode) or to the master with httpx (API mode), and neither loads it (``-X importtime`` lists every import)."""
+def test_a_followed_submit_never_loads_redis_py(settings: Settings, workers) -> None:  # type: ignore[no-untyped-def]
+    """A user's CLI talks to the master with httpx alone: no redis-py, Celery, kombu or docker-py is imported
+    (``-X importtime`` lists every import)."""
     workers()
-    env = {**(_MODE_ENV or cli_env(settings)), "PYTHONPROFILEIMPORTTIME": "1"}
+    env = {**_MASTER_ENV, "PYTHONPROFILEIMPORTTIME": "1"}
     result = subprocess.run(cloudai("submit", "-f", "-m", "64m", TEST_IMAGE, "--", "echo", "hi"), cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.splitlines()[0] == "hi"
     imported = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
                 if line.startswith("import time:")}
-    assert ("cloudai.resp" if mode == "direct" else "cloudai.cli.remote") in imported  # the list is complete
+    assert "cloudai.cli.remote" in imported  # the list is complete
     assert not sorted(m for m in imported if m.startswith("redis.") or m in ("celery", "kombu", "docker"))
 
 
@@ -128,7 +138,7 @@ def test_seed_task_syntax_and_listing(settings: Settings, store: SQLiteStore, wo
 
 def test_pending_tasks_run_when_capacity_frees_in_order(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
     workers(None, "--cpus", "1", "--memory", "1g", "--gpus", "none")
-    api = CloudAI(settings)  # submits in one process: quick enough that the first is still running
+    api = placing(settings)  # submits in one process: quick enough that the first is still running
     ids = [api.submit(SubmitRequest(TEST_IMAGE, "sleep 1", Resources.parse(cpus=1))).task_id for _ in range(3)]
     assert [store.get_task(i).status for i in ids[1:]] == [S.PENDING, S.PENDING]  # type: ignore[union-attr]
     for task_id in ids:

@@ -13,7 +13,7 @@ from cloudai.maintenance import Maintenance, job_lock
 from cloudai.models import Resources, TaskStatus, WorkerState, utcnow
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import register
+from tests.helpers import placing, register
 
 S = TaskStatus
 
@@ -115,7 +115,7 @@ def test_resources_are_released_at_every_terminal_status(api: CloudAI, store: SQ
 def test_queued_task_whose_message_was_lost_is_sent_again(
     settings: Settings, store: SQLiteStore, redis_client: redis.Redis
 ) -> None:
-    api = CloudAI(settings)  # real messages on the worker's queue
+    api = placing(settings)  # real messages on the worker's queue
     maintenance = Maintenance(settings, api.store, api.bus, api.scheduler)
     register(store, "w")
     kept = api.submit(SubmitRequest(image="busybox", command="true"))

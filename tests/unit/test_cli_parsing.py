@@ -67,9 +67,21 @@ def test_missing_image_is_a_usage_error(env: dict[str, str]) -> None:
 
 
 def test_unreachable_redis_is_a_clear_error_with_its_exit_code(env: dict[str, str]) -> None:
-    result = CliRunner().invoke(cli, ["submit", "busybox", "true"], env=env)
+    result = CliRunner().invoke(cli, ["quota"], env=env)  # direct mode: an operator's read of Redis
     assert result.exit_code == 123
     assert "Redis at redis://127.0.0.1:9/0 can't be reached" in result.output
+
+
+@pytest.mark.parametrize("command", [["submit", "busybox", "true"], ["task", "w1", "busybox", "true"],
+                                     ["cancel", "t1"], ["workers", "drain", "w1"], ["workers", "undrain", "w1"],
+                                     ["workers", "remove", "w1"]])
+def test_changes_need_the_master(env: dict[str, str], tmp_path: Path, command: list[str]) -> None:
+    """One front door: without CLOUDAI_API_URL a command that changes the cluster says how to reach the master,
+    and records nothing (the store stays empty; Redis is never asked)."""
+    result = CliRunner().invoke(cli, command, env=env)
+    assert result.exit_code == 2, result.output
+    assert "goes through the CloudAI master: set CLOUDAI_API_URL" in result.output and "cloudai login" in result.output
+    assert SQLiteStore(f"{tmp_path}/s.db").list_tasks(limit=None) == []
 
 
 def test_unknown_task(env: dict[str, str]) -> None:

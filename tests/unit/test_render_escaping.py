@@ -66,5 +66,5 @@ def test_list_does_not_crash_on_markup(tmp_path: Path) -> None:
 
 def test_error_messages_are_escaped(tmp_path: Path) -> None:
     env = {"CLOUDAI_STORE_URL": f"sqlite:///{tmp_path}/s.db", "CLOUDAI_REDIS_URL": "redis://127.0.0.1:9/0"}
-    result = CliRunner().invoke(cli, ["cancel", "x\x1b[2Jy"], env=env)
+    result = CliRunner().invoke(cli, ["status", "x\x1b[2Jy"], env=env)
     assert result.exit_code == 122 and "\x1b" not in result.output and "x\\x1b[2Jy" in result.output
