@@ -41,8 +41,9 @@ def reap() -> dict[str, list[str]]:
 
 
 def report_lost(celery_app: Celery, store: TaskStore, task_ids: Iterable[str]) -> list[str]:
-    """A dead worker can't tell Celery that its attempt ended: record FAILURE ("lost: ...") for that attempt in
-    the result backend and send ``task-failed`` so that Flower shows it too. Returns the Celery ids reported;
+    """A dead worker can't tell Celery that its attempt ended: send ``task-failed`` ("lost: ...") for that
+    attempt so that Flower shows it (as the worker's own events show every other end; no result is stored:
+    messages are sent with ``ignore_result``, and the store has the outcome). Returns the Celery ids reported;
     a failure here is logged, never a reason for the reaper to fail."""
     reported: list[str] = []
     try:
@@ -57,7 +58,6 @@ def report_lost(celery_app: Celery, store: TaskStore, task_ids: Iterable[str]) -
                 reason = f"lost: {task.error.message}"
                 exc = TaskFailed(reason, {**task.outcome(), "attempt": attempt, "status": TaskStatus.LOST.value,
                                           "reason": reason})
-                celery_app.backend.mark_as_failure(celery_id, exc)
                 events.send("task-failed", uuid=celery_id, exception=repr(exc), traceback=None)
                 reported.append(celery_id)
     except Exception:

@@ -141,8 +141,8 @@ class RuntimeFailure(CloudAIError):
 class TaskFailed(CloudAIError):
     """A task that ended other than ``completed``, as its Celery task raises it so that Celery (and Flower) record
     ``FAILURE`` with the reason as the message. ``outcome`` is the CloudAI record's summary
-    (:meth:`cloudai.models.Task.outcome`); both are the exception's args, so the result backend keeps them
-    and rebuilds this exception from them."""
+    (:meth:`cloudai.models.Task.outcome`); both are the exception's args, so the event (and any JSON
+    serializer) carries them and can rebuild this exception from them."""
 
     def __init__(self, reason: str, outcome: dict[str, object] | None = None) -> None:
         super().__init__(reason, outcome or {})

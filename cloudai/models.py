@@ -320,7 +320,7 @@ class Task:
         return self.error.message if self.error else self.status.value
 
     def outcome(self) -> dict[str, Any]:
-        """The CloudAI outcome of this attempt, kept in Celery's result backend beside Celery's state."""
+        """The CloudAI outcome of this attempt, as Celery's events carry it beside Celery's state."""
         return {"task_id": self.task_id, "attempt": self.attempt, "status": self.status.value,
                 "exit_code": self.exit_code, "oom_killed": self.oom_killed, "reason": self.reason,
                 "error_type": self.error.type if self.error else None, "worker_id": self.worker_id}

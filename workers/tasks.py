@@ -18,7 +18,8 @@ from cloudai.workers import bootstrap
 def run_container(spec: dict[str, Any]) -> dict[str, Any]:
     """Run the task ``spec["task_id"]`` in a container on this worker. Celery's state mirrors the outcome, so
     Flower tells the truth: ``completed`` is SUCCESS; failed, timeout, lost and cancelled are FAILURE with the
-    reason (:class:`TaskFailed`); the result backend keeps the CloudAI outcome beside it."""
+    reason (:class:`TaskFailed`), in the worker's events. No result is stored (the message asks for none: the
+    store holds the outcome)."""
     process = bootstrap.current()
     status = process.executor.run(spec)
     return celery_result(process.store, spec, status)

@@ -3,7 +3,6 @@ backend and sends task-failed, which is what Flower shows (issue 11, "Flower tel
 
 from __future__ import annotations
 
-import json
 from datetime import timedelta
 
 import redis
@@ -37,11 +36,4 @@ def test_lost_and_retried_attempts_are_failures_in_celery(settings: Settings, st
     wait_for(lambda: len(events) == 2, 15, what="task-failed events")
     assert [e["uuid"] for e in events] == reported
     assert events[0]["exception"].startswith("TaskFailed('lost: worker dead stopped heartbeating")
-
-    r = redis.Redis.from_url(settings.redis_url)
-    for celery_id in reported:
-        meta = json.loads(r.get(f"celery-task-meta-{celery_id}") or b"{}")
-        assert meta["status"] == "FAILURE" and meta["result"]["exc_type"] == "TaskFailed"
-        reason, outcome = meta["result"]["exc_message"]
-        assert reason.startswith("lost: worker dead stopped heartbeating")
-        assert outcome["status"] == "lost" and outcome["attempt"] == 1
+    assert events[1]["exception"].startswith("TaskFailed('lost: worker dead stopped heartbeating")
