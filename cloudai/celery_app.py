@@ -15,7 +15,7 @@ settings = Settings.from_env()
 
 
 def result_backend(s: Settings) -> str:
-    """MongoDB when the store is MongoDB, else Redis (DESIGN.md)."""
+    """MongoDB when the store is MongoDB, else Redis (docs/architecture.md, "Queues and Celery")."""
     return s.store_url if s.store_url.startswith(("mongodb://", "mongodb+srv://")) else s.redis_url
 
 
