@@ -1,8 +1,9 @@
 """Runs one attempt of a task on this worker: claim it (queued -> running, fenced by its execution id), start its
 container, stream its output to the log bus and the archive, enforce timeout and cancel until the container is
 gone, record the outcome, then archive and clean up. Every write is conditional on the attempt still being the
-task's current one (DESIGN.md "Attempts are fenced"): a stale attempt's write is refused, logged here, and its
-container stopped. Also re-attaches to a container that outlived a worker restart. Knows nothing of Celery."""
+task's current one (docs/architecture.md, "Attempts and fencing"): a stale attempt's write is refused, logged
+here, and its container stopped. Also re-attaches to a container that outlived a worker restart. Knows nothing
+of Celery."""
 
 from __future__ import annotations
 

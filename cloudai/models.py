@@ -168,7 +168,7 @@ class Resources:
 
 
 class TaskStatus(str, Enum):
-    """The task lifecycle of DESIGN.md."""
+    """The task lifecycle (docs/architecture.md, "Task lifecycle")."""
 
     PENDING = "pending"
     QUEUED = "queued"
@@ -228,7 +228,7 @@ class TaskError:
 
 @dataclass
 class Task:
-    """A task record as the store keeps it (the seed's fields plus DESIGN.md's)."""
+    """A task record as the store keeps it: the seed's fields plus those docs/architecture.md lists."""
 
     task_id: str
     user_id: str

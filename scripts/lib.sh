@@ -120,9 +120,10 @@ ensure_venv() {
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes --no-deps -r "$lock" \
       >"$STATE/pip.log" 2>&1 || { tail -30 "$STATE/pip.log" >&2; die "pip install failed (log: $STATE/pip.log)"; }
     # CloudAI itself, editable as a plain path entry (compat mode: the repository's root on sys.path, so tests/
-    # and bench/ are importable too, and cloudai/cli, cloudai/workers, cloudai/beat are the links to the card's
-    # folders): setuptools' default editable finder imports pathlib, importlib.util and urllib.parse at every
-    # interpreter start, ~10 ms of each `cloudai` command. Built with the locked setuptools, nothing fetched.
+    # and bench/ are importable too, and cloudai/cli, cloudai/workers, cloudai/beat are the links to the top-level
+    # folders; docs/architecture.md, "Layout"): setuptools' default editable finder imports pathlib,
+    # importlib.util and urllib.parse at every interpreter start, ~10 ms of each `cloudai` command. Built with
+    # the locked setuptools, nothing fetched.
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
       -e "$ROOT" --config-settings editable_mode=compat >>"$STATE/pip.log" 2>&1 ||
       { tail -30 "$STATE/pip.log" >&2; die "pip install -e failed (log: $STATE/pip.log)"; }
