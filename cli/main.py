@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass
 from functools import cached_property
@@ -154,7 +155,7 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
 @click.argument("image")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--cpus", help="CPU cores, such as 2 or 0.5.  [default: 1]")
-@click.option("-m", "--memory", help="Memory limit, such as 512m or 4g (a bare number is GB).  [default: 1g]")
+@click.option("-m", "--memory", help="Memory limit, such as 512m or 4g (a bare number is bytes).  [default: 1g]")
 @click.option("--gpus", help="Number of whole GPUs.  [default: 0]")
 @click.option("--storage", help="Disk quota, such as 10g (needs a storage driver that supports it).")
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
@@ -164,11 +165,11 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
 @click.option("--worker", help="Run on this worker (it must be registered and active).")
 @click.option("--constraint", multiple=True, metavar="KEY=VALUE", help="Only on workers with this label.")
 @click.option("--timeout", help="Stop the task after this long, such as 90s, 30m, 2h.")
-@click.option("--retries", type=click.IntRange(0, 100), default=0, show_default=True,
-              help="New attempts when its worker dies.")
-@click.option("--priority", type=int, default=0, show_default=True, help="Higher is placed first when waiting.")
-@click.option("--pull", "pull_policy", type=click.Choice(["missing", "always", "never"]), default="missing",
-              show_default=True, help="Image pull policy on the worker.")
+# the values below are checked by build_request with the API's and the web form's messages, not by click
+@click.option("--retries", metavar="N", help="New attempts when its worker dies.  [default: 0]")
+@click.option("--priority", metavar="N", help="Higher is placed first when waiting.  [default: 0]")
+@click.option("--pull", "pull_policy", metavar="missing|always|never",
+              help="Image pull policy on the worker.  [default: missing]")
 @click.option("--read-only", is_flag=True, help="Read-only root filesystem (/tmp stays writable, in memory).")
 @click.option("--name", help="A name to recognise the task by.")
 @click.option("--after", "after", multiple=True, metavar="ID[,ID...]",
@@ -182,45 +183,41 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
 def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None, memory: str | None,
            gpus: str | None, storage: str | None, env: tuple[str, ...], env_file: tuple[str, ...],
            workdir: str | None, label: tuple[str, ...], worker: str | None, constraint: tuple[str, ...],
-           timeout: str | None, retries: int, priority: int, pull_policy: str, read_only: bool, name: str | None,
-           after: tuple[str, ...], user: str | None, quiet: bool, as_json: bool, follow: bool,
-           dry_run: bool) -> None:
+           timeout: str | None, retries: str | None, priority: str | None, pull_policy: str | None,
+           read_only: bool, name: str | None, after: tuple[str, ...], user: str | None, quiet: bool,
+           as_json: bool, follow: bool, dry_run: bool) -> None:
     """Run COMMAND (with /bin/sh -c) in IMAGE on the cluster, like `docker run` runs it locally.
 
     Options go before IMAGE; everything after it is the command, e.g.
     `cloudai submit --cpus 2 -m 4g --gpus 1 -f pytorch/pytorch -- python train.py --epochs 3`.
     """
-    from cloudai.models import Resources, join_command, parse_duration
-    from cloudai.submission import SubmitRequest, parse_key_values, read_env_file
+    from cloudai.models import join_command
+    from cloudai.submission import build_request, parse_key_values, read_env_file
 
+    # a bad value is a ValidationError with the API's message, printed as "Error: ..." with exit 2
     args = list(command[1:] if command[:1] == ("--",) else command)
     environment: dict[str, str] = {}
     for path in env_file:
-        environment.update(_parse(read_env_file, path, param="--env-file"))
-    environment.update(_parse(parse_key_values, env, "env", param="--env"))
-    request = SubmitRequest(
-        image=image,
-        command=join_command(args),
-        resources=_parse(Resources.parse, cpus, memory, gpus, storage, param="--cpus/--memory/--gpus/--storage"),
-        env=environment,
-        workdir=workdir,
-        labels=_parse(parse_key_values, label, "label", param="--label"),
-        timeout_s=_parse(parse_duration, timeout, param="--timeout"),
-        retries=retries,
-        name=name,
-        user=user,
-        worker=worker,
-        constraints=_parse(parse_key_values, constraint, "constraint", param="--constraint"),
-        priority=priority,
-        pull_policy=pull_policy,
-        after=[i.strip() for item in after for i in item.split(",") if i.strip()],
+        environment.update(read_env_file(path))
+    environment.update(parse_key_values(env, "env"))
+    request = build_request(
+        image=image, command=join_command(args), cpus=cpus, memory=memory, gpus=gpus, storage=storage,
+        env=environment, workdir=workdir, labels=label, timeout=timeout, retries=retries, name=name, user=user,
+        worker=worker, constraints=constraint, priority=priority, pull=pull_policy, after=after,
         read_only=read_only,
     )
-    _parse(request.validate, param="submit")
     _submit(ctx, request, quiet, as_json, follow, dry_run)
 
 
 SEED_OPTIONS = {"-cpu_cores": "cpus", "-mem": "memory", "-gpu_cores": "gpus"}
+
+
+def seed_memory(value: str | None) -> str | None:
+    """The original syntax's ``-mem`` is GB (``-mem 4.0``), unlike ``submit -m``'s bytes: a bare number gets
+    its unit here; a size with a unit (``512m``) is taken as written."""
+    if value is not None and re.fullmatch(r"\s*(\d+(\.\d+)?|\.\d+)\s*", value, re.ASCII):
+        return value.strip() + "g"
+    return value
 
 
 @cli.command("task", context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
@@ -235,8 +232,8 @@ def seed_task(ctx: Context, worker: str, image: str, args: tuple[str, ...]) -> N
     cloudai task WORKER IMAGE [-cpu_cores 2.0] [-mem 4.0] [-gpu_cores 1.0] [COMMAND]...
     -cpu_cores: CPU cores (default 1.0); -mem: memory in GB or 512m/4g (default 1.0); -gpu_cores: whole GPUs.
     """
-    from cloudai.models import Resources, join_command
-    from cloudai.submission import SubmitRequest
+    from cloudai.models import join_command
+    from cloudai.submission import build_request
 
     values: dict[str, str] = {}
     rest = list(args)
@@ -247,12 +244,8 @@ def seed_task(ctx: Context, worker: str, image: str, args: tuple[str, ...]) -> N
         rest = rest[2:]
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    request = SubmitRequest(
-        image=image, command=join_command(rest), worker=worker,
-        resources=_parse(Resources.parse, values.get("cpus"), values.get("memory"), values.get("gpus"), None,
-                         param="-cpu_cores/-mem/-gpu_cores"),
-    )
-    _parse(request.validate, param="task")
+    request = build_request(image=image, command=join_command(rest), worker=worker, cpus=values.get("cpus"),
+                            memory=seed_memory(values.get("memory")), gpus=values.get("gpus"))
     _submit(ctx, request, quiet=False, as_json=False, follow=False, dry_run=False, command="task")
 
 

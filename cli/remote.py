@@ -131,8 +131,8 @@ class RemoteCloud:
     def _body(request: SubmitRequest) -> dict[str, Any]:
         res = request.resources
         return {
-            "image": request.image, "command": request.command, "cpus": res.cpus, "memory": f"{res.memory}b",
-            "gpus": res.gpus, "storage": None if res.storage is None else f"{res.storage}b", "env": request.env,
+            "image": request.image, "command": request.command, "cpus": res.cpus, "memory": res.memory,
+            "gpus": res.gpus, "storage": res.storage, "env": request.env,
             "workdir": request.workdir, "labels": request.labels, "timeout": request.timeout_s,
             "retries": request.retries, "name": request.name, "worker": request.worker,
             "constraints": request.constraints, "priority": request.priority, "pull": request.pull_policy,

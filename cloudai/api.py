@@ -21,7 +21,6 @@ from cloudai.errors import (
 from cloudai.logevents import LogEnd, LogEvent
 from cloudai.models import (
     LIVE,
-    GiB,
     Quota,
     Task,
     TaskError,
@@ -104,8 +103,8 @@ class CloudAI:
             docker_image=request.image,
             command=request.command,
             req_cpu=res.cpus,
-            req_memory=res.memory / GiB,
-            req_storage=None if res.storage is None else res.storage / GiB,
+            memory_bytes=res.memory,
+            storage_bytes=res.storage,
             req_gpu=res.gpus,
             timeout_s=request.timeout_s,
             retries=request.retries,

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from cloudai.errors import CloudAIError
-from cloudai.models import Task, format_bytes
+from cloudai.models import Task
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2  # 2: memory_bytes (bytes) replaced memory (text such as '64 MiB')
 
 
 class MessageError(CloudAIError):
@@ -29,7 +29,7 @@ class RunMessage:
     image: str = ""
     command: str | None = None
     cpus: float = 1.0
-    memory: str = ""
+    memory_bytes: int = 0
     gpu_ids: tuple[str, ...] = field(default_factory=tuple)
     timeout_s: float | None = None
     version: int = WIRE_VERSION
@@ -40,7 +40,7 @@ class RunMessage:
             raise MessageError(f"task {task.task_id} has no worker; only a placed task has a message")
         return cls(task_id=task.task_id, execution_id=task.execution_id, attempt=task.attempt,
                    worker_id=task.worker_id, user=task.user_id, image=task.docker_image, command=task.command,
-                   cpus=task.req_cpu, memory=format_bytes(task.memory_bytes), gpu_ids=tuple(task.gpu_ids),
+                   cpus=task.req_cpu, memory_bytes=task.memory_bytes, gpu_ids=tuple(task.gpu_ids),
                    timeout_s=task.timeout_s)
 
     def to_wire(self) -> dict[str, Any]:

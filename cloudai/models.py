@@ -20,9 +20,9 @@ from cloudai.limits import MIN_MEMORY_BYTES as MIN_MEMORY
 GiB = 1024**3
 MiB = 1024**2
 
-_UNITS = {"": GiB, "b": 1, "k": 1024, "m": MiB, "g": GiB, "t": 1024**4}
+_UNITS = {"": 1, "b": 1, "k": 1024, "m": MiB, "g": GiB, "t": 1024**4}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([bkmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
-_SIZE_FORMS = "use a size such as 512m, 4g, 4GiB or 1.5g (k/m/g/t are powers of 1024); a bare number means GB"
+_SIZE_FORMS = "use a size such as 512m, 4g, 4GiB or 1.5g (k/m/g/t are powers of 1024; a bare number is bytes)"
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])", re.IGNORECASE)
 _DURATION_FORMS = "use seconds (90) or units s/m/h/d such as 30s, 30m, 2h, 1h30m"
 
@@ -50,20 +50,31 @@ def next_created_at() -> datetime:
 
 
 def parse_size(value: str | float | int, field_name: str = "memory") -> int:
-    """Bytes from ``512m``, ``4g``, ``4GiB``, ``4GB`` or a bare number of GB (the seed's ``-mem 4.0``)."""
+    """Bytes from ``512m``, ``4g``, ``4GiB``, ``4GB`` or a bare number of bytes, as ``docker run -m`` reads
+    them. A bare number below Docker's 6 MiB minimum is refused with the unit it most likely lacked: it is
+    almost always GB meant (``-m 4``), and read as bytes it could never run."""
     if isinstance(value, bool):
         raise ValidationError(field_name, value, _SIZE_FORMS)
     if isinstance(value, int | float):
-        number, unit = _float(value, field_name, _SIZE_FORMS), ""
+        number, unit, shown = _float(value, field_name, _SIZE_FORMS), "", f"{value}"
     else:
         match = _SIZE_RE.match(str(value))
         if not match:
             raise ValidationError(field_name, value, _SIZE_FORMS)
-        number, unit = float(match.group(1)), match.group(2).lower()
+        number, unit, shown = float(match.group(1)), match.group(2).lower(), match.group(1)
     size = number * _UNITS[unit]
     if not math.isfinite(size) or size <= 0 or size > MAX_MEMORY_BYTES:
         raise ValidationError(field_name, value, "must be more than 0 and at most 64t; " + _SIZE_FORMS)
+    if not unit and size < MIN_MEMORY:
+        need = "Docker needs at least 6m" if field_name == "memory" else "a size under 6m needs its unit (512k)"
+        hint = f"; did you mean {shown}g?" if number * GiB <= MAX_MEMORY_BYTES else ""
+        raise ValidationError(field_name, value, f"a bare number is bytes, and {need}{hint}")
     return int(size)
+
+
+def gb_to_bytes(gb: float) -> int:
+    """Bytes of a size in GB (GiB) as the seed's records and ``-mem`` give it: ``0.25`` is 256 MiB."""
+    return int(round(gb * GiB))
 
 
 def parse_cpus(value: str | float | int) -> float:
@@ -88,6 +99,27 @@ def parse_gpus(value: str | float | int) -> int:
     if not number.is_integer() or not 0 <= number <= MAX_GPUS:
         raise ValidationError("gpus", value, f"use a whole number of GPUs from 0 to {MAX_GPUS} (GPUs are not shared)")
     return int(number)
+
+
+def parse_whole(field_name: str, value: str | float | int, low: int, high: int) -> int:
+    """A whole number from ``low`` to ``high`` as typed (``3``, ``3.0``) or sent as JSON; the bounds are
+    :mod:`cloudai.limits`' (``--retries``, ``--priority``)."""
+    accepted = f"use a whole number from {low} to {high}"
+    if isinstance(value, bool):
+        raise ValidationError(field_name, value, accepted)
+    try:
+        number = int(value) if isinstance(value, int) else int(str(value).strip())
+    except ValueError:
+        try:
+            whole = float(value)
+        except (TypeError, ValueError, OverflowError):
+            raise ValidationError(field_name, value, accepted) from None
+        if not whole.is_integer():
+            raise ValidationError(field_name, value, accepted) from None
+        number = int(whole)
+    if not low <= number <= high:
+        raise ValidationError(field_name, value, accepted)
+    return number
 
 
 def parse_duration(value: str | float | int | None) -> float | None:
@@ -235,8 +267,10 @@ class Task:
     docker_image: str
     command: str | None = None
     req_cpu: float = 1.0
-    req_memory: float = 1.0  # GB, as in the seed
-    req_storage: float | None = None  # GB
+    # Memory and storage are bytes, as in Resources, the queue message and the API's JSON. Records written
+    # before held the seed's req_memory / req_storage in GB: upgrade_task_doc converts them when read.
+    memory_bytes: int = GiB
+    storage_bytes: int | None = None
     req_gpu: int = 0
     status: TaskStatus = TaskStatus.PENDING
     created_at: datetime = field(default_factory=next_created_at)
@@ -271,12 +305,8 @@ class Task:
             cpus=self.req_cpu,
             memory=self.memory_bytes,
             gpus=self.req_gpu,
-            storage=None if self.req_storage is None else int(round(self.req_storage * GiB)),
+            storage=self.storage_bytes,
         )
-
-    @property
-    def memory_bytes(self) -> int:
-        return int(round(self.req_memory * GiB))
 
     def to_doc(self) -> dict[str, Any]:
         """A plain dict for the store (datetimes kept as datetimes, enums as strings): what
@@ -298,8 +328,9 @@ class Task:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Task:
+        """A record as either store keeps it, in this release's form or an older one (:func:`upgrade_task_doc`)."""
         names = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in doc.items() if k in names}
+        data = {k: v for k, v in upgrade_task_doc(doc).items() if k in names}
         data["status"] = TaskStatus(data["status"])
         if data.get("error"):
             data["error"] = TaskError(**data["error"])
@@ -327,6 +358,23 @@ class Task:
 
 
 _TASK_FIELDS = tuple(f.name for f in dataclasses.fields(Task))
+
+
+def upgrade_task_doc(doc: dict[str, Any]) -> dict[str, Any]:
+    """A task record in this release's form. Records written before memory was bytes end to end hold the
+    seed's ``req_memory`` / ``req_storage`` in GB (floats); they become ``memory_bytes`` / ``storage_bytes``
+    here, the one place that knows the old form (both stores read every task through :meth:`Task.from_doc`).
+    Where a record has both (an old one updated since), the bytes win."""
+    old = {"req_memory": "memory_bytes", "req_storage": "storage_bytes"}
+    if not any(key in doc for key in old):
+        return doc
+    doc = dict(doc)
+    for key, new in old.items():
+        if key in doc:
+            gb = doc.pop(key)
+            if new not in doc:
+                doc[new] = None if gb is None else gb_to_bytes(gb)
+    return doc
 
 
 def as_utc(value: Any) -> datetime | None:

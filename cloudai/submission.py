@@ -1,14 +1,16 @@
-"""A task as a user asks for it, and the parsing of ``KEY=VALUE`` options. Light (no Redis, Docker or store
-imports): the CLI builds and validates requests here in both modes, and the master validates API bodies with
-the same code, so the messages are the same everywhere."""
+"""A task as a user asks for it, and the parsing of what users type into one. Light (no Redis, Docker or store
+imports): the CLI's options, the API's JSON body and the web form's fields all become a request through
+:func:`build_request`, checked against :mod:`cloudai.limits` by :meth:`SubmitRequest.validate`, so the same
+bad value gets the same message everywhere."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from cloudai import limits
 from cloudai.errors import ValidationError
-from cloudai.models import Resources
+from cloudai.models import Resources, parse_duration, parse_whole
 
 PULL_POLICIES = ("missing", "always", "never")
 
@@ -63,6 +65,56 @@ class SubmitRequest:
                                   f"a task may wait for at most {limits.MAX_DEPENDENCIES} others")
         for dep in self.after:
             limits.text("after", dep, max_chars=limits.MAX_ID_CHARS)
+
+
+Typed = str | int | float  # a value as typed (CLI, web form) or as a JSON number (API)
+Pairs = Mapping[str, str] | Iterable[str]  # a JSON object, or KEY=VALUE lines (-e options, a form's textarea)
+
+
+def build_request(*, image: str, command: str | None = None, cpus: Typed | None = None,
+                  memory: Typed | None = None, gpus: Typed | None = None, storage: Typed | None = None,
+                  env: Pairs = (), workdir: str | None = None, labels: Pairs = (), timeout: Typed | None = None,
+                  retries: Typed | None = None, name: str | None = None, user: str | None = None,
+                  worker: str | None = None, constraints: Pairs = (), priority: Typed | None = None,
+                  pull: str | None = None, after: Iterable[str] = (), read_only: bool = False) -> SubmitRequest:
+    """A validated request from what a user gave, in any entry point's form: numbers as text or JSON numbers
+    (a number is read as its text, so ``512`` and ``"512"`` are the same value with the same message),
+    pairs as an object or ``KEY=VALUE`` lines. Raises :class:`ValidationError` naming the field, the bound and
+    what to use instead; ``None`` keeps a default."""
+    request = SubmitRequest(
+        image=image,
+        command=command,
+        resources=Resources.parse(_text(cpus), _text(memory), _text(gpus), _text(storage)),
+        env=_pairs(env, "env"),
+        workdir=workdir,
+        labels=_pairs(labels, "label"),
+        timeout_s=parse_duration(_text(timeout)),
+        retries=0 if retries is None else parse_whole("retries", str(retries), 0, limits.MAX_RETRIES),
+        name=name,
+        user=user,
+        worker=worker,
+        constraints=_pairs(constraints, "constraint"),
+        priority=0 if priority is None else parse_whole("priority", str(priority), -limits.MAX_PRIORITY,
+                                                         limits.MAX_PRIORITY),
+        pull_policy="missing" if pull is None else pull,
+        after=[i.strip() for item in after for i in item.split(",") if i.strip()],
+        read_only=read_only,
+    )
+    request.validate()
+    return request
+
+
+def _text(value: Typed | None) -> str | None:
+    """A number as the CLI would have received it."""
+    return value if value is None or isinstance(value, str) else str(value)
+
+
+def _pairs(pairs: Pairs, what: str) -> dict[str, str]:
+    if isinstance(pairs, Mapping):
+        return dict(pairs)
+    if isinstance(pairs, str):  # one string is one pair, not its characters
+        pairs = [pairs]
+    return parse_key_values(list(pairs), what)
 
 
 def parse_key_values(items: list[str] | tuple[str, ...], what: str) -> dict[str, str]:

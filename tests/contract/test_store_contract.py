@@ -3,8 +3,10 @@ CLOUDAI_TEST_MONGO_URL is set."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
@@ -72,6 +74,30 @@ def test_list_filters_newest_first_and_limit(backend: TaskStore) -> None:
     assert [t.task_id for t in backend.list_tasks(worker_id="w0")] == ["t3", "t0"]
     assert [t.task_id for t in backend.list_tasks(limit=2)] == ["t5", "t4"]
     assert len(backend.list_tasks(limit=None)) == 6
+
+
+def _as_written_before_bytes(backend: TaskStore, task_id: str, memory_gb: float, storage_gb: float | None) -> None:
+    """Rewrite a stored task as releases before "memory is bytes end to end" wrote it: the seed's GB floats."""
+    old = {"req_memory": memory_gb, "req_storage": storage_gb}
+    if isinstance(backend, MongoStore):
+        backend.tasks.update_one({"_id": task_id}, {"$set": old, "$unset": {"memory_bytes": "", "storage_bytes": ""}})
+        return
+    assert isinstance(backend, SQLiteStore)
+    with sqlite3.connect(backend.path) as db:
+        doc = json.loads(db.execute("SELECT doc FROM tasks WHERE task_id=?", (task_id,)).fetchone()[0])
+        del doc["memory_bytes"], doc["storage_bytes"]
+        db.execute("UPDATE tasks SET doc=? WHERE task_id=?", (json.dumps({**doc, **old}), task_id))
+
+
+def test_records_with_the_seeds_gb_floats_read_as_bytes(backend: TaskStore) -> None:
+    backend.create_task(_task(1, memory_bytes=GiB))
+    _as_written_before_bytes(backend, "t1", 0.25, 10.0)
+    got = backend.get_task("t1")
+    assert got is not None and (got.memory_bytes, got.storage_bytes) == (GiB // 4, 10 * GiB)
+    assert [(t.memory_bytes, t.storage_bytes) for t in backend.list_tasks()] == [(GiB // 4, 10 * GiB)]
+    assert backend.transition("t1", S.QUEUED, S.RUNNING, container_id="c1")  # an update keeps the value
+    got = backend.get_task("t1")
+    assert got is not None and got.memory_bytes == GiB // 4 and got.container_id == "c1"
 
 
 def test_transition_is_compare_and_set(backend: TaskStore) -> None:

@@ -124,7 +124,7 @@ def test_seed_task_syntax_and_listing(settings: Settings, store: SQLiteStore, wo
     task_id = result.stdout.split()[0]
     wait_for(lambda: store.get_task(task_id).status == S.COMPLETED, 60, what="seed task")  # type: ignore[union-attr]
     task = store.get_task(task_id)
-    assert task is not None and task.req_cpu == 0.5 and task.req_memory == 0.25
+    assert task is not None and task.req_cpu == 0.5 and task.memory_bytes == 256 * 1024 * 1024  # -mem is GB
     assert task.worker_id == proc.worker_id
     listing = json.loads(run(settings, "list", "--json").stdout)
     assert [t["task_id"] for t in listing] == [task_id]

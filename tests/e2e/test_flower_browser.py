@@ -95,7 +95,7 @@ def test_flower_shows_workers_and_tasks_with_readable_arguments_and_true_states(
     browser.get(f"{base}/task/{task_id}.1")
     WebDriverWait(browser, 30).until(lambda _: "cloudai.run_container" in body())
     text = body()
-    for readable in (task_id, TEST_IMAGE, "'user': 'tester'", "'cpus': 0.5", "'memory': '64 MiB'",
+    for readable in (task_id, TEST_IMAGE, "'user': 'tester'", "'cpus': 0.5", "'memory_bytes': 67108864",
                      "echo hello from flower test"):
         assert readable in text, readable
     browser.save_screenshot(str(ARTIFACTS / "flower-task.png"))

@@ -43,7 +43,7 @@ def _lines(api: CloudAI, task_id: str) -> tuple[list[str], LogEnd]:
 
 def test_container_sees_its_own_limits(settings: Settings, store: SQLiteStore) -> None:
     """Smoke test of the real services: a 64 MiB, 1.5 CPU container reads back its cgroup limits."""
-    task = queued_task(store, settings.worker_id, CGROUP_LIMITS, req_memory=64 / 1024, req_cpu=1.5)
+    task = queued_task(store, settings.worker_id, CGROUP_LIMITS, memory_bytes=64 * MiB, req_cpu=1.5)
     assert executor(settings, store).run(message(task)) == "completed"
     lines, end = _lines(CloudAI(settings), task.task_id)
     assert lines[0] == str(64 * MiB)
@@ -57,7 +57,7 @@ def test_limits_as_docker_applied_them_and_cancel_stops_the_container(
     settings: Settings, store: SQLiteStore
 ) -> None:
     task = queued_task(store, settings.worker_id, "trap 'exit 0' TERM; while true; do sleep 0.1; done",
-                       req_memory=0.25, req_cpu=0.5, labels={"team": "ml"})
+                       memory_bytes=256 * MiB, req_cpu=0.5, labels={"team": "ml"})
     thread, result = run_in_thread(executor(settings, store).run, message(task))
     running = wait_started(store, task.task_id)
     info = docker.from_env().api.inspect_container(running.container_id)
@@ -92,7 +92,7 @@ def test_sigterm_ignoring_container_is_killed_after_grace(settings: Settings, st
 
 def test_out_of_memory_is_reported_with_the_limit(settings: Settings, store: SQLiteStore) -> None:
     task = queued_task(store, settings.worker_id,
-                       "echo start; x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo never", req_memory=32 / 1024)
+                       "echo start; x=$(head -c 200000000 /dev/zero | tr '\\0' a); echo never", memory_bytes=32 * MiB)
     assert executor(settings, store).run(message(task)) == "failed"
     got = store.get_task(task.task_id)
     assert got is not None

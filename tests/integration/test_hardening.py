@@ -11,7 +11,7 @@ from cloudai.api import CloudAI
 from cloudai.cli.render import exit_code_for
 from cloudai.limits import CAPABILITIES, DEFAULT_CAPS
 from cloudai.logs import LogEnd, LogLine
-from cloudai.models import TaskStatus
+from cloudai.models import MiB, TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
@@ -29,7 +29,7 @@ def _mask(caps: list[str] | tuple[str, ...]) -> str:
 
 
 def _run_and_inspect(settings: Settings, store: SQLiteStore, **fields: object) -> tuple[dict, list[str]]:  # type: ignore[type-arg]
-    task = queued_task(store, settings.worker_id, PROBE + WAIT, req_memory=64 / 1024, **fields)
+    task = queued_task(store, settings.worker_id, PROBE + WAIT, memory_bytes=64 * MiB, **fields)
     thread, result = run_in_thread(executor(settings, store).run, message(task))
     running = wait_started(store, task.task_id)
     info = docker.from_env().api.inspect_container(running.container_id)

@@ -31,15 +31,32 @@ from cloudai.models import (
         ("64MiB", 64 * MiB),
         ("100k", 100 * 1024),
         ("1t", 1024 * GiB),
-        ("4", 4 * GiB),  # the seed's -mem 4.0: a bare number is GB
-        ("4.0", 4 * GiB),
+        ("67108864", 64 * MiB),  # a bare number is bytes, as with docker run -m
+        ("6291456", 6 * MiB),
+        ("4096b", 4096),  # with a unit, any size (Resources.parse refuses memory under 6m)
         (" 2g ", 2 * GiB),
-        (2, 2 * GiB),
-        (0.5, GiB // 2),
+        (67108864, 64 * MiB),  # a JSON number is bytes too
+        (2.0 * GiB, 2 * GiB),
     ],
 )
 def test_sizes_as_users_type_them(text: str | float, size: int) -> None:
     assert parse_size(text) == size
+
+
+@pytest.mark.parametrize(("value", "field", "message"), [
+    ("512", "memory", "invalid memory '512': a bare number is bytes, and Docker needs at least 6m; did you mean 512g?"),
+    (" 4.0 ", "memory", "invalid memory ' 4.0 ': a bare number is bytes, and Docker needs at least 6m; "
+                        "did you mean 4.0g?"),
+    (0.25, "memory", "invalid memory 0.25: a bare number is bytes, and Docker needs at least 6m; did you mean 0.25g?"),
+    ("10", "storage", "invalid storage '10': a bare number is bytes, and a size under 6m needs its unit (512k); "
+                      "did you mean 10g?"),
+    ("6291455", "memory", "invalid memory '6291455': a bare number is bytes, and Docker needs at least 6m"),
+])
+def test_a_bare_number_below_6m_is_refused_with_the_unit_it_lacked(value: str | float, field: str,
+                                                                   message: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        parse_size(value, field)
+    assert str(err.value) == message
 
 
 @pytest.mark.parametrize("bad", ["", "lots", "4x", "-1g", "0", "0m", "4 g b", "g4", "1e400", "nan", "4gigs"])
@@ -78,6 +95,8 @@ def test_resources_parse_defaults_and_minimum_memory() -> None:
     assert Resources.parse() == Resources(1.0, GiB, 0, None)
     with pytest.raises(ValidationError, match="at least 6m"):
         Resources.parse(memory="1m")
+    with pytest.raises(ValidationError, match="did you mean 4g"):
+        Resources.parse(memory="4")
     with pytest.raises(ValidationError, match="storage"):
         Resources.parse(storage="lots")
 
@@ -119,6 +138,18 @@ def test_task_doc_round_trip() -> None:
     again = Task.from_doc(task.to_doc())
     assert again == task
     assert again.created_at.tzinfo is not None
+
+
+def test_a_record_with_the_seeds_gb_floats_reads_as_bytes() -> None:
+    doc = Task(task_id="t1", user_id="u", docker_image="img").to_doc()
+    assert doc["memory_bytes"] == GiB and doc["storage_bytes"] is None and "req_memory" not in doc
+    del doc["memory_bytes"], doc["storage_bytes"]
+    old = Task.from_doc({**doc, "req_memory": 0.25, "req_storage": 10.0})
+    assert (old.memory_bytes, old.storage_bytes) == (256 * MiB, 10 * GiB)
+    assert old.resources == Resources(1.0, 256 * MiB, 0, 10 * GiB)
+    # an old record updated since (SQLite keeps the keys it had): the bytes win
+    assert Task.from_doc({**doc, "req_memory": 0.25, "memory_bytes": 64 * MiB}).memory_bytes == 64 * MiB
+    assert Task.from_doc({**doc, "req_memory": 0.25, "req_storage": None}).storage_bytes is None
 
 
 def test_task_doc_is_what_asdict_gives_and_shares_nothing_mutable() -> None:

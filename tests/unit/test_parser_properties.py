@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +16,7 @@ from cloudai.logevents import LogLine
 from cloudai.models import parse_cpus, parse_duration, parse_size
 from cloudai.server.logstream import sse_events
 
-UNITS = {"": 1024**3, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
 ANY_INPUT = st.one_of(
     st.text(max_size=40),
     st.text(alphabet="0123456789.eE+-_ kmgtbiBKMGTsmhdnaif", max_size=20),
@@ -40,7 +41,16 @@ def test_size_is_in_bounds_or_refused(value: object) -> None:
        st.booleans())
 def test_size_units(number: int, unit: str, suffix: str, upper: bool) -> None:
     text = f"{number}{unit}{suffix if unit not in ('', 'b') else ''}"
+    if not unit:  # a bare number is bytes; below Docker's 6 MiB it is refused with the unit it likely lacked
+        with pytest.raises(ValidationError, match=f"did you mean {number}g"):
+            parse_size(text)
+        return
     assert parse_size(text.upper() if upper else text) == number * UNITS[unit]
+
+
+@given(st.integers(min_value=limits.MIN_MEMORY_BYTES, max_value=limits.MAX_MEMORY_BYTES), st.booleans())
+def test_a_bare_number_is_bytes(size: int, as_text: bool) -> None:
+    assert parse_size(str(size) if as_text else size) == size
 
 
 @given(ANY_INPUT)

@@ -77,7 +77,7 @@ function duration(t) {
 }
 
 function limits(t) {
-  let text = `${+t.req_cpu} CPU · ${fmtBytes(Math.round(t.req_memory * GiB))}`;
+  let text = `${+t.req_cpu} CPU · ${fmtBytes(t.memory_bytes)}`;
   if (t.timeout_s) text += ` · ${fmtDuration(t.timeout_s)}`;
   return text;
 }
@@ -88,7 +88,7 @@ function result(t) {
   const parts = [];
   if (t.exit_code !== null && t.exit_code !== undefined) parts.push(`exit ${t.exit_code}`);
   const message = t.error && t.error.message;
-  if (t.oom_killed) parts.push(`OOM (limit ${fmtBytes(Math.round(t.req_memory * GiB))})`);
+  if (t.oom_killed) parts.push(`OOM (limit ${fmtBytes(t.memory_bytes)})`);
   else if (t.status === "timeout") parts.push(message || "timeout");
   // otherwise the reason, unless the exit code already said it ("exited with code 3")
   else if (message && !message.startsWith("exited with code")) parts.push(message);
@@ -341,23 +341,18 @@ function workerCard(w, tasks, admin, refresh) {
 const FIELDS = ["image", "command", "name", "cpus", "memory", "gpus", "timeout", "worker", "env", "constraints"];
 
 // Which form field a server message is about: "invalid cpus 'x': ..." or "invalid request: cpus: ...".
+// The form checks nothing itself: every value goes to the API, whose message is the CLI's for the same value.
+const FIELD_OF = { constraint: "constraints" };
 function fieldOf(message) {
   let m = message.match(/^invalid request: ([\w.]+):/);
   if (m) return m[1].split(".")[0];
   m = message.match(/^invalid ([\w-]+) /);
-  return m ? m[1] : null;
+  return m ? FIELD_OF[m[1]] || m[1] : null;
 }
 
-function pairs(text, field) {
-  const out = {};
-  for (const raw of text.split("\n")) {
-    const line = raw.trim();
-    if (!line) continue;
-    const at = line.indexOf("=");
-    if (at <= 0) throw Object.assign(new Error(`"${line}": use KEY=VALUE, one per line`), { field });
-    out[line.slice(0, at).trim()] = line.slice(at + 1);
-  }
-  return out;
+// KEY=VALUE lines as typed (blank lines skipped); the API parses them as `cloudai submit -e` does.
+function lines(text) {
+  return text.split("\n").map((line) => line.trim()).filter((line) => line);
 }
 
 function initSubmit() {
@@ -370,18 +365,12 @@ function initSubmit() {
     showError("submit-error", "");
     const value = (f) => form.elements[f].value.trim();
     const body = { image: value("image") };
-    try {
-      for (const f of ["command", "name", "cpus", "memory", "gpus", "timeout", "worker"]) {
-        const v = f === "command" ? form.elements.command.value : value(f);
-        if (v.trim()) body[f] = v;
-      }
-      body.env = pairs(form.elements.env.value, "env");
-      body.constraints = pairs(form.elements.constraints.value, "constraints");
-    } catch (err) {
-      errorFor(err.field).textContent = err.message;
-      form.elements[err.field].setAttribute("aria-invalid", "true");
-      return;
+    for (const f of ["command", "name", "cpus", "memory", "gpus", "timeout", "worker"]) {
+      const v = f === "command" ? form.elements.command.value : value(f);
+      if (v.trim()) body[f] = v;
     }
+    body.env = lines(form.elements.env.value);
+    body.constraints = lines(form.elements.constraints.value);
     button.disabled = true;
     try {
       const task = await api("POST", "/v1/tasks", body);
