@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import mongomock
 import pytest
@@ -26,12 +27,24 @@ S = TaskStatus
 BACKENDS = ["sqlite", "mongomock"] + (["mongodb"] if os.environ.get("CLOUDAI_TEST_MONGO_URL") else [])
 
 
+class MockedServerStore(MongoStore):
+    """The Mongo store on mongomock, one operation at a time: a MongoDB server applies each single-document
+    write atomically, but mongomock is a library whose find-and-update can interleave across threads (a race
+    test then saw two winners under load). The lock stands in for the server; the store's code is unchanged."""
+
+    _lock = threading.Lock()
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return super()._call(fn, *args, **kwargs)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[TaskStore]:
     if request.param == "sqlite":
         store: TaskStore = SQLiteStore(str(tmp_path / "contract.db"))
     elif request.param == "mongomock":
-        store = MongoStore(mongomock.MongoClient(tz_aware=True)["cloudai_test"], "mongodb://mongomock")
+        store = MockedServerStore(mongomock.MongoClient(tz_aware=True)["cloudai_test"], "mongodb://mongomock")
     else:
         url = os.environ["CLOUDAI_TEST_MONGO_URL"].rstrip("/") + f"/cloudai_test_{uuid.uuid4().hex[:8]}"
         store = open_store(url)
