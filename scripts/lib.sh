@@ -8,6 +8,11 @@ VENV="${CLOUDAI_VENV:-$ROOT/.venv}"
 TEST_IMAGE="${CLOUDAI_TEST_IMAGE:-cloudai/busybox:local}"
 mkdir -p "$STATE"
 _STARTED_PIDS=()
+_STARTED_NAMES=()
+# 1: what `spawn` starts gets a session of its own (setsid, stdin from /dev/null), so it outlives this script, a
+# Ctrl-C and a hang-up of its terminal: scripts/demo leaves its stack running. 0: scripts/test and scripts/bench
+# stop what they started (stop_started) when they end.
+DETACH=0
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
@@ -39,6 +44,20 @@ packages_needed() {
   return 0
 }
 
+# spawn NAME LOG CMD...: CMD in the background, its output in LOG; its pid (in _STARTED_PIDS) is CMD's own, as
+# stop_started and scripts/demo stop need it (setsid, not the group leader of a shell without job control, execs)
+spawn() {
+  local name="$1" out="$2"
+  shift 2
+  if [ "$DETACH" = 1 ]; then
+    setsid "$@" >"$out" 2>&1 </dev/null &
+  else
+    "$@" >"$out" 2>&1 &
+  fi
+  _STARTED_PIDS+=($!)
+  _STARTED_NAMES+=("$name")
+}
+
 ensure_packages() {
   local missing
   missing="$(packages_needed "$1")" || die "packages_needed $1 failed"
@@ -58,16 +77,14 @@ ensure_dockerd() {
   if docker info >/dev/null 2>&1; then return; fi
   log "starting dockerd"
   # flags for VMs without iptables/overlay support; harmless elsewhere for CloudAI's needs
-  # started directly (not through a shell function) so that $! is dockerd itself, or sudo, which passes
-  # our SIGTERM on: stop_started must really stop it
+  # its pid is dockerd itself, or sudo, which passes our SIGTERM on: stop_started must really stop it
   local flags=(--iptables=false --bridge=none --storage-driver=vfs)
   if [ "$(id -u)" = 0 ]; then
-    dockerd "${flags[@]}" >"$STATE/dockerd.log" 2>&1 &
+    spawn dockerd "$STATE/dockerd.log" dockerd "${flags[@]}"
   else
     command -v sudo >/dev/null || die "need root to start dockerd (run as root or install sudo)"
-    sudo dockerd "${flags[@]}" >"$STATE/dockerd.log" 2>&1 &
+    spawn dockerd "$STATE/dockerd.log" sudo dockerd "${flags[@]}"
   fi
-  _STARTED_PIDS+=($!)
   for _ in $(seq 1 120); do docker info >/dev/null 2>&1 && return; sleep 0.5; done
   tail -20 "$STATE/dockerd.log" >&2
   die "dockerd did not start (log above: $STATE/dockerd.log)"
@@ -79,9 +96,8 @@ start_redis() {
   local port
   port="$(free_port)"
   log "starting redis-server on port $port"
-  redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --protected-mode yes \
-    >"$STATE/redis.log" 2>&1 &
-  _STARTED_PIDS+=($!)
+  spawn redis-server "$STATE/redis.log" \
+    redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no --protected-mode yes
   for _ in $(seq 1 100); do redis-cli -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
   redis-cli -p "$port" ping >/dev/null || die "redis-server did not start ($STATE/redis.log)"
   export CLOUDAI_REDIS_URL="redis://127.0.0.1:$port/0"

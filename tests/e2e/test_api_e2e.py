@@ -3,16 +3,19 @@ API mode, and Server-Sent Events followed through a dropped connection."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
+import redis
 
+from cloudai import keys
 from cloudai.models import TaskStatus
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
@@ -241,15 +244,20 @@ def test_awkward_output_arrives_through_the_api_exactly_as_in_direct_mode(
     assert "".join(texts[1:-3]) == "x" * 1048576  # the 1 MiB line, in 64 KiB chunks
 
 
-def test_idle_followers_hold_no_server_thread(api_server: ServerProc, people: dict[str, str]) -> None:
-    """More idle SSE followers than the server's thread pool has threads (40), and it still answers at once."""
+def test_idle_followers_hold_no_server_thread(api_server: ServerProc, people: dict[str, str],
+                                             redis_client: redis.Redis) -> None:
+    """More idle SSE followers than the server's thread pool has threads (40): all of them wait in Redis at the
+    same moment (``XREAD BLOCK``, a connection each, no thread), and another request is answered meanwhile."""
     import asyncio
 
     headers = auth(people["ana"])
     task_id = httpx.post(f"{api_server.url}/v1/tasks", json={"image": TEST_IMAGE, "command": "true"},
                          headers=headers).json()["task_id"]  # queued on a worker nobody runs: stays silent
 
-    async def scenario() -> float:
+    def blocked_readers() -> int:
+        return sum(1 for c in redis_client.client_list() if c.get("cmd") == "xread" and "b" in c.get("flags", ""))
+
+    async def scenario() -> None:
         async with httpx.AsyncClient(base_url=api_server.url, headers=headers, timeout=30,
                                      limits=httpx.Limits(max_connections=100)) as http:
             streams = []
@@ -259,16 +267,15 @@ def test_idle_followers_hold_no_server_thread(api_server: ServerProc, people: di
                 response = await cm.__aenter__()
                 assert response.status_code == 200
                 streams.append(cm)
-            await asyncio.sleep(1.5)  # every follower is now blocked in XREAD
-            started = time.monotonic()
-            r = await http.get("/v1/whoami")
-            took = time.monotonic() - started
-            assert r.status_code == 200
+            # the event, not a pause: 60 followers blocked in XREAD at once, more than a thread pool of 40 could
+            await asyncio.to_thread(wait_for, lambda: blocked_readers() >= 60, 30, 0.05,
+                                    "60 followers blocked in XREAD at once")
+            r = await http.get("/v1/whoami")  # while they all follow; a starved pool would never answer
+            assert r.status_code == 200 and r.json()["user"] == "ana"
             for cm in streams:
                 await cm.__aexit__(None, None, None)
-            return took
 
-    assert asyncio.run(scenario()) < 3.0
+    asyncio.run(scenario())
 
 
 def test_tls_with_the_servers_own_certificate(settings: Settings, store: SQLiteStore, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -342,7 +349,7 @@ def test_no_other_users_task_id_leaks_through_workers_or_waiting_reasons(api_ser
 
 
 def test_waiting_cancels_hold_no_server_thread(api_server: ServerProc, people: dict[str, str], store: SQLiteStore,
-                                               settings: Settings) -> None:
+                                               settings: Settings, redis_client: redis.Redis) -> None:
     """45 cancels of a running task whose (live) worker doesn't answer yet: other users are still served."""
     import threading
 
@@ -361,25 +368,50 @@ def test_waiting_cancels_hold_no_server_thread(api_server: ServerProc, people: d
 
     beating = threading.Thread(target=heartbeat, daemon=True)
     beating.start()
-    results: list[int] = []
+    results: list[tuple[int, str]] = []
 
     def cancel() -> None:
-        results.append(httpx.post(f"{api_server.url}/v1/tasks/{task_id}/cancel", headers=auth(people["ana"]),
-                                  timeout=60).status_code)
+        r = httpx.post(f"{api_server.url}/v1/tasks/{task_id}/cancel", headers=auth(people["ana"]), timeout=60)
+        results.append((r.status_code, r.json().get("status")))
 
     cancels = [threading.Thread(target=cancel, daemon=True) for _ in range(45)]
+    # each cancel sets the task's cancel flag once the server has it: Redis tells us of every SET
+    with _keyspace_events(redis_client, keys.cancel_flag(task_id), "set") as flag_sets:
+        try:
+            for thread in cancels:
+                thread.start()
+            wait_for(lambda: len(flag_sets()) >= 45, 30, 0.05, "45 cancels to reach the server")
+            assert http.get("/v1/whoami", headers=auth(people["bo"])).json()["user"] == "bo"
+        finally:
+            stop.set()
+            beating.join(5)
+            # the worker "stops the container": every waiting cancel returns
+            store.transition(task_id, S.RUNNING, S.CANCELLED, execution=task.execution_id)
+            for thread in cancels:
+                thread.join(30)
+    # every cancel was still waiting when the worker stopped the task, which was after bo was answered: bo did
+    # not wait behind any of them (a cancel that had given up waiting would report the task still running)
+    assert results == [(200, "cancelled")] * 45
+
+
+@contextlib.contextmanager
+def _keyspace_events(client: redis.Redis, key: str, event: str) -> Iterator[Callable[[], list[str]]]:
+    """Redis's keyspace notifications of ``key`` while inside: yields a function that gives the ``event``
+    notifications received so far. The server's setting is put back after."""
+    before = client.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
+    client.config_set("notify-keyspace-events", "K$g")
+    pubsub = client.pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe(f"__keyspace@*__:{key}")
+    seen: list[str] = []
+
+    def received() -> list[str]:
+        while (message := pubsub.get_message(timeout=0)) is not None:
+            if message["data"] == event:
+                seen.append(message["data"])
+        return seen
+
     try:
-        for thread in cancels:
-            thread.start()
-        time.sleep(1.0)
-        started = time.monotonic()
-        assert http.get("/v1/whoami", headers=auth(people["bo"])).json()["user"] == "bo"
-        assert time.monotonic() - started < 3, "a user waited behind other users' cancels"
+        yield received
     finally:
-        stop.set()
-        beating.join(5)
-        # the worker "stops the container": every waiting cancel returns
-        store.transition(task_id, S.RUNNING, S.CANCELLED, execution=task.execution_id)
-        for thread in cancels:
-            thread.join(30)
-    assert results == [200] * 45
+        pubsub.close()
+        client.config_set("notify-keyspace-events", before)

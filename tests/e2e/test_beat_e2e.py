@@ -1,10 +1,9 @@
-"""Beat in a real process: a SIGKILLed worker's task becomes lost (or retried) within the heartbeat timeout
-plus one tick; the dead worker's orphan container is removed when it comes back."""
+"""Beat in a real process: a SIGKILLed worker's task becomes lost (or retried) once its heartbeat stops; the dead
+worker's orphan container is removed when it comes back. How soon is measured in bench/, not here."""
 
 from __future__ import annotations
 
 import subprocess
-import time
 
 import pytest
 
@@ -33,20 +32,15 @@ def beat(settings: Settings, tmp_path):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.timeout(240)
-def test_killed_worker_task_is_lost_within_timeout_plus_a_tick(
+def test_killed_worker_task_is_lost(
     settings: Settings, store: SQLiteStore, workers, beat  # type: ignore[no-untyped-def]
 ) -> None:
     proc = workers()
     task_id = submit(settings, TEST_IMAGE, "sleep 300")
     running = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
     proc.kill()
-    killed_at = time.monotonic()
     lost = wait_ended(store, task_id, 60)
-    elapsed = time.monotonic() - killed_at
-    print(f"\nlost {elapsed:.2f}s after SIGKILL (heartbeat timeout {settings.heartbeat_timeout_s}s, "
-          f"interval {settings.heartbeat_interval_s}s, beat tick {settings.beat_interval_s}s)")
     assert lost.status == S.LOST and "stopped heartbeating" in (lost.error.message if lost.error else "")
-    assert elapsed <= settings.heartbeat_timeout_s + settings.beat_interval_s + 3.0
     assert DockerRuntime().is_running(running.container_id)  # nobody stopped it yet...
     workers(proc.worker_id)  # ...until its worker returns and removes the orphan
     wait_for(lambda: DockerRuntime().inspect(running.container_id) is None, 30, what="orphan removal")

@@ -217,11 +217,10 @@ def test_clean_restart_does_not_wait_for_long_tasks_and_reattaches(
     task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 50); do echo line $i; sleep 0.2; done")
     before = wait_started(store, task_id, 60)
     time.sleep(1.0)
-    stopping = time.monotonic()
     proc.stop()  # SIGTERM: Celery's warm shutdown
     assert proc.proc is not None and proc.proc.returncode == 0
-    assert time.monotonic() - stopping < 8, "shutdown waited for the task"
-    assert DockerRuntime().is_running(before.container_id)
+    # the worker is gone while its task's 10 s loop still runs: the shutdown did not wait for the task
+    assert DockerRuntime().is_running(before.container_id), "shutdown waited for the task"
     assert store.get_task(task_id).status == S.RUNNING  # type: ignore[union-attr]
     assert store.get_worker(proc.worker_id).state.value == "active"  # type: ignore[union-attr]  # it holds a task
     workers(proc.worker_id)

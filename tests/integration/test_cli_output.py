@@ -1,5 +1,8 @@
-"""The CLI's output as a pipe receives it, while the process is stopped and continued (Ctrl-Z and `fg`, a
-debugger, a sampling profiler): no byte of the log may go missing."""
+"""The CLI's output as a pipe receives it, while the process that writes it is stopped and continued (Ctrl-Z and
+`fg`, a debugger, a sampling profiler): no byte of the log may go missing.
+
+The command runs without the command server (``CLOUDAI_CMDSERVER=off``): through it, the process writing the pipe
+would be the server's child, and stopping the launcher would not stop the writer."""
 
 from __future__ import annotations
 
@@ -42,14 +45,17 @@ def test_a_log_piped_out_while_the_cli_is_stopped_and_continued_loses_no_byte(se
     writer.flush()
     bus.end(task.task_id, "completed", 0, execution="a1")
     # batches of thousands of lines: each is one write of hundreds of KiB, more than a pipe holds
-    proc = subprocess.Popen(cloudai("logs", task.task_id), cwd=ROOT, env=cli_env(settings), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
+    proc = subprocess.Popen(cloudai("logs", task.task_id), cwd=ROOT, env=cli_env(settings, CLOUDAI_CMDSERVER="off"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    # the process this test stops is the one that writes the pipe: its stdout is our pipe's write end
+    pipe = f"pipe:[{os.fstat(proc.stdout.fileno()).st_ino}]"
+    assert os.readlink(f"/proc/{proc.pid}/fd/1") == pipe
     done = threading.Event()
     stops: list[int] = []
     stopper = threading.Thread(target=lambda: stops.append(_stop_and_continue(proc.pid, done)), daemon=True)
     stopper.start()
     chunks = []
-    assert proc.stdout is not None
     while chunk := proc.stdout.read(16384):  # a reader a little slower than the writer: the pipe fills
         chunks.append(chunk)
         time.sleep(0.0005)

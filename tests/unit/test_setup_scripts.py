@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,46 @@ def test_a_missing_mode_is_an_error_not_a_silent_default(tmp_path: Path) -> None
     env = {"PATH": str(_bin(tmp_path)), "CLOUDAI_SETUP_PLAN": "1"}
     result = subprocess.run(["/bin/bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "mode must be demo or test" in result.stderr
+
+
+def _demo_in(tmp_path: Path) -> Path:
+    """scripts/demo and lib.sh in a folder of their own: its .cache/run is not this worktree's (a demo may run)."""
+    root = tmp_path / "repo"
+    (root / "scripts").mkdir(parents=True)
+    for name in ("demo", "lib.sh"):
+        shutil.copy2(ROOT / "scripts" / name, root / "scripts" / name)
+    return root
+
+
+def _demo(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["/bin/bash", str(root / "scripts" / "demo"), *args], capture_output=True, text=True,
+                          timeout=60, cwd=root)
+
+
+def test_demo_stop_stops_what_it_recorded_and_not_a_pid_that_another_program_reuses(tmp_path: Path) -> None:
+    root = _demo_in(tmp_path)
+    sleep = [sys.executable, "-c", "import time; time.sleep(120)"]
+    server = subprocess.Popen([*sleep, "cloudai", "server"], start_new_session=True)  # as `setsid cloudai server`
+    stranger = subprocess.Popen(sleep, start_new_session=True)  # the recorded worker's pid, now another program's
+    try:
+        (root / ".cache" / "run").mkdir(parents=True)
+        pids = root / ".cache" / "run" / "demo.pids"
+        pids.write_text(f"worker {stranger.pid}\nserver {server.pid}\n")
+        status = _demo(root, "status")
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.splitlines() == [f"worker: not running (was pid {stranger.pid})",
+                                              f"server: running (pid {server.pid})"]
+        stopped = _demo(root, "stop")
+        assert stopped.returncode == 0, stopped.stderr
+        assert server.wait(30) == -signal.SIGTERM
+        assert stranger.poll() is None and not pids.exists()
+        assert _demo(root, "status").stdout.startswith("no demo runs")
+    finally:
+        for proc in (server, stranger):
+            proc.kill()
+            proc.wait(10)
+
+
+def test_demo_refuses_an_unknown_command(tmp_path: Path) -> None:
+    result = _demo(_demo_in(tmp_path), "restart")
+    assert result.returncode == 1 and "usage: ./scripts/demo [start|status|stop]" in result.stderr
