@@ -14,8 +14,7 @@ import redis
 from cloudai.models import TaskStatus
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.e2e.test_cli_e2e import submit
-from tests.helpers import ROOT, cli_env, cloudai, wait_for
+from tests.helpers import ROOT, ServerProc, cli_env, cloudai, wait_for
 from tests.services import TEST_IMAGE, chromium, free_port
 
 ARTIFACTS = ROOT / "artifacts"
@@ -53,7 +52,7 @@ def browser():  # type: ignore[no-untyped-def]
 
 @pytest.mark.timeout(240)
 def test_flower_shows_workers_and_tasks_with_readable_arguments_and_true_states(
-    settings: Settings, store: SQLiteStore, workers, flower: str, browser  # type: ignore[no-untyped-def]
+    settings: Settings, store: SQLiteStore, workers, flower: str, browser, api_server: ServerProc  # type: ignore[no-untyped-def]
 ) -> None:
     """Also issue 11's "Flower tells the truth": a container that exited 2 and one killed for memory show as
     FAILURE with the reason (from the worker's events: the messages are sent with ``ignore_result``, so the
@@ -65,10 +64,18 @@ def test_flower_shows_workers_and_tasks_with_readable_arguments_and_true_states(
         urllib.request.urlopen(f"http://{flower}/", timeout=5)
     assert denied.value.code == 401  # basic auth is on
 
+    env = api_server.cli_env(api_server.token(settings.user))
+
+    def submit(*args: str) -> str:
+        result = subprocess.run(cloudai("submit", "-q", *args), cwd=ROOT, env=env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
     proc = workers()
-    task_id = submit(settings, "--cpus", "0.5", "-m", "64m", TEST_IMAGE, "echo hello from flower test")
-    failed_id = submit(settings, "-m", "64m", TEST_IMAGE, "echo failing; exit 2")
-    oom_id = submit(settings, "-m", "32m", TEST_IMAGE, "x=$(head -c 200000000 /dev/zero | tr '\\0' a)")
+    task_id = submit( "--cpus", "0.5", "-m", "64m", TEST_IMAGE, "echo hello from flower test")
+    failed_id = submit("-m", "64m", TEST_IMAGE, "echo failing; exit 2")
+    oom_id = submit("-m", "32m", TEST_IMAGE, "x=$(head -c 200000000 /dev/zero | tr '\\0' a)")
     wait_for(lambda: store.get_task(task_id).status == TaskStatus.COMPLETED, 60, what="task")  # type: ignore[union-attr]
     for other in (failed_id, oom_id):
         wait_for(lambda o=other: store.get_task(o).status == TaskStatus.FAILED, 60, what="failure")  # type: ignore[misc,union-attr]

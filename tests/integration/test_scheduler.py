@@ -176,9 +176,9 @@ def test_constraints_match_worker_labels(api: CloudAI, store: SQLiteStore) -> No
 
 def _submitter(env: dict[str, str], barrier: object, out: object) -> None:
     os.environ.update(env)
-    from cloudai.api import CloudAI as Api  # real Celery dispatch onto the worker queues
+    from tests.helpers import placing  # real Celery dispatch onto the worker queues
 
-    api = Api(Settings.from_env())
+    api = placing(Settings.from_env())
     barrier.wait()  # type: ignore[attr-defined]
     statuses = [api.submit(_req(cpus=1, memory="512m")).status.value for _ in range(100)]
     out.put(statuses)  # type: ignore[attr-defined]
