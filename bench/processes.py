@@ -208,8 +208,10 @@ def case_floor(runs: int) -> Row:
     importing click and the client library (httpx). It shows how much of the trivial task's ratio is left to
     CloudAI's own code."""
     library = "httpx"
-    # the CLI's client keeps httpx's own command-line tool and trio unloaded (cli/remote.py): so does the floor
-    blocked = "import sys; sys.modules.update({'httpx._main': None, 'trio': None}); "
+    # the CLI's client keeps httpx's own command-line tool and trio unloaded (cli/lean_httpx.py): so does the floor
+    from cloudai.cli.lean_httpx import SKIPPED
+
+    blocked = f"import sys; sys.modules.update(dict.fromkeys({SKIPPED!r})); "
     python = os.path.join(os.path.dirname(cloudai_cmd()[0]), "python")
     ours, base = alternate(lambda: timed([python, "-c", f"{blocked}import click, {library}"]),
                            lambda: timed(docker_cmd("true")), runs)

@@ -25,10 +25,8 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from cloudai.cli.cmdwire import PROTOCOL, recv_frame, send_frame
-from cloudai.cli.shutdown import SERVICES, exit_status
+from cloudai.cli.shutdown import exit_status
 
-#: commands that run in the launcher's own process (cli.launch.LOCAL too)
-LOCAL_COMMANDS = SERVICES | {"login", "cmdserver"}
 #: environment variables that decide how Python starts: a request whose values differ runs in its own process
 STARTUP_PREFIXES = ("PYTHON", "LC_")
 STARTUP_NAMES = frozenset({"LANG", "LANGUAGE"})
@@ -84,11 +82,11 @@ class Runner:
     closed; if the runner dies, the kernel kills the command (``PR_SET_PDEATHSIG``)."""
 
     def __init__(self, conn: socket.socket, tally: int, status: Callable[[str], dict[str, Any]],
-                 command_of: Callable[[list[str]], str | None]) -> None:
+                 runs_local: Callable[[list[str]], bool]) -> None:
         self.conn = conn
         self.tally = tally  # the server's pipe: one byte per request, "c" (ran here) or "l" (sent back)
         self.status = status
-        self.command_of = command_of
+        self.runs_local = runs_local  # whether a command line's command runs in the launcher (cli.local)
 
     def run(self) -> int:
         reset_signals()
@@ -151,7 +149,7 @@ class Runner:
                 or request["nice"] < os.getpriority(os.PRIO_PROCESS, 0):
             self.status("stop")
             return "stale"
-        if self.command_of(request["argv"][1:]) in LOCAL_COMMANDS:
+        if self.runs_local(request["argv"][1:]):
             return "command"
         return None
 

@@ -9,8 +9,7 @@ killed. The server itself never touches a request, holds no connection to Redis 
 thread, so that forking it is safe.
 
 What makes a command run in the launcher's own process instead (the server answers ``("local", why)``):
-- a service (``server``, ``worker``, ``beat``, ``flower``), ``login`` (its hidden prompt needs the terminal as
-  the process's controlling terminal) and ``cmdserver``;
+- a command whose click definition says so (:mod:`cloudai.cli.local`: the services, ``login`` and ``cmdserver``);
 - a different locale or ``PYTHON*`` variable than the server started with (they decide how Python starts);
 - code that changed since the server imported it (``git pull``, ``pip install``), or a launcher whose priority,
   hard limits or groups a child of the server can't have: the server then exits, and the launcher starts a new
@@ -38,13 +37,14 @@ from typing import IO, Any
 
 from cloudai.cli.cmdprocess import Runner, end_process, reset_signals
 from cloudai.cli.cmdwire import PROTOCOL, peer_uid, recv_frame, send_frame, socket_path
+from cloudai.cli.local import runs_local
 
-#: imported before the first fork: what the client commands use (the rest a child imports itself); the last three:
-#: httpx imports them at its first request
+#: imported before the first fork: what the client commands use (the rest a child imports itself; :func:`_warm`
+#: loads what they load lazily); the last three: httpx imports them at its first request
 PRELOAD = ("cloudai.cli.main", "cloudai.cli.render", "cloudai.cli.client", "cloudai.cli.follow", "cloudai.cli.remote",
            "cloudai.api", "cloudai.logs", "cloudai.logfollow", "cloudai.submission", "cloudai.models",
            "cloudai.settings", "cloudai.store", "cloudai.store.sqlite", "cloudai.store.mongo", "rich.console",
-           "rich.table", "rich._emoji_codes", "pwd", "difflib", "ctypes", "httpcore", "h11", "certifi")
+           "rich.table", "pwd", "difflib", "ctypes", "httpcore", "h11", "certifi")
 DEFAULT_IDLE_S = 3600.0
 
 
@@ -75,19 +75,6 @@ class Fingerprint:
     def changed(self) -> bool:
         """True once any of the files was edited, replaced or removed."""
         return any(self._stat(path) != seen for path, seen in self.files.items())
-
-
-def command_of(args: list[str]) -> str | None:
-    """The command that ``cloudai ARGS`` names (after the group's options), or None if there is none."""
-    from cloudai.cli.main import cli
-
-    try:
-        ctx = cli.make_context("cloudai", list(args), resilient_parsing=True)
-    except Exception:  # noqa: BLE001 - a command line click can't parse: let it say why, in the child
-        return None
-    state = vars(ctx)  # click < 8.2 keeps the command's name in protected_args, later ones in _protected_args
-    rest = [*state.get("_protected_args", state.get("protected_args", [])), *ctx.args]
-    return rest[0] if rest else None
 
 
 class Server:
@@ -125,6 +112,7 @@ class Server:
                     importlib.import_module(name)
                 except ImportError:  # a client-only install has no direct mode (redis-py, the stores)
                     pass
+            _warm()
             self.fingerprint = Fingerprint.of_modules(list(sys.modules.values()))
             signal.signal(signal.SIGTERM, _raise_exit)
             signal.signal(signal.SIGHUP, _raise_exit)
@@ -189,7 +177,7 @@ class Server:
                     if held is not None:
                         held.close()
                 os.close(self.tally_r)
-                end_process(Runner(conn, self.tally_w, self._status, command_of).run)
+                end_process(Runner(conn, self.tally_w, self._status, runs_local).run)
             self.runners.add(pid)
             self.served += 1
             return True
@@ -217,6 +205,14 @@ class Server:
                 done = pid
             if done:
                 self.runners.discard(pid)
+
+
+def _warm() -> None:
+    """Load before the first fork what the commands load on first use, through the owners' public API: rich's
+    table of emoji codes (its markup looks codes up in each line it renders)."""
+    from rich.emoji import Emoji
+
+    Emoji.replace("")
 
 
 def _lock(lock: Any) -> bool:

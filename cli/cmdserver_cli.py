@@ -8,11 +8,13 @@ import time
 
 import click
 
+from cloudai.cli.local import LocalGroup
+
 
 def register(cli: click.Group) -> None:
     """Add the ``cmdserver`` group to ``cli``."""
 
-    @cli.group("cmdserver")
+    @cli.group("cmdserver", cls=LocalGroup)
     def cmdserver() -> None:
         """The background process that runs your commands without an interpreter's start each.
 

@@ -8,11 +8,13 @@ from urllib.parse import urlsplit
 
 import click
 
+from cloudai.cli.local import LocalCommand
+
 if TYPE_CHECKING:
     from cloudai.cli.main import Context
 
 
-@click.command()
+@click.command(cls=LocalCommand)
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="CLOUDAI_SERVER_HOST",
               help="Address to listen on (0.0.0.0: every interface; use TLS then).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535), envvar="CLOUDAI_SERVER_PORT")
@@ -44,7 +46,7 @@ def server(ctx: Context, host: str, port: int, ssl_certfile: str | None, ssl_key
                 forwarded_allow_ips=forwarded_allow_ips, timeout_graceful_shutdown=5)
 
 
-@click.command()
+@click.command(cls=LocalCommand)
 @click.argument("url", required=False)
 @click.option("--token", help="The token (else read from stdin when it is not a terminal, else asked for).")
 @click.pass_obj

@@ -11,6 +11,11 @@ the child. Mercurial's ``chg`` works the same way.
 This module imports only built-in modules, so that it costs the interpreter's start and nothing more. Anything
 unexpected before the server has taken the command (no server, a stale one, an odd file descriptor) means the
 command runs here, as it always did; ``CLOUDAI_CMDSERVER=off`` makes that the rule.
+
+Which commands always run here (the services, ``login``, ``cmdserver``) only click knows (:mod:`cloudai.cli.local`):
+the server asks it for each command. With no server listening, the command runs here anyway, and once the CLI
+is imported to run it, click says whether a server should start for the next command (a worker host's
+``cloudai worker start`` starts none).
 """
 
 from __future__ import annotations
@@ -22,27 +27,27 @@ import sys
 
 from cloudai.cli.cmdwire import MAX_FRAME, PROTOCOL, frame, peer_uid, recv_frame, server_argv, server_off, socket_path
 
-#: commands that always run in the launcher's process (cli.cmdprocess.LOCAL_COMMANDS): no server starts for them
-LOCAL = ("server", "worker", "beat", "flower", "login", "cmdserver")
-#: the group's options that take a value (cli.main.cli), skipped to find the command's name
-GROUP_VALUES = ("--redis-url", "--store-url")
 #: signals passed on to the command; SIGTSTP and SIGCONT are handled apart (see _Forwarder.suspend)
 FORWARDED = ("SIGINT", "SIGTERM", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH")
 
 
 def main() -> None:
     """Run ``cloudai`` with ``sys.argv``: through the command server if one takes it, else here."""
+    start = None
     if _may_use_server():
-        code = _through_server()
+        code, start = _through_server()
         if code is not None:
             _exit(code)
+    from cloudai.cli.local import runs_local  # the CLI is imported here anyway, to run the command
     from cloudai.cli.main import main as run_here
 
+    if start is not None and not runs_local(sys.argv[1:]):
+        _start_server(start)
     run_here()
 
 
 def _may_use_server() -> bool:
-    if server_off(os.environ) or _command_name() == "cmdserver":
+    if server_off(os.environ):
         return False
     flags = sys.flags  # -X, -W, -O, -E, -I, -v change how this interpreter runs: a server's child would not
     if sys._xoptions or sys.warnoptions or flags.optimize or flags.ignore_environment or flags.isolated \
@@ -51,19 +56,6 @@ def _may_use_server() -> bool:
     # a background job on a terminal (`cloudai monitor ID &`) must meet the terminal's job control (stopped
     # when it reads or changes the terminal): a server's child has no controlling terminal, this process has
     return not _background()
-
-
-def _command_name() -> str | None:
-    args = sys.argv[1:]
-    i = 0
-    while i < len(args):
-        if args[i] in GROUP_VALUES:
-            i += 2
-        elif args[i].startswith("-"):
-            i += 1
-        else:
-            return args[i]
-    return None
 
 
 def _exit(code: int) -> None:
@@ -112,32 +104,29 @@ def _connect(path: str) -> _socket.socket | None:
     return None
 
 
-def _through_server() -> int | None:
-    """The command's exit status (a negative one: killed by that signal), or None to run it here."""
+def _through_server() -> tuple[int | None, str | None]:
+    """The command's exit status (a negative one: killed by that signal), or None to run it here; and the socket
+    a server should start on for the next command (none listens there, or the one there is stale), or None."""
     path = socket_path(os.environ)
     if path is None:
-        return None
+        return None, None
     sock = _connect(path)
     if sock is None:
-        if _command_name() not in LOCAL:  # a worker host's `cloudai worker start` needs no server
-            _start_server(path)
-        return None
+        return None, path
     forwarder = _Forwarder()  # from here a Ctrl-C waits for the command's pid, or ends this process
     try:
         request = _request()
         if request is None or len(request) > 4 + MAX_FRAME:
             forwarder.local()
-            return None
+            return None, None
         fds = b"".join(fd.to_bytes(4, sys.byteorder) for fd in (0, 1, 2))
         sent = sock.sendmsg([request], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)])
         if sent < len(request):
             sock.sendall(request[sent:])
         reply = recv_frame(sock)
         if reply is None or reply[0] != "pid":  # ("local", why): the server can't run this one
-            if reply is not None and reply[1] == "stale":
-                _start_server(path)
             forwarder.local()
-            return None
+            return None, (path if reply is not None and reply[1] == "stale" else None)
         forwarder.started(reply[1])
         try:
             reply = recv_frame(sock)
@@ -146,11 +135,11 @@ def _through_server() -> int | None:
         if reply is None or reply[0] != "exit":
             os.write(2, b"cloudai: lost the command server while the command ran (CLOUDAI_CMDSERVER=off runs"
                         b" commands without it)\n")
-            return 1
-        return int(reply[1])
+            return 1, None
+        return int(reply[1]), None
     except OSError:
         forwarder.local()  # before the server took the command: run it here
-        return None
+        return None, None
     finally:
         sock.close()
 

@@ -13,6 +13,7 @@ import click
 
 from cloudai.cli import cmdserver_cli
 from cloudai.cli import quota as quota_cli
+from cloudai.cli.local import LocalCommand, LocalGroup
 from cloudai.cli.shutdown import SERVICES, ExitPlan, exit_now
 from cloudai.errors import CloudAIError, ExitCode, NeedsMaster, RedisUnavailable
 
@@ -418,7 +419,7 @@ def _export(ctx: Context, **extra: str) -> None:
                        **extra})
 
 
-@cli.group()
+@cli.group(cls=LocalGroup)
 def worker() -> None:
     """Run this host as a worker."""
 
@@ -461,7 +462,7 @@ def worker_start(ctx: Context, worker_id: str | None, cpus: str | None, memory: 
                 "--loglevel", loglevel])
 
 
-@cli.command()
+@cli.command(cls=LocalCommand)
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--schedule", default=os.path.join(os.path.expanduser("~"), ".cache", "cloudai-beat-schedule"),
               show_default=True, help="Where beat keeps its schedule state.")
@@ -477,7 +478,7 @@ def beat(ctx: Context, loglevel: str, schedule: str) -> None:
                 "--without-gossip", "--without-mingle", "--loglevel", loglevel])
 
 
-@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@cli.command(cls=LocalCommand, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--port", default=5555, show_default=True)
 @click.option("--address", default="127.0.0.1", show_default=True,
               help="Interface to listen on (0.0.0.0: all; put TLS in front of it).")

@@ -5,25 +5,16 @@ Redis, Docker, Celery or store code."""
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+from cloudai.cli.lean_httpx import httpx
 from cloudai.errors import CloudAIError, ExitCode, ServiceUnavailable, redact
 from cloudai.logevents import LineBatch, LogEnd, LogEvent, fit_column
 from cloudai.models import Quota, Task, TaskStatus, WorkerInfo, WorkerState
 from cloudai.submission import SubmitRequest
 from cloudai.workerview import WorkerView
-
-# Two optional imports this synchronous client never uses, each tens of ms a command: httpx's own command-line tool
-# (imported whenever rich and pygments are installed: rich is ours), and trio, which httpcore imports when it is
-# installed (selenium's dependency, in a test environment) to support trio event loops. None in sys.modules makes
-# each import fail the way both libraries expect it may (`try: ... except ImportError`).
-sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
-sys.modules.setdefault("trio", None)  # type: ignore[arg-type]
-
-import httpx  # noqa: E402
 
 
 class ApiUnavailable(ServiceUnavailable):
@@ -39,7 +30,7 @@ class ApiError(CloudAIError):
         super().__init__(message)
         self.status = status
         self.kind = kind
-        self.exit_code = ExitCode(exit_code) if exit_code in ExitCode._value2member_map_ else ExitCode.ERROR
+        self.exit_code = ExitCode(exit_code) if exit_code in {code.value for code in ExitCode} else ExitCode.ERROR
 
 
 def _api_error(response: httpx.Response) -> ApiError:

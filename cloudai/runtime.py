@@ -15,6 +15,7 @@ import requests.exceptions
 from docker.types import DeviceRequest
 
 from cloudai import keys
+from cloudai.docker_adapter import AttachStream
 from cloudai.errors import DockerUnavailable, ImageError, RuntimeFailure
 from cloudai.limits import DEFAULT_CAPS
 from cloudai.models import format_bytes
@@ -168,15 +169,12 @@ class DockerRuntime:
     def stream_frames(self, container_id: str, follow: bool = True) -> Iterator[bytes]:
         """Log frames (``b"<ts> <payload>"``) from the first one; with ``follow``, until the container ends.
 
-        docker-py's ``logs(stream=True)`` reads each frame with two socket reads (~25 us a line); this reads
-        the multiplexed stream in 64 KiB pieces and splits the frames itself, several times faster for chatty
-        tasks. Containers are never created with a TTY, so the stream is always multiplexed."""
-        params = {"stdout": 1, "stderr": 1, "timestamps": 1, "follow": int(follow), "tail": "all"}
-        response = self.api._get(self.api._url("/containers/{0}/logs", container_id), params=params, stream=True)
-        self.api._raise_for_status(response)
-        if follow:  # a quiet task must not time the stream out
-            self.api._disable_socket_timeout(self.api._get_raw_response_socket(response))
-        return _demultiplex(response)
+        docker-py's ``logs(stream=True)`` reads frame by frame (~25 us a line), several times slower than the
+        attach stream's big reads; it serves only when that stream broke and to catch up after exit. It turns a
+        quiet task's socket timeout off itself. Containers are never created with a TTY, so each item is one
+        frame."""
+        stream = self.api.logs(container_id, stream=True, follow=follow, timestamps=True, tail="all")
+        return _closing(stream)
 
     def attach_frames(self, container_id: str) -> Iterator[bytes | None]:
         """The container's output as it is written (``docker run``'s attach), opened before :meth:`start` so
@@ -186,12 +184,8 @@ class DockerRuntime:
         before the last lines at exit); the attach stream comes straight from the container's pipes and ends
         once all of its output has been copied, so a task's output is read once. The stream ends (EOF) when
         the container exits; an exception means it broke and supervision reads on from Docker's log."""
-        params = {"stdout": 1, "stderr": 1, "stream": 1, "logs": 0}
-        response = self.api._post(self.api._url("/containers/{0}/attach", container_id),
-                                  headers={"Connection": "Upgrade", "Upgrade": "tcp"}, params=params, stream=True)
-        sock = self.api._get_raw_response_socket(response)
-        self.api._disable_socket_timeout(sock)
-        return _demultiplex_reads(sock.read, response.close, stamp=True)
+        stream = AttachStream(self.api, container_id)
+        return _demultiplex_reads(stream.read, stream.close, stamp=True)
 
     def attach_chunks(self, container_id: str) -> Iterator[list[bytes]]:
         """:meth:`attach_frames`, a list of frames per socket read (what arrived together is handed on
@@ -285,9 +279,12 @@ class DockerRuntime:
         return self.api.containers(all=True, filters={"label": filters})  # type: ignore[no-any-return]
 
 
-def _demultiplex(response: Any) -> Iterator[bytes]:
-    """Payloads of Docker's multiplexed log stream (see :func:`_demultiplex_reads`)."""
-    return (f for f in _demultiplex_reads(response.raw.read1, response.close) if f is not None)
+def _closing(stream: Any) -> Iterator[bytes]:
+    """The items of docker-py's ``CancellableStream``, closed (its connection released) once read or dropped."""
+    try:
+        yield from stream
+    finally:
+        stream.close()
 
 
 def _chunked(frames: Iterator[bytes | None]) -> Iterator[list[bytes]]:

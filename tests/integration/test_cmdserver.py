@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from cloudai.cli.cmdserver import command_of, control
+from cloudai.cli.cmdserver import control
 from cloudai.cli.cmdwire import socket_path
 from cloudai.settings import Settings
 from tests.helpers import ROOT, children_of, cli_env, cmdservers_in, proc_stat, wait_for, wait_started
@@ -231,13 +231,6 @@ def test_a_directory_others_can_enter_is_not_used(tmp_path: Path) -> None:
     assert os.listdir(folder) == []
     folder.chmod(0o700)
     assert socket_path({"CLOUDAI_CMDSERVER_DIR": str(folder)}) is not None
-
-
-def test_the_command_is_found_after_the_groups_options() -> None:
-    assert command_of(["--redis-url", "redis://x", "worker", "start"]) == "worker"
-    assert command_of(["--store-url=sqlite:///x", "submit", "-q", "img"]) == "submit"
-    assert command_of(["--help"]) is None
-    assert command_of(["login", "http://master"]) == "login"
 
 
 def _state(pid: int) -> str:

@@ -22,7 +22,7 @@ def runner(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> I
         monkeypatch.delattr(os, "pidfd_open")
     ours, launcher = socket.socketpair()
     read, write = os.pipe()
-    yield Runner(ours, write, lambda what: {}, lambda args: None), launcher
+    yield Runner(ours, write, lambda what: {}, lambda args: False), launcher
     for sock in (ours, launcher):
         sock.close()
     for fd in (read, write):
@@ -69,13 +69,26 @@ def test_a_command_that_ignores_the_hang_up_is_killed_after_the_grace(
     os.close(write)
 
 
-def test_the_launchers_own_lists_agree_with_the_cli() -> None:
-    """The launcher imports no CloudAI module (cli/launch.py), so it keeps two lists of its own."""
-    from cloudai.cli import launch
-    from cloudai.cli.cmdprocess import LOCAL_COMMANDS
-    from cloudai.cli.main import cli
+def test_the_commands_that_run_in_the_launchers_own_process_say_so_in_their_click_definitions() -> None:
+    """cli/local.py: the services (which also exit the slow way, cli/shutdown.py), login and cmdserver."""
+    import click
 
-    assert set(launch.LOCAL) == LOCAL_COMMANDS
-    valued = {opt for p in cli.params if not getattr(p, "is_flag", False) and p.opts[0].startswith("--")
-              and p.name not in ("version", "help") for opt in p.opts}
-    assert set(launch.GROUP_VALUES) == valued
+    from cloudai.cli.local import Local, runs_local
+    from cloudai.cli.main import cli
+    from cloudai.cli.shutdown import SERVICES
+
+    ctx = click.Context(cli)
+    local = {name for name in cli.list_commands(ctx) if isinstance(cli.get_command(ctx, name), Local)}
+    assert local == SERVICES | {"login", "cmdserver"}
+    assert runs_local(["worker", "start", "--id", "w1"]) and runs_local(["cmdserver", "stop"])
+    assert not runs_local(["submit", "img"]) and not runs_local(["nosuch"]) and not runs_local([])
+
+
+def test_the_command_is_found_after_the_groups_options() -> None:
+    from cloudai.cli.local import runs_local
+
+    assert runs_local(["--redis-url", "redis://x", "worker", "start"])
+    assert not runs_local(["--store-url=sqlite:///x", "submit", "-q", "img"])
+    assert not runs_local(["--redis-url", "worker"])  # the option's value, not the command
+    assert not runs_local(["--help"])
+    assert runs_local(["login", "http://master"])
