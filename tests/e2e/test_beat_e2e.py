@@ -11,7 +11,7 @@ from cloudai.models import TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.e2e.test_cli_e2e import submit
+from tests.e2e.conftest import submit
 from tests.helpers import ROOT, cli_env, cloudai, wait_ended, wait_for
 from tests.services import TEST_IMAGE
 
@@ -57,7 +57,7 @@ def test_killed_worker_task_with_retries_runs_again_elsewhere(
     started = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
     if started.worker_id == second.worker_id:
         first, second = second, first
-    from tests.e2e.test_cli_e2e import run
+    from tests.e2e.conftest import run
 
     wait_for(lambda: run(settings, "logs", task_id).stdout.startswith("attempt"), 30, 0.1, "attempt 1's line")
     first.kill()

@@ -14,44 +14,20 @@ from cloudai.models import Resources, TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import ROOT, cli_env, cloudai, placing, wait_ended, wait_for, wait_started
+from tests.e2e.conftest import Cli, run, submit
+from tests.helpers import ROOT, cloudai, placing, wait_ended, wait_for, wait_started
 from tests.services import TEST_IMAGE
 
 S = TaskStatus
-_MODE_ENV: dict[str, str] = {}  # the CLI's environment for reads: the master's, or empty in direct mode
-_MASTER_ENV: dict[str, str] = {}  # the CLI's environment for changes: always the master's
 
 
 @pytest.fixture(params=["direct", "api"], autouse=True)
-def mode(request: pytest.FixtureRequest, settings: Settings):  # type: ignore[no-untyped-def]
+def mode(request: pytest.FixtureRequest, cli_session: Cli) -> str:
     """Every test here runs twice: every command through `cloudai server` with a token of the same user (and
     no Redis or store URL); and the changes through the master but the reads (monitor, logs, status, list,
     workers) in an operator's direct mode on Redis and the store. Same commands, same assertions."""
-    _MODE_ENV.clear()
-    server = request.getfixturevalue("api_server")
-    _MASTER_ENV.update(server.cli_env(server.token(settings.user)))
-    if request.param == "api":
-        _MODE_ENV.update(_MASTER_ENV)
-    yield request.param
-    _MODE_ENV.clear()
-    _MASTER_ENV.clear()
-
-
-def changes(args: tuple[str, ...]) -> bool:
-    """Whether ``cloudai ARGS`` changes the cluster (and so needs the master)."""
-    return (args[0] in ("submit", "task", "cancel") and "--dry-run" not in args) or (
-        args[0] == "workers" and len(args) > 1 and args[1] in ("drain", "undrain", "remove"))
-
-
-def run(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = _MASTER_ENV if changes(args) else _MODE_ENV or cli_env(settings)
-    return subprocess.run(cloudai(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def submit(settings: Settings, *args: str) -> str:
-    result = run(settings, "submit", "-q", *args)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
+    cli_session.reads_via_master = request.param == "api"
+    return str(request.param)
 
 
 def test_submit_follow_prints_both_streams_and_exits_with_the_code(settings: Settings, workers) -> None:  # type: ignore[no-untyped-def]
@@ -63,11 +39,11 @@ def test_submit_follow_prints_both_streams_and_exits_with_the_code(settings: Set
     assert "Task Failed — exit 3" in result.stdout
 
 
-def test_a_followed_submit_never_loads_redis_py(settings: Settings, workers) -> None:  # type: ignore[no-untyped-def]
+def test_a_followed_submit_never_loads_redis_py(settings: Settings, workers, cli_session: Cli) -> None:  # type: ignore[no-untyped-def]
     """A user's CLI talks to the master with httpx alone: no redis-py, Celery, kombu or docker-py is imported
     (``-X importtime`` lists every import)."""
     workers()
-    env = {**_MASTER_ENV, "PYTHONPROFILEIMPORTTIME": "1"}
+    env = {**cli_session.master_env(), "PYTHONPROFILEIMPORTTIME": "1"}
     result = subprocess.run(cloudai("submit", "-f", "-m", "64m", TEST_IMAGE, "--", "echo", "hi"), cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -17,8 +17,8 @@ from cloudai.models import TaskStatus
 from cloudai.runtime import ENGINE_RESTARTED, DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
+from tests.e2e.conftest import submit
 from tests.e2e.test_beat_e2e import beat  # noqa: F401  (the fixture)
-from tests.e2e.test_cli_e2e import submit
 from tests.e2e.test_fencing_e2e import OneCopy, counting, log_lines
 from tests.helpers import WorkerProc, wait_ended, wait_for
 from tests.services import TEST_IMAGE, missing

@@ -22,8 +22,8 @@ from cloudai.models import TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
+from tests.e2e.conftest import run, submit
 from tests.e2e.test_beat_e2e import beat  # noqa: F401  (the fixture)
-from tests.e2e.test_cli_e2e import run, submit
 from tests.helpers import ROOT, WorkerProc, cli_env, cloudai, wait_ended, wait_for
 from tests.services import TEST_IMAGE, free_port
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.e2e.test_cli_e2e import run, submit
+from tests.e2e.conftest import run, submit
 from tests.helpers import register
 from tests.services import TEST_IMAGE
 
