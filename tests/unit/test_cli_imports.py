@@ -15,7 +15,7 @@ HEAVY = ("cloudai.models", "cloudai.api", "cloudai.celery_app", "redis", "rich",
 
 
 def _modules_after(*argv: str, env: dict[str, str] | None = None) -> set[str]:
-    code = ("import json, sys\nfrom cli.main import cli\ntry:\n"
+    code = ("import json, sys\nfrom cloudai.cli.main import cli\ntry:\n"
             f"    cli.main(args={list(argv)!r}, prog_name='cloudai')\nexcept SystemExit:\n    pass\n"
             "print(json.dumps(sorted(sys.modules)), file=sys.stderr)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

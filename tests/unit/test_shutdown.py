@@ -8,7 +8,7 @@ import sys
 
 
 def _run(code: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-c", f"from cli.shutdown import exit_now\n{code}"], capture_output=True)
+    return subprocess.run([sys.executable, "-c", f"from cloudai.cli.shutdown import exit_now\n{code}"], capture_output=True)
 
 
 def test_everything_printed_arrives_and_the_status_is_kept() -> None:
@@ -25,7 +25,7 @@ def test_none_is_success_and_a_message_is_printed_with_status_1() -> None:
 
 def test_a_reader_that_went_away_is_no_error() -> None:
     # `cloudai logs ... | head`: the reader is gone before the output is flushed; the command ends quietly
-    code = "from cli.shutdown import exit_now\nimport time\nprint('line')\ntime.sleep(0.3)\nexit_now(4)"
+    code = "from cloudai.cli.shutdown import exit_now\nimport time\nprint('line')\ntime.sleep(0.3)\nexit_now(4)"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # output waits in the buffer
     proc = subprocess.run(f'{sys.executable} -c "{code}" | true; echo "${{PIPESTATUS[0]}}"', shell=True,
                           capture_output=True, executable="/bin/bash", env=env)
