@@ -40,6 +40,14 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
     return int(value)
 
 
+def _positive(env: Mapping[str, str], name: str, default: float) -> float:
+    """A duration that must be more than 0 (0 would close every connection or end every session at once)."""
+    value = _float(env, name, default)
+    if value <= 0:
+        raise ConfigError(f"{name}={env.get(name)!r} must be more than 0 seconds")
+    return value
+
+
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
@@ -85,6 +93,20 @@ class Settings:
     # the master's URL: when set, the CLI's user commands go through its API with this token
     api_url: str | None = None
     token: str | None = dataclasses.field(default=None, repr=False)
+    # -- the master's limits on one user or client (README: "Limits and defaults"); 0 turns a rate off
+    followers_per_user: int = 100  # live-log followers (SSE or text) one user holds open at once
+    follow_reconnect_s: float = 60.0  # a follower retries Redis this long before `event: error`
+    api_read_rate: float = 50.0  # GET/HEAD requests a second per token, refilling a bucket of ...
+    api_read_burst: int = 500
+    api_write_rate: float = 20.0  # POST/PUT/PATCH/DELETE requests a second per token, a bucket of ...
+    api_write_burst: int = 200
+    signin_failures: int = 10  # failed sign-ins (bad tokens) from one address within the window ...
+    signin_window_s: float = 60.0  # ... before that address gets 429 until the window has passed
+    session_ttl_s: float = 12 * 3600.0  # a browser session lasts this long from sign-in (not sliding)
+    server_header_timeout_s: float = 10.0  # a request's head must arrive within this (slowloris)
+    server_body_timeout_s: float = 60.0  # and its body within this after the head
+    server_keepalive_s: int = 5  # an idle kept-alive connection is closed after this
+    server_max_connections: int = 1000  # connections the master serves at once; past it, 503
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -119,6 +141,20 @@ class Settings:
             fairshare_halflife_s=_float(env, "CLOUDAI_FAIRSHARE_HALFLIFE", base.fairshare_halflife_s),
             api_url=(env.get("CLOUDAI_API_URL") or "").rstrip("/") or None,
             token=env.get("CLOUDAI_TOKEN") or None,
+            followers_per_user=_int(env, "CLOUDAI_FOLLOWERS_PER_USER", base.followers_per_user),
+            follow_reconnect_s=_float(env, "CLOUDAI_FOLLOW_RECONNECT", base.follow_reconnect_s),
+            api_read_rate=_float(env, "CLOUDAI_API_READ_RATE", base.api_read_rate),
+            api_read_burst=_int(env, "CLOUDAI_API_READ_BURST", base.api_read_burst),
+            api_write_rate=_float(env, "CLOUDAI_API_WRITE_RATE", base.api_write_rate),
+            api_write_burst=_int(env, "CLOUDAI_API_WRITE_BURST", base.api_write_burst),
+            signin_failures=_int(env, "CLOUDAI_SIGNIN_FAILURES", base.signin_failures),
+            signin_window_s=_float(env, "CLOUDAI_SIGNIN_WINDOW", base.signin_window_s),
+            session_ttl_s=_positive(env, "CLOUDAI_SESSION_TTL", base.session_ttl_s),
+            server_header_timeout_s=_positive(env, "CLOUDAI_SERVER_HEADER_TIMEOUT", base.server_header_timeout_s),
+            server_body_timeout_s=_positive(env, "CLOUDAI_SERVER_BODY_TIMEOUT", base.server_body_timeout_s),
+            server_keepalive_s=max(1, _int(env, "CLOUDAI_SERVER_KEEPALIVE", base.server_keepalive_s)),
+            server_max_connections=max(1, _int(env, "CLOUDAI_SERVER_MAX_CONNECTIONS",
+                                               base.server_max_connections)),
         )
 
     def replace(self, **changes: object) -> Settings:

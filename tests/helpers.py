@@ -179,12 +179,13 @@ class ServerProc:
     """A real `cloudai server` subprocess on a free port of 127.0.0.1, with tokens made in its store."""
 
     def __init__(self, settings: Settings, store: TaskStore, log_dir: Path, *flags: str,
-                 ca_file: str | None = None) -> None:
+                 ca_file: str | None = None, env: dict[str, str] | None = None) -> None:
         from tests.services import free_port
 
         self.settings = settings
         self.store = store
         self.flags = flags
+        self.env = env or {}  # more CLOUDAI_* settings of the server (its limits)
         self.ca_file = ca_file  # with --ssl-certfile: the certificate clients trust
         self.port = free_port()
         self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
@@ -200,8 +201,8 @@ class ServerProc:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cloudai("server", "--port", str(self.port), "--log-level", "warning",
                                                  *self.flags),
-                                         cwd=ROOT, env=cli_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         cwd=ROOT, env=cli_env(self.settings, **self.env), stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
 
         def healthy() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.log_path.read_text()
@@ -224,6 +225,9 @@ class ServerProc:
         return cli_env(self.settings, CLOUDAI_API_URL=self.url, CLOUDAI_TOKEN=token,
                        CLOUDAI_REDIS_URL="redis://unused.invalid:1/0", CLOUDAI_STORE_URL="sqlite:////nonexistent/x",
                        XDG_CONFIG_HOME=str(self.log_path.parent / "xdg"), **extra)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:

@@ -11,6 +11,7 @@ from enum import Enum
 from typing import Any
 
 from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState
+from cloudai.sessions import BrowserSession
 from cloudai.tokens import ApiToken
 
 StatusFilter = TaskStatus | Iterable[TaskStatus] | None
@@ -235,6 +236,23 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def touch_token(self, token_hash: str, at: datetime) -> None:
         """Record the token's last use."""
+
+    # -- browser sessions (only the SHA-256 of their ids; see cloudai.sessions) --------------------------------
+    @abc.abstractmethod
+    def create_session(self, session: BrowserSession) -> None:
+        """Record a new session (and forget expired ones: the sessions kept stay few)."""
+
+    @abc.abstractmethod
+    def get_session(self, session_hash: str) -> BrowserSession | None:
+        """The session, or None (an expired one may still be returned: the caller checks ``expires_at``)."""
+
+    @abc.abstractmethod
+    def delete_session(self, session_hash: str) -> bool:
+        """Forget a session (sign-out); False for an unknown one."""
+
+    @abc.abstractmethod
+    def delete_sessions(self, token_hash: str) -> int:
+        """Forget every session bound to a token (it was revoked); how many there were."""
 
     @abc.abstractmethod
     def ping(self) -> None:

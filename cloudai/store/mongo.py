@@ -14,6 +14,7 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from cloudai.errors import StoreUnavailable, TaskExists
 from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState, utcnow
+from cloudai.sessions import BrowserSession
 from cloudai.store.base import (
     StatusFilter,
     TaskStore,
@@ -41,6 +42,7 @@ class MongoStore(TaskStore):
         self.logs: Collection = db["log_archive"]
         self.quotas: Collection = db["quotas"]
         self.tokens: Collection = db["api_tokens"]
+        self.sessions: Collection = db["browser_sessions"]
         self.counters: Collection = db["counters"]
         try:
             self._ensure_indexes()
@@ -71,6 +73,8 @@ class MongoStore(TaskStore):
         self.quotas.create_index("user_id", unique=True)
         self.tokens.create_index("token_hash", unique=True)
         self.tokens.create_index("user_id")
+        self.sessions.create_index("token_hash")
+        self.sessions.create_index("expires_at", expireAfterSeconds=0)  # MongoDB removes expired sessions
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -277,6 +281,20 @@ class MongoStore(TaskStore):
 
     def touch_token(self, token_hash: str, at: datetime) -> None:
         self._call(self.tokens.update_one, {"_id": token_hash}, {"$set": {"last_used_at": at}})
+
+    # -- browser sessions -------------------------------------------------------------------------------
+    def create_session(self, session: BrowserSession) -> None:
+        self._call(self.sessions.insert_one, {"_id": session.session_hash, **session.to_doc()})
+
+    def get_session(self, session_hash: str) -> BrowserSession | None:
+        doc = self._call(self.sessions.find_one, {"_id": session_hash})
+        return BrowserSession.from_doc(doc) if doc else None
+
+    def delete_session(self, session_hash: str) -> bool:
+        return self._call(self.sessions.delete_one, {"_id": session_hash}).deleted_count > 0  # type: ignore[no-any-return]
+
+    def delete_sessions(self, token_hash: str) -> int:
+        return int(self._call(self.sessions.delete_many, {"token_hash": token_hash}).deleted_count)
 
     def ping(self) -> None:
         self._call(self.db.command, "ping")

@@ -16,6 +16,7 @@ from typing import Any
 
 from cloudai.errors import StoreUnavailable, TaskExists
 from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState, as_utc, utcnow
+from cloudai.sessions import BrowserSession
 from cloudai.store.base import (
     StatusFilter,
     TaskStore,
@@ -53,6 +54,10 @@ CREATE TABLE IF NOT EXISTS log_archive (
     task_id TEXT NOT NULL, chunk INTEGER NOT NULL, text TEXT NOT NULL, PRIMARY KEY (task_id, chunk));
 CREATE TABLE IF NOT EXISTS api_tokens (
     token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, created_at TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS browser_sessions (
+    session_hash TEXT PRIMARY KEY, token_hash TEXT NOT NULL, expires_at TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS browser_sessions_token ON browser_sessions(token_hash);
+CREATE INDEX IF NOT EXISTS browser_sessions_expires ON browser_sessions(expires_at);
 """
 
 
@@ -390,6 +395,27 @@ class SQLiteStore(TaskStore):
 
     def touch_token(self, token_hash: str, at: datetime) -> None:
         self._update_token(token_hash, last_used_at=at)
+
+    # -- browser sessions -------------------------------------------------------------------------------
+    def create_session(self, session: BrowserSession) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM browser_sessions WHERE expires_at <= ?", (_ts(session.created_at),))
+            db.execute("INSERT INTO browser_sessions(session_hash, token_hash, expires_at, doc) VALUES (?,?,?,?)",
+                       (session.session_hash, session.token_hash, _ts(session.expires_at),
+                        _dumps(session.to_doc())))
+
+    def get_session(self, session_hash: str) -> BrowserSession | None:
+        row = self._conn().execute("SELECT doc FROM browser_sessions WHERE session_hash=?",
+                                   (session_hash,)).fetchone()
+        return BrowserSession.from_doc(json.loads(row["doc"])) if row else None
+
+    def delete_session(self, session_hash: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM browser_sessions WHERE session_hash=?", (session_hash,)).rowcount > 0
+
+    def delete_sessions(self, token_hash: str) -> int:
+        with self._tx() as db:
+            return int(db.execute("DELETE FROM browser_sessions WHERE token_hash=?", (token_hash,)).rowcount)
 
     def ping(self) -> None:
         try:

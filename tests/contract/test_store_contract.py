@@ -404,3 +404,43 @@ def test_token_verify_says_which_problem(backend: TaskStore) -> None:
     tokens.revoke(backend, record.prefix)
     with pytest.raises(AuthError, match="revoked"):
         tokens.verify(backend, secret)
+
+
+# -- browser sessions -----------------------------------------------------------------------------------------
+def test_sessions_keep_only_the_hash_end_on_sign_out_expiry_and_revocation(backend: TaskStore) -> None:
+    from cloudai import sessions, tokens
+    from cloudai.errors import AuthError
+
+    secret, record = tokens.create(backend, "ana", expires="2h")
+    who = tokens.verify(backend, secret)
+    sid, session = sessions.start(backend, who, ttl_s=3600)
+    assert sid.startswith("cas_") and sid != secret
+    assert sid not in json.dumps(session.to_doc(), default=str) and session.token_hash == record.token_hash
+    assert sessions.resume(backend, sid).user == "ana"
+    with pytest.raises(AuthError, match="sign in again"):  # not sliding: it ends an hour after sign-in
+        sessions.resume(backend, sid, now=utcnow() + timedelta(minutes=61))
+    longer, capped = sessions.start(backend, who, ttl_s=10 * 3600)
+    assert capped.expires_at == record.expires_at  # never past its token's expiry
+    assert sessions.end(backend, sid) and not sessions.end(backend, sid)
+    with pytest.raises(AuthError, match="sign in again"):
+        sessions.resume(backend, sid)
+    assert sessions.resume(backend, longer).user == "ana"
+    tokens.revoke(backend, record.prefix)  # its sessions go with it
+    assert backend.get_session(capped.session_hash) is None
+    with pytest.raises(AuthError):
+        sessions.resume(backend, longer)
+    with pytest.raises(AuthError, match="sign in again"):
+        sessions.resume(backend, "cas_" + "x" * 43)
+
+
+def test_expired_sessions_are_forgotten(backend: TaskStore) -> None:
+    from cloudai import sessions, tokens
+
+    who = tokens.verify(backend, tokens.create(backend, "bo")[0])
+    old, old_record = sessions.start(backend, who, ttl_s=1, now=utcnow() - timedelta(hours=1))
+    new, _ = sessions.start(backend, who, ttl_s=60)
+    assert sessions.resume(backend, new).user == "bo"
+    if isinstance(backend, SQLiteStore):  # pruned when a session starts; MongoDB's TTL index does it in time
+        assert backend.get_session(old_record.session_hash) is None
+    assert backend.delete_sessions(who.token_hash) >= 1
+    assert backend.get_session(tokens.hash_token(new)) is None and backend.get_session(tokens.hash_token(old)) is None
