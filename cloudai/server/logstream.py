@@ -25,6 +25,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from cloudai import keys
+from cloudai.archive import archive_batch
 from cloudai.errors import CloudAIError, RedisUnavailable, ValidationError
 from cloudai.logevents import LineBatch, LogEnd, LogEvent, line_columns, lines_text
 from cloudai.logfollow import LogFollow
@@ -79,9 +80,10 @@ class AsyncLogBus:
 
 
 async def follow_batches(bus: AsyncLogBus, task_id: str, end_of_task: Callable[[], LogEnd | None],
-                         read_archive: Callable[[], list[str] | None], after_seq: int = 0, follow: bool = True,
+                         read_archive: Callable[[int], LineBatch | None], after_seq: int = 0, follow: bool = True,
                          reconnect_for_s: float = 60.0) -> AsyncIterator[Sequence[LogEvent]]:
-    """:func:`cloudai.logfollow.follow_batches` with asyncio; the blocking store calls run in the thread pool. While
+    """:func:`cloudai.logfollow.follow_batches` with asyncio; the blocking store calls run in the thread pool (an
+    archive one chunk a call: a reader holds one chunk in memory, whatever the log's size). While
     Redis is unreachable it yields empty batches (keep-alives) and retries for ``reconnect_for_s``."""
     plan = LogFollow(after_seq, follow, reconnect_for_s).steps()
     reply: Any = None
@@ -109,7 +111,7 @@ async def follow_batches(bus: AsyncLogBus, task_id: str, end_of_task: Callable[[
             elif kind == "end_of_task":
                 reply = await run_in_threadpool(end_of_task)
             elif kind == "archive":
-                reply = await run_in_threadpool(read_archive)
+                reply = await run_in_threadpool(read_archive, arg)
         except RedisUnavailable as exc:
             error = exc
 
@@ -189,8 +191,8 @@ async def task_logs(request: Request, task_id: str, who: Caller, follow: bool = 
     await run_in_threadpool(owned_task, api, who, task_id)
     start = _start_seq(after, last_event_id)
     bus = _bus(request)
-    batches = follow_batches(bus, task_id, lambda: api.end_of(task_id), lambda: api.store.read_log(task_id),
-                             start, follow)
+    batches = follow_batches(bus, task_id, lambda: api.end_of(task_id),
+                             lambda seq: archive_batch(api.store, task_id, seq), start, follow)
     if "text/event-stream" in accept:
         return StreamingResponse(_sse(batches, timestamps, batch == "json"), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
