@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import getpass
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -48,6 +49,39 @@ def _positive(env: Mapping[str, str], name: str, default: float) -> float:
     return value
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])", re.IGNORECASE)
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+
+def _size(env: Mapping[str, str], name: str, default: int, low: int = 0) -> int:
+    """Bytes from ``1048576``, ``64k``, ``64m``, ``1g``, ``1GiB`` (powers of 1024); 0 where a limit allows "none"."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    match = _SIZE.match(raw)
+    if not match:
+        raise ConfigError(f"{name}={raw!r}: use bytes or a size such as 64k, 64m, 1g (powers of 1024)")
+    value = int(match.group(1)) * {"": 1, "k": KiB, "m": MiB, "g": GiB, "t": 1024**4}[match.group(2).lower()]
+    if value and value < low:
+        raise ConfigError(f"{name}={raw!r} is below the minimum of {low} bytes")
+    return value
+
+
+def _duration(env: Mapping[str, str], name: str, default: float) -> float:
+    """Seconds from ``86400`` or ``30d``, ``12h``, ``1h30m``."""
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return _float(env, name, default)
+    except ConfigError:
+        parts = _DURATION.findall(raw)
+        if not parts or _DURATION.sub("", raw).strip():
+            raise ConfigError(f"{name}={raw!r}: use seconds (86400) or units s/m/h/d such as 30d or 12h") from None
+    return sum(float(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u.lower()] for n, u in parts)
+
+
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
@@ -59,6 +93,16 @@ def _caps(env: Mapping[str, str], name: str, allow_all: bool) -> tuple[str, ...]
             raise ConfigError(f"{name}: unknown capability {cap!r}; use names such as NET_RAW or SYS_PTRACE"
                               + (" (or ALL)" if allow_all else ""))
     return names
+
+
+LOG_OVER_BUDGET = ("keep-running", "stop")
+
+
+def _line_cap(env: Mapping[str, str]) -> int:
+    value = _size(env, "CLOUDAI_LOG_MAX_LINE", 64 * KiB)
+    if not KiB <= value <= 16 * MiB:
+        raise ConfigError(f"CLOUDAI_LOG_MAX_LINE={env.get('CLOUDAI_LOG_MAX_LINE')!r}: use 1k to 16m")
+    return value
 
 
 @dataclass(frozen=True)
@@ -74,6 +118,16 @@ class Settings:
     beat_interval_s: float = 5.0
     log_retention_s: float = 24 * 3600.0
     log_stream_maxlen: int = 1_000_000
+    # log bytes (docs/architecture.md, "Logs"): what one attempt's log keeps (0: no limit) and what it does past
+    # that; the longest line before it is cut; what a task's live stream holds in Redis (0: lines only bound it);
+    # how long an archive outlives its task (0: for ever); the rotation of task containers' Docker log
+    log_max_bytes: int = GiB
+    log_over_budget: str = "keep-running"
+    log_max_line: int = 64 * KiB
+    log_redis_bytes: int = 64 * MiB
+    log_archive_retention_s: float = 30 * 86400.0
+    docker_log_max_size: int = 10 * MiB
+    docker_log_max_file: int = 3
     stop_grace_s: float = 10.0
     placement_policy: str = "spread"
     docker_network: str | None = None
@@ -116,6 +170,12 @@ class Settings:
         policy = env.get("CLOUDAI_PLACEMENT", base.placement_policy)
         if policy not in ("spread", "pack"):
             raise ConfigError(f"CLOUDAI_PLACEMENT={policy!r}: use 'spread' (least loaded) or 'pack' (best fit)")
+        over_budget = env.get("CLOUDAI_LOG_OVER_BUDGET") or base.log_over_budget
+        if over_budget not in LOG_OVER_BUDGET:
+            raise ConfigError(f"CLOUDAI_LOG_OVER_BUDGET={over_budget!r}: use 'keep-running' (the log stops, the task "
+                              "runs on) or 'stop' (the task is stopped)")
+        if _int(env, "CLOUDAI_DOCKER_LOG_MAX_FILE", base.docker_log_max_file) < 1:
+            raise ConfigError("CLOUDAI_DOCKER_LOG_MAX_FILE must be 1 or more (the files Docker keeps of a log)")
         return cls(
             redis_url=env.get("CLOUDAI_REDIS_URL") or base.redis_url,
             store_url=env.get("CLOUDAI_STORE_URL") or base.store_url,
@@ -126,6 +186,13 @@ class Settings:
             beat_interval_s=_float(env, "CLOUDAI_BEAT_INTERVAL", base.beat_interval_s),
             log_retention_s=_float(env, "CLOUDAI_LOG_RETENTION", base.log_retention_s),
             log_stream_maxlen=_int(env, "CLOUDAI_LOG_MAXLEN", base.log_stream_maxlen),
+            log_max_bytes=_size(env, "CLOUDAI_LOG_MAX_BYTES", base.log_max_bytes, low=64 * KiB),
+            log_over_budget=over_budget,
+            log_max_line=_line_cap(env),
+            log_redis_bytes=_size(env, "CLOUDAI_LOG_REDIS_BYTES", base.log_redis_bytes, low=MiB),
+            log_archive_retention_s=_duration(env, "CLOUDAI_LOG_ARCHIVE_RETENTION", base.log_archive_retention_s),
+            docker_log_max_size=_size(env, "CLOUDAI_DOCKER_LOG_MAX_SIZE", base.docker_log_max_size, low=KiB),
+            docker_log_max_file=_int(env, "CLOUDAI_DOCKER_LOG_MAX_FILE", base.docker_log_max_file),
             stop_grace_s=_float(env, "CLOUDAI_STOP_GRACE", base.stop_grace_s),
             placement_policy=policy,
             docker_network=env.get("CLOUDAI_DOCKER_NETWORK") or None,

@@ -127,13 +127,15 @@ def docker_ready(docker_session, worker_id: str):  # type: ignore[no-untyped-def
 
 @pytest.fixture
 def workers(settings: Settings, store: SQLiteStore, tmp_path: Path, docker_ready):  # type: ignore[no-untyped-def]
-    """Start real `cloudai worker start` subprocesses: ``workers(worker_id, *flags)``; all stopped after."""
+    """Start real `cloudai worker start` subprocesses: ``workers(worker_id, *flags, env={...})``; all stopped
+    after."""
     from tests.helpers import WorkerProc, remove_containers
 
     started: list[WorkerProc] = []
 
-    def start(worker_id: str | None = None, *flags: str, wait: bool = True) -> WorkerProc:
-        proc = WorkerProc(settings, store, worker_id or settings.worker_id, tmp_path, *flags).start(wait)
+    def start(worker_id: str | None = None, *flags: str, wait: bool = True,
+              env: dict[str, str] | None = None) -> WorkerProc:
+        proc = WorkerProc(settings, store, worker_id or settings.worker_id, tmp_path, *flags, env=env).start(wait)
         started.append(proc)
         return proc
 

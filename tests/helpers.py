@@ -120,10 +120,12 @@ def cloudai(*args: str) -> list[str]:
 class WorkerProc:
     """A real `cloudai worker start` subprocess."""
 
-    def __init__(self, settings: Settings, store: TaskStore, worker_id: str, log_dir: Path, *flags: str) -> None:
+    def __init__(self, settings: Settings, store: TaskStore, worker_id: str, log_dir: Path, *flags: str,
+                 env: dict[str, str] | None = None) -> None:
         self.settings = settings
         self.store = store
         self.worker_id = worker_id
+        self.env = env or {}  # more environment for the worker (operator settings such as CLOUDAI_LOG_MAX_BYTES)
         self.log_path = log_dir / f"worker-{worker_id}-{time.monotonic_ns()}.log"
         self.flags = flags or ("--cpus", "4", "--memory", "8g", "--gpus", "none")
         self.proc: subprocess.Popen[bytes] | None = None
@@ -134,7 +136,7 @@ class WorkerProc:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cloudai("worker", "start", "--id", self.worker_id, "--concurrency", "4", *self.flags),
-                cwd=ROOT, env=cli_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
+                cwd=ROOT, env=cli_env(self.settings, **self.env), stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         if wait:

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from cloudai.archive import archive_batch
 from cloudai.errors import CloudAIError, RedisUnavailable, ValidationError
 from cloudai.logevents import LineBatch, LogEnd, LogEvent, line_columns, lines_text
 from cloudai.logfollow import LogFollow
@@ -39,11 +40,12 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 async def follow_batches(bus: Follower, task_id: str, end_of_task: Callable[[], LogEnd | None],
-                         read_archive: Callable[[], list[str] | None], after_seq: int = 0, follow: bool = True,
+                         read_archive: Callable[[int], LineBatch | None], after_seq: int = 0, follow: bool = True,
                          reconnect_for_s: float = 60.0) -> AsyncIterator[Sequence[LogEvent]]:
     """:func:`cloudai.logfollow.follow_batches` with asyncio; the blocking store calls run in the thread pool (the
-    end-of-task question once a second for all of a task's followers). While Redis is unreachable it yields empty
-    batches (keep-alives) and retries for ``reconnect_for_s``."""
+    end-of-task question once a second for all of a task's followers; an archive one chunk a call: a reader holds
+    one chunk in memory, whatever the log's size). While Redis is unreachable it yields empty batches
+    (keep-alives) and retries for ``reconnect_for_s``."""
 
     async def ask_store() -> LogEnd | None:
         return await run_in_threadpool(end_of_task)
@@ -74,7 +76,7 @@ async def follow_batches(bus: Follower, task_id: str, end_of_task: Callable[[], 
             elif kind == "end_of_task":
                 reply = await bus.end_of_task(ask_store)
             elif kind == "archive":
-                reply = await run_in_threadpool(read_archive)
+                reply = await run_in_threadpool(read_archive, arg)
         except RedisUnavailable as exc:
             error = exc
 
@@ -155,8 +157,9 @@ async def task_logs(request: Request, task_id: str, who: Caller, follow: bool = 
     start = _start_seq(after, last_event_id)
     hub = _hub(request)
     lease = hub.cap.acquire(who.user) if follow else None  # 429 past the user's cap, before any byte is sent
-    batches = _followed(hub, task_id, lambda: api.end_of(task_id), lambda: api.store.read_log(task_id), start,
-                        follow, request.app.state.settings.follow_reconnect_s)
+    batches = _followed(hub, task_id, lambda: api.end_of(task_id),
+                        lambda seq: archive_batch(api.store, task_id, seq), start, follow,
+                        request.app.state.settings.follow_reconnect_s)
     body = _sse(batches, timestamps, batch == "json") if "text/event-stream" in accept else _text(batches, timestamps)
     if lease is not None:
         body = lease.guard(body)
@@ -166,7 +169,7 @@ async def task_logs(request: Request, task_id: str, who: Caller, follow: bool = 
 
 
 async def _followed(hub: LogHub, task_id: str, end_of_task: Callable[[], LogEnd | None],
-                    read_archive: Callable[[], list[str] | None], after_seq: int, follow: bool,
+                    read_archive: Callable[[int], LineBatch | None], after_seq: int, follow: bool,
                     reconnect_for_s: float) -> AsyncIterator[Sequence[LogEvent]]:
     """:func:`follow_batches` as one of the task's followers (joined on the first read, so a response that never
     starts joins nothing), or as a one-off reader without ``follow``."""
