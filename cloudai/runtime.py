@@ -12,14 +12,16 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, Mount, Ulimit
 
 from cloudai import keys
 from cloudai.docker_adapter import AttachStream
 from cloudai.errors import DockerUnavailable, ImageError, RuntimeFailure
 from cloudai.limits import DEFAULT_CAPS
 from cloudai.models import format_bytes
+from cloudai.runoptions import Ulimit as UlimitSpec
 from cloudai.submission import PULL_POLICIES
+from cloudai.volumes import Bind
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,12 @@ ENGINE_RESTARTED = "the Docker engine restarted; the container was killed"
 
 @dataclass
 class ContainerSpec:
-    """What to run and with which limits."""
+    """What to run and with which limits. ``command`` and ``entrypoint`` are Docker's Cmd and Entrypoint: the
+    arguments replace the image's CMD (None keeps it) and go to its ENTRYPOINT, which ``entrypoint`` replaces
+    (``['']`` clears it, as ``docker run --entrypoint ''`` does)."""
 
     image: str
-    command: str | None
+    command: list[str] | None
     cpus: float
     memory: int  # bytes; swap is disabled (memswap == memory)
     task_id: str
@@ -46,6 +50,12 @@ class ContainerSpec:
     name: str | None = None
     capabilities: list[str] = field(default_factory=lambda: list(DEFAULT_CAPS))  # all others are dropped
     read_only: bool = False  # read-only root filesystem with a writable tmpfs /tmp
+    entrypoint: list[str] | None = None
+    binds: list[Bind] = field(default_factory=list)  # volumes, resolved on this host (cloudai.volumes.resolve)
+    shm_size: int | None = None  # bytes of /dev/shm (tmpfs pages count against the memory limit)
+    user: str | None = None  # UID[:GID] or a name of the image
+    ipc_mode: str | None = None
+    ulimits: list[UlimitSpec] = field(default_factory=list)
 
 
 class EngineError(Exception):
@@ -85,6 +95,15 @@ def host_config_args(spec: ContainerSpec) -> dict[str, Any]:
         args["storage_opt"] = {"size": str(spec.storage)}
     if spec.network:
         args["network_mode"] = spec.network
+    if spec.binds:
+        args["mounts"] = [Mount(target=b.target, source=b.source, type="bind", read_only=b.read_only)
+                          for b in spec.binds]
+    if spec.shm_size:
+        args["shm_size"] = spec.shm_size
+    if spec.ipc_mode:
+        args["ipc_mode"] = spec.ipc_mode
+    if spec.ulimits:
+        args["ulimits"] = [Ulimit(name=u.name, soft=u.soft, hard=u.hard) for u in spec.ulimits]
     return args
 
 
@@ -146,8 +165,10 @@ class DockerRuntime:
             host_config = self.api.create_host_config(**host_config_args(spec))
             created = self.api.create_container(
                 spec.image,
-                command=[spec.command] if spec.command is not None else None,
-                entrypoint=["/bin/sh", "-c"] if spec.command is not None else None,
+                # lists, never strings: docker-py would split a string as a shell does
+                command=list(spec.command) if spec.command else None,
+                entrypoint=list(spec.entrypoint) if spec.entrypoint is not None else None,
+                user=spec.user,
                 environment=container_env(spec),
                 working_dir=spec.workdir,
                 labels=container_labels(spec),
@@ -164,7 +185,8 @@ class DockerRuntime:
         try:
             self.api.start(container_id)
         except docker.errors.APIError as exc:
-            raise RuntimeFailure(f"docker could not start the container: {exc.explanation or exc}") from exc
+            reason = str(exc.explanation or exc)
+            raise RuntimeFailure(f"docker could not start the container: {reason}{_exec_hint(reason)}") from exc
 
     def stream_frames(self, container_id: str, follow: bool = True) -> Iterator[bytes]:
         """Log frames (``b"<ts> <payload>"``) from the first one; with ``follow``, until the container ends.
@@ -340,6 +362,18 @@ def _split_tag(image: str) -> tuple[str, str]:
     if name and "/" not in tag:
         return name, tag
     return image, "latest"
+
+
+def _exec_hint(reason: str) -> str:
+    """A hint for the usual cause of ``exec: "echo hi; exit 3": executable file not found``: one argument that
+    holds a whole command line, which ``docker run`` (and CloudAI) take as a program's name."""
+    if "executable file not found" in reason or "no such file or directory" in reason:
+        name = reason.partition('exec: "')[2].partition('"')[0]
+        if " " in name:
+            return ("; the command is one argument holding spaces, which runs as a program of that name (as with "
+                    "docker run): give its words as separate arguments, or submit with --shell to run it with "
+                    "/bin/sh -c")
+    return ""
 
 
 def oom_reason(memory: int) -> str:
