@@ -221,7 +221,8 @@ class Scheduler:
             return ("waiting behind an earlier task that waited longer for the resources it would use "
                     "(backfill keeps them for it)")
         if task.gpu_devices and task.req_gpu > nofit.gpus:
-            return f"needs {needs(task)}; they are in use on every worker that has them"
+            subject, obj = ("they are", "them") if len(task.gpu_devices) > 1 else ("it is", "it")
+            return f"needs {needs(task)}; {subject} busy on every worker that has {obj}"
         if task.req_gpu > nofit.gpus:
             plural = "s" if task.req_gpu > 1 else ""
             return f"needs {task.req_gpu} GPU{plural}; the most free on any worker is {nofit.gpus}"
