@@ -32,6 +32,7 @@ from cloudai.models import (
     utcnow,
 )
 from cloudai.redisconn import connect
+from cloudai.runoptions import bounds_refuse
 from cloudai.scheduler import Dispatch, Scheduler
 from cloudai.settings import Settings
 from cloudai.store import TaskStore, open_store
@@ -97,9 +98,10 @@ class CloudAI:
         if not limits.image_allowed(request.image, patterns):
             raise ValidationError("image", request.image, "is not allowed on this cluster; allowed images "
                                   f"(CLOUDAI_ALLOWED_IMAGES): {', '.join(patterns)}")
-        refused = self.settings.container_bounds_refuse(request.ulimits, request.ipc)
+        refused = bounds_refuse(request.ulimits, request.ipc, dict(self.settings.ulimits),
+                                self.settings.allow_host_ipc)
         if refused:
-            raise ValidationError("ulimit" if "ulimit" in refused else "ipc", request.ulimits or request.ipc, refused)
+            raise ValidationError(*refused)
         res = request.resources
         args = request.run_args()
         return Task(

@@ -37,7 +37,7 @@ from cloudai.logs import LogBus, LogWriter
 from cloudai.message import MessageError, RunMessage
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
 from cloudai.reservations import Reservations
-from cloudai.runoptions import Ulimit, numeric_owner
+from cloudai.runoptions import Ulimit, bounds_refuse, numeric_owner
 from cloudai.runtime import ENGINE_RESTARTED, ContainerSpec, DockerRuntime, ExitState, ImageMissing, oom_reason
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
@@ -314,9 +314,9 @@ class Executor:
         """The container as the task asked for it, within this worker's own bounds (raises
         :class:`WorkerRefused` / :class:`cloudai.volumes.MountRefused`: the task fails with that reason). Volume
         mounts are resolved here, on the host whose paths they are."""
-        refused = self.settings.container_bounds_refuse(task.ulimits, task.ipc)
+        refused = bounds_refuse(task.ulimits, task.ipc, dict(self.settings.ulimits), self.settings.allow_host_ipc)
         if refused:
-            raise WorkerRefused(f"worker {self.worker_id}: {refused}")
+            raise WorkerRefused(f"worker {self.worker_id} refuses it: {refused[2]}")
         owner = numeric_owner(task.container_user)
         binds = [resolve(self.volumes, parse_mount(spec), task.user_id, owner) for spec in task.mounts]
         return ContainerSpec(

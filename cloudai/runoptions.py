@@ -159,6 +159,20 @@ def ulimits_allowed(ulimits: Iterable[Ulimit], bounds: Mapping[str, int]) -> str
     return None
 
 
+def bounds_refuse(ulimits: Iterable[str], ipc: str | None, bounds: Mapping[str, int],
+                  allow_host_ipc: bool) -> tuple[str, str, str] | None:
+    """``(field, value, why)`` when the operator's bounds refuse a task's ulimits (Ulimit specs) or IPC mode, else
+    None: the master asks at submit (a usage error), each worker again with its own settings (the task fails)."""
+    specs = list(ulimits)
+    why = ulimits_allowed([Ulimit.parse(u) for u in specs], bounds)
+    if why:
+        return "ulimit", ", ".join(specs), why
+    why = ipc_allowed(ipc, allow_host_ipc)
+    if why:
+        return "ipc", str(ipc), why
+    return None
+
+
 # -- GPUs --------------------------------------------------------------------------------------------------
 GPU_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 GPU_FORMS = "use a whole number of GPUs (2) or device=ID[,ID...] with ids a worker offers (`cloudai workers`)"

@@ -101,14 +101,6 @@ class Settings:
     api_url: str | None = None
     token: str | None = dataclasses.field(default=None, repr=False)
 
-    def container_bounds_refuse(self, ulimits: list[str], ipc: str | None) -> str | None:
-        """Why this cluster's operator settings refuse a task's ``ulimits`` (Ulimit specs) or ``ipc``, else None
-        (the master asks at submit, each worker again with its own settings)."""
-        from cloudai.runoptions import Ulimit, ipc_allowed, ulimits_allowed
-
-        return (ulimits_allowed([Ulimit.parse(u) for u in ulimits], dict(self.ulimits))
-                or ipc_allowed(ipc, self.allow_host_ipc))
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
         """Read ``CLOUDAI_*`` variables; unset ones keep the documented defaults."""

@@ -13,6 +13,7 @@ from cloudai.errors import PlacementError
 from cloudai.logs import LogEnd, LogLine
 from cloudai.models import GiB, MiB, Resources, Task, TaskStatus, WorkerState
 from cloudai.runoptions import shell_args
+from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
 from cloudai.submission import SubmitRequest, build_request
@@ -201,6 +202,26 @@ def test_gpu_device_ids_pick_the_worker_and_exactly_those_gpus(settings: Setting
     with pytest.raises(PlacementError, match="no registered worker offers GPU 7"):
         api.submit(build_request(image="busybox", gpus="device=7"))
     assert [m.gpu_ids for m in sent] == [["3"], ["0", "1"], ["0", "1"]]
+
+
+def test_a_device_task_asks_docker_for_exactly_its_ids(settings: Settings, store: SQLiteStore) -> None:
+    """No GPU here: the real create request is captured (Docker then refuses it without an NVIDIA runtime)."""
+    import docker
+
+    captured: list[dict] = []  # type: ignore[type-arg]
+
+    class Recording(docker.APIClient):
+        def create_container_from_config(self, config, name=None, platform=None):  # type: ignore[no-untyped-def]
+            captured.append(config)
+            return super().create_container_from_config(config, name, platform)
+
+    register(store, settings.worker_id, gpu_ids=["0", "1", "2"])
+    task = CloudAI(settings, dispatch=Sent()).submit(build_request(image=TEST_IMAGE, args=["true"], gpus="device=2"))
+    client = docker.DockerClient.__new__(docker.DockerClient)
+    client.api = Recording(version="auto", **docker.utils.kwargs_from_env())
+    executor(settings, store, DockerRuntime(client)).run(message(task))
+    host, env = captured[0]["HostConfig"], captured[0]["Env"]
+    assert [r["DeviceIDs"] for r in host["DeviceRequests"]] == [["2"]] and "NVIDIA_VISIBLE_DEVICES=2" in env
 
 
 def test_a_count_of_gpus_still_takes_any_free_ids(settings: Settings, store: SQLiteStore) -> None:
