@@ -101,8 +101,8 @@ def main() -> int:
         api = {k: v for k, v in os.environ.items() if k not in ("CLOUDAI_REDIS_URL", "CLOUDAI_STORE_URL")}
         api.update(CLOUDAI_API_URL=f"http://127.0.0.1:{port}", CLOUDAI_TOKEN=secret,
                    XDG_CONFIG_HOME=os.path.join(os.getcwd(), ".cache", "bench-xdg"))
-        out = subprocess.run([sys.executable, "-m", "cloudai.cli.main", "submit", "-q", IMAGE, f"seq 1 {args.lines}"],
-                             env=api, check=True, capture_output=True, text=True).stdout.strip()
+        submit = [sys.executable, "-m", "cloudai.cli.main", "submit", "-q", IMAGE, "seq", "1", str(args.lines)]
+        out = subprocess.run(submit, env=api, check=True, capture_output=True, text=True).stdout.strip()
         timed(direct, "logs", "-f", out)  # wait for its end
         logs = ("logs", "-f", out)
         for what in ("", "expired "):

@@ -65,7 +65,7 @@ class Recorder:
 def one_task(store: SQLiteStore, executor: Executor, recorder: Recorder) -> dict[str, tuple[float, float]]:
     """Steps of one trivial task in ms from the executor's start: label -> (start, duration)."""
     task = Task(task_id=f"tl{time.monotonic_ns() % 10**10:010d}", user_id="bench", docker_image=IMAGE,
-                command="true", worker_id=WORKER, created_at=utcnow(), status=TaskStatus.QUEUED)
+                command="true", args=["true"], worker_id=WORKER, created_at=utcnow(), status=TaskStatus.QUEUED)
     store.create_task(task)
     recorder.events = []
     recorder.thread = threading.get_ident()

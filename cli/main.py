@@ -157,7 +157,17 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @click.option("--cpus", help="CPU cores, such as 2 or 0.5.  [default: 1]")
 @click.option("-m", "--memory", help="Memory limit, such as 512m or 4g (a bare number is bytes).  [default: 1g]")
-@click.option("--gpus", help="Number of whole GPUs.  [default: 0]")
+@click.option("--gpus", help="Whole GPUs: a number, or device=ID[,ID...] for those ids of one worker.  [default: 0]")
+@click.option("--shell", is_flag=True,
+              help="Run COMMAND with /bin/sh -c (one argument is the whole line), through the image's entrypoint.")
+@click.option("--entrypoint", help="Replace the image's ENTRYPOINT with this program ('' clears it).")
+@click.option("--mount", "mounts", multiple=True, metavar="NAME[/SUB]:PATH[:ro|rw]",
+              help="Mount a volume a worker offers (repeatable; `cloudai workers` lists them).")
+@click.option("--shm-size", help="Size of /dev/shm, such as 2g (counted in the memory limit).  [default: 64m]")
+@click.option("-u", "--user", "container_user", metavar="UID[:GID]", help="Run the container's processes as this user.")
+@click.option("--ipc", metavar="private|shareable|none", help="IPC namespace (host only where the operator allows).")
+@click.option("--ulimit", "ulimits", multiple=True, metavar="NAME=SOFT[:HARD]",
+              help="Resource limit such as nofile=65536 or memlock=-1 (repeatable; within the operator's bounds).")
 @click.option("--storage", help="Disk quota, such as 10g (needs a storage driver that supports it).")
 @click.option("-e", "--env", "env", multiple=True, metavar="KEY=VALUE", help="Environment variable (repeatable).")
 @click.option("--env-file", multiple=True, type=click.Path(dir_okay=False), help="File of KEY=VALUE lines.")
@@ -175,42 +185,51 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
 @click.option("--name", help="A name to recognise the task by.")
 @click.option("--after", "after", multiple=True, metavar="ID[,ID...]",
               help="Start only after these tasks completed (cancelled if one ends otherwise).")
-@click.option("--user", envvar="CLOUDAI_USER", help="Submit as this user.  [env: CLOUDAI_USER]")
+@click.option("--as-user", "as_user", envvar="CLOUDAI_USER",
+              help="Owner of the task in an operator's direct mode (the master uses the token's).  [env: CLOUDAI_USER]")
 @click.option("-q", "--quiet", is_flag=True, help="Print only the task id.")
 @click.option("--json", "as_json", is_flag=True, help="Print the task record as JSON.")
 @click.option("-f", "--follow", is_flag=True, help="Follow the log and exit with the task's exit code.")
 @click.option("--dry-run", is_flag=True, help="Validate and say where it would go; record nothing.")
 @pass_ctx
 def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None, memory: str | None,
-           gpus: str | None, storage: str | None, env: tuple[str, ...], env_file: tuple[str, ...],
-           workdir: str | None, label: tuple[str, ...], worker: str | None, constraint: tuple[str, ...],
-           timeout: str | None, retries: str | None, priority: str | None, pull_policy: str | None,
-           read_only: bool, name: str | None, after: tuple[str, ...], user: str | None, quiet: bool,
-           as_json: bool, follow: bool, dry_run: bool) -> None:
-    """Run COMMAND (with /bin/sh -c) in IMAGE on the cluster, like `docker run` runs it locally.
+           gpus: str | None, shell: bool, entrypoint: str | None, mounts: tuple[str, ...], shm_size: str | None,
+           container_user: str | None, ipc: str | None, ulimits: tuple[str, ...], storage: str | None,
+           env: tuple[str, ...], env_file: tuple[str, ...], workdir: str | None, label: tuple[str, ...],
+           worker: str | None, constraint: tuple[str, ...], timeout: str | None, retries: str | None,
+           priority: str | None, pull_policy: str | None, read_only: bool, name: str | None,
+           after: tuple[str, ...], as_user: str | None, quiet: bool, as_json: bool, follow: bool,
+           dry_run: bool) -> None:
+    """Run IMAGE on the cluster as `docker run IMAGE [COMMAND]...` runs it locally.
 
-    Options go before IMAGE; everything after it is the command, e.g.
+    Options go before IMAGE; the words after it are the container's arguments, passed to the image's
+    ENTRYPOINT as docker passes them (no shell), e.g.
     `cloudai submit --cpus 2 -m 4g --gpus 1 -f pytorch/pytorch -- python train.py --epochs 3`.
+    For shell syntax, ask for a shell: `--shell IMAGE 'cd /work && make; echo done'` (or `-- sh -c '...'`).
     """
     from cloudai.models import join_command
     from cloudai.submission import build_request, parse_key_values, read_env_file
 
     # a bad value is a ValidationError with the API's message, printed as "Error: ..." with exit 2
     args = list(command[1:] if command[:1] == ("--",) else command)
+    if shell and not args:
+        raise click.UsageError("--shell needs a command line after IMAGE, such as 'echo a; exit 3'")
     environment: dict[str, str] = {}
     for path in env_file:
         environment.update(read_env_file(path))
     environment.update(parse_key_values(env, "env"))
     request = build_request(
-        image=image, command=join_command(args), cpus=cpus, memory=memory, gpus=gpus, storage=storage,
-        env=environment, workdir=workdir, labels=label, timeout=timeout, retries=retries, name=name, user=user,
-        worker=worker, constraints=constraint, priority=priority, pull=pull_policy, after=after,
-        read_only=read_only,
+        image=image, command=join_command(args) if shell else None, args=() if shell else args, cpus=cpus,
+        memory=memory, gpus=gpus, storage=storage, env=environment, workdir=workdir, labels=label,
+        timeout=timeout, retries=retries, name=name, user=as_user, worker=worker, constraints=constraint,
+        priority=priority, pull=pull_policy, after=after, read_only=read_only, entrypoint=entrypoint,
+        mounts=mounts, shm_size=shm_size, container_user=container_user, ipc=ipc, ulimits=ulimits,
     )
     _submit(ctx, request, quiet, as_json, follow, dry_run)
 
 
 SEED_OPTIONS = {"-cpu_cores": "cpus", "-mem": "memory", "-gpu_cores": "gpus"}
+SEED_SHELL = ["/bin/sh", "-c"]  # the original syntax's command: a shell line, in place of the entrypoint
 
 
 def seed_memory(value: str | None) -> str | None:
@@ -232,6 +251,8 @@ def seed_task(ctx: Context, worker: str, image: str, args: tuple[str, ...]) -> N
     \b
     cloudai task WORKER IMAGE [-cpu_cores 2.0] [-mem 4.0] [-gpu_cores 1.0] [COMMAND]...
     -cpu_cores: CPU cores (default 1.0); -mem: memory in GB or 512m/4g (default 1.0); -gpu_cores: whole GPUs.
+    COMMAND is one shell line run by /bin/sh -c in place of the image's entrypoint, as this syntax always did
+    (several words are quoted and joined); `submit` runs commands as `docker run` does.
     """
     from cloudai.models import join_command
     from cloudai.submission import build_request
@@ -245,8 +266,10 @@ def seed_task(ctx: Context, worker: str, image: str, args: tuple[str, ...]) -> N
         rest = rest[2:]
     if rest[:1] == ["--"]:
         rest = rest[1:]
-    request = build_request(image=image, command=join_command(rest), worker=worker, cpus=values.get("cpus"),
-                            memory=seed_memory(values.get("memory")), gpus=values.get("gpus"))
+    line = join_command(rest)
+    request = build_request(image=image, args=SEED_SHELL[1:] + [line] if line is not None else [],
+                            entrypoint=SEED_SHELL[0] if line is not None else None, worker=worker,
+                            cpus=values.get("cpus"), memory=seed_memory(values.get("memory")), gpus=values.get("gpus"))
     _submit(ctx, request, quiet=False, as_json=False, follow=False, dry_run=False, command="task")
 
 
@@ -431,12 +454,15 @@ def worker() -> None:
 @click.option("--gpus", envvar="CLOUDAI_WORKER_GPUS", default="auto", show_default=True,
               help="auto (NVML / nvidia-smi), none, or ids such as 0,1.")
 @click.option("--label", "labels", multiple=True, metavar="KEY=VALUE", help="Worker label for --constraint.")
+@click.option("--volume", "volumes", multiple=True, metavar="NAME=HOSTPATH[:ro|rw]",
+              help="Offer this directory to tasks as volume NAME (repeatable; read-only unless :rw; {user} in the "
+                   "path gives each user their own directory).  [env: CLOUDAI_WORKER_VOLUMES]")
 @click.option("--concurrency", envvar="CLOUDAI_WORKER_CONCURRENCY", type=click.IntRange(1, 1024), default=16,
               show_default=True, help="Tasks run at once (placement keeps them within capacity).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @pass_ctx
 def worker_start(ctx: Context, worker_id: str | None, cpus: str | None, memory: str | None, gpus: str,
-                 labels: tuple[str, ...], concurrency: int, loglevel: str) -> None:
+                 labels: tuple[str, ...], volumes: tuple[str, ...], concurrency: int, loglevel: str) -> None:
     """Run a Celery worker in the foreground that consumes only this worker's queue."""
     from cloudai import limits
     from cloudai.agent import host_capacity
@@ -444,13 +470,14 @@ def worker_start(ctx: Context, worker_id: str | None, cpus: str | None, memory: 
     worker_id = worker_id or ctx.settings.worker_id
     _parse(limits.worker_id, worker_id, "worker id", param="--id")
     label_text = ",".join(labels) or os.environ.get("CLOUDAI_WORKER_LABELS", "")
-    try:
-        host_capacity(cpus or "", memory or "", gpus, label_text)  # fail here, before Celery starts
+    volume_text = ",".join(volumes) or ctx.settings.worker_volumes
+    try:  # fail here, before Celery starts
+        host_capacity(cpus or "", memory or "", gpus, label_text, volumes=volume_text)
     except CloudAIError as exc:
         raise click.UsageError(str(exc)) from exc
     # the worker process reads these through Settings.from_env()
     _export(ctx, CLOUDAI_WORKER_ID=worker_id, CLOUDAI_WORKER_CPUS=cpus or "", CLOUDAI_WORKER_MEMORY=memory or "",
-            CLOUDAI_WORKER_GPUS=gpus, CLOUDAI_WORKER_LABELS=label_text,
+            CLOUDAI_WORKER_GPUS=gpus, CLOUDAI_WORKER_LABELS=label_text, CLOUDAI_WORKER_VOLUMES=volume_text,
             CLOUDAI_WORKER_CONCURRENCY=str(concurrency))  # its slots: part of the capacity placement counts
     from cloudai import keys
     from cloudai.celery_app import run_worker

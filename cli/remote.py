@@ -122,8 +122,12 @@ class RemoteCloud:
     def _body(request: SubmitRequest) -> dict[str, Any]:
         res = request.resources
         return {
-            "image": request.image, "command": request.command, "cpus": res.cpus, "memory": res.memory,
-            "gpus": res.gpus, "storage": res.storage, "env": request.env,
+            # a string command is a shell line, a list the container's arguments (cloudai.runoptions)
+            "image": request.image, "command": request.command if request.command is not None else request.args,
+            "entrypoint": request.entrypoint, "mounts": request.mounts, "shm_size": request.shm_size,
+            "container_user": request.container_user, "ipc": request.ipc, "ulimits": request.ulimits,
+            "cpus": res.cpus, "memory": res.memory, "storage": res.storage, "env": request.env,
+            "gpus": f"device={','.join(request.gpu_devices)}" if request.gpu_devices else res.gpus,
             "workdir": request.workdir, "labels": request.labels, "timeout": request.timeout_s,
             "retries": request.retries, "name": request.name, "worker": request.worker,
             "constraints": request.constraints, "priority": request.priority, "pull": request.pull_policy,

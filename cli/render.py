@@ -138,8 +138,16 @@ def status_lines(task: Task) -> list[tuple[str, str]]:
         ("image", task.docker_image),
         ("command", task.command if task.command is not None else "(image default)"),
         ("limits", limits(task)),
-        ("created", f"{task.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(task.created_at)})"),
     ]
+    if task.entrypoint is not None:
+        rows.append(("entrypoint", task.entrypoint or "(cleared)"))
+    for key, value in (("mounts", ", ".join(task.mounts)), ("user in container", task.container_user),
+                       ("shm size", format_bytes(task.shm_size) if task.shm_size else None), ("ipc", task.ipc),
+                       ("ulimits", ", ".join(task.ulimits)),
+                       ("gpu devices", ",".join(task.gpu_devices))):
+        if value:
+            rows.append((key, value))
+    rows.append(("created", f"{task.created_at:%Y-%m-%d %H:%M:%S} UTC ({age(task.created_at)})"))
     if task.started_at:
         rows.append(("started", f"{task.started_at:%Y-%m-%d %H:%M:%S} UTC"))
     if task.completed_at:
@@ -217,7 +225,7 @@ def worker_table(views: list[WorkerView]) -> Table:
     table = Table(box=None, header_style="bold")
     yours = " (YOURS)" if any(v.usage_of is not None for v in views) else ""
     for col in ("WORKER", "STATE", f"CPUS{yours}", f"MEMORY{yours}", f"GPUS{yours}", f"TASKS{yours}", "ROOM",
-                "HEARTBEAT", "LABELS"):
+                "HEARTBEAT", "LABELS", "VOLUMES"):
         table.add_column(col, no_wrap=True)
     for v in views:
         w = v.info
@@ -228,6 +236,7 @@ def worker_table(views: list[WorkerView]) -> Table:
             w.worker_id, state, f"{v.used_cpus:g}/{w.cpus:g}",
             f"{format_bytes(v.used_memory)}/{format_bytes(w.memory)}", gpus, f"{v.tasks}/{w.slots}", room,
             f"{v.heartbeat_age_s:.0f}s ago", ",".join(f"{k}={val}" for k, val in w.labels.items()) or "-",
+            " ".join(f"{name}({mode})" for name, mode in w.volumes.items()) or "-",
         )))
     return table
 

@@ -38,6 +38,7 @@ class Capacity:
     gpu_ids: list[str] = field(default_factory=list)
     labels: dict[str, str] = field(default_factory=dict)
     slots: int = 16  # tasks run at once (the Celery concurrency)
+    volumes: dict[str, str] = field(default_factory=dict)  # name -> mode (cloudai.volumes.offer)
 
 
 class WorkerAgent:
@@ -82,12 +83,13 @@ class WorkerAgent:
             labels=dict(self.capacity.labels),
             state=state,
             slots=self.capacity.slots,
+            volumes=dict(self.capacity.volumes),
         )
         with contextlib.suppress(redis.RedisError):
             info.last_heartbeat = redis_now(self.redis)  # one clock: Redis TIME (beat judges with it)
         self.store.upsert_worker(info)
-        log.info("worker %s registered: %g CPUs, %d bytes, GPUs %s", self.worker_id, info.cpus, info.memory,
-                 info.gpu_ids or "none")
+        log.info("worker %s registered: %g CPUs, %d bytes, GPUs %s, volumes %s", self.worker_id, info.cpus,
+                 info.memory, info.gpu_ids or "none", info.volumes or "none")
         return info
 
     def start(self) -> None:
@@ -271,10 +273,16 @@ class WorkerAgent:
                     self.executor.reservations.rebuild(info)
 
 
-def host_capacity(cpus: str, memory: str, gpus: str, labels: str, slots: int = 16) -> Capacity:
-    """This host's offer from ``cloudai worker start`` flags / CLOUDAI_WORKER_* (empty: the whole host)."""
+def host_capacity(cpus: str, memory: str, gpus: str, labels: str, slots: int = 16, volumes: str = "") -> Capacity:
+    """This host's offer from ``cloudai worker start`` flags / CLOUDAI_WORKER_* (empty: the whole host). Each
+    volume's directory must exist here (:meth:`cloudai.volumes.Volume.check_host`)."""
     from cloudai.gpus import detect_gpus
     from cloudai.models import parse_cpus, parse_size
+    from cloudai.volumes import offer, parse_volumes
+
+    declared = parse_volumes([volumes])
+    for volume in declared.values():
+        volume.check_host()
 
     total_memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     label_map: dict[str, str] = {}
@@ -289,6 +297,7 @@ def host_capacity(cpus: str, memory: str, gpus: str, labels: str, slots: int = 1
         gpu_ids=detect_gpus(gpus),
         labels=label_map,
         slots=max(1, slots),
+        volumes=offer(declared),
     )
 
 
@@ -320,7 +329,7 @@ def build_worker(settings: Settings, dispatch: Dispatch | None = None) -> Worker
     fence.begin_cleanup()  # no message runs before the first reconcile has removed stale containers
     executor = Executor(settings, store, bus, runtime, bus.redis, after_finish=after_finish, fence=fence)
     capacity = host_capacity(settings.worker_cpus, settings.worker_memory, settings.worker_gpus,
-                             settings.worker_labels, settings.worker_concurrency)
+                             settings.worker_labels, settings.worker_concurrency, settings.worker_volumes)
 
     def on_lost(task: Task, reason: str) -> None:
         if lose_task(store, bus, task, reason, settings.log_retention_s, scheduler.reservations) is not None:

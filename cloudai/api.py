@@ -28,9 +28,11 @@ from cloudai.models import (
     WorkerInfo,
     WorkerState,
     new_task_id,
+    show_command,
     utcnow,
 )
 from cloudai.redisconn import connect
+from cloudai.runoptions import bounds_refuse
 from cloudai.scheduler import Dispatch, Scheduler
 from cloudai.settings import Settings
 from cloudai.store import TaskStore, open_store
@@ -96,12 +98,25 @@ class CloudAI:
         if not limits.image_allowed(request.image, patterns):
             raise ValidationError("image", request.image, "is not allowed on this cluster; allowed images "
                                   f"(CLOUDAI_ALLOWED_IMAGES): {', '.join(patterns)}")
+        refused = bounds_refuse(request.ulimits, request.ipc, dict(self.settings.ulimits),
+                                self.settings.allow_host_ipc)
+        if refused:
+            raise ValidationError(*refused)
         res = request.resources
+        args = request.run_args()
         return Task(
             task_id=new_task_id(),
             user_id=user,
             docker_image=request.image,
-            command=request.command,
+            command=show_command(args, request.entrypoint),
+            args=args,
+            entrypoint=request.entrypoint,
+            mounts=list(request.mounts),
+            shm_size=request.shm_size,
+            container_user=request.container_user,
+            ipc=request.ipc,
+            ulimits=list(request.ulimits),
+            gpu_devices=list(request.gpu_devices),
             req_cpu=res.cpus,
             memory_bytes=res.memory,
             storage_bytes=res.storage,

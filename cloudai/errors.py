@@ -138,6 +138,10 @@ class RuntimeFailure(CloudAIError):
     """Docker refused to create or start the container."""
 
 
+class WorkerRefused(RuntimeFailure):
+    """The worker's own operator settings refuse what the task asks of its container (a ulimit, host IPC)."""
+
+
 class TaskFailed(CloudAIError):
     """A task that ended other than ``completed``, as its Celery task raises it so that Celery (and Flower) record
     ``FAILURE`` with the reason as the message. ``outcome`` is the CloudAI record's summary

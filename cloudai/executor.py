@@ -27,6 +27,7 @@ from cloudai.errors import (
     RedisUnavailable,
     RuntimeFailure,
     StoreUnavailable,
+    WorkerRefused,
 )
 from cloudai.fencing import Fence
 from cloudai.gpus import GpuLeases, holder, parse_holder
@@ -39,10 +40,12 @@ from cloudai.memory import release_memory
 from cloudai.message import MessageError, RunMessage
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
 from cloudai.reservations import Reservations
+from cloudai.runoptions import Ulimit, bounds_refuse, numeric_owner
 from cloudai.runtime import ENGINE_RESTARTED, ContainerSpec, DockerRuntime, ExitState, ImageMissing, oom_reason
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
 from cloudai.supervision import BATCH_WAIT, backlogged, drain, enforce_stop, quietly, start_reader, wait_exit
+from cloudai.volumes import parse_mount, parse_volumes, resolve
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +95,7 @@ class Executor:
         self.reservations = Reservations(redis_client, settings.fairshare_halflife_s)
         self.after_finish = after_finish
         self.fence = fence
+        self.volumes = parse_volumes([settings.worker_volumes])  # this host's; their paths never leave it
         self._active: dict[str, Task] = {}
         self.self_fenced: dict[str, str] = {}  # task id -> execution id whose container this worker stopped
         self._revoked: set[str] = set()  # execution ids the store says are no longer current
@@ -324,9 +328,23 @@ class Executor:
                    for c in self.runtime.find(worker_id=self.worker_id, task_id=task_id))
 
     def _container_spec(self, task: Task) -> ContainerSpec:
+        """The container as the task asked for it, within this worker's own bounds (raises
+        :class:`WorkerRefused` / :class:`cloudai.volumes.MountRefused`: the task fails with that reason). Volume
+        mounts are resolved here, on the host whose paths they are."""
+        refused = bounds_refuse(task.ulimits, task.ipc, dict(self.settings.ulimits), self.settings.allow_host_ipc)
+        if refused:
+            raise WorkerRefused(f"worker {self.worker_id} refuses it: {refused[2]}")
+        owner = numeric_owner(task.container_user)
+        binds = [resolve(self.volumes, parse_mount(spec), task.user_id, owner) for spec in task.mounts]
         return ContainerSpec(
             image=task.docker_image,
-            command=task.command,
+            command=list(task.args) or None,
+            entrypoint=None if task.entrypoint is None else [task.entrypoint],
+            binds=binds,
+            shm_size=task.shm_size,
+            user=task.container_user,
+            ipc_mode=task.ipc,
+            ulimits=[Ulimit.parse(u) for u in task.ulimits],
             cpus=task.req_cpu,
             memory=task.memory_bytes,
             task_id=task.task_id,

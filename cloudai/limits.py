@@ -11,9 +11,11 @@ from cloudai.errors import ValidationError
 
 KiB = 1024
 
-# A command runs as one argument of `/bin/sh -c`: Linux refuses a single argument over 128 KiB
-# (MAX_ARG_STRLEN), so a longer one could never start. Larger scripts belong in the image or a file.
+# Linux refuses a single argument over 128 KiB (MAX_ARG_STRLEN), so a longer one (a shell line run by
+# `/bin/sh -c`, or any one argument) could never start. Larger scripts belong in the image or a file.
 MAX_COMMAND_BYTES = 128 * KiB - 1
+MAX_ARGS = 4096  # arguments of a task's command
+MAX_ARGS_TOTAL_BYTES = 256 * KiB  # all of them: they share the kernel's ARG_MAX with the environment
 # The environment and the arguments share the kernel's ARG_MAX (2 MiB with an 8 MiB stack); one variable is
 # an argument-sized string too.
 MAX_ENV_ENTRIES = 1000
@@ -158,6 +160,22 @@ def env(variables: Mapping[str, str]) -> None:
         total += len(key.encode()) + len(value.encode()) + 2
     if total > MAX_ENV_TOTAL_BYTES:
         raise ValidationError("env", f"{_kib(total)} in all", f"the most is {_kib(MAX_ENV_TOTAL_BYTES)}")
+
+
+def args(values: object) -> list[str]:
+    """A command's arguments: a list of at most :data:`MAX_ARGS` strings, each one an argument the kernel
+    takes, :data:`MAX_ARGS_TOTAL_BYTES` in all."""
+    if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+        raise ValidationError("command", values, "use a list of arguments (strings)")
+    if len(values) > MAX_ARGS:
+        raise ValidationError("command", f"{len(values)} arguments", f"the most is {MAX_ARGS}")
+    total = 0
+    for value in values:
+        text("command", value, max_bytes=MAX_COMMAND_BYTES, controls=True)
+        total += len(value.encode()) + 1
+    if total > MAX_ARGS_TOTAL_BYTES:
+        raise ValidationError("command", f"{_kib(total)} of arguments", f"the most is {_kib(MAX_ARGS_TOTAL_BYTES)}")
+    return list(values)
 
 
 def key_values(field: str, pairs: Mapping[str, str], reserved_prefix: str | None = None) -> None:

@@ -10,7 +10,9 @@ from typing import Any
 from cloudai.errors import CloudAIError
 from cloudai.models import Task
 
-WIRE_VERSION = 2  # 2: memory_bytes (bytes) replaced memory (text such as '64 MiB')
+# 3: args, entrypoint, mounts, shm_size, container_user, ipc, ulimits (docker run semantics; volumes)
+# 2: memory_bytes (bytes) replaced memory (text such as '64 MiB')
+WIRE_VERSION = 3
 
 
 class MessageError(CloudAIError):
@@ -32,6 +34,13 @@ class RunMessage:
     memory_bytes: int = 0
     gpu_ids: tuple[str, ...] = field(default_factory=tuple)
     timeout_s: float | None = None
+    args: tuple[str, ...] = field(default_factory=tuple)  # what runs; ``command`` is it as one readable line
+    entrypoint: str | None = None
+    mounts: tuple[str, ...] = field(default_factory=tuple)
+    shm_size: int | None = None
+    container_user: str | None = None
+    ipc: str | None = None
+    ulimits: tuple[str, ...] = field(default_factory=tuple)
     version: int = WIRE_VERSION
 
     @classmethod
@@ -41,12 +50,15 @@ class RunMessage:
         return cls(task_id=task.task_id, execution_id=task.execution_id, attempt=task.attempt,
                    worker_id=task.worker_id, user=task.user_id, image=task.docker_image, command=task.command,
                    cpus=task.req_cpu, memory_bytes=task.memory_bytes, gpu_ids=tuple(task.gpu_ids),
-                   timeout_s=task.timeout_s)
+                   timeout_s=task.timeout_s, args=tuple(task.args), entrypoint=task.entrypoint,
+                   mounts=tuple(task.mounts), shm_size=task.shm_size, container_user=task.container_user,
+                   ipc=task.ipc, ulimits=tuple(task.ulimits))
 
     def to_wire(self) -> dict[str, Any]:
         """A JSON-able dict (what Celery carries and Flower shows)."""
         wire = asdict(self)
-        wire["gpu_ids"] = list(self.gpu_ids)
+        for name in _LISTS:
+            wire[name] = list(getattr(self, name))
         return wire
 
     @classmethod
@@ -69,6 +81,10 @@ class RunMessage:
         if unknown:
             raise MessageError(f"run message version {version} has unknown fields {', '.join(unknown)}")
         data = dict(wire)
-        data["gpu_ids"] = tuple(str(g) for g in data.get("gpu_ids") or ())
+        for name in _LISTS:
+            data[name] = tuple(str(v) for v in data.get(name) or ())
         data["attempt"] = int(data["attempt"])
         return cls(**data)
+
+
+_LISTS = ("gpu_ids", "args", "mounts", "ulimits")  # tuples here, JSON lists on the wire

@@ -244,12 +244,20 @@ def new_execution_id(attempt: int = 1) -> str:
 
 
 def join_command(args: list[str] | tuple[str, ...]) -> str | None:
-    """The shell command run as ``/bin/sh -c``: one argument is taken as written, several are quoted."""
+    """One shell command from a command line's words (``submit --shell``, the original ``task`` syntax): one
+    argument is taken as written (it is the script), several are quoted and joined."""
     if not args:
         return None
     if len(args) == 1:
         return args[0]
     return shlex.join(args)
+
+
+def show_command(args: list[str] | tuple[str, ...], entrypoint: str | None = None) -> str | None:
+    """What a container runs as one readable line (the record's ``command``), quoted where needed: its
+    arguments, after the entrypoint that replaces the image's when there is one (as ``docker ps`` shows it)."""
+    words = ([entrypoint] if entrypoint else []) + list(args)
+    return shlex.join(words) if words else None
 
 
 @dataclass
@@ -265,7 +273,7 @@ class Task:
     task_id: str
     user_id: str
     docker_image: str
-    command: str | None = None
+    command: str | None = None  # ``args`` as one readable line (the seed's field); ``args`` is what runs
     req_cpu: float = 1.0
     # Memory and storage are bytes, as in Resources, the queue message and the API's JSON. Records written
     # before held the seed's req_memory / req_storage in GB: upgrade_task_doc converts them when read.
@@ -302,6 +310,16 @@ class Task:
     # the retention job removed it (CLOUDAI_LOG_ARCHIVE_RETENTION)
     log_bytes: int = 0
     log_removed_at: datetime | None = None
+    # how the container runs, as `docker run` runs it (cloudai/runoptions.py): ``args`` replace the image's CMD
+    # and go to its ENTRYPOINT, which ``entrypoint`` replaces when set ('' clears it, as docker's does)
+    args: list[str] = field(default_factory=list)
+    entrypoint: str | None = None
+    mounts: list[str] = field(default_factory=list)  # Mount.spec texts (cloudai/volumes.py)
+    shm_size: int | None = None  # bytes of /dev/shm (counted in the memory limit); None: Docker's 64 MiB
+    container_user: str | None = None  # UID[:GID] or a name the container's processes run as (docker run -u)
+    ipc: str | None = None  # private | shareable | none | host (host only where the operator allows it)
+    ulimits: list[str] = field(default_factory=list)  # Ulimit.spec texts: nofile=1024:4096
+    gpu_devices: list[str] = field(default_factory=list)  # --gpus device=ID,...: exactly these GPU ids
 
     @property
     def resources(self) -> Resources:
@@ -365,10 +383,13 @@ _TASK_FIELDS = tuple(f.name for f in dataclasses.fields(Task))
 
 
 def upgrade_task_doc(doc: dict[str, Any]) -> dict[str, Any]:
-    """A task record in this release's form. Records written before memory was bytes end to end hold the
-    seed's ``req_memory`` / ``req_storage`` in GB (floats); they become ``memory_bytes`` / ``storage_bytes``
-    here, the one place that knows the old form (both stores read every task through :meth:`Task.from_doc`).
-    Where a record has both (an old one updated since), the bytes win."""
+    """A task record in this release's form, the one place that knows the old forms (both stores read every task
+    through :meth:`Task.from_doc`). Records written before memory was bytes end to end hold the seed's
+    ``req_memory`` / ``req_storage`` in GB (floats); they become ``memory_bytes`` / ``storage_bytes`` (where a
+    record has both, an old one updated since, the bytes win). Records written before ``args`` ran their
+    ``command`` with ``/bin/sh -c`` in place of the image's entrypoint: a retry of one runs exactly that."""
+    if "args" not in doc and doc.get("command") is not None:
+        doc = {**doc, "args": ["-c", doc["command"]], "entrypoint": "/bin/sh"}
     old = {"req_memory": "memory_bytes", "req_storage": "storage_bytes"}
     if not any(key in doc for key in old):
         return doc
@@ -413,6 +434,7 @@ class WorkerInfo:
     last_heartbeat: datetime = field(default_factory=utcnow)
     started_at: datetime = field(default_factory=utcnow)
     slots: int = 16  # tasks it runs at once (its Celery concurrency): part of its capacity
+    volumes: dict[str, str] = field(default_factory=dict)  # name -> ro|rw[,per-user]; host paths stay on the host
 
     def to_doc(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)

@@ -54,7 +54,8 @@ end
 # ARGV: prefix, task, attempt, user, cpu (milli), mem, gpus, quota cpu/mem/gpus/tasks (-1: none), mode
 # (reserve|dry), policy (spread|pack), claim generation ('' on submit: every claim binds), claim ('1': claim a
 # worker when nothing fits), charge, half-life, claim ttl, weight, then the candidates as one string of lines
-# alternating worker id and capacity signature (one argument: packing hundreds costs more than placing)
+# alternating worker id and capacity signature (one argument: packing hundreds costs more than placing), then
+# the exact GPU ids the task asks for (csv; '': any ids, as many as gpus)
 PLACE = LIB + """
 local task, attempt, user = ARGV[2], ARGV[3], ARGV[4]
 local cpu, mem, gpus = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -62,6 +63,7 @@ local quota = {cpu = tonumber(ARGV[8]), mem = tonumber(ARGV[9]), gpus = tonumber
                tasks = tonumber(ARGV[11])}
 local mode, policy, gen, want_claim = ARGV[12], ARGV[13], ARGV[14], ARGV[15]
 local amount, hl, ttl, weight = tonumber(ARGV[16]), tonumber(ARGV[17]), tonumber(ARGV[18]), ARGV[19]
+local want_ids = split(ARGV[21])
 local used = redis.call('HMGET', P .. 'user:' .. user, 'cpu', 'mem', 'gpus', 'tasks')
 local want = {cpu = cpu, mem = mem, gpus = gpus, tasks = 1}
 local names = {'cpu', 'mem', 'gpus', 'tasks'}
@@ -102,7 +104,13 @@ for i, w in ipairs(ids) do
     table.insert(init, w)
   else
     local rg = 0
-    if gpus > 0 then rg = redis.call('SCARD', P .. 'gpus:' .. w) end  -- only a GPU task looks at GPUs
+    if gpus > 0 then  -- only a GPU task looks at GPUs; one that names its ids counts only those free
+      if #want_ids > 0 then
+        for _, id in ipairs(want_ids) do rg = rg + redis.call('SISMEMBER', P .. 'gpus:' .. w, id) end
+      else
+        rg = redis.call('SCARD', P .. 'gpus:' .. w)
+      end
+    end
     local c = no_claim
     if claimed[w] then
       c = redis.call('HMGET', P .. 'claim:' .. w, 'owner', 'cpu', 'mem', 'gpus', 'gen')
@@ -158,7 +166,8 @@ if best == nil then
   return {'none', tostring(maxc), tostring(maxm), tostring(maxg), tostring(maxs), blocked_by, claimed}
 end
 if mode ~= 'reserve' then return {'ok', best, ''} end
-local ids = redis.call('SMEMBERS', P .. 'gpus:' .. best)
+local ids = want_ids
+if #ids == 0 then ids = redis.call('SMEMBERS', P .. 'gpus:' .. best) end
 table.sort(ids, function(a, b)
   local na, nb = tonumber(a), tonumber(b)
   if na and nb then return na < nb end

@@ -147,6 +147,7 @@ class Reservations:
             repr(weight(task) * MIN_CHARGE_S), repr(self.halflife_s), CLAIM_TTL_S, repr(weight(task)),
         ]
         args.append(candidates.packed)
+        args.append(",".join(task.gpu_devices))
         by_id = candidates.by_id
         for _ in range(3):
             out = [_text(x) for x in self._evalsha(self._place, args)]

@@ -12,14 +12,16 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import DeviceRequest, LogConfig
+from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 
 from cloudai import keys
 from cloudai.docker_adapter import AttachStream
 from cloudai.errors import DockerUnavailable, ImageError, RuntimeFailure
 from cloudai.limits import DEFAULT_CAPS
 from cloudai.models import format_bytes
+from cloudai.runoptions import Ulimit as UlimitSpec
 from cloudai.submission import PULL_POLICIES
+from cloudai.volumes import Bind
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +30,12 @@ ENGINE_RESTARTED = "the Docker engine restarted; the container was killed"
 
 @dataclass
 class ContainerSpec:
-    """What to run and with which limits."""
+    """What to run and with which limits. ``command`` and ``entrypoint`` are Docker's Cmd and Entrypoint: the
+    arguments replace the image's CMD (None keeps it) and go to its ENTRYPOINT, which ``entrypoint`` replaces
+    (``['']`` clears it, as ``docker run --entrypoint ''`` does)."""
 
     image: str
-    command: str | None
+    command: list[str] | None
     cpus: float
     memory: int  # bytes; swap is disabled (memswap == memory)
     task_id: str
@@ -48,6 +52,12 @@ class ContainerSpec:
     read_only: bool = False  # read-only root filesystem with a writable tmpfs /tmp
     log_max_size: int = 0  # Docker's json-file log rotation: bytes a file, files kept (0: Docker's default)
     log_max_file: int = 1
+    entrypoint: list[str] | None = None
+    binds: list[Bind] = field(default_factory=list)  # volumes, resolved on this host (cloudai.volumes.resolve)
+    shm_size: int | None = None  # bytes of /dev/shm (tmpfs pages count against the memory limit)
+    user: str | None = None  # UID[:GID] or a name of the image
+    ipc_mode: str | None = None
+    ulimits: list[UlimitSpec] = field(default_factory=list)
 
 
 class EngineError(Exception):
@@ -94,6 +104,15 @@ def host_config_args(spec: ContainerSpec) -> dict[str, Any]:
         # lines already rotated away then are lost, and counted lines may be misplaced (docs/architecture.md)
         args["log_config"] = LogConfig(type=LogConfig.types.JSON, config={
             "max-size": str(spec.log_max_size), "max-file": str(max(1, spec.log_max_file))})
+    if spec.binds:
+        args["mounts"] = [Mount(target=b.target, source=b.source, type="bind", read_only=b.read_only)
+                          for b in spec.binds]
+    if spec.shm_size:
+        args["shm_size"] = spec.shm_size
+    if spec.ipc_mode:
+        args["ipc_mode"] = spec.ipc_mode
+    if spec.ulimits:
+        args["ulimits"] = [Ulimit(name=u.name, soft=u.soft, hard=u.hard) for u in spec.ulimits]
     return args
 
 
@@ -155,8 +174,10 @@ class DockerRuntime:
             host_config = self.api.create_host_config(**host_config_args(spec))
             created = self.api.create_container(
                 spec.image,
-                command=[spec.command] if spec.command is not None else None,
-                entrypoint=["/bin/sh", "-c"] if spec.command is not None else None,
+                # lists, never strings: docker-py would split a string as a shell does
+                command=list(spec.command) if spec.command else None,
+                entrypoint=list(spec.entrypoint) if spec.entrypoint is not None else None,
+                user=spec.user,
                 environment=container_env(spec),
                 working_dir=spec.workdir,
                 labels=container_labels(spec),
@@ -173,7 +194,8 @@ class DockerRuntime:
         try:
             self.api.start(container_id)
         except docker.errors.APIError as exc:
-            raise RuntimeFailure(f"docker could not start the container: {exc.explanation or exc}") from exc
+            reason = str(exc.explanation or exc)
+            raise RuntimeFailure(f"docker could not start the container: {reason}{_exec_hint(reason)}") from exc
 
     def stream_frames(self, container_id: str, follow: bool = True) -> Iterator[bytes]:
         """Log frames (``b"<ts> <payload>"``) from the first one; with ``follow``, until the container ends.
@@ -349,6 +371,18 @@ def _split_tag(image: str) -> tuple[str, str]:
     if name and "/" not in tag:
         return name, tag
     return image, "latest"
+
+
+def _exec_hint(reason: str) -> str:
+    """A hint for the usual cause of ``exec: "echo hi; exit 3": executable file not found``: one argument that
+    holds a whole command line, which ``docker run`` (and CloudAI) take as a program's name."""
+    if "executable file not found" in reason or "no such file or directory" in reason:
+        name = reason.partition('exec: "')[2].partition('"')[0]
+        if " " in name:
+            return ("; the command is one argument holding spaces, which runs as a program of that name (as with "
+                    "docker run): give its words as separate arguments, or submit with --shell to run it with "
+                    "/bin/sh -c")
+    return ""
 
 
 def oom_reason(memory: int) -> str:

@@ -41,6 +41,7 @@ from cloudai.models import (
 from cloudai.reservations import Candidates, Held, NoFit, OverQuota, Placed, Reservations, gpu_order
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
+from cloudai.volumes import parse_mount
 
 log = logging.getLogger(__name__)
 S = TaskStatus
@@ -61,9 +62,29 @@ def fits(task: Task, cpus: float, memory: int, gpus: int, labels: dict[str, str]
     )
 
 
+def offers(task: Task, worker: WorkerInfo) -> bool:
+    """``worker`` has what ``task`` names besides amounts, which no waiting changes: the volumes it mounts
+    (writable where it mounts them ``rw``) and the exact GPU ids of ``--gpus device=``."""
+    return (all(parse_mount(m).offered_by(worker.volumes) for m in task.mounts)
+            and (not task.gpu_devices or set(task.gpu_devices) <= set(worker.gpu_ids)))
+
+
 def could_ever_run(task: Task, worker: WorkerInfo) -> bool:
     """``worker`` fits ``task`` when it runs nothing else."""
-    return worker.slots >= 1 and fits(task, worker.cpus, worker.memory, len(worker.gpu_ids), worker.labels)
+    return (worker.slots >= 1 and fits(task, worker.cpus, worker.memory, len(worker.gpu_ids), worker.labels)
+            and offers(task, worker))
+
+
+def needs(task: Task) -> str:
+    """What a task names that only some workers have, as its reasons say it: ``volume data (rw), GPUs 0,1``."""
+    parts = []
+    mounts = [parse_mount(m) for m in task.mounts]
+    if mounts:
+        names = ", ".join(dict.fromkeys(m.volume + (" (rw)" if m.mode == "rw" else "") for m in mounts))
+        parts.append(f"volume{'s' if len(mounts) > 1 else ''} {names}")
+    if task.gpu_devices:
+        parts.append(f"GPU{'s' if len(task.gpu_devices) > 1 else ''} {','.join(task.gpu_devices)}")
+    return ", ".join(parts)
 
 
 _QUOTA_NAMES = {"cpu": "CPUs", "mem": "memory", "gpus": "GPUs", "tasks": "tasks"}
@@ -156,13 +177,15 @@ class Scheduler:
         # as a cut-off), and the label test only for a task that has constraints
         cutoff = self._now() - timedelta(seconds=self.settings.heartbeat_timeout_s)
         active, pinned, wanted = WorkerState.ACTIVE, task.pinned_worker, task.constraints.items()
-        open_task = not pinned and not wanted
+        named = bool(task.mounts or task.gpu_devices)  # volumes or GPU ids only some workers have
+        open_task = not pinned and not wanted and not named
         kept = self._open
         if open_task and kept is not None and kept[0] is workers and cutoff <= kept[1]:
             return kept[2]  # the same workers, none of them stale yet
         candidates = [w for w in workers if w.state == active and w.last_heartbeat >= cutoff
                       and (not pinned or w.worker_id == pinned)
-                      and (not wanted or all(w.labels.get(k) == v for k, v in wanted))]
+                      and (not wanted or all(w.labels.get(k) == v for k, v in wanted))
+                      and (not named or offers(task, w))]
         cached = self._workers
         if open_task and candidates and cached is not None and workers is cached[1]:
             # what most tasks get; it holds until the first of them goes stale (a stale worker becomes fresh
@@ -182,6 +205,8 @@ class Scheduler:
             if task.constraints and any(self._alive(w) for w in workers):
                 wanted = ",".join(f"{k}={v}" for k, v in task.constraints.items())
                 return f"no active worker has the labels {wanted}"
+            if needs(task) and any(self._alive(w) for w in workers):
+                return f"no active worker offers {needs(task)}"
             return "no active worker (none with a fresh heartbeat that is not draining)"
         names = ", ".join(w.worker_id for w in able[:3]) + (" ..." if len(able) > 3 else "")
         states = {("draining" if w.state == WorkerState.DRAINING else "offline") for w in able}
@@ -195,6 +220,9 @@ class Scheduler:
             # not named: it may be another user's task, and users see only their own
             return ("waiting behind an earlier task that waited longer for the resources it would use "
                     "(backfill keeps them for it)")
+        if task.gpu_devices and task.req_gpu > nofit.gpus:
+            subject, obj = ("they are", "them") if len(task.gpu_devices) > 1 else ("it is", "it")
+            return f"needs {needs(task)}; {subject} busy on every worker that has {obj}"
         if task.req_gpu > nofit.gpus:
             plural = "s" if task.req_gpu > 1 else ""
             return f"needs {task.req_gpu} GPU{plural}; the most free on any worker is {nofit.gpus}"
@@ -220,6 +248,12 @@ class Scheduler:
             raise PlacementError("no workers are registered; start one with `cloudai worker start`")
         if any(could_ever_run(task, w) for w in workers):
             return
+        if needs(task) and not any(offers(task, w) for w in workers):
+            what = (f"worker {task.pinned_worker} does not offer" if task.pinned_worker
+                    else "no registered worker offers")
+            raise PlacementError(
+                f"{what} {needs(task)}; `cloudai workers` lists each worker's volumes and GPU ids (an operator "
+                "declares volumes with `cloudai worker start --volume NAME=HOSTPATH[:ro|rw]`)")
         where = f"worker {task.pinned_worker}" if task.pinned_worker else "any registered worker"
         biggest = max(workers, key=lambda w: (len(w.gpu_ids), w.cpus, w.memory))
         raise PlacementError(
@@ -427,7 +461,7 @@ class Scheduler:
             if reason is None:
                 reason = self._unavailable(task, workers, candidates)
             shape = (task.pinned_worker, tuple(sorted(task.constraints.items())), task.req_cpu,
-                     task.memory_bytes, task.req_gpu)
+                     task.memory_bytes, task.req_gpu, tuple(task.mounts), tuple(task.gpu_devices))
             if reason is None and shape in hopeless and task.user_id not in quotas:
                 reason = hopeless[shape]
             if reason is None:
@@ -458,4 +492,4 @@ class Scheduler:
         return placed
 
 
-__all__ = ["Scheduler", "fits", "gpu_order", "QuotaExceeded", "quota_reason"]
+__all__ = ["Scheduler", "fits", "offers", "gpu_order", "QuotaExceeded", "quota_reason"]

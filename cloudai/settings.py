@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from cloudai.errors import ConfigError
 from cloudai.limits import CAPABILITIES
+from cloudai.runoptions import DEFAULT_ULIMIT_BOUNDS, ulimit_bounds
 
 
 def _default_user() -> str:
@@ -86,6 +87,15 @@ def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
 
+def _bool(env: Mapping[str, str], name: str) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if raw in ("", "0", "false", "no", "off"):
+        return False
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    raise ConfigError(f"{name}={env.get(name)!r}: use 1/true/yes or 0/false/no")
+
+
 def _caps(env: Mapping[str, str], name: str, allow_all: bool) -> tuple[str, ...]:
     names = tuple(c.upper().removeprefix("CAP_") for c in _list(env, name))
     for cap in names:
@@ -137,11 +147,16 @@ class Settings:
     cap_drop: tuple[str, ...] = ()
     cap_add: tuple[str, ...] = ()
     allowed_images: tuple[str, ...] = ()
+    # bounds on what a task may ask of its container (checked at submit and again by each worker): the highest
+    # hard limit of each --ulimit name (a name not listed may not be set), and whether --ipc host is allowed
+    ulimits: tuple[tuple[str, int], ...] = tuple(ulimit_bounds(DEFAULT_ULIMIT_BOUNDS).items())
+    allow_host_ipc: bool = False
     # what this host offers when it runs a worker (``cloudai worker start`` flags override)
     worker_cpus: str = ""  # default: all cores
     worker_memory: str = ""  # default: all memory
     worker_gpus: str = "auto"  # auto | none | 0,1
     worker_labels: str = ""  # gpu=a100,zone=b
+    worker_volumes: str = ""  # data=/srv/datasets:ro,outputs=/srv/outputs/{user}:rw (cloudai/volumes.py)
     worker_concurrency: int = 16
     fairshare_halflife_s: float = 7 * 86400.0  # fair-share usage halves over this (Slurm's default: 7 days)
     # the master's URL: when set, the CLI's user commands go through its API with this token
@@ -200,10 +215,13 @@ class Settings:
             cap_drop=_caps(env, "CLOUDAI_CAP_DROP", allow_all=True),
             cap_add=_caps(env, "CLOUDAI_CAP_ADD", allow_all=False),
             allowed_images=_list(env, "CLOUDAI_ALLOWED_IMAGES"),
+            ulimits=tuple(ulimit_bounds(env.get("CLOUDAI_ULIMITS", DEFAULT_ULIMIT_BOUNDS)).items()),
+            allow_host_ipc=_bool(env, "CLOUDAI_ALLOW_HOST_IPC"),
             worker_cpus=env.get("CLOUDAI_WORKER_CPUS", ""),
             worker_memory=env.get("CLOUDAI_WORKER_MEMORY", ""),
             worker_gpus=env.get("CLOUDAI_WORKER_GPUS") or base.worker_gpus,
             worker_labels=env.get("CLOUDAI_WORKER_LABELS", ""),
+            worker_volumes=env.get("CLOUDAI_WORKER_VOLUMES", ""),
             worker_concurrency=_int(env, "CLOUDAI_WORKER_CONCURRENCY", base.worker_concurrency),
             fairshare_halflife_s=_float(env, "CLOUDAI_FAIRSHARE_HALFLIFE", base.fairshare_halflife_s),
             api_url=(env.get("CLOUDAI_API_URL") or "").rstrip("/") or None,

@@ -8,16 +8,19 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from cloudai import limits
+from cloudai import limits, runoptions, volumes
 from cloudai.errors import ValidationError
-from cloudai.models import Resources, parse_duration, parse_whole
+from cloudai.models import Resources, format_bytes, parse_duration, parse_size, parse_whole
 
 PULL_POLICIES = ("missing", "always", "never")
 
 
 @dataclass
 class SubmitRequest:
-    """A task as a user asks for it (already parsed from strings)."""
+    """A task as a user asks for it (already parsed from strings). The container's command is ``args`` (its
+    arguments, as ``docker run IMAGE ARG...`` passes them) or ``command``, one shell line run as
+    ``/bin/sh -c LINE`` (``--shell``; the API's ``command`` given as a string): never both
+    (:mod:`cloudai.runoptions` states the rule)."""
 
     image: str
     command: str | None = None
@@ -35,6 +38,20 @@ class SubmitRequest:
     pull_policy: str = "missing"
     after: list[str] = field(default_factory=list)  # task ids that must complete first
     read_only: bool = False  # read-only root filesystem (a writable tmpfs on /tmp)
+    args: list[str] = field(default_factory=list)
+    entrypoint: str | None = None  # replaces the image's ENTRYPOINT ('' clears it)
+    mounts: list[str] = field(default_factory=list)  # NAME[/SUBPATH]:CONTAINERPATH[:ro|rw] (cloudai.volumes)
+    shm_size: int | None = None  # bytes of /dev/shm
+    container_user: str | None = None  # UID[:GID] or NAME[:GROUP] (docker run -u)
+    ipc: str | None = None
+    ulimits: list[str] = field(default_factory=list)  # NAME=SOFT[:HARD]
+    gpu_devices: list[str] = field(default_factory=list)  # --gpus device=ID,...
+
+    def run_args(self) -> list[str]:
+        """The container's arguments: ``args``, or ``/bin/sh -c COMMAND`` for a shell line."""
+        if self.command is not None:
+            return runoptions.shell_args(self.command)
+        return list(self.args)
 
     def validate(self) -> None:
         """Every field within the bounds of :mod:`cloudai.limits`; raises :class:`ValidationError` naming the
@@ -42,6 +59,32 @@ class SubmitRequest:
         limits.image(self.image)
         if self.command is not None:
             limits.text("command", self.command, max_bytes=limits.MAX_COMMAND_BYTES, controls=True)
+            if self.args:
+                raise ValidationError("command", self.command, "give the command as arguments or as one shell "
+                                      "line (--shell), not both")
+        limits.args(self.args)
+        if self.entrypoint is not None:
+            limits.text("entrypoint", self.entrypoint, max_chars=limits.MAX_WORKDIR_CHARS)
+        self.mounts = [m.spec for m in volumes.parse_mounts(self.mounts)]
+        if self.shm_size is not None and self.shm_size > self.resources.memory:
+            raise ValidationError("shm-size", format_bytes(self.shm_size),
+                                  f"/dev/shm counts against the memory limit ({format_bytes(self.resources.memory)}); "
+                                  "raise -m or lower --shm-size")
+        if self.container_user is not None:
+            runoptions.container_user(self.container_user)
+        if self.ipc is not None:
+            runoptions.ipc_mode(self.ipc)
+        if len(self.ulimits) > runoptions.MAX_ULIMITS:
+            raise ValidationError("ulimit", f"{len(self.ulimits)} limits", f"the most is {runoptions.MAX_ULIMITS}")
+        self.ulimits = [u.spec for u in runoptions.parse_ulimits(self.ulimits)]
+        if self.gpu_devices:
+            if len(self.gpu_devices) > limits.MAX_GPUS:
+                raise ValidationError("gpus", f"{len(self.gpu_devices)} devices", f"the most is {limits.MAX_GPUS}")
+            if not all(runoptions.GPU_ID_RE.fullmatch(g) for g in self.gpu_devices) or \
+                    len(set(self.gpu_devices)) != len(self.gpu_devices):
+                raise ValidationError("gpus", ",".join(self.gpu_devices), runoptions.GPU_FORMS)
+            if self.resources.gpus != len(self.gpu_devices):
+                raise ValidationError("gpus", self.resources.gpus, "device=ID,... asks for exactly those GPUs")
         limits.whole("retries", self.retries, 0, limits.MAX_RETRIES)
         limits.whole("priority", self.priority, -limits.MAX_PRIORITY, limits.MAX_PRIORITY)
         if self.pull_policy not in PULL_POLICIES:
@@ -76,11 +119,17 @@ def build_request(*, image: str, command: str | None = None, cpus: Typed | None 
                   env: Pairs = (), workdir: str | None = None, labels: Pairs = (), timeout: Typed | None = None,
                   retries: Typed | None = None, name: str | None = None, user: str | None = None,
                   worker: str | None = None, constraints: Pairs = (), priority: Typed | None = None,
-                  pull: str | None = None, after: Iterable[str] = (), read_only: bool = False) -> SubmitRequest:
+                  pull: str | None = None, after: Iterable[str] = (), read_only: bool = False,
+                  args: Iterable[str] = (), entrypoint: str | None = None, mounts: Iterable[str] = (),
+                  shm_size: Typed | None = None, container_user: str | None = None, ipc: str | None = None,
+                  ulimits: Iterable[str] = ()) -> SubmitRequest:
     """A validated request from what a user gave, in any entry point's form: numbers as text or JSON numbers
     (a number is read as its text, so ``512`` and ``"512"`` are the same value with the same message),
-    pairs as an object or ``KEY=VALUE`` lines. Raises :class:`ValidationError` naming the field, the bound and
-    what to use instead; ``None`` keeps a default."""
+    pairs as an object or ``KEY=VALUE`` lines. ``gpus`` is a count or ``device=ID,...``. Raises
+    :class:`ValidationError` naming the field, the bound and what to use instead; ``None`` keeps a default."""
+    devices = runoptions.gpu_devices(gpus) if isinstance(gpus, str) else None
+    if devices is not None:
+        gpus = len(devices)
     request = SubmitRequest(
         image=image,
         command=command,
@@ -99,9 +148,28 @@ def build_request(*, image: str, command: str | None = None, cpus: Typed | None 
         pull_policy="missing" if pull is None else pull,
         after=[i.strip() for item in after for i in item.split(",") if i.strip()],
         read_only=read_only,
+        args=limits.args(args if isinstance(args, list | tuple) else list(args)),
+        entrypoint=entrypoint,
+        mounts=_strings(mounts, "mount"),
+        shm_size=None if shm_size is None else parse_size(_text(shm_size) or "", "shm-size"),
+        container_user=container_user,
+        ipc=ipc,
+        ulimits=_strings(ulimits, "ulimit"),
+        gpu_devices=devices or [],
     )
     request.validate()
     return request
+
+
+def _strings(items: Iterable[str], what: str) -> list[str]:
+    """Repeatable text values (``--mount``, ``--ulimit``); one string is one value, not its characters."""
+    if isinstance(items, str):
+        return [items]
+    values = list(items)
+    for value in values:
+        if not isinstance(value, str):
+            raise ValidationError(what, value, "must be text")
+    return values
 
 
 def _text(value: Typed | None) -> str | None:

@@ -17,7 +17,8 @@ import redis
 from cloudai.api import CloudAI
 from cloudai.executor import Executor
 from cloudai.logs import LogBus
-from cloudai.models import GiB, Task, TaskStatus, WorkerInfo, utcnow
+from cloudai.models import GiB, Task, TaskStatus, WorkerInfo, show_command, utcnow
+from cloudai.runoptions import shell_args
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
@@ -72,10 +73,15 @@ def register(store: TaskStore, worker_id: str, cpus: float = 4, memory: int = 8 
 
 def queued_task(store: TaskStore, worker_id: str, command: str | None, image: str = TEST_IMAGE,
                 **fields: Any) -> Task:
-    """A task recorded as queued on ``worker_id`` (what the scheduler does), for executor tests."""
+    """A task recorded as queued on ``worker_id`` (what the scheduler does), for executor tests. ``command`` is a
+    shell line (run as ``/bin/sh -c``, what ``submit --shell`` records); ``args=[...]`` gives arguments instead."""
     fields.setdefault("status", TaskStatus.QUEUED)
-    task = Task(task_id=f"t{time.monotonic_ns() % 10**12:012d}", user_id="tester", docker_image=image,
-                command=command, worker_id=worker_id, created_at=utcnow(), **fields)
+    if command is not None:
+        fields.setdefault("args", list(shell_args(command)))
+    fields.setdefault("user_id", "tester")
+    task = Task(task_id=f"t{time.monotonic_ns() % 10**12:012d}", docker_image=image,
+                command=show_command(fields.get("args", []), fields.get("entrypoint")), worker_id=worker_id,
+                created_at=utcnow(), **fields)
     store.create_task(task)
     return task
 
@@ -290,3 +296,41 @@ def cmdservers_in(folder: str) -> list[int]:
     a server, with its command line)."""
     return [pid for pid, raw in _processes("cmdline") if b"cloudai.cli.cmdserver" in (cmdline := raw.split(b"\0"))
             and any(arg.startswith(folder.encode()) for arg in cmdline)]
+
+
+# An image with an ENTRYPOINT that prints first and then runs its arguments, and a CMD, as NGC's and conda's
+# images have: built locally from the test image (FROM scratch + its files, so / is 0755 and a non-root user can
+# run it; the test image's own root directory is 0700). No registry needed.
+ENTRYPOINT_DOCKERFILE = """FROM scratch
+ADD rootfs.tar /
+ENTRYPOINT ["/bin/sh", "-c", "echo entrypoint-ran; exec \\"$@\\"", "entrypoint"]
+CMD ["echo", "default-cmd"]
+"""
+
+
+def entrypoint_image() -> str:
+    """The tag of that image, built once per Dockerfile text."""
+    import hashlib
+    import tempfile
+
+    from tests.services import TEST_IMAGE
+
+    tag = "cloudai-test/entrypoint:" + hashlib.sha256(ENTRYPOINT_DOCKERFILE.encode()).hexdigest()[:12]
+    if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0:
+        return tag
+    with tempfile.TemporaryDirectory() as folder:
+        container = subprocess.run(["docker", "create", TEST_IMAGE], capture_output=True, text=True,
+                                   check=True).stdout.strip()
+        try:
+            subprocess.run(["docker", "export", container, "-o", f"{folder}/rootfs.tar"], check=True)
+        finally:
+            subprocess.run(["docker", "rm", container], capture_output=True)
+        Path(folder, "Dockerfile").write_text(ENTRYPOINT_DOCKERFILE)
+        subprocess.run(["docker", "build", "-q", "-t", tag, folder], capture_output=True, check=True)
+    return tag
+
+
+def docker_run(*args: str) -> tuple[list[str], int]:
+    """``docker run --rm ARGS``: its output lines (stdout and stderr) and exit code, to compare a task with."""
+    result = subprocess.run(["docker", "run", "--rm", *args], capture_output=True, text=True, timeout=120)
+    return (result.stdout + result.stderr).splitlines(), result.returncode

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
-from cloudai import limits
+from cloudai import limits, runoptions, volumes
 from cloudai.submission import SubmitRequest, build_request
 
 Number = StrictStr | StrictInt | StrictFloat  # true/false are not numbers (JSON booleans are refused)
@@ -27,14 +27,26 @@ class SubmitBody(BaseModel):
 
     image: str = Field(description="a Docker image reference",
                        json_schema_extra={"maxLength": limits.MAX_IMAGE_CHARS})
-    command: str | None = Field(None, description=f"run by /bin/sh -c; at most {_kib(limits.MAX_COMMAND_BYTES)} "
-                                "of UTF-8")
+    command: StrictStr | list[StrictStr] | None = Field(
+        None, description="a list: the container's arguments, passed to the image's entrypoint as `docker run IMAGE "
+        f"ARG...` passes them (at most {limits.MAX_ARGS}, {_kib(limits.MAX_ARGS_TOTAL_BYTES)} in all); a string: one "
+        f"shell line run as `/bin/sh -c LINE` (at most {_kib(limits.MAX_COMMAND_BYTES)})",
+        json_schema_extra={"maxItems": limits.MAX_ARGS})
+    entrypoint: str | None = Field(None, description="replaces the image's ENTRYPOINT ('' clears it)")
+    mounts: list[str] = Field(default_factory=list, description="volumes a worker offers: "
+                              "NAME[/SUBPATH]:CONTAINERPATH[:ro|rw]",
+                              json_schema_extra={"maxItems": volumes.MAX_MOUNTS})
+    shm_size: Number | None = Field(None, description="bytes of /dev/shm, or a size such as 2g (within memory)")
+    container_user: str | None = Field(None, description="UID[:GID] the container's processes run as (docker -u)")
+    ipc: str | None = Field(None, description="private, shareable or none (host where the operator allows it)")
+    ulimits: list[str] = Field(default_factory=list, description="NAME=SOFT[:HARD], within the operator's bounds",
+                               json_schema_extra={"maxItems": runoptions.MAX_ULIMITS})
     cpus: Number | None = Field(None, description="CPU cores, such as 2 or 0.5",
                                 json_schema_extra={"maximum": limits.MAX_CPUS})
     memory: Number | None = Field(
         None, description="bytes, or a size such as 512m or 4g (k/m/g/t are powers of 1024); at least 6m",
         json_schema_extra={"minimum": limits.MIN_MEMORY_BYTES, "maximum": limits.MAX_MEMORY_BYTES})
-    gpus: Number | None = Field(None, description="whole GPUs",
+    gpus: Number | None = Field(None, description="whole GPUs, or device=ID[,ID...] for those ids of one worker",
                                 json_schema_extra={"minimum": 0, "maximum": limits.MAX_GPUS})
     storage: Number | None = Field(None, description="bytes, or a size such as 10g",
                                    json_schema_extra={"maximum": limits.MAX_MEMORY_BYTES})
@@ -71,8 +83,12 @@ class SubmitBody(BaseModel):
 
     def to_request(self, user: str) -> SubmitRequest:
         """The library's request, owned by ``user``; raises the CLI's :class:`ValidationError`."""
+        shell = self.command if isinstance(self.command, str) else None
         return build_request(
-            image=self.image, command=self.command, cpus=self.cpus, memory=self.memory, gpus=self.gpus,
+            image=self.image, command=shell, args=self.command if isinstance(self.command, list) else (),
+            entrypoint=self.entrypoint, mounts=self.mounts, shm_size=self.shm_size,
+            container_user=self.container_user, ipc=self.ipc, ulimits=self.ulimits, cpus=self.cpus,
+            memory=self.memory, gpus=self.gpus,
             storage=self.storage, env=self.env, workdir=self.workdir, labels=self.labels, timeout=self.timeout,
             retries=self.retries, name=self.name, user=user, worker=self.worker, constraints=self.constraints,
             priority=self.priority, pull=self.pull, after=self.after, read_only=self.read_only,

@@ -255,6 +255,18 @@ def test_dependencies_and_worker_slots_round_trip(backend: TaskStore) -> None:
     assert backend.get_worker("w1").slots == 3  # type: ignore[union-attr]
 
 
+def test_workload_fields_and_worker_volumes_round_trip(backend: TaskStore) -> None:
+    task = _task(1, args=["python", "train.py", "--lr", "0.1"], entrypoint="", mounts=["data/x:/data:ro"],
+                 shm_size=GiB, container_user="1000:1000", ipc="none", ulimits=["nofile=1024:4096"],
+                 gpu_devices=["1"], gpu_ids=["1"], req_gpu=1)
+    backend.create_task(task)
+    assert backend.get_task("t1") == task
+    info = WorkerInfo(worker_id="w1", hostname="h", queue="q", cpus=1, memory=GiB,
+                      volumes={"data": "ro", "outputs": "rw,per-user"})
+    backend.upsert_worker(info)
+    assert backend.get_worker("w1").volumes == info.volumes  # type: ignore[union-attr]
+
+
 def test_log_archive(backend: TaskStore) -> None:
     assert backend.read_log("t1") is None
     backend.save_log("t1", [])

@@ -211,7 +211,8 @@ def test_monitor_through_the_api_keeps_header_live_log_and_final_block(
 ) -> None:
     workers()
     env = api_server.cli_env(api_server.token(settings.user))
-    task_id = cli(env, "submit", "-q", TEST_IMAGE, "for i in 1 2 3; do echo tick $i; sleep 0.3; done").stdout.strip()
+    ticks = "for i in 1 2 3; do echo tick $i; sleep 0.3; done"
+    task_id = cli(env, "submit", "-q", "--shell", TEST_IMAGE, ticks).stdout.strip()
     wait_for(lambda: store.get_task(task_id) is not None, 10)
     result = cli(env, "monitor", task_id)
     out = result.stdout.splitlines()

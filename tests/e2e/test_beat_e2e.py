@@ -36,7 +36,7 @@ def test_killed_worker_task_is_lost(
     settings: Settings, store: SQLiteStore, workers, beat  # type: ignore[no-untyped-def]
 ) -> None:
     proc = workers()
-    task_id = submit(settings, TEST_IMAGE, "sleep 300")
+    task_id = submit(settings, "--shell", TEST_IMAGE, "sleep 300")
     running = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
     proc.kill()
     lost = wait_ended(store, task_id, 60)
@@ -53,7 +53,7 @@ def test_killed_worker_task_with_retries_runs_again_elsewhere(
 ) -> None:
     first = workers("first-" + settings.worker_id)
     second = workers("second-" + settings.worker_id)  # up before the kill: a slow start can't outlast the task
-    task_id = submit(settings, "--retries", "1", TEST_IMAGE, "echo attempt; sleep 4; echo finished")
+    task_id = submit(settings, "--retries", "1", "--shell", TEST_IMAGE, "echo attempt; sleep 4; echo finished")
     started = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
     if started.worker_id == second.worker_id:
         first, second = second, first

@@ -56,7 +56,7 @@ def test_a_followed_submit_never_loads_redis_py(settings: Settings, workers, cli
 
 def test_monitor_started_late_prints_everything(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
     workers()
-    task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 200); do echo line $i; done")
+    task_id = submit(settings, "--shell", TEST_IMAGE, "for i in $(seq 1 200); do echo line $i; done")
     wait_for(lambda: (t := store.get_task(task_id)) and t.status.terminal, 60, what="task end")
     result = run(settings, "monitor", task_id)
     assert result.returncode == 0, result.stderr
@@ -73,7 +73,7 @@ def test_monitor_started_late_prints_everything(settings: Settings, store: SQLit
 
 def test_status_json_of_an_oom_killed_task(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
     workers()
-    task_id = submit(settings, "-m", "32m", TEST_IMAGE, "x=$(head -c 200000000 /dev/zero | tr '\\0' a)")
+    task_id = submit(settings, "-m", "32m", "--shell", TEST_IMAGE, "x=$(head -c 200000000 /dev/zero | tr '\\0' a)")
     follow = run(settings, "logs", "-f", task_id)
     assert follow.returncode == 137
     assert "killed: out of memory, limit 32 MiB" in follow.stdout
@@ -84,7 +84,7 @@ def test_status_json_of_an_oom_killed_task(settings: Settings, store: SQLiteStor
 
 def test_cancel_stops_a_running_container(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
     workers()
-    task_id = submit(settings, TEST_IMAGE, "sleep 300")
+    task_id = submit(settings, "--shell", TEST_IMAGE, "sleep 300")
     running = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
     result = run(settings, "cancel", task_id)
     assert result.returncode == 0 and f"{task_id}: cancelled" in result.stdout, result.stdout + result.stderr
@@ -128,7 +128,7 @@ def test_worker_killed_mid_task_reattaches_without_repeating_lines(
     settings: Settings, store: SQLiteStore, workers  # type: ignore[no-untyped-def]
 ) -> None:
     proc = workers()
-    task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 60); do echo line $i; sleep 0.1; done")
+    task_id = submit(settings, "--shell", TEST_IMAGE, "for i in $(seq 1 60); do echo line $i; sleep 0.1; done")
     before = wait_started(store, task_id, 60)
     time.sleep(1.5)
     proc.kill()  # SIGKILL: no clean shutdown, the container keeps running
@@ -147,7 +147,7 @@ def test_task_that_ends_while_its_worker_is_down_is_recorded_on_return(
     settings: Settings, store: SQLiteStore, workers  # type: ignore[no-untyped-def]
 ) -> None:
     proc = workers()
-    task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 20); do echo line $i; sleep 0.1; done; exit 7")
+    task_id = submit(settings, "--shell", TEST_IMAGE, "for i in $(seq 1 20); do echo line $i; sleep 0.1; done; exit 7")
     before = wait_started(store, task_id, 60)
     proc.kill()
     runtime = DockerRuntime()
@@ -190,7 +190,7 @@ def test_clean_restart_does_not_wait_for_long_tasks_and_reattaches(
     settings: Settings, store: SQLiteStore, workers  # type: ignore[no-untyped-def]
 ) -> None:
     proc = workers()
-    task_id = submit(settings, TEST_IMAGE, "for i in $(seq 1 50); do echo line $i; sleep 0.2; done")
+    task_id = submit(settings, "--shell", TEST_IMAGE, "for i in $(seq 1 50); do echo line $i; sleep 0.2; done")
     before = wait_started(store, task_id, 60)
     time.sleep(1.0)
     proc.stop()  # SIGTERM: Celery's warm shutdown

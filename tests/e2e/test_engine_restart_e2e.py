@@ -84,7 +84,7 @@ def test_dockerd_restart_mid_task_is_a_clear_reason(
         engine.load(docker_session, TEST_IMAGE)
         monkeypatch.setenv("DOCKER_HOST", engine.url)  # the worker and this test's Docker calls use it
         worker = WorkerProc(settings, store, settings.worker_id, tmp_path).start()
-        task_id = submit(settings, TEST_IMAGE, counting(60, 0.2))
+        task_id = submit(settings, "--shell", TEST_IMAGE, counting(60, 0.2))
         wait_for(lambda: "line 2" in log_lines(settings, task_id), 60, 0.2, "the task's first lines")
         watch = OneCopy(task_id).start()
         engine.stop()  # the engine goes away and (no live-restore) kills the container

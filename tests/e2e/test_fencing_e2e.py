@@ -113,7 +113,7 @@ def test_frozen_worker_with_retries_one_copy_and_the_true_outcome(
 ) -> None:
     """The issue's scenario: SIGSTOP past the heartbeat timeout, the retry runs elsewhere, SIGCONT."""
     first = workers("first-" + settings.worker_id)
-    task_id = submit(settings, "--retries", "1", TEST_IMAGE, counting(25))
+    task_id = submit(settings, "--retries", "1", "--shell", TEST_IMAGE, counting(25))
     old = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
     second = workers("second-" + settings.worker_id)
     watch = OneCopy(task_id)
@@ -141,7 +141,7 @@ def test_frozen_pinned_worker_without_a_second_copy_and_follow_through_the_retry
     """Pinned: attempt 2 waits for the frozen worker; on resume attempt 1 is stopped before attempt 2 runs, and
     `logs -f` follows through the requeue to attempt 2's end."""
     worker = workers()
-    task_id = submit(settings, "--retries", "1", "--worker", worker.worker_id, TEST_IMAGE, counting(12))
+    task_id = submit(settings, "--retries", "1", "--worker", worker.worker_id, "--shell", TEST_IMAGE, counting(12))
     old = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
     wait_for(lambda: "line 1" in log_lines(settings, task_id), 30, 0.2, "attempt 1's first line")
     follower = subprocess.Popen(cloudai("logs", "-f", task_id), cwd=ROOT, env=cli_env(settings),
@@ -168,7 +168,7 @@ def test_frozen_worker_without_retries_is_lost_and_its_container_goes(
     settings: Settings, store: SQLiteStore, workers, beat  # type: ignore[no-untyped-def]  # noqa: F811
 ) -> None:
     worker = workers()
-    task_id = submit(settings, TEST_IMAGE, counting(40))
+    task_id = submit(settings, "--shell", TEST_IMAGE, counting(40))
     old = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
     freeze(worker)
     lost = wait_ended(store, task_id, 60)
@@ -185,7 +185,7 @@ def test_killed_worker_with_retries_runs_exactly_once_more(
     settings: Settings, store: SQLiteStore, workers, beat  # type: ignore[no-untyped-def]  # noqa: F811
 ) -> None:
     first = workers("first-" + settings.worker_id)
-    task_id = submit(settings, "--retries", "1", TEST_IMAGE, counting(10))
+    task_id = submit(settings, "--retries", "1", "--shell", TEST_IMAGE, counting(10))
     old = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
     second = workers("second-" + settings.worker_id)
     first.kill()
@@ -266,7 +266,7 @@ def test_worker_cut_off_from_redis_fences_itself(
     behind = dataclasses.replace(settings, redis_url=f"redis://127.0.0.1:{proxy.port}/0")
     worker = WorkerProc(behind, store, settings.worker_id, tmp_path).start()
     try:
-        task_id = submit(settings, TEST_IMAGE, counting(60))
+        task_id = submit(settings, "--shell", TEST_IMAGE, counting(60))
         old = wait_for(lambda: (t := store.get_task(task_id)) and t.started_at and t, 60, what="start")
         proxy.cut()
         # the order of two events, not a duration: when the task is given up (lost: a retry could start
@@ -327,7 +327,7 @@ def test_redis_restart_without_persistence_mid_task(
     worker = WorkerProc(private, store, settings.worker_id, tmp_path).start()
     beat_proc = _beat(private, tmp_path)
     try:
-        task_id = submit(private, TEST_IMAGE, counting(25, 0.2))
+        task_id = submit(private, "--shell", TEST_IMAGE, counting(25, 0.2))
         wait_for(lambda: (t := store.get_task(task_id)) and t.started_at, 60, what="start")
         watch = OneCopy(task_id).start()
         time.sleep(1.0)
@@ -362,7 +362,7 @@ def test_store_unreachable_mid_task(
     import sqlite3
 
     workers()
-    task_id = submit(settings, TEST_IMAGE, counting(20, 0.2))
+    task_id = submit(settings, "--shell", TEST_IMAGE, counting(20, 0.2))
     wait_for(lambda: (t := store.get_task(task_id)) and t.started_at, 60, what="start")
     watch = OneCopy(task_id).start()
     lock = sqlite3.connect(store.path, timeout=1, isolation_level=None)

@@ -73,9 +73,9 @@ def test_flower_shows_workers_and_tasks_with_readable_arguments_and_true_states(
         return result.stdout.strip()
 
     proc = workers()
-    task_id = submit( "--cpus", "0.5", "-m", "64m", TEST_IMAGE, "echo hello from flower test")
-    failed_id = submit("-m", "64m", TEST_IMAGE, "echo failing; exit 2")
-    oom_id = submit("-m", "32m", TEST_IMAGE, "x=$(head -c 200000000 /dev/zero | tr '\\0' a)")
+    task_id = submit( "--cpus", "0.5", "-m", "64m", "--shell", TEST_IMAGE, "echo hello from flower test")
+    failed_id = submit("-m", "64m", "--shell", TEST_IMAGE, "echo failing; exit 2")
+    oom_id = submit("-m", "32m", "--shell", TEST_IMAGE, "x=$(head -c 200000000 /dev/zero | tr '\\0' a)")
     wait_for(lambda: store.get_task(task_id).status == TaskStatus.COMPLETED, 60, what="task")  # type: ignore[union-attr]
     for other in (failed_id, oom_id):
         wait_for(lambda o=other: store.get_task(o).status == TaskStatus.FAILED, 60, what="failure")  # type: ignore[misc,union-attr]

@@ -12,7 +12,7 @@ from tests.services import TEST_IMAGE
 
 def test_markup_and_escapes_show_literally(settings: Settings, store: SQLiteStore) -> None:
     register(store, settings.worker_id)  # the task is queued there; no worker needs to run it
-    task_id = submit(settings, "--name", "[/]oops", TEST_IMAGE, "echo '[/]' \x1b[2J\x1b]0;pwned\x07 [bold]x")
+    task_id = submit(settings, "--name", "[/]oops", "--shell", TEST_IMAGE, "echo '[/]' \x1b[2J\x1b]0;pwned\x07 [bold]x")
     listed = run(settings, "list")
     assert listed.returncode == 0, listed.stderr
     assert "MarkupError" not in listed.stderr and "\x1b" not in listed.stdout

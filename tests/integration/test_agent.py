@@ -25,7 +25,7 @@ def _agent(settings: Settings, store: SQLiteStore) -> WorkerAgent:
 
 
 def _container(settings: Settings, task_id: str, command: str) -> str:
-    spec = ContainerSpec(image=TEST_IMAGE, command=command, cpus=1, memory=GiB // 4, task_id=task_id,
+    spec = ContainerSpec(image=TEST_IMAGE, command=["sh", "-c", command], cpus=1, memory=GiB // 4, task_id=task_id,
                          worker_id=settings.worker_id, name=f"cloudai-{task_id}-1")
     return DockerRuntime().create(spec)
 

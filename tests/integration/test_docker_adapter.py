@@ -24,7 +24,7 @@ def runtime(docker_ready) -> Iterator[DockerRuntime]:  # type: ignore[no-untyped
 
 
 def _container(runtime: DockerRuntime, worker_id: str, command: str) -> str:
-    return runtime.create(ContainerSpec(image=TEST_IMAGE, command=command, cpus=0.5, memory=64 << 20,
+    return runtime.create(ContainerSpec(image=TEST_IMAGE, command=["sh", "-c", command], cpus=0.5, memory=64 << 20,
                                         task_id="adapter", worker_id=worker_id))
 
 

@@ -69,7 +69,8 @@ def test_limits_as_docker_applied_them_and_cancel_stops_the_container(
     assert info["Config"]["Labels"] == {"team": "ml", keys.LABEL_TASK_ID: task.task_id,
                                         keys.LABEL_WORKER_ID: settings.worker_id,
                                         keys.LABEL_EXECUTION_ID: task.execution_id}
-    assert info["Config"]["Entrypoint"] == ["/bin/sh", "-c"]
+    # docker run's rule: the arguments replace the image's CMD, its ENTRYPOINT (none here) stays
+    assert info["Config"]["Entrypoint"] is None and info["Config"]["Cmd"] == task.args
     cancelled = CloudAI(settings).cancel(task.task_id, by="ana")
     thread.join(30)
     assert result == ["cancelled"]

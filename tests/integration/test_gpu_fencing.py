@@ -30,7 +30,7 @@ def test_a_lost_attempts_gpus_are_not_handed_out_while_its_container_lives(
     runtime = DockerRuntime()
     # attempt 1 of a task holds GPU 0 and runs; then its worker is declared dead (no retries: lost)
     lost = queued_task(store, settings.worker_id, "sleep 60", status=S.RUNNING, req_gpu=1, gpu_ids=["0"])
-    spec = ContainerSpec(image=TEST_IMAGE, command="sleep 60", cpus=1, memory=GiB // 4, task_id=lost.task_id,
+    spec = ContainerSpec(image=TEST_IMAGE, command=["sleep", "60"], cpus=1, memory=GiB // 4, task_id=lost.task_id,
                          worker_id=settings.worker_id, labels={keys.LABEL_EXECUTION_ID: lost.execution_id})
     cid = runtime.create(spec)
     runtime.start(cid)

@@ -58,13 +58,13 @@ def _nothing_recorded(tmp_path: Path) -> None:
         (["-l", BAD_UTF8 + "=v", "busybox"], "not valid UTF-8"),
         (["--constraint", "gpu=" + BAD_UTF8, "busybox"], "not valid UTF-8"),
         (["-w", "/" + BAD_UTF8, "busybox"], "not valid UTF-8"),
-        (["--user", BAD_UTF8, "busybox"], "not valid UTF-8"),
+        (["--as-user", BAD_UTF8, "busybox"], "not valid UTF-8"),
         (["--worker", BAD_UTF8, "busybox"], "not valid UTF-8"),
         # control characters in one-line fields (the command and env values may hold any but NUL)
         (["--name", "a\x1b[2Jb", "busybox"], "control characters"),
         (["-l", "k=a\x1b[31m", "busybox"], "control characters"),
-        (["--user", "a\x1b[31m", "busybox"], "invalid user"),
-        (["--user", "[/]x", "busybox"], "invalid user '[/]x'"),
+        (["--as-user", "a\x1b[31m", "busybox"], "invalid user"),
+        (["--as-user", "[/]x", "busybox"], "invalid user '[/]x'"),
         # worker ids: a documented charset and length
         (["--worker", "../etc", "busybox"], "invalid worker '../etc'"),
         (["--worker", "a b", "busybox"], "invalid worker 'a b'"),

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
-from cloudai import limits, tokens
+from cloudai import limits, runoptions, tokens, volumes
 from cloudai.cli.main import cli
 from cloudai.errors import ValidationError
 from cloudai.server import create_app, csrf
@@ -177,6 +177,13 @@ def test_the_cli_the_api_and_the_web_form_give_the_same_message(bad: Bad, client
 AT_AND_PAST = [
     ("image", "a" * limits.MAX_IMAGE_CHARS, "a" * (limits.MAX_IMAGE_CHARS + 1), "invalid image"),
     ("command", "x" * limits.MAX_COMMAND_BYTES, "x" * (limits.MAX_COMMAND_BYTES + 1), "invalid command"),
+    ("command", ["x" * limits.MAX_COMMAND_BYTES], ["x" * (limits.MAX_COMMAND_BYTES + 1)], "invalid command"),
+    ("command", ["a"] * limits.MAX_ARGS, ["a"] * (limits.MAX_ARGS + 1), "invalid command"),
+    ("command", ["x" * 100_000, "y" * 100_000], ["x" * 100_000, "y" * 100_000, "z" * 100_000], "invalid command"),
+    ("mounts", [f"v:/m{i}" for i in range(volumes.MAX_MOUNTS)], [f"v:/m{i}" for i in range(volumes.MAX_MOUNTS + 1)],
+     "invalid mount"),
+    ("ulimits", [f"{n}=1" for n in runoptions.ULIMIT_NAMES], [f"{n}=1" for n in runoptions.ULIMIT_NAMES] + ["core=2"],
+     "invalid ulimit"),
     ("env", {f"K{i}": "v" for i in range(limits.MAX_ENV_ENTRIES)},
      {f"K{i}": "v" for i in range(limits.MAX_ENV_ENTRIES + 1)}, "invalid env"),
     ("env", {"A": "v" * limits.MAX_ENV_VALUE_BYTES}, {"A": "v" * (limits.MAX_ENV_VALUE_BYTES + 1)}, "invalid env A"),
@@ -228,6 +235,8 @@ def test_the_schema_shows_the_bounds_of_limits_and_pydantic_checks_none() -> Non
         ("memory", "maximum"): limits.MAX_MEMORY_BYTES, ("storage", "maximum"): limits.MAX_MEMORY_BYTES,
         ("labels", "maxItems"): limits.MAX_LABELS, ("constraints", "maxItems"): limits.MAX_LABELS,
         ("timeout", "minimum"): 0, ("gpus", "minimum"): 0, ("retries", "minimum"): 0,  # none below 0
+        ("command", "maxItems"): limits.MAX_ARGS, ("mounts", "maxItems"): volumes.MAX_MOUNTS,
+        ("ulimits", "maxItems"): runoptions.MAX_ULIMITS,
     }
     assert {key: props[key[0]].get(key[1]) for key in shown} == shown
     assert "128 KiB" in props["command"]["description"]

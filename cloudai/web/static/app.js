@@ -321,6 +321,11 @@ function workerCard(w, tasks, admin, refresh) {
   if (labels.length) {
     card.append(el("p", { class: "labels" }, ...labels.map(([k, v]) => el("span", { class: "label" }, `${k}=${v}`))));
   }
+  const volumes = Object.entries(w.volumes || {});  // name and mode only: host paths never leave the worker
+  if (volumes.length) {
+    card.append(el("p", { class: "volumes" }, "Volumes: ",
+      ...volumes.map(([name, mode]) => el("span", { class: "label volume" }, `${name} (${mode})`))));
+  }
   if (tasks.length) {
     card.append(el("p", { class: "running" }, "Tasks: ",
       ...tasks.flatMap((t, i) => [i ? ", " : "",
