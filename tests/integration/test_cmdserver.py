@@ -22,7 +22,7 @@ import pytest
 from cloudai.cli.cmdserver import control
 from cloudai.cli.cmdwire import socket_path
 from cloudai.settings import Settings
-from tests.helpers import ROOT, children_of, cli_env, cmdservers_in, proc_stat, wait_for, wait_started
+from tests.helpers import ROOT, ServerProc, children_of, cmdservers_in, proc_stat, wait_for, wait_started
 from tests.services import TEST_IMAGE
 
 
@@ -34,10 +34,11 @@ def launch(*args: str) -> list[str]:
 class CmdServer:
     """A command server in a directory of its own, and the environment that makes launchers use it."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, master: ServerProc, user: str) -> None:
         # short: a socket's path must fit in 108 bytes, and pytest's tmp_path can be long
         self.dir = tempfile.mkdtemp(prefix="cs-", dir="/tmp")
-        self.env = cli_env(settings, CLOUDAI_CMDSERVER_DIR=self.dir, CLOUDAI_CMDSERVER="manual")
+        # a user's commands, through the master
+        self.env = master.cli_env(master.token(user), CLOUDAI_CMDSERVER_DIR=self.dir, CLOUDAI_CMDSERVER="manual")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> CmdServer:
@@ -68,8 +69,8 @@ class CmdServer:
 
 
 @pytest.fixture
-def cmdserver(settings: Settings) -> Iterator[CmdServer]:
-    server = CmdServer(settings)
+def cmdserver(settings: Settings, api_server: ServerProc) -> Iterator[CmdServer]:
+    server = CmdServer(api_server, settings.user)
     yield server
     server.stop()
 
@@ -197,8 +198,9 @@ def _read_some(fd: int) -> bytes:
     return os.read(fd, 4096) if ready else b""
 
 
-def test_the_launcher_starts_a_server_and_a_new_one_when_the_code_changes(settings: Settings) -> None:
-    server = CmdServer(settings)
+def test_the_launcher_starts_a_server_and_a_new_one_when_the_code_changes(settings: Settings,
+                                                                         api_server: ServerProc) -> None:
+    server = CmdServer(api_server, settings.user)
     server.env.pop("CLOUDAI_CMDSERVER")  # the default: the launcher starts one when there is none
     source = ROOT / "cli" / "render.py"
     stat = source.stat()

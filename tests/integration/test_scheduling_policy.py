@@ -18,7 +18,7 @@ from cloudai.maintenance import Maintenance
 from cloudai.models import GiB, Quota, Resources, Task, TaskStatus, WorkerState, utcnow
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import executor, message, register
+from tests.helpers import ServerProc, executor, message, register
 from tests.services import TEST_IMAGE
 
 S = TaskStatus
@@ -154,10 +154,11 @@ def test_quota_makes_tasks_wait_and_refuses_what_could_never_fit(api: CloudAI, s
     assert api.quotas() == []
 
 
-def test_quota_cli(settings: Settings, store: SQLiteStore) -> None:
+def test_quota_cli(settings: Settings, store: SQLiteStore, api_server: ServerProc) -> None:
+    """An operator sets quotas directly (`cloudai admin`); the user submits and looks through the master."""
     register(store, "w", cpus=4)
     env = {"CLOUDAI_REDIS_URL": settings.redis_url, "CLOUDAI_STORE_URL": settings.store_url,
-           "CLOUDAI_USER": "carol"}
+           "CLOUDAI_USER": "carol", "CLOUDAI_API_URL": api_server.url, "CLOUDAI_TOKEN": api_server.token("carol")}
     runner = CliRunner()
     ok = runner.invoke(cli, ["admin", "quota", "set", "carol", "--cpus", "2", "--memory", "4g"], env=env)
     assert ok.exit_code == 0, ok.output
@@ -264,10 +265,10 @@ def test_reaper_releases_what_a_dead_workers_tasks_held(api: CloudAI, store: SQL
     assert api.submit(_req(cpus=2, gpus=1)).gpu_ids == ["0"]  # its GPU and CPUs are free again
 
 
-def test_cli_submit_after_status_and_list_show_the_dependency(settings: Settings, store: SQLiteStore) -> None:
+def test_cli_submit_after_status_and_list_show_the_dependency(settings: Settings, store: SQLiteStore,
+                                                              api_server: ServerProc) -> None:
     register(store, "w", cpus=4)
-    env = {"CLOUDAI_REDIS_URL": settings.redis_url, "CLOUDAI_STORE_URL": settings.store_url,
-           "CLOUDAI_USER": "erin"}
+    env = {"CLOUDAI_API_URL": api_server.url, "CLOUDAI_TOKEN": api_server.token("erin")}
     runner = CliRunner()
     first = runner.invoke(cli, ["submit", "-q", "busybox", "true"], env=env).output.strip()
     second = runner.invoke(cli, ["submit", "-q", "--after", first, "busybox", "true"], env=env)
