@@ -8,7 +8,8 @@ import sys
 
 
 def _run(code: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-c", f"from cloudai.cli.shutdown import exit_now\n{code}"], capture_output=True)
+    return subprocess.run([sys.executable, "-c", f"from cloudai.cli.shutdown import exit_now\n{code}"],
+                          capture_output=True)
 
 
 def test_everything_printed_arrives_and_the_status_is_kept() -> None:
