@@ -409,6 +409,9 @@ class WorkerInfo:
     last_heartbeat: datetime = field(default_factory=utcnow)
     started_at: datetime = field(default_factory=utcnow)
     slots: int = 16  # tasks it runs at once (its Celery concurrency): part of its capacity
+    pids_limit: int | None = None  # each task's pids limit here: its share of the host's PID budget
+    disk_quota: bool | None = None  # whether Docker's storage driver bounds a writable layer (else a watcher)
+    pressure: str | None = None  # why it takes no new task now (disk), set and cleared by the worker itself
 
     def to_doc(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -439,7 +442,7 @@ class Assignment:
     assigned_at: datetime = field(default_factory=utcnow)
 
 
-QUOTA_LIMITS = ("cpus", "memory", "gpus", "tasks")
+QUOTA_LIMITS = ("cpus", "memory", "gpus", "tasks", "waiting")
 
 
 def quota_doc(user: str, quota: Quota | None, usage: dict[str, float] | None = None) -> dict[str, Any]:
@@ -452,7 +455,9 @@ def quota_doc(user: str, quota: Quota | None, usage: dict[str, float] | None = N
 
 @dataclass
 class Quota:
-    """What one user's queued and running tasks may hold at once (admin-set); ``None`` means no limit."""
+    """What one user's queued and running tasks may hold at once, and how many of their tasks may wait
+    (``waiting``: pending ones); admin-set, or the operator's defaults (:mod:`cloudai.quotapolicy`). ``None``
+    means no limit."""
 
     user_id: str
     cpus: float | None = None
@@ -460,6 +465,7 @@ class Quota:
     gpus: int | None = None
     tasks: int | None = None
     updated_at: datetime = field(default_factory=utcnow)
+    waiting: int | None = None  # pending tasks (a submit past it is refused; placement never looks at it)
 
     def to_doc(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -472,7 +478,7 @@ class Quota:
         return cls(**data)
 
     def limits(self) -> dict[str, float | None]:
-        """The four limits by name (``None``: no limit)."""
+        """The limits by name (``None``: no limit)."""
         return {name: getattr(self, name) for name in QUOTA_LIMITS}
 
     def exceeded_alone(self, resources: Resources) -> str | None:
