@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
@@ -29,17 +29,22 @@ from cloudai.errors import (
 )
 from cloudai.fencing import Fence
 from cloudai.gpus import GpuLeases, holder, parse_holder
-from cloudai.limits import capabilities, image_allowed
+from cloudai.imagepolicy import refusal as registry_refusal
+from cloudai.limits import capabilities, image_allowed, reserved_label_prefix
 from cloudai.lines import split_frames
 from cloudai.logevents import ATTEMPT_MARKER
 from cloudai.logs import LogBus, LogWriter
 from cloudai.message import MessageError, RunMessage
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
+from cloudai.pidbudget import worker_pids_limit
 from cloudai.reservations import Reservations
 from cloudai.runtime import ENGINE_RESTARTED, ContainerSpec, DockerRuntime, ExitState, ImageMissing, oom_reason
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
 from cloudai.supervision import BATCH_WAIT, MAX_BACKLOG, drain, enforce_stop, quietly, start_reader, wait_exit
+
+if TYPE_CHECKING:
+    from cloudai.diskguard import DiskGuard
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +97,16 @@ class Executor:
         self._revoked: set[str] = set()  # execution ids the store says are no longer current
         self._lock = threading.Lock()
         self._detach = threading.Event()
+        # each task's share of the host's PIDs (cloudai.pidbudget), and the disk policy (the worker process sets
+        # one; without it a task's --storage goes to Docker as is)
+        self.pids_limit = worker_pids_limit(settings.pids_limit, settings.pids_reserve, settings.worker_concurrency)
+        self.disk: DiskGuard | None = None
+
+    def disk_budgets(self) -> dict[str, int]:
+        """Each supervised attempt's disk budget (bytes, by execution id): its ``--storage``, else the default."""
+        default = self.settings.task_disk
+        budgets = {t.execution_id: t.storage_bytes or default for t in self.active_attempts() if t.execution_id}
+        return {execution: budget for execution, budget in budgets.items() if budget}
 
     def detach_all(self) -> None:
         """The worker is shutting down: stop supervising (containers keep running, their tasks stay
@@ -291,6 +306,9 @@ class Executor:
         if not image_allowed(task.docker_image, patterns):
             raise ImageNotAllowed(f"image {task.docker_image!r} is not allowed on worker {self.worker_id}; "
                                   f"allowed images (CLOUDAI_ALLOWED_IMAGES): {', '.join(patterns)}")
+        why = registry_refusal(task.docker_image, self.settings.allowed_registries)
+        if why is not None:
+            raise ImageNotAllowed(f"image {task.docker_image!r} is not allowed on worker {self.worker_id}: {why}")
 
     def _marker(self, task: Task) -> str:
         return (ATTEMPT_MARKER.format(attempt=task.attempt)
@@ -306,6 +324,26 @@ class Executor:
         return any(c["Labels"].get(keys.LABEL_EXECUTION_ID) in (execution, None)
                    for c in self.runtime.find(worker_id=self.worker_id, task_id=task_id))
 
+    def _labels(self, task: Task) -> dict[str, str]:
+        """The task's labels less any in a namespace this worker reserves (tools on the host act on those; a
+        task recorded before the master checked them, or under another list, loses them here)."""
+        kept = {}
+        for key, value in task.labels.items():
+            if reserved_label_prefix(key, self.settings.reserved_label_prefixes) is None:
+                kept[key] = value
+            else:
+                log.warning("task %s: label %r dropped (reserved prefix)", task.task_id, key)
+        return {**kept, keys.LABEL_EXECUTION_ID: task.execution_id}
+
+    def _storage(self, task: Task) -> int | None:
+        """``storage_opt size``: the task's disk budget where the storage driver bounds a writable layer; None
+        where the disk guard measures instead."""
+        if self.disk is None:
+            return task.resources.storage
+        if not self.disk.quota_supported:
+            return None
+        return task.storage_bytes or self.settings.task_disk or None
+
     def _container_spec(self, task: Task) -> ContainerSpec:
         return ContainerSpec(
             image=task.docker_image,
@@ -317,9 +355,9 @@ class Executor:
             gpu_ids=list(task.gpu_ids),
             env=dict(task.env),
             workdir=task.workdir,
-            labels={**task.labels, keys.LABEL_EXECUTION_ID: task.execution_id},
-            storage=task.resources.storage,
-            pids_limit=self.settings.pids_limit,
+            labels=self._labels(task),
+            storage=self._storage(task),
+            pids_limit=self.pids_limit,
             network=self.settings.docker_network,
             name=f"cloudai-{task.task_id}-{task.attempt}",
             capabilities=capabilities(self.settings.cap_drop, self.settings.cap_add),
@@ -479,6 +517,9 @@ class Executor:
             who = None  # Redis down: a cancel waits for it; the timeout below needs no Redis
         if who is not None:
             return Outcome(S.CANCELLED, None, f"cancelled by {_text(who) or 'a user'}", False, "Cancelled")
+        over_disk = self.disk.over(task.execution_id) if self.disk is not None else None
+        if over_disk is not None:
+            return Outcome(S.FAILED, None, over_disk, False, "DiskLimit")
         if deadline is not None and time.time() >= deadline:
             return Outcome(S.TIMEOUT, None, f"timed out after {task.timeout_s:g}s and was stopped", False, "Timeout")
         return None
