@@ -132,8 +132,9 @@ def workers(settings: Settings, store: SQLiteStore, tmp_path: Path, docker_ready
 
     started: list[WorkerProc] = []
 
-    def start(worker_id: str | None = None, *flags: str, wait: bool = True) -> WorkerProc:
-        proc = WorkerProc(settings, store, worker_id or settings.worker_id, tmp_path, *flags).start(wait)
+    def start(worker_id: str | None = None, *flags: str, wait: bool = True,
+              env: dict[str, str] | None = None) -> WorkerProc:
+        proc = WorkerProc(settings, store, worker_id or settings.worker_id, tmp_path, *flags, env=env).start(wait)
         started.append(proc)
         return proc
 

@@ -55,6 +55,14 @@ def executor(settings: Settings, store: TaskStore, runtime: DockerRuntime | None
     return Executor(settings, store, bus, runtime or DockerRuntime(), bus.redis)
 
 
+def task_pids_limit(settings: Settings) -> int:
+    """The pids limit an executor with ``settings`` gives each task on this host (cloudai.pidbudget)."""
+    from cloudai import pidbudget
+
+    return pidbudget.per_task(settings.pids_limit, pidbudget.host_limit(), settings.pids_reserve,
+                              settings.worker_concurrency)
+
+
 def message(task: Task) -> dict[str, Any]:
     """The queue message the scheduler sends for ``task`` (the only wire format)."""
     from cloudai.message import RunMessage
@@ -120,8 +128,10 @@ def cloudai(*args: str) -> list[str]:
 class WorkerProc:
     """A real `cloudai worker start` subprocess."""
 
-    def __init__(self, settings: Settings, store: TaskStore, worker_id: str, log_dir: Path, *flags: str) -> None:
+    def __init__(self, settings: Settings, store: TaskStore, worker_id: str, log_dir: Path, *flags: str,
+                 env: dict[str, str] | None = None) -> None:
         self.settings = settings
+        self.env = env or {}  # more CLOUDAI_* settings of the worker (its limits)
         self.store = store
         self.worker_id = worker_id
         self.log_path = log_dir / f"worker-{worker_id}-{time.monotonic_ns()}.log"
@@ -134,7 +144,7 @@ class WorkerProc:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 cloudai("worker", "start", "--id", self.worker_id, "--concurrency", "4", *self.flags),
-                cwd=ROOT, env=cli_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
+                cwd=ROOT, env=cli_env(self.settings, **self.env), stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         if wait:
@@ -179,12 +189,13 @@ class ServerProc:
     """A real `cloudai server` subprocess on a free port of 127.0.0.1, with tokens made in its store."""
 
     def __init__(self, settings: Settings, store: TaskStore, log_dir: Path, *flags: str,
-                 ca_file: str | None = None) -> None:
+                 ca_file: str | None = None, env: dict[str, str] | None = None) -> None:
         from tests.services import free_port
 
         self.settings = settings
         self.store = store
         self.flags = flags
+        self.env = env or {}  # more CLOUDAI_* settings of the server (its limits)
         self.ca_file = ca_file  # with --ssl-certfile: the certificate clients trust
         self.port = free_port()
         self.url = f"{'https' if ca_file else 'http'}://127.0.0.1:{self.port}"
@@ -200,8 +211,8 @@ class ServerProc:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cloudai("server", "--port", str(self.port), "--log-level", "warning",
                                                  *self.flags),
-                                         cwd=ROOT, env=cli_env(self.settings), stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+                                         cwd=ROOT, env=cli_env(self.settings, **self.env), stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
 
         def healthy() -> bool:
             assert self.proc is not None and self.proc.poll() is None, self.log_path.read_text()
@@ -224,6 +235,9 @@ class ServerProc:
         return cli_env(self.settings, CLOUDAI_API_URL=self.url, CLOUDAI_TOKEN=token,
                        CLOUDAI_REDIS_URL="redis://unused.invalid:1/0", CLOUDAI_STORE_URL="sqlite:////nonexistent/x",
                        XDG_CONFIG_HOME=str(self.log_path.parent / "xdg"), **extra)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
