@@ -85,5 +85,5 @@ def redispatch() -> list[str]:
 
 @app.task(name="cloudai.maintenance.expire_logs", ignore_result=True)
 def expire_logs() -> list[str]:
-    """Expire finished tasks' log streams after the retention period."""
-    return maintenance().expire_logs()
+    """Expire finished tasks' log streams after the retention period, and their archives after theirs."""
+    return maintenance().expire_logs() + maintenance().expire_archives()

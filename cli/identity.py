@@ -35,15 +35,37 @@ def server(ctx: Context, host: str, port: int, ssl_certfile: str | None, ssl_key
     from cloudai.api import CloudAI
     from cloudai.celery_app import dispatcher, make_app
     from cloudai.server import create_app
+    from cloudai.server.slowclient import guarded_h11
 
-    cloud = CloudAI(ctx.settings, dispatcher(make_app(ctx.settings)))
+    settings = ctx.settings
+    cloud = CloudAI(settings, dispatcher(make_app(settings)))
     cloud.store.ping()  # a store or Redis that can't be reached is an error now, not on the first request
     cloud.ping_redis()
+    _enough_files(settings.server_max_connections)
     scheme = "https" if ssl_certfile else "http"
     click.echo(f"CloudAI server on {scheme}://{host}:{port} (API docs at /docs)", err=True)
-    uvicorn.run(create_app(ctx.settings, cloud), host=host, port=port, ssl_certfile=ssl_certfile,
+    # slow clients: a request's head and body have deadlines, an idle kept-alive connection closes, and past
+    # CLOUDAI_SERVER_MAX_CONNECTIONS connections a request gets 503 (see cloudai/server/slowclient.py)
+    uvicorn.run(create_app(settings, cloud), host=host, port=port, ssl_certfile=ssl_certfile,
                 ssl_keyfile=ssl_keyfile, log_level=log_level, proxy_headers=True,
-                forwarded_allow_ips=forwarded_allow_ips, timeout_graceful_shutdown=5)
+                forwarded_allow_ips=forwarded_allow_ips, timeout_graceful_shutdown=5,
+                http=guarded_h11(settings.server_header_timeout_s, settings.server_body_timeout_s),
+                timeout_keep_alive=settings.server_keepalive_s, limit_concurrency=settings.server_max_connections)
+
+
+def _enough_files(connections: int) -> None:
+    """Raise the soft limit on open files so that ``connections`` clients (plus Redis, the store and the log
+    feeds) fit, as far as the hard limit allows; say so when it doesn't."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + 1024
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            click.echo(f"warning: at most {new} open files (ulimit -n); CLOUDAI_SERVER_MAX_CONNECTIONS="
+                       f"{connections} needs about {wanted}", err=True)
 
 
 @click.command(cls=LocalCommand)

@@ -210,18 +210,23 @@ def _one_line(text: str, width: int) -> str:
 
 
 def worker_table(views: list[WorkerView]) -> Table:
+    """Workers: capacity, use and room. Through the master a user's view counts only their own tasks' use
+    (other users' load is not theirs to see): the columns say "yours"."""
     from rich.table import Table
 
     table = Table(box=None, header_style="bold")
-    for col in ("WORKER", "STATE", "CPUS", "MEMORY", "GPUS", "TASKS", "HEARTBEAT", "LABELS"):
+    yours = " (YOURS)" if any(v.usage_of is not None for v in views) else ""
+    for col in ("WORKER", "STATE", f"CPUS{yours}", f"MEMORY{yours}", f"GPUS{yours}", f"TASKS{yours}", "ROOM",
+                "HEARTBEAT", "LABELS"):
         table.add_column(col, no_wrap=True)
     for v in views:
         w = v.info
         state = w.state.value if v.alive or w.state.value == "offline" else f"{w.state.value} (silent)"
         gpus = f"{len(v.used_gpu_ids)}/{len(w.gpu_ids)}" + (f" [{','.join(w.gpu_ids)}]" if w.gpu_ids else "")
+        room = "-" if v.has_room is None else ("yes" if v.has_room else "full")
         table.add_row(*map(cell, (
             w.worker_id, state, f"{v.used_cpus:g}/{w.cpus:g}",
-            f"{format_bytes(v.used_memory)}/{format_bytes(w.memory)}", gpus, f"{v.tasks}/{w.slots}",
+            f"{format_bytes(v.used_memory)}/{format_bytes(w.memory)}", gpus, f"{v.tasks}/{w.slots}", room,
             f"{v.heartbeat_age_s:.0f}s ago", ",".join(f"{k}={val}" for k, val in w.labels.items()) or "-",
         )))
     return table

@@ -269,11 +269,13 @@ class CloudAI:
                        reconnect_for_s: float = 60.0, timestamps: bool = True) -> Iterator[Sequence[LogEvent]]:
         """The task's log from line ``after_seq + 1`` in batches (see :func:`cloudai.logfollow.follow_batches`);
         the lines have their timestamps whatever ``timestamps`` says (the stream's entries hold both columns)."""
+        from cloudai.archive import archive_batch
         from cloudai.logfollow import follow_batches
 
         self.get(task_id)  # an unknown task is an error before anything is read
-        return follow_batches(self.bus, task_id, lambda: self.end_of(task_id), lambda: self.store.read_log(task_id),
-                              after_seq, follow, on_reconnect, reconnect_for_s)
+        return follow_batches(self.bus, task_id, lambda: self.end_of(task_id),
+                              lambda seq: archive_batch(self.store, task_id, seq), after_seq, follow, on_reconnect,
+                              reconnect_for_s)
 
     def end_of(self, task_id: str) -> LogEnd | None:
         """The end marker a finished task's log would close with; None while it is not finished."""

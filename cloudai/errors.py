@@ -184,3 +184,14 @@ class Forbidden(CloudAIError):
     """The token is valid but its role may not do this (HTTP 403)."""
 
     exit_code = ExitCode.ERROR
+
+
+class TooManyRequests(CloudAIError):
+    """A limit the operator set on one token, user or address was reached (HTTP 429 with ``Retry-After``):
+    nothing was done; the same request succeeds after ``retry_after_s`` (or once the user holds less)."""
+
+    exit_code = ExitCode.ERROR
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = max(1, int(retry_after_s + 0.999))  # whole seconds, rounded up, at least 1

@@ -7,6 +7,7 @@ of Celery."""
 
 from __future__ import annotations
 
+import copy
 import logging
 import queue
 import threading
@@ -18,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import redis
 
 from cloudai import keys
-from cloudai.archive import CHUNK_LINES, Archiver
+from cloudai.archive import CHUNK_LINES, Archiver, archive_stream
 from cloudai.errors import (
     AttemptFenced,
     ImageError,
@@ -32,8 +33,10 @@ from cloudai.gpus import GpuLeases, holder, parse_holder
 from cloudai.imagepolicy import refusal as registry_refusal
 from cloudai.limits import capabilities, image_allowed, reserved_label_prefix
 from cloudai.lines import split_frames
-from cloudai.logevents import ATTEMPT_MARKER
+from cloudai.logbudget import LogBudget, Replay, size_text
+from cloudai.logevents import ATTEMPT_MARKER, LogLine
 from cloudai.logs import LogBus, LogWriter
+from cloudai.memory import release_memory
 from cloudai.message import MessageError, RunMessage
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
 from cloudai.pidbudget import worker_pids_limit
@@ -41,7 +44,7 @@ from cloudai.reservations import Reservations
 from cloudai.runtime import ENGINE_RESTARTED, ContainerSpec, DockerRuntime, ExitState, ImageMissing, oom_reason
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
-from cloudai.supervision import BATCH_WAIT, MAX_BACKLOG, drain, enforce_stop, quietly, start_reader, wait_exit
+from cloudai.supervision import BATCH_WAIT, backlogged, drain, enforce_stop, quietly, start_reader, wait_exit
 
 if TYPE_CHECKING:
     from cloudai.diskguard import DiskGuard
@@ -53,6 +56,8 @@ T = TypeVar("T")
 STORE_RETRY_S = 600.0  # how long a finished task's outcome waits for a store that is down
 READER_QUEUE = 8  # lists of lines (one read each, <= 64 KiB of output) between the reader and the pump
 CHECK_EVERY_S = 0.25  # how often cancel, timeout and the fence are checked while a container runs
+RELEASE_AFTER_LINES = 100_000  # after an attempt with this many lines of output...
+RELEASE_AFTER_BYTES = 64 * 1024 * 1024  # ...or this many bytes, the worker hands freed memory back
 
 
 def attempt_ttl_s(settings: Settings) -> float:
@@ -176,14 +181,20 @@ class Executor:
         if not self._claim_local(task):
             return "skipped"
         try:
-            writer = _retry(lambda: self._writer(task), f"re-attach of {task.task_id}", 60.0,
+            archiver = Archiver(self.store, task.task_id, task.execution_id)
+            writer = _retry(lambda: self._writer(task, archiver), f"re-attach of {task.task_id}", 60.0,
                             (StoreUnavailable, RedisUnavailable))
             log.info("re-attaching to task %s (container %s, %d lines already streamed)",
                      task.task_id, container_id[:12], writer.published)
-            archiver = Archiver(self.store, task.task_id, task.execution_id)
-            archiver.gap_from = task.log_base + 1  # what was archived before the restart is unknown
+            # what the worker had not archived before it restarted is still in the stream (which is trimmed only
+            # up to what the archive holds): archive it from there, then go on from the stream's end
+            _retry(lambda: archive_stream(self.store, self.bus, task.task_id, task.execution_id, writer.published),
+                   f"re-attach of {task.task_id}", 60.0, (StoreUnavailable, RedisUnavailable))
             archiver.start()
-            return self._supervise(task, container_id, writer, archiver)
+            budget = self._budget()
+            last = self.bus.last_entry(task.task_id)[1]
+            budget.resume(writer.published - task.log_base, last if isinstance(last, LogLine) else None)
+            return self._supervise(task, container_id, writer, archiver, None, budget)
         except (StoreUnavailable, RedisUnavailable) as exc:
             log.warning("re-attach of %s postponed (%s); the container keeps running", task.task_id, exc)
             return "detached"
@@ -204,10 +215,16 @@ class Executor:
         return bool(task and task.status == S.RUNNING and task.execution_id == execution
                     and task.worker_id == self.worker_id)
 
-    def _writer(self, task: Task) -> LogWriter:
+    def _writer(self, task: Task, archiver: Archiver) -> LogWriter:
+        """The attempt's stream writer: its window in Redis is bounded by lines and bytes, never trimmed past
+        what ``archiver`` wrote to the store."""
         execution = task.execution_id
         return self.bus.writer(task.task_id, execution=execution,
-                               revalidate=lambda: self._is_current(task.task_id, execution))
+                               revalidate=lambda: self._is_current(task.task_id, execution),
+                               window_bytes=self.settings.log_redis_bytes, trim_floor=archiver.floor)
+
+    def _budget(self) -> LogBudget:
+        return LogBudget(self.settings.log_max_bytes, stop=self.settings.log_over_budget == "stop")
 
     def _run(self, message: RunMessage) -> str:
         task_id, execution = message.task_id, message.execution_id
@@ -247,7 +264,7 @@ class Executor:
         container_id: str | None = None
         archiver = Archiver(self.store, task_id, execution).start()
         try:
-            writer = self._writer(task)
+            writer = self._writer(task, archiver)
             if task.attempt > 1:  # a retry starts a new section of the log
                 archiver.add(writer.next_seq, self._marker(task), "")
                 writer.add(self._marker(task))
@@ -276,7 +293,7 @@ class Executor:
             log.exception("task %s could not start", task_id)
             outcome = Outcome(S.FAILED, None, f"worker error: {exc}", False, "WorkerError")
             return self._finish(task, container_id, outcome, archiver).value
-        return self._supervise(task, container_id, writer, archiver, live)
+        return self._supervise(task, container_id, writer, archiver, live, self._budget())
 
     def _create(self, task: Task) -> str:
         """The container, its image pulled by the task's policy. An image that is here is not inspected first
@@ -359,29 +376,36 @@ class Executor:
             storage=self._storage(task),
             pids_limit=self.pids_limit,
             network=self.settings.docker_network,
+            log_max_size=self.settings.docker_log_max_size,
+            log_max_file=self.settings.docker_log_max_file,
             name=f"cloudai-{task.task_id}-{task.attempt}",
             capabilities=capabilities(self.settings.cap_drop, self.settings.cap_add),
             read_only=task.read_only,
         )
 
     def _supervise(self, task: Task, container_id: str, writer: LogWriter, archiver: Archiver,
-                   live: Iterator[list[bytes]] | None = None) -> str:
+                   live: Iterator[list[bytes]] | None, budget: LogBudget) -> str:
         """Pump log lines until the container ends, enforcing timeout and cancel whatever fails (a broken log
         reader is restarted, a failed stop is retried, then killed); then finish. Returns the final status, or
-        ``detached`` (shutdown), ``fenced`` (this worker stopped it on its own) or ``stale``."""
+        ``detached`` (shutdown), ``fenced`` (this worker stopped it on its own) or ``stale``. The memory a
+        long log's strings held goes back to the system afterwards (:func:`release_memory`)."""
+        archiver.budget_start = copy.copy(budget)
         try:
-            return self._pump(task, container_id, writer, archiver, live)
+            return self._pump(task, container_id, writer, archiver, live, budget)
         finally:
             archiver.close()
+            if budget.seen >= RELEASE_AFTER_LINES or budget.used + budget.dropped_bytes >= RELEASE_AFTER_BYTES:
+                release_memory()
 
     def _pump(self, task: Task, container_id: str, writer: LogWriter, archiver: Archiver,
-              live: Iterator[list[bytes]] | None = None) -> str:
+              live: Iterator[list[bytes]] | None, budget: LogBudget) -> str:
         lines: queue.Queue[Any] = queue.Queue(maxsize=READER_QUEUE)
-        consumed = writer.published - task.log_base  # container lines already in the log
+        max_line = self.settings.log_max_line
         # the attach stream carries all output when it ends (not breaks) with the container; then Docker's
         # log is never read. Any other way (a re-attach, a broken stream) catches up from Docker's log at exit
         attached_whole = threading.Event() if live is not None else None
-        reader = start_reader(self.runtime, task.task_id, container_id, consumed, lines, live, attached_whole)
+        reader = start_reader(self.runtime, task.task_id, container_id, budget.seen, lines, live, attached_whole,
+                              max_line)
         started = task.started_at or utcnow()
         deadline = started.timestamp() + task.timeout_s if task.timeout_s else None
         stop_reason: Outcome | None = None
@@ -397,10 +421,9 @@ class Executor:
                 return "detached"
             if self.fence is not None and self.fence.expired():
                 return self._self_fence(task, container_id)
-            if writer.backlog < MAX_BACKLOG and not reader_done:
-                first, moved, reader_done = drain(lines, writer)
+            if not backlogged(writer) and not reader_done:
+                first, moved, reader_done = drain(lines, writer, budget)
                 archiver.add_lines(first, moved)
-                consumed += len(moved)
             else:
                 time.sleep(BATCH_WAIT)  # back-pressure: the reader blocks, Docker keeps the output
             now = time.monotonic()
@@ -419,7 +442,7 @@ class Executor:
                 if task.execution_id in self._revoked:
                     return self._stale(task, container_id, f"attempt {task.execution_id} is no longer current")
                 if stop_reason is None:
-                    stop_reason = self._should_stop(task, deadline)
+                    stop_reason = self._should_stop(task, deadline, budget)
                     if stop_reason is not None:  # output keeps flowing while the container gets its grace
                         grace = self.settings.stop_grace_s
                         threading.Thread(target=enforce_stop, args=(self.runtime, container_id, grace),
@@ -430,13 +453,15 @@ class Executor:
                     attached_whole = None
                     reader_done = False
                     time.sleep(0.2)
-                    reader = start_reader(self.runtime, task.task_id, container_id, consumed, lines)
+                    reader = start_reader(self.runtime, task.task_id, container_id, budget.seen, lines,
+                                          max_line=max_line)
                 elif state == "unknown":
                     attached_whole = None
                     engine_trouble = True
                     reader_done = False
                     time.sleep(1.0)
-                    reader = start_reader(self.runtime, task.task_id, container_id, consumed, lines)
+                    reader = start_reader(self.runtime, task.task_id, container_id, budget.seen, lines,
+                                          max_line=max_line)
                 else:
                     break
         del reader
@@ -457,7 +482,12 @@ class Executor:
         # beyond them, streamed (memory flat in the log's length)
         try:
             if attached_whole is None or not attached_whole.is_set():
-                self._catch_up(task, container_id, consumed, writer, archiver)
+                budget = self._catch_up(task, container_id, budget, writer, archiver)
+            summary = budget.summary()
+            if summary is not None:  # the log's last line says what the budget did not keep
+                archiver.add(writer.next_seq, summary, "")
+                writer.add(summary)
+                writer.flush()
         except AttemptFenced as exc:
             return self._stale(task, container_id, str(exc))
         except Exception:
@@ -469,25 +499,28 @@ class Executor:
             outcome = self._outcome(task, exit_code, oom, stop_reason)
         return self._finish(task, container_id, outcome, archiver, stopped=True).value
 
-    def _catch_up(self, task: Task, container_id: str, consumed: int, writer: LogWriter,
-                  archiver: Archiver) -> None:
+    def _catch_up(self, task: Task, container_id: str, budget: LogBudget, writer: LogWriter,
+                  archiver: Archiver) -> LogBudget:
+        """Publish and archive what Docker's log has beyond the lines read (and fill the archive's gap, if it
+        has one); returns the budget's state after all of the output."""
         gap = archiver.gap_from
-        archive_from = gap - task.log_base if gap is not None else None  # container line the archive lacks from
         if gap is not None:
             archiver.gap_from = None
+        replay = Replay(archiver.budget_start or self._budget(), task.log_base)
         caught = 0
-        for n, (text, ts) in enumerate(split_frames(self.runtime.stream_frames(container_id, follow=False)), 1):
-            seq = task.log_base + n
-            if n > consumed:
+        frames = self.runtime.stream_frames(container_id, follow=False)
+        for n, seq, text, ts in replay.lines(split_frames(frames, self.settings.log_max_line)):
+            if n > budget.seen:
                 writer.add(text, ts)
                 caught += 1
                 if writer.backlog >= 500:
                     writer.flush()
-            if n > consumed or (archive_from is not None and n >= archive_from):
+            if n > budget.seen or (gap is not None and seq >= gap):
                 archiver.add(seq, text, ts)
         if caught:
             log.info("task %s: %d lines caught up from Docker's log after exit", task.task_id, caught)
         writer.flush()
+        return replay.budget if replay.budget.seen >= budget.seen else budget
 
     def _self_fence(self, task: Task, container_id: str) -> str:
         """This worker has not heartbeaten for longer than it may hold containers: the cluster may have started
@@ -510,7 +543,7 @@ class Executor:
         quietly(self.gpus.release, holder(task.task_id, task.execution_id), task.gpu_ids)
         return "stale"
 
-    def _should_stop(self, task: Task, deadline: float | None) -> Outcome | None:
+    def _should_stop(self, task: Task, deadline: float | None, budget: LogBudget | None = None) -> Outcome | None:
         try:
             who = self.redis.get(keys.cancel_flag(task.task_id))
         except redis.RedisError:
@@ -520,6 +553,9 @@ class Executor:
         over_disk = self.disk.over(task.execution_id) if self.disk is not None else None
         if over_disk is not None:
             return Outcome(S.FAILED, None, over_disk, False, "DiskLimit")
+        if budget is not None and budget.exceeded and budget.stop:
+            return Outcome(S.FAILED, None, f"stopped: its log passed the log budget of {size_text(budget.max_bytes)} "
+                           "(CLOUDAI_LOG_MAX_BYTES)", False, "LogBudget")
         if deadline is not None and time.time() >= deadline:
             return Outcome(S.TIMEOUT, None, f"timed out after {task.timeout_s:g}s and was stopped", False, "Timeout")
         return None
@@ -598,19 +634,24 @@ class Executor:
             quietly(self.after_finish, task)
 
     def _archive(self, task: Task, container_id: str | None, archiver: Archiver) -> None:
-        """The rest of the archive (a gap the store's outage left is filled from Docker's log, in chunks)."""
+        """The rest of the archive (a gap the store's outage left is filled from Docker's log, in chunks, then
+        from the stream)."""
         archiver.close()
         try:
             if archiver.gap_from is not None and container_id:
                 gap = archiver.gap_from
                 archiver.gap_from = None
                 frames = self.runtime.stream_frames(container_id, follow=False)
-                for n, (text, ts) in enumerate(split_frames(frames), 1):
-                    if task.log_base + n >= gap:
-                        archiver.add(task.log_base + n, text, ts)
+                replay = Replay(archiver.budget_start or self._budget(), task.log_base)
+                for n, seq, text, ts in replay.lines(split_frames(frames, self.settings.log_max_line)):
+                    if seq >= gap:
+                        archiver.add(seq, text, ts)
                         if n % CHUNK_LINES == 0:
                             _retry(archiver.flush, f"archive of {task.task_id}")
             _retry(archiver.flush, f"archive of {task.task_id}")
+            if archiver.gapped:  # lines of CloudAI's own after the gap (the budget's summary) are in the stream
+                _retry(lambda: archive_stream(self.store, self.bus, task.task_id, task.execution_id),
+                       f"archive of {task.task_id}")
         except AttemptFenced as exc:
             log.warning("task %s: %s", task.task_id, exc)
         except Exception:
@@ -636,3 +677,4 @@ def _retry(fn: Callable[[], T], what: str, for_s: float | None = None,
 
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
+

@@ -1,8 +1,10 @@
 """How a container's output becomes log lines.
 
-Output is split on ``\\n``; a line longer than :data:`MAX_LINE_BYTES` is split into chunks of that size, each
-delivered as its own line; ``\\r`` progress updates (tqdm) collapse to the last state of the line; invalid UTF-8
-becomes U+FFFD. Archived lines are ``"<RFC 3339 timestamp> <text>"``.
+Output is split on ``\\n``; a line longer than the line cap (``CLOUDAI_LOG_MAX_LINE``, default
+:data:`MAX_LINE_BYTES`) is cut into pieces of that size, each delivered as its own line, every piece but the last
+ending with a visible mark (:data:`CUT_MARK`): nothing is dropped, and a reader sees where a line was cut;
+``\\r`` progress updates (tqdm) collapse to the last state of the line; invalid UTF-8 becomes U+FFFD. Archived
+lines are ``"<RFC 3339 timestamp> <text>"``.
 """
 
 from __future__ import annotations
@@ -12,6 +14,12 @@ from collections.abc import Iterable, Iterator
 from cloudai.logevents import LineBatch
 
 MAX_LINE_BYTES = 64 * 1024
+CUT_MARK = " [cloudai: line cut at {size}; it continues on the next line]"
+
+
+def cut_mark(max_line: int) -> str:
+    """What ends a piece of a line that was cut at ``max_line`` bytes."""
+    return CUT_MARK.format(size=f"{max_line // 1024} KiB" if max_line % 1024 == 0 else f"{max_line} bytes")
 
 
 class LineSplitter:
@@ -20,6 +28,7 @@ class LineSplitter:
 
     def __init__(self, max_line: int = MAX_LINE_BYTES) -> None:
         self.max_line = max_line
+        self.mark = cut_mark(max_line)
         self._buf = bytearray()
         self._ts = ""
 
@@ -50,7 +59,7 @@ class LineSplitter:
                 break
             while end - start > self.max_line:  # however the output was cut into frames, the same pieces
                 cut = _utf8_boundary(buf, self.max_line, start)
-                out.append((_text(bytes(buf[start:cut])), self._ts))
+                out.append((_text(bytes(buf[start:cut])) + self.mark, self._ts))
                 start = cut
                 self._ts = ts
             out.append((_text(bytes(buf[start:end])), self._ts))
@@ -58,7 +67,7 @@ class LineSplitter:
             self._ts = ts
         while len(buf) - start > self.max_line:  # ">": the byte at the cut must exist to check it
             cut = _utf8_boundary(buf, self.max_line, start)
-            out.append((_text(bytes(buf[start:cut])), self._ts))
+            out.append((_text(bytes(buf[start:cut])) + self.mark, self._ts))
             start = cut
             self._ts = ts
         del buf[:start]
@@ -89,19 +98,19 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
-def split_frames(frames: Iterable[bytes]) -> Iterator[tuple[str, str]]:
+def split_frames(frames: Iterable[bytes], max_line: int = MAX_LINE_BYTES) -> Iterator[tuple[str, str]]:
     """Lines from Docker log frames fetched with ``timestamps=True`` (``b"<ts> <payload>"`` each)."""
-    splitter = LineSplitter()
+    splitter = LineSplitter(max_line)
     for frame in frames:
         ts, _, payload = frame.partition(b" ")
         yield from splitter.feed(payload, ts.decode("ascii", "replace"))
     yield from splitter.close()
 
 
-def split_chunks(chunks: Iterable[list[bytes]]) -> Iterator[list[tuple[str, str]]]:
+def split_chunks(chunks: Iterable[list[bytes]], max_line: int = MAX_LINE_BYTES) -> Iterator[list[tuple[str, str]]]:
     """:func:`split_frames` a list of frames at a time: the lines each list completes (lists without a whole
     line give nothing), then the unterminated rest."""
-    splitter = LineSplitter()
+    splitter = LineSplitter(max_line)
     for chunk in chunks:
         lines: list[tuple[str, str]] = []
         for frame in chunk:
@@ -124,8 +133,8 @@ def archive_lines(lines: list[tuple[str, str]]) -> list[str]:
     return [f"{ts or '-'} {text}" for text, ts in lines]
 
 
-def archived_lines(lines: list[str], after_seq: int) -> LineBatch:
-    """An archived log's lines after ``after_seq`` (line n of the archive is seq n) as one batch of columns:
-    ``logs`` of a finished task whose live log expired reads them all at once."""
-    parts = [line.partition(" ") for line in lines[after_seq:]]
-    return LineBatch(after_seq + 1, [p[2] for p in parts], ["" if p[0] == "-" else p[0] for p in parts])
+def archived_lines(lines: list[str], after_seq: int, first: int = 1) -> LineBatch:
+    """Archived lines (``lines[0]`` is line ``first``) after ``after_seq``, as one batch of columns."""
+    skip = max(0, after_seq + 1 - first)
+    parts = [line.partition(" ") for line in lines[skip:]]
+    return LineBatch(first + skip, [p[2] for p in parts], ["" if p[0] == "-" else p[0] for p in parts])

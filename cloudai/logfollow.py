@@ -1,5 +1,6 @@
-"""Following a task's log: history, then the live tail, with no gap and no duplicate, and the archive once the
-stream expired. :class:`LogFollow` is the state machine without I/O; :func:`follow_batches` drives it on the
+"""Following a task's log: history, then the live tail, with no gap and no duplicate; the archive for the lines
+the stream no longer holds (trimmed to its window while the task runs, or the whole stream once it expired),
+read chunk by chunk. :class:`LogFollow` is the state machine without I/O; :func:`follow_batches` drives it on the
 sync :class:`~cloudai.logs.LogBus` (the CLI in direct mode); the master drives it on ``redis.asyncio``
 (:mod:`cloudai.server.logstream`)."""
 
@@ -10,13 +11,13 @@ from collections.abc import Callable, Generator, Iterator, Sequence
 from typing import Any
 
 from cloudai.errors import RedisUnavailable
-from cloudai.lines import archived_lines
 from cloudai.logevents import LineBatch, LogEnd, LogEvent, LogLine
 from cloudai.logs import LogBus
 
 BLOCK_MS = 1000  # one XREAD BLOCK; a follower looks at its viewer (a key press, a closed connection) this often
-# an archive goes out in batches of this many lines, so that a viewer prints (and the master's client decodes)
-# the first while the next is encoded, and a key press stops `monitor` between two
+# an archive goes out in batches of at most this many lines (one chunk of the store's at a time, in memory), so
+# that a viewer prints (and the master's client decodes) the first while the next is read, and a key press stops
+# `monitor` between two
 ARCHIVE_BATCH_LINES = 10_000
 IDLE_CHECK_S = 2.0  # with nothing new for this long, ask the store whether the task ended without a marker
 
@@ -30,7 +31,9 @@ class LogFollow:
     - ``("cursor", seq)`` -> send :meth:`LogBus.cursor`; ``("read", (cursor, seq, block_ms))`` -> send the
       ``(events, cursor)`` of :meth:`LogBus.read`; a :class:`RedisUnavailable` from either is thrown in instead;
     - ``("end_of_task", None)`` -> the store's end marker or None; ``("exists", None)`` -> whether the stream
-      exists; ``("last_entry", None)`` -> :meth:`LogBus.last_entry`; ``("archive", None)`` -> the archived log;
+      exists; ``("last_entry", None)`` -> :meth:`LogBus.last_entry`; ``("archive", seq)`` -> the archived lines
+      of the store's chunk holding line ``seq + 1`` (or the next chunk) from there on, as a :class:`LineBatch`
+      (:func:`cloudai.archive.archive_batch`), or None past the archive's end;
     - ``("wait", (exc, seconds))``: Redis is unreachable, sleep and tell the viewer; ``("emit", batch)``: hand
       this batch of events to the viewer (an empty one while following: nothing arrived during one block).
 
@@ -59,12 +62,31 @@ class LogFollow:
                 return batch
             if event.seq <= self.seq:
                 continue
-            if event.seq > self.seq + 1:  # trimmed from the stream's history before we read it
+            if event.seq > self.seq + 1:  # neither the stream nor the archive has them (the archive lags)
                 batch.append(LogLine(self.seq + 1, f"[cloudai] {event.seq - self.seq - 1} earlier lines were "
                                      "trimmed from the live log; `cloudai logs` shows them once the task ends"))
             self.seq = event.seq
             batch.append(event)
         return batch
+
+    def _archive(self, upto: int | None) -> Generator[FollowStep, Any, None]:
+        """Hand over the archived lines after ``seq`` up to line ``upto`` (None: to the archive's end), a chunk
+        of the store's at a time. A hole in the archive is noted (once the stream expired), or left to
+        :meth:`take` (while the stream holds the lines after it)."""
+        while upto is None or self.seq < upto:
+            batch: LineBatch | None = yield ("archive", self.seq)
+            if not batch:
+                return
+            if upto is not None:
+                batch = batch[: max(0, upto - batch.first + 1)]
+            if not batch or (batch.first > self.seq + 1 and upto is not None):
+                return
+            if batch.first > self.seq + 1:
+                yield ("emit", [LogLine(self.seq + 1, f"[cloudai] {batch.first - self.seq - 1} lines are missing "
+                                        "from the archive")])
+            self.seq = batch.first + len(batch) - 1
+            for start in range(0, len(batch), ARCHIVE_BATCH_LINES):
+                yield ("emit", batch[start:start + ARCHIVE_BATCH_LINES])
 
     def steps(self) -> Generator[FollowStep, Any, None]:
         """The requests, in order (see the class docstring)."""
@@ -87,6 +109,11 @@ class LogFollow:
                     raise
                 yield ("wait", (exc, min(1.0, self.reconnect_for_s / 10)))
                 continue
+            first = _first_seq(events)
+            if first is not None and first > self.seq + 1:
+                # the stream was trimmed past the lines this follower still needs: the archive has them (the
+                # stream is never trimmed past what it holds), read up to the stream's first line
+                yield from self._archive(first - 1)
             batch = self.take(events)
             if batch or self.follow:
                 yield ("emit", batch)  # an empty batch lets a viewer check for a key press while nothing arrives
@@ -108,10 +135,7 @@ class LogFollow:
                     return
                 continue
             if not (yield ("exists", None)):
-                archive = (yield ("archive", None)) if self.seq == self.start_seq else None
-                lines = archived_lines(archive or [], self.seq)
-                for start in range(0, len(lines), ARCHIVE_BATCH_LINES):
-                    yield ("emit", lines[start:start + ARCHIVE_BATCH_LINES])
+                yield from self._archive(None)
                 yield ("emit", [end])
                 return
             last_seq, last = yield ("last_entry", None)
@@ -120,22 +144,30 @@ class LogFollow:
                 return
 
 
+def _first_seq(events: Sequence[LogEvent]) -> int | None:
+    """The seq of the first line a read brought (None: no line)."""
+    if isinstance(events, LineBatch):
+        return events.first if events else None
+    return next((e.seq for e in events if isinstance(e, LogLine)), None)
+
+
 def follow_batches(bus: LogBus, task_id: str, end_of_task: Callable[[], LogEnd | None],
-                   read_archive: Callable[[], list[str] | None], after_seq: int = 0, follow: bool = True,
+                   read_archive: Callable[[int], LineBatch | None], after_seq: int = 0, follow: bool = True,
                    on_reconnect: Callable[[Exception], None] | None = None,
                    reconnect_for_s: float = 60.0) -> Iterator[Sequence[LogEvent]]:
     """A task's log from line ``after_seq + 1`` in batches as Redis hands them over: history, then (with
     ``follow``) live lines until the end marker, which comes last. No gap, no duplicate; a dropped Redis
     connection is retried for ``reconnect_for_s`` and resumes after the last line seen. Once the stream has
-    expired, the archive. ``end_of_task`` asks the store whether the task has finished (the end marker it would
-    have, or None); ``read_archive`` reads its archived log. Drives :class:`LogFollow` with blocking calls."""
+    expired (or been trimmed past the lines wanted), the archive. ``end_of_task`` asks the store whether the task
+    has finished (the end marker it would have, or None); ``read_archive(seq)`` reads the archived chunk after
+    line ``seq`` (:func:`cloudai.archive.archive_batch`). Drives :class:`LogFollow` with blocking calls."""
     io: dict[str, Callable[[Any], Any]] = {
         "cursor": lambda seq: bus.cursor(task_id, seq),
         "read": lambda a: bus.read(task_id, a[0], a[1], block_ms=a[2]),
         "end_of_task": lambda _: end_of_task(),
         "exists": lambda _: bus.exists(task_id),
         "last_entry": lambda _: bus.last_entry(task_id),
-        "archive": lambda _: read_archive(),
+        "archive": read_archive,
     }
     plan = LogFollow(after_seq, follow, reconnect_for_s).steps()
     reply: Any = None

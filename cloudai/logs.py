@@ -7,7 +7,9 @@ line>-0`` and its fields are ``n`` (how many), ``l`` and ``t`` (JSON lists of te
 entry per batch keeps Redis work per line small. The last entry is an
 end marker (``end``, ``status``, ``exit_code``, ``reason``) with id ``<last seq + 1>-0``. Followers read with
 ``XREAD BLOCK`` from the last entry they saw, so history and live tail join with no gap and no duplicate, and a
-dropped connection resumes where it stopped. History is bounded by MINID trimming to about ``maxlen`` lines.
+dropped connection resumes where it stopped. History is bounded by MINID trimming to about ``maxlen`` lines and,
+for a worker's writer, about ``window_bytes`` bytes, never past what the archive holds already (``trim_floor``):
+a follower that falls behind the window reads the rest from the archive (:mod:`cloudai.logfollow`).
 
 How output becomes lines: :mod:`cloudai.lines`; following a log (CLI and master): :mod:`cloudai.logfollow`.
 """
@@ -18,6 +20,7 @@ import json
 import logging
 import operator
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -116,6 +119,7 @@ def _seq(entry_id: str) -> int:
 
 
 MAX_ENTRY_BYTES = 512 * 1024  # one stream entry: at most BATCH_LINES lines and about this much text
+WINDOW_MARKS = 256  # a writer remembers about this many points of its byte window to trim at
 
 
 class LogBus:
@@ -147,12 +151,15 @@ class LogBus:
         return parse_last_entry(entries)
 
     def writer(self, task_id: str, next_seq: int | None = None, execution: str | None = None,
-               revalidate: Callable[[], bool] | None = None) -> LogWriter:
+               revalidate: Callable[[], bool] | None = None, window_bytes: int = 0,
+               trim_floor: Callable[[], int | None] | None = None) -> LogWriter:
         """A batching writer; with ``execution``, each write lands only while that attempt is current (else
-        :class:`AttemptFenced`); ``revalidate`` asks the store whether it still is when Redis lost the key."""
+        :class:`AttemptFenced`); ``revalidate`` asks the store whether it still is when Redis lost the key.
+        ``window_bytes`` bounds the stream by bytes too; ``trim_floor`` says up to which line the archive holds
+        the log (None: no bound), and the stream is never trimmed past it (see :class:`LogWriter`)."""
         if next_seq is None:
             next_seq = self.last_entry(task_id)[0] + 1
-        return LogWriter(self, task_id, next_seq, execution, revalidate)
+        return LogWriter(self, task_id, next_seq, execution, revalidate, window_bytes, trim_floor)
 
     def attempt(self, task_id: str, execution: str, ttl_s: float, mode: str = "set") -> int:
         """Register attempt ``execution`` as the task's current one (``set``), extend its TTL while it is
@@ -291,16 +298,29 @@ def _events(entry_id: str, fields: dict[str, str]) -> list[LogEvent]:
 
 class LogWriter:
     """Batches a task's lines into stream entries, several per script call (never one round-trip per
-    line)."""
+    line).
+
+    The stream keeps a window: each write trims (``XADD MINID ~``) what lies before the last ``maxlen`` lines
+    and, with ``window_bytes``, before the last ``window_bytes`` of what this writer wrote (the entries' JSON,
+    what Redis holds), but never a line the archive does not hold yet: ``trim_floor()`` is the last line the
+    store has (None: no bound, as when the archive gave up and Docker's log will fill it in). The trim point is
+    always the start of an entry this writer wrote, so no entry holding an unarchived line goes; the writer
+    remembers about :data:`WINDOW_MARKS` such starts (memory flat in the log's length)."""
 
     def __init__(self, bus: LogBus, task_id: str, next_seq: int, execution: str | None = None,
-                 revalidate: Callable[[], bool] | None = None) -> None:
+                 revalidate: Callable[[], bool] | None = None, window_bytes: int = 0,
+                 trim_floor: Callable[[], int | None] | None = None) -> None:
         self.bus = bus
         self.task_id = task_id
         self.key = keys.log_stream(task_id)
         self.next_seq = next_seq
         self.execution = execution
         self.revalidate = revalidate
+        self.window_bytes = window_bytes
+        self.trim_floor = trim_floor
+        self._marks: deque[tuple[int, int]] = deque()  # (an entry's first seq, bytes written before it)
+        self._written = 0  # bytes of entries this writer wrote
+        self._backlog_bytes = 0
         # the pending lines as two columns (a tuple per line cost the worker a sixth of its CPU on a long log);
         # the first is line ``next_seq - len(_texts)``
         self._texts: list[str] = []
@@ -319,6 +339,11 @@ class LogWriter:
         return len(self._texts)
 
     @property
+    def backlog_bytes(self) -> int:
+        """Characters of the lines added but not yet written (what they hold in memory, about)."""
+        return self._backlog_bytes
+
+    @property
     def _first_seq(self) -> int:
         return self.next_seq - len(self._texts)
 
@@ -328,6 +353,7 @@ class LogWriter:
             self._first_at = time.monotonic()
         self._texts.append(text)
         self._stamps.append(ts)
+        self._backlog_bytes += len(text)
         self.next_seq += 1
 
     def add_many(self, lines: list[tuple[str, str]]) -> None:
@@ -338,6 +364,7 @@ class LogWriter:
             self._first_at = time.monotonic()
         self._texts += map(_TEXT, lines)
         self._stamps += map(_STAMP, lines)
+        self._backlog_bytes += sum(map(len, self._texts[-len(lines):]))
         self.next_seq += len(lines)
 
     def flush_if_due(self, attempts: int = 20) -> None:
@@ -371,8 +398,40 @@ class LogWriter:
         return [*sizes, count]
 
     def _drop(self, count: int) -> None:
+        self._backlog_bytes -= sum(map(len, self._texts[:count]))
         del self._texts[:count]
         del self._stamps[:count]
+
+    def _minid(self, first_seq: int) -> int:
+        """Where the write starting at line ``first_seq`` trims the stream (see the class docstring)."""
+        target = max(0, first_seq - self.bus.maxlen)
+        marks = self._marks
+        if self.window_bytes and marks:
+            # the earliest mark with at most window_bytes written from it on: what lies before it may go
+            start = next((seq for seq, before in marks if self._written - before <= self.window_bytes), marks[-1][0])
+            target = max(target, start)
+        floor = self.trim_floor() if self.trim_floor is not None else None
+        if floor is not None:
+            # only whole entries whose lines are all archived: trim at an entry start this writer knows, at or
+            # before the line after the floor (none known: trim nothing now)
+            limit = min(target, floor + 1)
+            target = max((seq for seq, _ in marks if seq <= limit), default=0)
+        while len(marks) > 1 and marks[1][0] <= target:  # marks before the trim point are of no more use
+            marks.popleft()
+        return target
+
+    def _remember(self, first_seq: int, size: int) -> None:
+        """A write of ``size`` bytes starting with an entry at line ``first_seq``: a point to trim at later."""
+        last = self._marks[-1] if self._marks else None
+        if self.window_bytes:  # a mark every 1/WINDOW_MARKS of the window, in bytes or else in lines
+            due = last is None or self._written - last[1] >= self.window_bytes // WINDOW_MARKS
+        else:
+            due = last is None or first_seq - last[0] >= max(1, self.bus.maxlen // WINDOW_MARKS)
+        if due:
+            self._marks.append((first_seq, self._written))
+        while len(self._marks) > 4 * WINDOW_MARKS:  # never unbounded, whatever the settings
+            self._marks.popleft()
+        self._written += size
 
     def _drop_landed(self) -> None:
         last, _ = self.bus.last_entry(self.task_id)
@@ -395,11 +454,13 @@ class LogWriter:
                     continue
                 cuts = self._cuts(BATCH_LINES * 20)
                 first_seq = seq = self._first_seq
-                args: list[Any] = [self.execution or "", _entry_id(max(0, first_seq - self.bus.maxlen))]
+                args: list[Any] = [self.execution or "", _entry_id(self._minid(first_seq))]
                 at = 0
+                size = 0
                 for count in cuts:
-                    args += [seq, count, json.dumps(self._texts[at:at + count]),
-                             json.dumps(self._stamps[at:at + count])]
+                    texts, stamps = json.dumps(self._texts[at:at + count]), json.dumps(self._stamps[at:at + count])
+                    args += [seq, count, texts, stamps]
+                    size += len(texts) + len(stamps)
                     seq += count
                     at += count
                 result = int(self.bus._append(keys=[self.key, keys.execution(self.task_id)], args=args))
@@ -409,6 +470,7 @@ class LogWriter:
                 if result in (-1, -2, -3):
                     self._drop(len(self._texts))
                     raise AttemptFenced(self.task_id, self.execution or "", "log lines")
+                self._remember(first_seq, size)
                 self._drop(at)
                 failures = 0
             except (redis.RedisError, RedisUnavailable) as exc:

@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import timedelta
 
 import redis
 
 from cloudai import keys
+from cloudai.archive import archive_stream
 from cloudai.clock import redis_now, with_redis_heartbeats
 from cloudai.lines import archive_line
 from cloudai.logs import LogBus
@@ -75,7 +77,7 @@ def _lose(store: TaskStore, bus: LogBus, task: Task, reason: str, retention_s: f
                         completed_at=utcnow(), error=TaskError("Lost", reason)):
         try:
             bus.end(task.task_id, S.LOST.value, None, reason)  # also drops the registry: the old writer is fenced
-            store.save_log(task.task_id, [archive_line(ln.text, ln.ts) for ln in bus.history(task.task_id)])
+            archive_stream(store, bus, task.task_id)  # what the worker had not archived yet
             bus.expire(task.task_id, retention_s)
         except Exception:  # beat's retention job archives and expires it later
             log.warning("log of lost task %s not archived yet", task.task_id, exc_info=True)
@@ -185,9 +187,33 @@ class Maintenance:
                 task = self.store.get_task(task_id)
                 if task is not None and not task.status.terminal:
                     continue
-                if task is not None and self.store.read_log(task_id) is None:
-                    self.store.save_log(task_id, [archive_line(ln.text, ln.ts) for ln in self.bus.history(task_id)])
+                if task is not None:
+                    archive_stream(self.store, self.bus, task_id)  # what no worker archived (a lost task)
                 age = (utcnow() - (task.completed_at or task.created_at)).total_seconds() if task else 0.0
                 self.bus.expire(task_id, max(1.0, self.settings.log_retention_s - age))
                 expired.append(task_id)
         return expired
+
+    def expire_archives(self, limit: int = 1000) -> list[str]:
+        """Remove the log archives of tasks that ended more than ``CLOUDAI_LOG_ARCHIVE_RETENTION`` ago (0: keep
+        them for ever); each such log then says so in one line. Returns the tasks whose archive went."""
+        removed: list[str] = []
+        retention = self.settings.log_archive_retention_s
+        if not retention:
+            return removed
+        with job_lock(self.redis, "archive-retention", 300) as got:
+            if not got:
+                return removed
+            cutoff = utcnow() - timedelta(seconds=retention)
+            for task_id in self.store.old_log_archives(cutoff, limit):
+                task = self.store.get_task(task_id)
+                if task is not None and not (task.status.terminal and (task.completed_at or task.created_at) < cutoff):
+                    continue  # still running, or ended within the retention period
+                freed = self.store.delete_log(task_id)
+                if task is not None:
+                    note = (f"[cloudai] this log was removed {retention / 86400:g} days after the task ended "
+                            "(CLOUDAI_LOG_ARCHIVE_RETENTION)")
+                    self.store.append_log(task_id, 1, [archive_line(note, "")])
+                log.info("log archive of task %s removed (%d bytes)", task_id, freed)
+                removed.append(task_id)
+        return removed

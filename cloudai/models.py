@@ -298,6 +298,10 @@ class Task:
     log_base: int = 0  # log lines of earlier attempts: this attempt's container output starts after them
     after: list[str] = field(default_factory=list)  # ids of tasks that must complete before this one starts
     execution_id: str = field(default_factory=new_execution_id)  # the current attempt's identity
+    # the log archive: what its chunks take in the store (counted by the store as they are written), and when
+    # the retention job removed it (CLOUDAI_LOG_ARCHIVE_RETENTION)
+    log_bytes: int = 0
+    log_removed_at: datetime | None = None
 
     @property
     def resources(self) -> Resources:
@@ -334,7 +338,7 @@ class Task:
         data["status"] = TaskStatus(data["status"])
         if data.get("error"):
             data["error"] = TaskError(**data["error"])
-        for key in ("created_at", "started_at", "completed_at"):
+        for key in ("created_at", "started_at", "completed_at", "log_removed_at"):
             data[key] = as_utc(data.get(key))
         return cls(**data)
 

@@ -12,7 +12,7 @@ from typing import Any
 import docker
 import docker.errors
 import requests.exceptions
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, LogConfig
 
 from cloudai import keys
 from cloudai.docker_adapter import AttachStream
@@ -47,6 +47,8 @@ class ContainerSpec:
     name: str | None = None
     capabilities: list[str] = field(default_factory=lambda: list(DEFAULT_CAPS))  # all others are dropped
     read_only: bool = False  # read-only root filesystem with a writable tmpfs /tmp
+    log_max_size: int = 0  # Docker's json-file log rotation: bytes a file, files kept (0: Docker's default)
+    log_max_file: int = 1
 
 
 class EngineError(Exception):
@@ -86,6 +88,13 @@ def host_config_args(spec: ContainerSpec) -> dict[str, Any]:
         args["storage_opt"] = {"size": str(spec.storage)}
     if spec.network:
         args["network_mode"] = spec.network
+    if spec.log_max_size:
+        # Docker's own log of the container, rotated: the worker reads the attach stream, and Docker's log
+        # only when that stream broke, after a worker restart, or to catch up at exit. Rotation bounds it on
+        # the host's disk, so such a fallback read finds at most max-size x max-file of the latest output:
+        # lines already rotated away then are lost, and counted lines may be misplaced (docs/architecture.md)
+        args["log_config"] = LogConfig(type=LogConfig.types.JSON, config={
+            "max-size": str(spec.log_max_size), "max-file": str(max(1, spec.log_max_file))})
     return args
 
 

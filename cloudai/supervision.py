@@ -11,7 +11,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from cloudai.lines import split_chunks
+from cloudai.lines import MAX_LINE_BYTES, split_chunks
+from cloudai.logbudget import LogBudget
 from cloudai.logs import LogWriter
 from cloudai.runtime import DockerRuntime, EngineError
 
@@ -20,12 +21,13 @@ log = logging.getLogger(__name__)
 DONE = object()  # the reader's last item
 BATCH_WAIT = 0.05
 MAX_BACKLOG = 50_000  # lines held while Redis is unreachable before the reader is made to wait
+MAX_BACKLOG_BYTES = 32 * 1024 * 1024  # ...or this much of their text (the worker's memory stays bounded)
 ENGINE_WAIT_S = 300.0  # how long supervision waits for a Docker engine that does not answer
 
 
 def start_reader(runtime: DockerRuntime, name: str, container_id: str, skip: int, out: queue.Queue[Any],
                  chunks: Iterator[list[bytes]] | None = None,
-                 complete: threading.Event | None = None) -> threading.Thread:
+                 complete: threading.Event | None = None, max_line: int = MAX_LINE_BYTES) -> threading.Thread:
     """The container's output split into lines, from line ``skip + 1``, put on ``out`` in lists (the lines one
     read brought) until the stream ends or breaks (then :data:`DONE`); supervision decides whether to read on.
     The output comes from ``chunks`` (the attach stream opened before the start) when given, else from
@@ -35,7 +37,7 @@ def start_reader(runtime: DockerRuntime, name: str, container_id: str, skip: int
         try:
             source = chunks if chunks is not None else ([f] for f in runtime.stream_frames(container_id))
             seen = 0
-            for lines in split_chunks(source):
+            for lines in split_chunks(source, max_line):
                 seen += len(lines)
                 if seen > skip:
                     out.put(lines[max(0, len(lines) - (seen - skip)):])
@@ -94,9 +96,16 @@ def quietly(fn: Callable[..., Any], *args: Any) -> None:
         log.exception("%s failed", getattr(fn, "__name__", fn))
 
 
-def drain(lines: queue.Queue[Any], writer: LogWriter) -> tuple[int, list[tuple[str, str]], bool]:
-    """Move what the reader has into the writer, waiting at most one batch interval for the first lines.
-    Returns the seq of the first line moved, the ``(text, ts)`` of each, and whether the reader is done."""
+def backlogged(writer: LogWriter) -> bool:
+    """Whether the writer holds as much as it may (Redis is slow or away): the reader then waits."""
+    return writer.backlog >= MAX_BACKLOG or writer.backlog_bytes >= MAX_BACKLOG_BYTES
+
+
+def drain(lines: queue.Queue[Any], writer: LogWriter,
+          budget: LogBudget | None = None) -> tuple[int, list[tuple[str, str]], bool]:
+    """Move what the reader has into the writer (what ``budget`` keeps of it), waiting at most one batch interval
+    for the first lines. Returns the seq of the first line moved, the ``(text, ts)`` of each, and whether the
+    reader is done."""
     first = writer.next_seq
     moved: list[tuple[str, str]] = []
     try:
@@ -106,9 +115,11 @@ def drain(lines: queue.Queue[Any], writer: LogWriter) -> tuple[int, list[tuple[s
     while True:
         if item is DONE:
             return first, moved, True
+        if budget is not None:
+            item = budget.admit(item)
         moved += item
         writer.add_many(item)
-        if writer.backlog >= MAX_BACKLOG:
+        if backlogged(writer):
             return first, moved, False
         try:
             item = lines.get_nowait()

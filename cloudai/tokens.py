@@ -66,7 +66,8 @@ class Identity:
     user: str
     admin: bool
     prefix: str = ""
-    expires_at: datetime | None = None  # the token's expiry (the login cookie never outlives it)
+    expires_at: datetime | None = None  # the token's expiry (a browser session never outlives it)
+    token_hash: str = field(default="", repr=False)  # which token: its rate limit and its browser sessions
 
 
 def hash_token(token: str) -> str:
@@ -125,6 +126,12 @@ def verify(store: TaskStore, token: str | None, now: datetime | None = None) -> 
     if record is None:
         raise AuthError(f"unknown API token {display_prefix(token)}...: check CLOUDAI_TOKEN or the file written by "
                         f"`cloudai login`, or {_ASK}")
+    return accept(store, record, now)
+
+
+def accept(store: TaskStore, record: ApiToken, now: datetime | None = None) -> Identity:
+    """The identity of a stored token (the one a browser session is bound to, or a presented one), unless it
+    was revoked or expired (:class:`AuthError`). Records the last use (at most once a minute)."""
     now = now or utcnow()
     if record.revoked:
         raise AuthError(f"API token {record.prefix}... was revoked; {_ASK}")
@@ -133,7 +140,7 @@ def verify(store: TaskStore, token: str | None, now: datetime | None = None) -> 
         raise AuthError(f"API token {record.prefix}... expired at {record.expires_at:%Y-%m-%d %H:%M} UTC; {_ASK}")
     if record.last_used_at is None or (now - record.last_used_at).total_seconds() >= TOUCH_EVERY_S:
         store.touch_token(record.token_hash, now)
-    return Identity(record.user_id, record.admin, record.prefix, record.expires_at)
+    return Identity(record.user_id, record.admin, record.prefix, record.expires_at, record.token_hash)
 
 
 def revoke(store: TaskStore, prefix: str) -> ApiToken:
@@ -149,5 +156,6 @@ def revoke(store: TaskStore, prefix: str) -> ApiToken:
     if len(matches) > 1:
         raise ValidationError("token prefix", prefix, f"{len(matches)} tokens have it; give more characters")
     store.revoke_token(matches[0].token_hash)
+    store.delete_sessions(matches[0].token_hash)  # its browser sessions end now (each use checks it anyway)
     matches[0].revoked = True
     return matches[0]

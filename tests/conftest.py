@@ -127,7 +127,8 @@ def docker_ready(docker_session, worker_id: str):  # type: ignore[no-untyped-def
 
 @pytest.fixture
 def workers(settings: Settings, store: SQLiteStore, tmp_path: Path, docker_ready):  # type: ignore[no-untyped-def]
-    """Start real `cloudai worker start` subprocesses: ``workers(worker_id, *flags)``; all stopped after."""
+    """Start real `cloudai worker start` subprocesses: ``workers(worker_id, *flags, env={...})``; all stopped
+    after."""
     from tests.helpers import WorkerProc, remove_containers
 
     started: list[WorkerProc] = []

@@ -134,6 +134,7 @@ class WorkerProc:
         self.env = env or {}  # more CLOUDAI_* settings of the worker (its limits)
         self.store = store
         self.worker_id = worker_id
+        self.env = env or {}  # more environment for the worker (operator settings such as CLOUDAI_LOG_MAX_BYTES)
         self.log_path = log_dir / f"worker-{worker_id}-{time.monotonic_ns()}.log"
         self.flags = flags or ("--cpus", "4", "--memory", "8g", "--gpus", "none")
         self.proc: subprocess.Popen[bytes] | None = None

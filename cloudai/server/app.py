@@ -95,8 +95,8 @@ def create_app(settings: Settings, cloud: CloudAI | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.cloud.start_placer()  # placement passes run on its thread, never in a user's request
         yield
-        if app.state.log_bus is not None:
-            await app.state.log_bus.close()
+        if app.state.log_hub is not None:
+            await app.state.log_hub.close()
 
     app = FastAPI(title="CloudAI", summary="Run containers on a pool of GPU and CPU hosts", version="1",
                   lifespan=lifespan)
@@ -106,7 +106,8 @@ def create_app(settings: Settings, cloud: CloudAI | None = None) -> FastAPI:
 
         cloud = CloudAI(settings, dispatcher(make_app(settings)))
     app.state.cloud = cloud
-    app.state.log_bus = None
+    app.state.log_hub = None  # made on the first log request, in the server's event loop
+    app.state.limits = auth.Limits(settings)
     errors.install(app)
     app.add_middleware(BodyLimit)
     app.add_middleware(SecurityHeaders)

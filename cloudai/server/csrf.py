@@ -1,9 +1,9 @@
 """Cross-site request forgery protection for the browser's session cookie.
 
-A browser attaches the ``cloudai_token`` cookie to every request to this server, whichever page started it; an
-``Authorization`` header it never adds by itself. So a cookie-authenticated unsafe request (POST, PUT, PATCH,
+A browser attaches the ``cloudai_session`` cookie to every request to this server, whichever page started it;
+an ``Authorization`` header it never adds by itself. So a cookie-authenticated unsafe request (POST, PUT, PATCH,
 DELETE) must also carry ``X-CSRF-Token``: a value that only pages of this origin can read. The value is an
-HMAC of the session token (keyed by it), so it is bound to the session, needs no server-side state, and a
+HMAC of the session id (keyed by it), so it is bound to the session, needs nothing more on the server, and a
 cookie planted by a sibling host can't forge it. Login sets it as the readable (not HttpOnly) ``cloudai_csrf``
 cookie and the web pages carry it in a ``<meta>`` tag. Bearer requests need none: no browser sends them
 unasked. The login form itself has no session yet: there SameSite=Strict plus an Origin/Referer check apply.
@@ -30,7 +30,7 @@ _LOCAL_PATH = re.compile(r"/(?![/\\])[^\s\x00-\x1f\x7f\\]*")
 
 
 def token_for(session: str) -> str:
-    """The CSRF value of a session token (hex HMAC-SHA256 keyed by the token; reveals nothing of it)."""
+    """The CSRF value of a session id (hex HMAC-SHA256 keyed by the id; reveals nothing of it)."""
     return hmac.new(session.encode(), _CONTEXT, hashlib.sha256).hexdigest()
 
 
@@ -44,10 +44,11 @@ def require(request: Request, session: str) -> None:
                         f"the value of the {COOKIE} cookie in it (or use `Authorization: Bearer <token>`)")
 
 
-def set_cookie(response: Response, session: str, secure: bool) -> None:
-    """Give the browser the session's CSRF value in a cookie its pages' scripts can read."""
+def set_cookie(response: Response, session: str, secure: bool, max_age: int | None = None) -> None:
+    """Give the browser the session's CSRF value in a cookie its pages' scripts can read (for as long as the
+    session lasts; without ``max_age``, until the browser closes)."""
     response.set_cookie(COOKIE, token_for(session), httponly=False, samesite="strict", secure=secure, path="/",
-                        max_age=30 * 86400)
+                        max_age=max_age)
 
 
 def forget(response: Response) -> None:

@@ -6,9 +6,11 @@ keep-alive comment while nothing arrives; last ``event: end`` with JSON ``{statu
 the log can't be read any more, ``event: error`` with ``{type, message, exit_code}``). A client resumes after
 ``Last-Event-ID`` (or ``?after=SEQ``) with no gap and no duplicate.
 
-Following is :class:`cloudai.logfollow.LogFollow` (the CLI's state machine) driven with asyncio: ``XREAD BLOCK``
-through ``redis.asyncio``, so an idle follower holds a Redis connection and a coroutine, never a thread. Only
-the rare store questions (did the task end? its archive) go to the thread pool."""
+Following is :class:`cloudai.logfollow.LogFollow` (the CLI's state machine) driven with asyncio. Its waiting read
+is served by the task's one shared reader (:mod:`cloudai.server.fanout`): an idle follower holds a coroutine,
+never a thread nor a Redis connection. The store questions (did the task end? its archive) go to the thread
+pool, the first shared by the task's followers. One user holds at most ``CLOUDAI_FOLLOWERS_PER_USER`` followers
+(429 past it)."""
 
 from __future__ import annotations
 
@@ -18,18 +20,17 @@ import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated, Any, Literal
 
-import redis
-import redis.asyncio as aioredis
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from cloudai import keys
+from cloudai.archive import archive_batch
 from cloudai.errors import CloudAIError, RedisUnavailable, ValidationError
 from cloudai.logevents import LineBatch, LogEnd, LogEvent, line_columns, lines_text
 from cloudai.logfollow import LogFollow
-from cloudai.logs import cursor_before, cursor_query, parse_last_entry, parse_read
 from cloudai.server.auth import Caller, cloud
+from cloudai.server.errors import public_error
+from cloudai.server.fanout import Follower, LogHub
 from cloudai.server.routes import owned_task
 
 log = logging.getLogger(__name__)
@@ -38,51 +39,17 @@ router = APIRouter(prefix="/v1")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-class AsyncLogBus:
-    """The reads of :class:`cloudai.logs.LogBus` on ``redis.asyncio`` (same replies, same parsing)."""
-
-    def __init__(self, client: aioredis.Redis, url: str) -> None:
-        self.redis = client
-        self.url = url
-
-    @classmethod
-    def from_url(cls, url: str) -> AsyncLogBus:
-        client = aioredis.Redis.from_url(url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5,
-                                         health_check_interval=15)
-        return cls(client, url)
-
-    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await fn(*args, **kwargs)
-        except (redis.ConnectionError, redis.TimeoutError) as exc:  # worth a retry; anything else is not
-            raise RedisUnavailable(self.url, exc) from exc
-
-    async def cursor(self, task_id: str, after_seq: int) -> str:
-        top = cursor_query(after_seq)
-        if top is None:
-            return "0-0"
-        return cursor_before(await self._call(self.redis.xrevrange, keys.log_stream(task_id), max=top, count=1))
-
-    async def read(self, task_id: str, cursor: str, after_seq: int,
-                   block_ms: int | None) -> tuple[Sequence[LogEvent], str]:
-        reply = await self._call(self.redis.xread, {keys.log_stream(task_id): cursor}, count=50, block=block_ms)
-        return parse_read(reply, cursor, after_seq)
-
-    async def exists(self, task_id: str) -> bool:
-        return bool(await self._call(self.redis.exists, keys.log_stream(task_id)))
-
-    async def last_entry(self, task_id: str) -> tuple[int, LogEvent | None]:
-        return parse_last_entry(await self._call(self.redis.xrevrange, keys.log_stream(task_id), count=1))
-
-    async def close(self) -> None:
-        await self.redis.aclose()
-
-
-async def follow_batches(bus: AsyncLogBus, task_id: str, end_of_task: Callable[[], LogEnd | None],
-                         read_archive: Callable[[], list[str] | None], after_seq: int = 0, follow: bool = True,
+async def follow_batches(bus: Follower, task_id: str, end_of_task: Callable[[], LogEnd | None],
+                         read_archive: Callable[[int], LineBatch | None], after_seq: int = 0, follow: bool = True,
                          reconnect_for_s: float = 60.0) -> AsyncIterator[Sequence[LogEvent]]:
-    """:func:`cloudai.logfollow.follow_batches` with asyncio; the blocking store calls run in the thread pool. While
-    Redis is unreachable it yields empty batches (keep-alives) and retries for ``reconnect_for_s``."""
+    """:func:`cloudai.logfollow.follow_batches` with asyncio; the blocking store calls run in the thread pool (the
+    end-of-task question once a second for all of a task's followers; an archive one chunk a call: a reader holds
+    one chunk in memory, whatever the log's size). While Redis is unreachable it yields empty batches
+    (keep-alives) and retries for ``reconnect_for_s``."""
+
+    async def ask_store() -> LogEnd | None:
+        return await run_in_threadpool(end_of_task)
+
     plan = LogFollow(after_seq, follow, reconnect_for_s).steps()
     reply: Any = None
     error: RedisUnavailable | None = None
@@ -107,9 +74,9 @@ async def follow_batches(bus: AsyncLogBus, task_id: str, end_of_task: Callable[[
             elif kind == "last_entry":
                 reply = await bus.last_entry(task_id)
             elif kind == "end_of_task":
-                reply = await run_in_threadpool(end_of_task)
+                reply = await bus.end_of_task(ask_store)
             elif kind == "archive":
-                reply = await run_in_threadpool(read_archive)
+                reply = await run_in_threadpool(read_archive, arg)
         except RedisUnavailable as exc:
             error = exc
 
@@ -151,11 +118,11 @@ def _end_event(end: LogEnd) -> str:
     return f"event: end\ndata: {data}\n\n"
 
 
-def _bus(request: Request) -> AsyncLogBus:
+def _hub(request: Request) -> LogHub:
     state = request.app.state
-    if state.log_bus is None:  # made on first use, inside the server's event loop
-        state.log_bus = AsyncLogBus.from_url(state.settings.redis_url)
-    return state.log_bus  # type: ignore[no-any-return]
+    if state.log_hub is None:  # made on first use, inside the server's event loop
+        state.log_hub = LogHub(state.settings.redis_url, state.settings.followers_per_user)
+    return state.log_hub  # type: ignore[no-any-return]
 
 
 MAX_SEQ = 2**53  # far beyond any log; larger ids are no stream entry Redis accepts
@@ -188,14 +155,31 @@ async def task_logs(request: Request, task_id: str, who: Caller, follow: bool = 
     api = cloud(request)
     await run_in_threadpool(owned_task, api, who, task_id)
     start = _start_seq(after, last_event_id)
-    bus = _bus(request)
-    batches = follow_batches(bus, task_id, lambda: api.end_of(task_id), lambda: api.store.read_log(task_id),
-                             start, follow)
+    hub = _hub(request)
+    lease = hub.cap.acquire(who.user) if follow else None  # 429 past the user's cap, before any byte is sent
+    batches = _followed(hub, task_id, lambda: api.end_of(task_id),
+                        lambda seq: archive_batch(api.store, task_id, seq), start, follow,
+                        request.app.state.settings.follow_reconnect_s)
+    body = _sse(batches, timestamps, batch == "json") if "text/event-stream" in accept else _text(batches, timestamps)
+    if lease is not None:
+        body = lease.guard(body)
     if "text/event-stream" in accept:
-        return StreamingResponse(_sse(batches, timestamps, batch == "json"), media_type="text/event-stream",
-                                 headers=SSE_HEADERS)
-    return StreamingResponse(_text(batches, timestamps), media_type="text/plain; charset=utf-8",
-                             headers={"X-Accel-Buffering": "no"})
+        return StreamingResponse(body, media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(body, media_type="text/plain; charset=utf-8", headers={"X-Accel-Buffering": "no"})
+
+
+async def _followed(hub: LogHub, task_id: str, end_of_task: Callable[[], LogEnd | None],
+                    read_archive: Callable[[int], LineBatch | None], after_seq: int, follow: bool,
+                    reconnect_for_s: float) -> AsyncIterator[Sequence[LogEvent]]:
+    """:func:`follow_batches` as one of the task's followers (joined on the first read, so a response that never
+    starts joins nothing), or as a one-off reader without ``follow``."""
+    reader = hub.join(task_id) if follow else hub.reader_of()
+    try:
+        async for batch in follow_batches(reader, task_id, end_of_task, read_archive, after_seq, follow,
+                                          reconnect_for_s):
+            yield batch
+    finally:
+        hub.leave(reader)
 
 
 async def _sse(batches: AsyncIterator[Sequence[LogEvent]], timestamps: bool, as_json: bool) -> AsyncIterator[str]:
@@ -204,7 +188,7 @@ async def _sse(batches: AsyncIterator[Sequence[LogEvent]], timestamps: bool, as_
         async for batch in batches:
             yield sse_events(batch, timestamps, as_json) if batch else ": keep-alive\n\n"
     except CloudAIError as exc:  # the headers are sent: say it in the stream (Redis gone for too long)
-        data = json.dumps({"type": type(exc).__name__, "message": str(exc), "exit_code": int(exc.exit_code)})
+        data = json.dumps(public_error(exc)["error"])
         yield f"event: error\ndata: {data}\n\n"
 
 

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 
 from cloudai.api import CloudAI
 from cloudai.errors import TaskNotFound, ValidationError
-from cloudai.models import Task, TaskStatus, WorkerState, quota_doc
+from cloudai.models import LIVE, Task, TaskStatus, WorkerState, quota_doc
 from cloudai.server.auth import Admin, Caller, cloud
 from cloudai.server.schemas import SubmitBody
 from cloudai.tokens import Identity
@@ -102,13 +102,14 @@ def quota(api: Cloud, who: Caller, user: str | None = None) -> dict[str, Any]:
 
 @router.get("/workers", tags=["workers"])
 def workers(api: Cloud, who: Caller) -> list[dict[str, Any]]:
-    """Workers with capacity, use, GPUs, state and heartbeat age (the task a worker is kept for, admins only:
-    it may be another user's)."""
-    docs = [jsonable_encoder(v.to_doc()) for v in api.workers()]
+    """Workers with capacity, GPUs, state, heartbeat age and whether each has room. Admins see every user's use
+    of each and the task it is kept for; a user sees only their own tasks' use (``usage_of``: their name):
+    other users' load is not theirs to see."""
+    views = api.workers()
     if not who.admin:
-        for doc in docs:
-            doc.pop("claimed_by", None)
-    return docs
+        mine = api.list_tasks(user=who.user, status=list(LIVE), limit=None)
+        views = [v.only(who.user, mine) for v in views]
+    return [jsonable_encoder(v.to_doc()) for v in views]
 
 
 @router.post("/workers/{worker_id}/drain", tags=["workers"])

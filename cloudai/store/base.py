@@ -5,16 +5,41 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Iterable
+import json
+import zlib
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from enum import Enum
 from typing import Any
 
 from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState
+from cloudai.sessions import BrowserSession
 from cloudai.tokens import ApiToken
 
 StatusFilter = TaskStatus | Iterable[TaskStatus] | None
 LOG_CHUNK_BYTES = 1024 * 1024  # archive chunks stay far below Mongo's 16 MB document limit
+LOG_CHUNK_LINES = 10_000  # ...and a reader holds at most this many lines of one at a time
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchiveInfo:
+    """What a task's log archive holds: its last line's number, its chunks and the bytes they take in the
+    store (compressed)."""
+
+    last_line: int
+    chunks: int
+    stored_bytes: int
+
+
+def pack_lines(lines: list[str]) -> bytes:
+    """An archive chunk as the store keeps it: its lines as a JSON array, zlib-compressed (logs compress 5 to
+    10 times; level 1 costs the worker's archiver a few milliseconds a chunk)."""
+    return zlib.compress(json.dumps(lines, ensure_ascii=False).encode("utf-8", "surrogatepass"), 1)
+
+
+def unpack_lines(data: bytes) -> list[str]:
+    lines: list[str] = json.loads(zlib.decompress(data).decode("utf-8", "surrogatepass"))
+    return lines
 
 
 def status_values(status: StatusFilter) -> list[str] | None:
@@ -48,13 +73,15 @@ def plain_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def chunk_lines(lines: Iterable[str], limit: int = LOG_CHUNK_BYTES) -> list[list[str]]:
-    """Split an archived log into chunks of at most ``limit`` bytes (one huge line makes its own chunk)."""
+def chunk_lines(lines: Iterable[str], limit: int = LOG_CHUNK_BYTES,
+                max_lines: int = LOG_CHUNK_LINES) -> list[list[str]]:
+    """Split an archived log into chunks of at most ``limit`` bytes and ``max_lines`` lines (one huge line makes
+    its own chunk)."""
     chunks: list[list[str]] = [[]]
     size = 0
     for line in lines:
         n = len(line.encode("utf-8", "surrogatepass")) + 1
-        if chunks[-1] and size + n > limit:
+        if chunks[-1] and (size + n > limit or len(chunks[-1]) >= max_lines):
             chunks.append([])
             size = 0
         chunks[-1].append(line)
@@ -62,26 +89,28 @@ def chunk_lines(lines: Iterable[str], limit: int = LOG_CHUNK_BYTES) -> list[list
     return chunks if chunks[0] else []
 
 
-def chunk_starts(chunks: list[list[str]]) -> list[int]:
-    """The first line number (1-based) of each chunk of a whole log: an archive chunk is keyed by it."""
-    starts, first = [], 1
+def chunk_starts(chunks: list[list[str]], first: int = 1) -> list[int]:
+    """The first line number of each chunk of lines starting at ``first``: an archive chunk is keyed by it."""
+    starts = []
     for chunk in chunks:
         starts.append(first)
         first += len(chunk)
     return starts
 
 
-def merge_chunks(chunks: Iterable[tuple[int, list[str]]]) -> list[str]:
-    """The archived log from ``(first_line, lines)`` chunks in first-line order; a line two chunks both hold
-    (a chunk written again with other bounds) is kept once."""
-    out: list[str] = []
-    covered = 0
-    for first, lines in chunks:
-        for n, line in enumerate(lines, start=max(first, 1)):
-            if n > covered:
-                out.append(line)
-                covered = n
-    return out
+def pick_chunk(after_seq: int, covering: tuple[int, list[str]] | None,
+               later: Iterable[tuple[int, list[str]] | None]) -> tuple[int, list[str]] | None:
+    """:meth:`TaskStore.read_log_chunk` from a backend's candidates: the chunk holding line ``after_seq + 1``,
+    else the earliest one after it; its lines up to ``after_seq`` left out."""
+    chosen = covering
+    if chosen is None:
+        found = [c for c in later if c is not None and c[1]]
+        chosen = min(found, key=lambda c: c[0]) if found else None
+    if chosen is None:
+        return None
+    first, lines = chosen
+    skip = max(0, after_seq + 1 - first)
+    return first + skip, lines[skip:]
 
 
 class TaskStore(abc.ABC):
@@ -206,6 +235,10 @@ class TaskStore(abc.ABC):
         """Remove a user's quota; returns whether there was one."""
 
     # -- log archive ------------------------------------------------------------------------------------
+    # A task's archived log is a set of compressed chunks (pack_lines), each keyed by its first line's number,
+    # at most LOG_CHUNK_BYTES and LOG_CHUNK_LINES each, whoever writes them. The task record's ``log_bytes``
+    # counts what they take in the store. Archives written by earlier releases (uncompressed chunks) are read
+    # the same way.
     @abc.abstractmethod
     def save_log(self, task_id: str, lines: list[str]) -> None:
         """Archive a finished task's full log, replacing an earlier archive."""
@@ -213,13 +246,47 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def append_log(self, task_id: str, first_line: int, lines: list[str], execution: str | None = None) -> bool:
         """Archive ``lines`` as lines ``first_line``, ``first_line + 1``, ... of the task's log, while it runs
-        (memory stays flat in the log's length). Writing the same chunk again replaces it, so a retry never
-        duplicates a line. With ``execution``, only while that is the task's current attempt; returns whether
-        the chunk was written."""
+        (memory stays flat in the log's length), in chunks of the bounds above. Writing the same lines again
+        replaces their chunks, so a retry never duplicates a line. With ``execution``, only while that is the
+        task's current attempt; returns whether the lines were written."""
 
     @abc.abstractmethod
+    def read_log_chunk(self, task_id: str, after_seq: int = 0) -> tuple[int, list[str]] | None:
+        """The archived chunk holding line ``after_seq + 1`` (else the first chunk after it) as its first line's
+        number and its lines, those up to ``after_seq`` left out; None past the archive's end. One chunk's
+        worth of memory, whatever the log's length."""
+
+    def iter_log(self, task_id: str, after_seq: int = 0) -> Iterator[tuple[int, list[str]]]:
+        """The archived log after line ``after_seq``, chunk by chunk as ``(first line number, lines)``; a reader
+        holds one chunk at a time, however long the log and however many read it."""
+        seq = after_seq
+        while (chunk := self.read_log_chunk(task_id, seq)) is not None:
+            first, lines = chunk
+            if not lines:
+                return
+            yield first, lines
+            seq = first + len(lines) - 1
+
     def read_log(self, task_id: str) -> list[str] | None:
-        """The archived log, or None when none was saved."""
+        """The whole archived log in memory (tests, small logs: readers of any size use :meth:`iter_log`), or
+        None when none was saved."""
+        if self.log_info(task_id) is None:
+            return None
+        return [line for _first, lines in self.iter_log(task_id) for line in lines]
+
+    @abc.abstractmethod
+    def log_info(self, task_id: str) -> ArchiveInfo | None:
+        """What the task's archive holds; None when it has none."""
+
+    @abc.abstractmethod
+    def delete_log(self, task_id: str) -> int:
+        """Remove the task's archive (the record's ``log_bytes`` becomes 0 and ``log_removed_at`` is set);
+        returns the bytes it took."""
+
+    @abc.abstractmethod
+    def old_log_archives(self, before: datetime, limit: int = 1000) -> list[str]:
+        """Ids of tasks whose archive has a chunk written before ``before`` (archives of earlier releases,
+        which carry no date, are all listed): candidates for the retention job, which asks each task's record."""
 
     # -- API tokens (only their SHA-256; see cloudai.tokens) ---------------------------------------------------
     @abc.abstractmethod
@@ -240,6 +307,23 @@ class TaskStore(abc.ABC):
     @abc.abstractmethod
     def touch_token(self, token_hash: str, at: datetime) -> None:
         """Record the token's last use."""
+
+    # -- browser sessions (only the SHA-256 of their ids; see cloudai.sessions) --------------------------------
+    @abc.abstractmethod
+    def create_session(self, session: BrowserSession) -> None:
+        """Record a new session (and forget expired ones: the sessions kept stay few)."""
+
+    @abc.abstractmethod
+    def get_session(self, session_hash: str) -> BrowserSession | None:
+        """The session, or None (an expired one may still be returned: the caller checks ``expires_at``)."""
+
+    @abc.abstractmethod
+    def delete_session(self, session_hash: str) -> bool:
+        """Forget a session (sign-out); False for an unknown one."""
+
+    @abc.abstractmethod
+    def delete_sessions(self, token_hash: str) -> int:
+        """Forget every session bound to a token (it was revoked); how many there were."""
 
     @abc.abstractmethod
     def ping(self) -> None:

@@ -14,15 +14,19 @@ from pymongo.errors import DuplicateKeyError, PyMongoError
 
 from cloudai.errors import StoreUnavailable, TaskExists
 from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState, utcnow
+from cloudai.sessions import BrowserSession
 from cloudai.store.base import (
+    ArchiveInfo,
     StatusFilter,
     TaskStore,
     check_transition,
     chunk_lines,
     chunk_starts,
-    merge_chunks,
+    pack_lines,
+    pick_chunk,
     plain_fields,
     status_values,
+    unpack_lines,
 )
 from cloudai.tokens import ApiToken
 
@@ -30,7 +34,8 @@ _SERVER_TIMEOUT_MS = 5000
 
 
 class MongoStore(TaskStore):
-    """Store on a MongoDB database: collections ``tasks``, ``assignments``, ``workers``, ``log_archive``."""
+    """Store on a MongoDB database: collections ``tasks``, ``assignments``, ``workers``, ``log_chunks`` (the
+    compressed log archive; ``log_archive`` holds archives of earlier releases, read as they are)."""
 
     def __init__(self, db: Database, url: str = "mongodb://") -> None:
         self.url = url
@@ -39,8 +44,10 @@ class MongoStore(TaskStore):
         self.assignments: Collection = db["assignments"]
         self.workers: Collection = db["workers"]
         self.logs: Collection = db["log_archive"]
+        self.chunks: Collection = db["log_chunks"]
         self.quotas: Collection = db["quotas"]
         self.tokens: Collection = db["api_tokens"]
+        self.sessions: Collection = db["browser_sessions"]
         self.counters: Collection = db["counters"]
         try:
             self._ensure_indexes()
@@ -69,9 +76,14 @@ class MongoStore(TaskStore):
         self.assignments.create_index("worker_id")
         self.workers.create_index("worker_id", unique=True)
         self.logs.create_index([("task_id", 1), ("chunk", 1)], unique=True)
+        self.chunks.create_index([("task_id", 1), ("first", 1)], unique=True)
+        self.chunks.create_index([("task_id", 1), ("last", 1)])
+        self.chunks.create_index("written_at")
         self.quotas.create_index("user_id", unique=True)
         self.tokens.create_index("token_hash", unique=True)
         self.tokens.create_index("user_id")
+        self.sessions.create_index("token_hash")
+        self.sessions.create_index("expires_at", expireAfterSeconds=0)  # MongoDB removes expired sessions
 
     def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
@@ -153,6 +165,7 @@ class MongoStore(TaskStore):
     def delete_task(self, task_id: str) -> bool:
         self._call(self.assignments.delete_many, {"task_id": task_id})
         self._call(self.logs.delete_many, {"task_id": task_id})
+        self._call(self.chunks.delete_many, {"task_id": task_id})
         return self._call(self.tasks.delete_one, {"_id": task_id}).deleted_count > 0
 
     # -- assignments ------------------------------------------------------------------------------------
@@ -239,17 +252,15 @@ class MongoStore(TaskStore):
 
     # -- log archive ------------------------------------------------------------------------------------
     def save_log(self, task_id: str, lines: list[str]) -> None:
-        chunks = chunk_lines(lines)
-        starts = chunk_starts(chunks) if chunks else [0]
-        # write the new chunks first, then drop any stale ones besides them: a reader never sees no archive
-        for first, chunk in zip(starts, chunks or [[]], strict=True):
-            self._call(
-                self.logs.replace_one,
-                {"task_id": task_id, "chunk": first},
-                {"task_id": task_id, "chunk": first, "lines": chunk},
-                upsert=True,
-            )
-        self._call(self.logs.delete_many, {"task_id": task_id, "chunk": {"$nin": starts}})
+        docs = _chunk_docs(task_id, 1, lines) if lines else [_chunk_doc(task_id, 0, [])]
+        # write the new chunks first, then drop any others: a reader never sees no archive
+        for doc in docs:
+            self._write_chunk(doc)
+        stale = {"task_id": task_id, "first": {"$nin": [d["first"] for d in docs]}}
+        freed = sum(d["bytes"] for d in self._call(list, self.chunks.find(stale, {"bytes": 1})))
+        self._call(self.chunks.delete_many, stale)
+        freed += self._delete_old(task_id)
+        self._count(task_id, -freed)
 
     def append_log(self, task_id: str, first_line: int, lines: list[str], execution: str | None = None) -> bool:
         # one document can't be checked and another written atomically; the outcome's compare-and-set is the
@@ -257,15 +268,73 @@ class MongoStore(TaskStore):
         if execution is not None and not self._call(self.tasks.count_documents,
                                                     {"_id": task_id, "execution_id": execution}):
             return False
-        self._call(self.logs.replace_one, {"task_id": task_id, "chunk": first_line},
-                   {"task_id": task_id, "chunk": first_line, "lines": list(lines)}, upsert=True)
+        for doc in _chunk_docs(task_id, first_line, lines):
+            self._write_chunk(doc)
         return True
 
-    def read_log(self, task_id: str) -> list[str] | None:
-        docs = self._call(list, self.logs.find({"task_id": task_id}).sort("chunk", 1))
-        if not docs:
+    def _write_chunk(self, doc: dict[str, Any]) -> None:
+        """Write (or replace) one chunk and count the bytes it adds in the task's record."""
+        old = self._call(self.chunks.find_one_and_replace, {"task_id": doc["task_id"], "first": doc["first"]},
+                         doc, projection={"bytes": 1}, upsert=True)
+        self._count(doc["task_id"], doc["bytes"] - (old["bytes"] if old else 0))
+
+    def _count(self, task_id: str, delta: int, **fields: Any) -> None:
+        if delta or fields:
+            update: dict[str, Any] = {"$inc": {"log_bytes": delta}}
+            if fields:
+                update["$set"] = fields
+            self._call(self.tasks.update_one, {"_id": task_id}, update)
+
+    def read_log_chunk(self, task_id: str, after_seq: int = 0) -> tuple[int, list[str]] | None:
+        seq = after_seq + 1
+        doc = self._call(self.chunks.find_one, {"task_id": task_id, "first": {"$lte": seq}, "last": {"$gte": seq}},
+                         sort=[("last", -1)])
+        if doc is not None:
+            return pick_chunk(after_seq, (doc["first"], unpack_lines(doc["data"])), [])
+        later = self._call(self.chunks.find_one, {"task_id": task_id, "first": {"$gt": seq}}, sort=[("first", 1)])
+        # an archive of an earlier release: chunks of lines keyed by their first line
+        old = self._call(self.logs.find_one, {"task_id": task_id, "chunk": {"$lte": seq}}, sort=[("chunk", -1)])
+        covering = (old["chunk"], old["lines"]) if old and old["chunk"] + len(old["lines"]) > seq else None
+        old_later = None
+        if covering is None:
+            nxt = self._call(self.logs.find_one, {"task_id": task_id, "chunk": {"$gt": seq}}, sort=[("chunk", 1)])
+            old_later = (nxt["chunk"], nxt["lines"]) if nxt else None
+        return pick_chunk(after_seq, covering, [
+            (later["first"], unpack_lines(later["data"])) if later else None, old_later])
+
+    def log_info(self, task_id: str) -> ArchiveInfo | None:
+        new = self._call(list, self.chunks.find({"task_id": task_id}, {"last": 1, "bytes": 1}))
+        old_count = self._call(self.logs.count_documents, {"task_id": task_id})
+        if not new and not old_count:
             return None
-        return merge_chunks((d["chunk"], d["lines"]) for d in docs)
+        last = max((d["last"] for d in new), default=0)
+        old_bytes = 0
+        if old_count:
+            tail = self._call(self.logs.find_one, {"task_id": task_id}, sort=[("chunk", -1)])
+            last = max(last, tail["chunk"] + len(tail["lines"]) - 1)
+            old_bytes = sum(len(line) + 1 for d in self._call(list, self.logs.find({"task_id": task_id}))
+                            for line in d["lines"])
+        return ArchiveInfo(last, len(new) + old_count, sum(d["bytes"] for d in new) + old_bytes)
+
+    def delete_log(self, task_id: str) -> int:
+        freed = sum(d["bytes"] for d in self._call(list, self.chunks.find({"task_id": task_id}, {"bytes": 1})))
+        self._call(self.chunks.delete_many, {"task_id": task_id})
+        freed += self._delete_old(task_id)
+        self._count(task_id, -freed, log_removed_at=utcnow())
+        return freed
+
+    def _delete_old(self, task_id: str) -> int:
+        """Remove an archive of an earlier release; its size (about) for the record's count."""
+        old = self._call(list, self.logs.find({"task_id": task_id}))
+        if old:
+            self._call(self.logs.delete_many, {"task_id": task_id})
+        return sum(len(line) + 1 for d in old for line in d["lines"])
+
+    def old_log_archives(self, before: datetime, limit: int = 1000) -> list[str]:
+        ids = self._call(self.chunks.distinct, "task_id", {"written_at": {"$lt": before}})[:limit]
+        if len(ids) < limit:
+            ids += self._call(self.logs.distinct, "task_id")[: limit - len(ids)]
+        return list(dict.fromkeys(ids))
 
     # -- API tokens -------------------------------------------------------------------------------------
     def create_token(self, token: ApiToken) -> None:
@@ -286,8 +355,34 @@ class MongoStore(TaskStore):
     def touch_token(self, token_hash: str, at: datetime) -> None:
         self._call(self.tokens.update_one, {"_id": token_hash}, {"$set": {"last_used_at": at}})
 
+    # -- browser sessions -------------------------------------------------------------------------------
+    def create_session(self, session: BrowserSession) -> None:
+        self._call(self.sessions.insert_one, {"_id": session.session_hash, **session.to_doc()})
+
+    def get_session(self, session_hash: str) -> BrowserSession | None:
+        doc = self._call(self.sessions.find_one, {"_id": session_hash})
+        return BrowserSession.from_doc(doc) if doc else None
+
+    def delete_session(self, session_hash: str) -> bool:
+        return self._call(self.sessions.delete_one, {"_id": session_hash}).deleted_count > 0  # type: ignore[no-any-return]
+
+    def delete_sessions(self, token_hash: str) -> int:
+        return int(self._call(self.sessions.delete_many, {"token_hash": token_hash}).deleted_count)
+
     def ping(self) -> None:
         self._call(self.db.command, "ping")
 
     def close(self) -> None:
         self.db.client.close()
+
+
+def _chunk_doc(task_id: str, first: int, lines: list[str]) -> dict[str, Any]:
+    data = pack_lines(lines)
+    return {"task_id": task_id, "first": first, "last": first + len(lines) - 1, "bytes": len(data),
+            "data": data, "written_at": utcnow()}
+
+
+def _chunk_docs(task_id: str, first_line: int, lines: list[str]) -> list[dict[str, Any]]:
+    chunks = chunk_lines(lines)
+    return [_chunk_doc(task_id, first, chunk) for first, chunk in zip(chunk_starts(chunks, first_line), chunks,
+                                                                        strict=True)]

@@ -16,15 +16,19 @@ from typing import Any
 
 from cloudai.errors import StoreUnavailable, TaskExists
 from cloudai.models import Assignment, Quota, Task, TaskStatus, WorkerInfo, WorkerState, as_utc, utcnow
+from cloudai.sessions import BrowserSession
 from cloudai.store.base import (
+    ArchiveInfo,
     StatusFilter,
     TaskStore,
     check_transition,
     chunk_lines,
     chunk_starts,
-    merge_chunks,
+    pack_lines,
+    pick_chunk,
     plain_fields,
     status_values,
+    unpack_lines,
 )
 from cloudai.tokens import ApiToken
 
@@ -52,8 +56,17 @@ CREATE TRIGGER IF NOT EXISTS workers_deleted AFTER DELETE ON workers
 CREATE TABLE IF NOT EXISTS quotas (user_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS log_archive (
     task_id TEXT NOT NULL, chunk INTEGER NOT NULL, text TEXT NOT NULL, PRIMARY KEY (task_id, chunk));
+CREATE TABLE IF NOT EXISTS log_chunks (
+    task_id TEXT NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, bytes INTEGER NOT NULL,
+    written_at TEXT NOT NULL, data BLOB NOT NULL, PRIMARY KEY (task_id, first));
+CREATE INDEX IF NOT EXISTS log_chunks_last ON log_chunks(task_id, last);
+CREATE INDEX IF NOT EXISTS log_chunks_written ON log_chunks(written_at);
 CREATE TABLE IF NOT EXISTS api_tokens (
     token_hash TEXT PRIMARY KEY, user_id TEXT NOT NULL, created_at TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS browser_sessions (
+    session_hash TEXT PRIMARY KEY, token_hash TEXT NOT NULL, expires_at TEXT NOT NULL, doc TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS browser_sessions_token ON browser_sessions(token_hash);
+CREATE INDEX IF NOT EXISTS browser_sessions_expires ON browser_sessions(expires_at);
 """
 
 
@@ -65,6 +78,18 @@ def _encode(value: Any) -> Any:
 
 def _dumps(doc: dict[str, Any]) -> str:
     return json.dumps(doc, default=_encode)
+
+
+def _blob(lines: list[str]) -> tuple[int, bytes]:
+    data = pack_lines(lines)
+    return len(data), data
+
+
+def _packed(task_id: str, first_line: int, lines: list[str]) -> list[tuple[str, int, int, int, bytes]]:
+    """Rows of log_chunks for lines ``first_line``, ...: (task, first, last, bytes, data)."""
+    chunks = chunk_lines(lines)
+    return [(task_id, first, first + len(chunk) - 1, *_blob(chunk))
+            for first, chunk in zip(chunk_starts(chunks, first_line), chunks, strict=True)]
 
 
 def _ts(value: datetime) -> str:
@@ -227,6 +252,7 @@ class SQLiteStore(TaskStore):
         with self._tx() as db:
             db.execute("DELETE FROM assignments WHERE task_id=?", (task_id,))
             db.execute("DELETE FROM log_archive WHERE task_id=?", (task_id,))
+            db.execute("DELETE FROM log_chunks WHERE task_id=?", (task_id,))
             return db.execute("DELETE FROM tasks WHERE task_id=?", (task_id,)).rowcount > 0
 
     # -- assignments ------------------------------------------------------------------------------------
@@ -337,36 +363,104 @@ class SQLiteStore(TaskStore):
             return db.execute("DELETE FROM quotas WHERE user_id=?", (user_id,)).rowcount > 0
 
     # -- log archive ------------------------------------------------------------------------------------
+    # log_chunks: compressed chunks (this release); log_archive: the uncompressed JSON chunks of earlier
+    # releases, read as they are and removed with their task's archive
     def save_log(self, task_id: str, lines: list[str]) -> None:
+        chunks = _packed(task_id, 1, lines) if lines else [(task_id, 0, 0, *_blob([]))]
         with self._tx() as db:
-            db.execute("DELETE FROM log_archive WHERE task_id=?", (task_id,))
-            chunks = chunk_lines(lines)
-            db.executemany(
-                "INSERT INTO log_archive(task_id, chunk, text) VALUES (?,?,?)",
-                [(task_id, first, json.dumps(chunk))
-                 for first, chunk in zip(chunk_starts(chunks), chunks, strict=True)],
-            )
-            # an empty log is still an archive: remember that one was saved
-            if not lines:
-                db.execute("INSERT INTO log_archive(task_id, chunk, text) VALUES (?,?,?)", (task_id, 0, "[]"))
+            freed = self._delete_log(db, task_id)
+            self._write_chunks(db, task_id, chunks, -freed)
 
     def append_log(self, task_id: str, first_line: int, lines: list[str], execution: str | None = None) -> bool:
+        chunks = _packed(task_id, first_line, lines)  # compressed before the write lock is taken
         with self._tx() as db:
-            if execution is not None:
-                row = db.execute("SELECT doc FROM tasks WHERE task_id=?", (task_id,)).fetchone()
-                if row is None or json.loads(row["doc"]).get("execution_id") != execution:
-                    return False
-            db.execute("INSERT OR REPLACE INTO log_archive(task_id, chunk, text) VALUES (?,?,?)",
-                       (task_id, first_line, json.dumps(lines)))
+            row = db.execute("SELECT doc FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+            if execution is not None and (row is None or json.loads(row["doc"]).get("execution_id") != execution):
+                return False
+            self._write_chunks(db, task_id, chunks, 0)
         return True
 
-    def read_log(self, task_id: str) -> list[str] | None:
-        rows = self._conn().execute(
-            "SELECT chunk, text FROM log_archive WHERE task_id=? ORDER BY chunk", (task_id,)
-        ).fetchall()
-        if not rows:
+    def _write_chunks(self, db: sqlite3.Connection, task_id: str,
+                      chunks: list[tuple[str, int, int, int, bytes]], delta: int) -> None:
+        """Write chunks (replacing those with the same first line) and count the bytes in the task's record."""
+        for _task, first, _last, size, _data in chunks:
+            old = db.execute("SELECT bytes FROM log_chunks WHERE task_id=? AND first=?", (task_id, first)).fetchone()
+            delta += size - (old["bytes"] if old else 0)
+        now = _ts(utcnow())
+        db.executemany("INSERT OR REPLACE INTO log_chunks(task_id, first, last, bytes, data, written_at) "
+                       "VALUES (?,?,?,?,?,?)", [(*chunk, now) for chunk in chunks])
+        self._count_log_bytes(db, task_id, delta)
+
+    def _count_log_bytes(self, db: sqlite3.Connection, task_id: str, delta: int, **fields: Any) -> None:
+        row = db.execute("SELECT doc FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+        if row is None or (not delta and not fields):
+            return
+        doc = json.loads(row["doc"])
+        doc["log_bytes"] = max(0, int(doc.get("log_bytes") or 0) + delta)
+        doc.update(fields)
+        db.execute("UPDATE tasks SET doc=? WHERE task_id=?", (_dumps(doc), task_id))
+
+    def read_log_chunk(self, task_id: str, after_seq: int = 0) -> tuple[int, list[str]] | None:
+        db = self._conn()
+        seq = after_seq + 1
+        row = db.execute("SELECT first, data FROM log_chunks WHERE task_id=? AND first<=? AND last>=? "
+                         "ORDER BY last DESC LIMIT 1", (task_id, seq, seq)).fetchone()
+        if row is not None:
+            return pick_chunk(after_seq, (row["first"], unpack_lines(row["data"])), [])
+        later = db.execute("SELECT first, data FROM log_chunks WHERE task_id=? AND first>? ORDER BY first LIMIT 1",
+                           (task_id, seq)).fetchone()
+        # an archive of an earlier release: chunks of JSON text keyed by their first line
+        old = db.execute("SELECT chunk, text FROM log_archive WHERE task_id=? AND chunk<=? ORDER BY chunk DESC "
+                         "LIMIT 1", (task_id, seq)).fetchone()
+        covering = None
+        if old is not None:
+            lines = json.loads(old["text"])
+            if old["chunk"] + len(lines) > seq:
+                covering = (old["chunk"], lines)
+        old_later = None
+        if covering is None:
+            next_old = db.execute("SELECT chunk, text FROM log_archive WHERE task_id=? AND chunk>? ORDER BY chunk "
+                                  "LIMIT 1", (task_id, seq)).fetchone()
+            old_later = (next_old["chunk"], json.loads(next_old["text"])) if next_old else None
+        return pick_chunk(after_seq, covering, [
+            (later["first"], unpack_lines(later["data"])) if later else None, old_later])
+
+    def log_info(self, task_id: str) -> ArchiveInfo | None:
+        db = self._conn()
+        new = db.execute("SELECT COUNT(*) AS n, MAX(last) AS last, SUM(bytes) AS size FROM log_chunks "
+                         "WHERE task_id=?", (task_id,)).fetchone()
+        old = db.execute("SELECT COUNT(*) AS n, SUM(length(text)) AS size FROM log_archive WHERE task_id=?",
+                         (task_id,)).fetchone()
+        if not new["n"] and not old["n"]:
             return None
-        return merge_chunks((r["chunk"], json.loads(r["text"])) for r in rows)
+        last = new["last"] or 0
+        if old["n"]:
+            tail = db.execute("SELECT chunk, text FROM log_archive WHERE task_id=? ORDER BY chunk DESC LIMIT 1",
+                              (task_id,)).fetchone()
+            last = max(last, tail["chunk"] + len(json.loads(tail["text"])) - 1)
+        return ArchiveInfo(last, new["n"] + old["n"], (new["size"] or 0) + (old["size"] or 0))
+
+    def delete_log(self, task_id: str) -> int:
+        with self._tx() as db:
+            freed = self._delete_log(db, task_id)
+            self._count_log_bytes(db, task_id, -freed, log_removed_at=utcnow().isoformat())
+        return freed
+
+    @staticmethod
+    def _delete_log(db: sqlite3.Connection, task_id: str) -> int:
+        freed = db.execute("SELECT COALESCE(SUM(bytes), 0) AS n FROM log_chunks WHERE task_id=?", (task_id,))
+        size = int(freed.fetchone()["n"])
+        db.execute("DELETE FROM log_chunks WHERE task_id=?", (task_id,))
+        db.execute("DELETE FROM log_archive WHERE task_id=?", (task_id,))
+        return size
+
+    def old_log_archives(self, before: datetime, limit: int = 1000) -> list[str]:
+        db = self._conn()
+        ids = [r["task_id"] for r in db.execute(
+            "SELECT DISTINCT task_id FROM log_chunks WHERE written_at<? LIMIT ?", (_ts(before), int(limit)))]
+        ids += [r["task_id"] for r in db.execute("SELECT DISTINCT task_id FROM log_archive LIMIT ?",
+                                                 (max(0, int(limit) - len(ids)),))]
+        return list(dict.fromkeys(ids))
 
     # -- API tokens -------------------------------------------------------------------------------------
     def create_token(self, token: ApiToken) -> None:
@@ -399,6 +493,27 @@ class SQLiteStore(TaskStore):
 
     def touch_token(self, token_hash: str, at: datetime) -> None:
         self._update_token(token_hash, last_used_at=at)
+
+    # -- browser sessions -------------------------------------------------------------------------------
+    def create_session(self, session: BrowserSession) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM browser_sessions WHERE expires_at <= ?", (_ts(session.created_at),))
+            db.execute("INSERT INTO browser_sessions(session_hash, token_hash, expires_at, doc) VALUES (?,?,?,?)",
+                       (session.session_hash, session.token_hash, _ts(session.expires_at),
+                        _dumps(session.to_doc())))
+
+    def get_session(self, session_hash: str) -> BrowserSession | None:
+        row = self._conn().execute("SELECT doc FROM browser_sessions WHERE session_hash=?",
+                                   (session_hash,)).fetchone()
+        return BrowserSession.from_doc(json.loads(row["doc"])) if row else None
+
+    def delete_session(self, session_hash: str) -> bool:
+        with self._tx() as db:
+            return db.execute("DELETE FROM browser_sessions WHERE session_hash=?", (session_hash,)).rowcount > 0
+
+    def delete_sessions(self, token_hash: str) -> int:
+        with self._tx() as db:
+            return int(db.execute("DELETE FROM browser_sessions WHERE token_hash=?", (token_hash,)).rowcount)
 
     def ping(self) -> None:
         try:

@@ -52,6 +52,7 @@ def _render(request: Request, template: str, who: Identity | None, status_code: 
     response = HTMLResponse(html, status_code=status_code, headers={"Cache-Control": "no-store"})
     if session and request.cookies.get(csrf.COOKIE) != token:  # signed in before the cookie existed
         csrf.set_cookie(response, session, secure=request.url.scheme == "https")
+    auth.forget_legacy(request, response)
     return response
 
 

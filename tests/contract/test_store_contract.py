@@ -303,6 +303,73 @@ def test_log_archive_appended_in_chunks_while_running(backend: TaskStore) -> Non
     assert backend.read_log("t1") == ["whole"]
 
 
+def test_log_archive_is_compressed_counted_and_read_chunk_by_chunk(backend: TaskStore) -> None:
+    from cloudai.store.base import LOG_CHUNK_BYTES, LOG_CHUNK_LINES
+
+    task = _task(1, status=S.RUNNING)
+    backend.create_task(task)
+    lines = [f"2026-01-01T00:00:00Z step {n} loss 0.{n:05d} " + "x" * 80 for n in range(1, 30001)]  # ~3.5 MB
+    assert backend.append_log("t1", 1, lines[:25000], execution=task.execution_id)  # one call, several chunks
+    assert backend.append_log("t1", 25001, lines[25000:], execution=task.execution_id)
+    chunks = list(backend.iter_log("t1"))
+    assert [line for _first, part in chunks for line in part] == lines
+    assert [first for first, _part in chunks] == sorted(first for first, _part in chunks) and chunks[0][0] == 1
+    for first, part in chunks:  # bounded: what one reader holds at a time, whoever wrote the chunks
+        assert len(part) <= LOG_CHUNK_LINES and sum(len(line) + 1 for line in part) <= LOG_CHUNK_BYTES
+        assert lines[first - 1] == part[0]
+    # from any line on: the chunk holding it, cut there
+    assert next(backend.iter_log("t1", 12344))[1][0] == lines[12344]
+    assert [ln for _f, part in backend.iter_log("t1", 29998) for ln in part] == lines[29998:]
+    assert backend.read_log_chunk("t1", 30000) is None and list(backend.iter_log("t1", 30000)) == []
+    info = backend.log_info("t1")
+    raw = sum(len(line) + 1 for line in lines)
+    assert info is not None and info.last_line == 30000 and info.chunks == len(chunks)
+    assert 0 < info.stored_bytes < raw / 4  # compressed, and counted in the task's record
+    assert backend.get_task("t1").log_bytes == info.stored_bytes  # type: ignore[union-attr]
+    assert backend.append_log("t1", 25001, lines[25000:], execution=task.execution_id)  # a retry: counted once
+    assert backend.get_task("t1").log_bytes == info.stored_bytes  # type: ignore[union-attr]
+    assert backend.log_info("t2") is None and backend.read_log_chunk("t2") is None
+
+
+def test_old_archives_are_listed_for_retention_and_removed(backend: TaskStore) -> None:
+    backend.create_task(_task(1, status=S.RUNNING))
+    backend.append_log("t1", 1, ["a", "b"])
+    assert backend.old_log_archives(utcnow() - timedelta(days=1)) == []
+    assert backend.old_log_archives(utcnow() + timedelta(seconds=1)) == ["t1"]
+    assert backend.delete_log("t1") > 0
+    got = backend.get_task("t1")
+    assert got is not None and got.log_bytes == 0 and got.log_removed_at is not None
+    assert backend.log_info("t1") is None and backend.read_log("t1") is None
+    assert backend.old_log_archives(utcnow() + timedelta(seconds=1)) == []
+
+
+def _write_old_archive(backend: TaskStore, task_id: str, chunks: dict[int, list[str]]) -> None:
+    """An archive as releases before compressed chunks wrote it: JSON lists keyed by their first line."""
+    if isinstance(backend, MongoStore):
+        for first, lines in chunks.items():
+            backend.logs.insert_one({"task_id": task_id, "chunk": first, "lines": lines})
+        return
+    assert isinstance(backend, SQLiteStore)
+    with sqlite3.connect(backend.path) as db:
+        db.executemany("INSERT INTO log_archive(task_id, chunk, text) VALUES (?,?,?)",
+                       [(task_id, first, json.dumps(lines)) for first, lines in chunks.items()])
+
+
+def test_archives_of_earlier_releases_are_still_read(backend: TaskStore) -> None:
+    backend.create_task(_task(1, status=S.COMPLETED))
+    _write_old_archive(backend, "t1", {1: ["a", "b"], 3: ["c"], 4: ["d", "e"]})
+    assert backend.read_log("t1") == ["a", "b", "c", "d", "e"]
+    assert list(backend.iter_log("t1", 3)) == [(4, ["d", "e"])]
+    assert list(backend.iter_log("t1", 1)) == [(2, ["b"]), (3, ["c"]), (4, ["d", "e"])]
+    info = backend.log_info("t1")
+    assert info is not None and info.last_line == 5 and info.chunks == 3
+    backend.append_log("t1", 6, ["f"])  # a task that ran across the upgrade: both kinds, read as one log
+    assert backend.read_log("t1") == ["a", "b", "c", "d", "e", "f"]
+    assert "t1" in backend.old_log_archives(utcnow() - timedelta(days=1))  # no date: always a candidate
+    backend.delete_log("t1")
+    assert backend.read_log("t1") is None
+
+
 def test_ping(backend: TaskStore) -> None:
     backend.ping()
 
@@ -416,3 +483,43 @@ def test_token_verify_says_which_problem(backend: TaskStore) -> None:
     tokens.revoke(backend, record.prefix)
     with pytest.raises(AuthError, match="revoked"):
         tokens.verify(backend, secret)
+
+
+# -- browser sessions -----------------------------------------------------------------------------------------
+def test_sessions_keep_only_the_hash_end_on_sign_out_expiry_and_revocation(backend: TaskStore) -> None:
+    from cloudai import sessions, tokens
+    from cloudai.errors import AuthError
+
+    secret, record = tokens.create(backend, "ana", expires="2h")
+    who = tokens.verify(backend, secret)
+    sid, session = sessions.start(backend, who, ttl_s=3600)
+    assert sid.startswith("cas_") and sid != secret
+    assert sid not in json.dumps(session.to_doc(), default=str) and session.token_hash == record.token_hash
+    assert sessions.resume(backend, sid).user == "ana"
+    with pytest.raises(AuthError, match="sign in again"):  # not sliding: it ends an hour after sign-in
+        sessions.resume(backend, sid, now=utcnow() + timedelta(minutes=61))
+    longer, capped = sessions.start(backend, who, ttl_s=10 * 3600)
+    assert capped.expires_at == record.expires_at  # never past its token's expiry
+    assert sessions.end(backend, sid) and not sessions.end(backend, sid)
+    with pytest.raises(AuthError, match="sign in again"):
+        sessions.resume(backend, sid)
+    assert sessions.resume(backend, longer).user == "ana"
+    tokens.revoke(backend, record.prefix)  # its sessions go with it
+    assert backend.get_session(capped.session_hash) is None
+    with pytest.raises(AuthError):
+        sessions.resume(backend, longer)
+    with pytest.raises(AuthError, match="sign in again"):
+        sessions.resume(backend, "cas_" + "x" * 43)
+
+
+def test_expired_sessions_are_forgotten(backend: TaskStore) -> None:
+    from cloudai import sessions, tokens
+
+    who = tokens.verify(backend, tokens.create(backend, "bo")[0])
+    old, old_record = sessions.start(backend, who, ttl_s=1, now=utcnow() - timedelta(hours=1))
+    new, _ = sessions.start(backend, who, ttl_s=60)
+    assert sessions.resume(backend, new).user == "bo"
+    if isinstance(backend, SQLiteStore):  # pruned when a session starts; MongoDB's TTL index does it in time
+        assert backend.get_session(old_record.session_hash) is None
+    assert backend.delete_sessions(who.token_hash) >= 1
+    assert backend.get_session(tokens.hash_token(new)) is None and backend.get_session(tokens.hash_token(old)) is None

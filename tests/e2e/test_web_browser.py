@@ -111,6 +111,8 @@ def test_submit_from_the_form_and_watch_2000_lines_live_then_what_others_see(
     page.until(lambda: "unknown API token" in page.text("#login-error"), what="the sign-in error")
     page.sign_in(ana)
     assert page.b.current_url == api_server.url + "/"
+    session = {"cloudai_session": page.b.get_cookie("cloudai_session")["value"]}
+    assert session["cloudai_session"] != ana and ana not in str(page.b.get_cookies())  # a session, not the token
 
     # the form: a server validation message appears next to its field; then a good submit opens the task
     page.get("/submit")
@@ -158,7 +160,7 @@ def test_submit_from_the_form_and_watch_2000_lines_live_then_what_others_see(
     assert page.js("return document.documentElement.scrollWidth <= window.innerWidth")  # no sideways scrolling
     page.b.set_window_size(1200, 850)
     download = httpx.get(api_server.url + page.find("#download").get_attribute("href").removeprefix(api_server.url),
-                         cookies={"cloudai_token": ana})
+                         cookies=session)
     assert download.text.splitlines() == lines
 
     # the list, newest first, updating itself: a second task appears without a reload
@@ -188,24 +190,27 @@ def test_submit_from_the_form_and_watch_2000_lines_live_then_what_others_see(
     page.shot("web-workers.png")
 
     # CSRF: the cookie alone can't make an unsafe request; with the page's value it can
-    cookie = {"cloudai_token": ana}
+    cookie = session
     refused = httpx.post(f"{api_server.url}/v1/tasks/{task_id}/cancel", cookies=cookie)
     assert refused.status_code == 403 and "X-CSRF-Token" in refused.json()["error"]["message"]
     refused = httpx.post(f"{api_server.url}/v1/tasks", cookies=cookie, json={"image": TEST_IMAGE})
     assert refused.status_code == 403 and len(store.list_tasks(limit=None)) == 2
-    assert page.js("return document.querySelector('meta[name=csrf-token]').content") == csrf.token_for(ana)
+    csrf_value = page.js("return document.querySelector('meta[name=csrf-token]').content")
+    assert csrf_value == csrf.token_for(session["cloudai_session"])
 
     # a second user: not in the list, and the page is the same 404 as an unknown task's
     page.find("#signout").click()
     page.until(lambda: "/login" in page.b.current_url, what="sign-out")
-    assert page.b.get_cookie("cloudai_token") is None
+    assert page.b.get_cookie("cloudai_session") is None
+    assert httpx.get(f"{api_server.url}/v1/whoami", cookies=session).status_code == 401  # ended on the server
     page.sign_in(bo)
     page.until(lambda: not page.find("#empty").get_attribute("hidden"), what="bo's empty list")
     assert task_id not in page.text("body")
     page.get(f"/tasks/{task_id}")
     assert page.text("h1") == "404 · not found" and task_id in page.text("#error-message")
     page.shot("web-404.png")
-    assert httpx.get(f"{api_server.url}/tasks/{task_id}", cookies={"cloudai_token": bo}).status_code == 404
+    bos = {"cloudai_session": page.b.get_cookie("cloudai_session")["value"]}
+    assert httpx.get(f"{api_server.url}/tasks/{task_id}", cookies=bos).status_code == 404
 
     # an admin: everyone's tasks with a user filter; drain and undrain a worker
     page.sign_in(root)

@@ -50,6 +50,8 @@ def test_default_hardening_read_back_from_the_container(settings: Settings, stor
     assert host["PidsLimit"] == task_pids_limit(settings)  # its share of the host (cloudai.pidbudget)
     assert host["ReadonlyRootfs"] is True and host["Tmpfs"] == {"/tmp": f"rw,nosuid,nodev,size={64 * 1024**2}"}
     assert "NVIDIA_VISIBLE_DEVICES=void" in info["Config"]["Env"]
+    # Docker's own log of the container is rotated (the worker reads the attach stream; that log is the fallback)
+    assert host["LogConfig"] == {"Type": "json-file", "Config": {"max-size": str(10 * 1024**2), "max-file": "3"}}
     # NoNewPrivs 1: no-new-privileges; Seccomp 2: Docker's default seccomp filter is on
     assert lines[:7] == [f"CapEff:\t{_mask(DEFAULT_CAPS)}", "NoNewPrivs:\t1", "Seccomp:\t2", "NV=void", "A=2",
                          "root=ro", "tmp=rw"]

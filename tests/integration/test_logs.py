@@ -10,7 +10,7 @@ import redis
 
 from cloudai.api import CloudAI
 from cloudai.errors import RedisUnavailable
-from cloudai.lines import MAX_LINE_BYTES
+from cloudai.lines import MAX_LINE_BYTES, cut_mark
 from cloudai.logevents import LogEnd, LogLine
 from cloudai.logs import LogBus
 from cloudai.models import TaskStatus
@@ -91,8 +91,10 @@ def test_awkward_output(settings: Settings, store: SQLiteStore, api: CloudAI) ->
     assert lines[0].text == "\ufffd\ufffdok"
     assert lines[1].text == "100%"
     chunks = [ln.text for ln in lines[2:]]
-    assert len(chunks) == 1024 * 1024 // MAX_LINE_BYTES
-    assert "".join(chunks) == "x" * 1024 * 1024
+    assert len(chunks) == 1024 * 1024 // MAX_LINE_BYTES  # cut at the line cap, each cut marked, nothing dropped
+    mark = cut_mark(MAX_LINE_BYTES)
+    assert all(c.endswith(mark) for c in chunks[:-1])
+    assert "".join(c.removesuffix(mark) for c in chunks) == "x" * 1024 * 1024
 
 
 def test_many_concurrent_followers_all_get_every_line(settings: Settings, store: SQLiteStore, api: CloudAI) -> None:
@@ -209,3 +211,28 @@ def test_after_the_stream_expires_logs_come_from_the_archive(
     assert [(ln.seq, ln.text, ln.ts) for ln in lines] == [(1, "first", "2026-01-01T00:00:00Z"),
                                                           (2, "second", "2026-01-01T00:00:01Z")]
     assert (end.status, end.exit_code) == ("completed", 0)
+
+
+def test_the_stream_keeps_a_byte_window_but_never_trims_what_the_archive_lacks(
+    settings: Settings, redis_client: redis.Redis
+) -> None:
+    bus = LogBus.from_url(settings.redis_url)
+    archived: list[int | None] = [0]
+    writer = bus.writer("window", next_seq=1, window_bytes=256 * 1024, trim_floor=lambda: archived[0])
+
+    def write(lines: int) -> None:
+        for _ in range(lines // 100):
+            writer.add_many([("y" * 1000, "")] * 100)
+            writer.flush()
+
+    def first_line() -> int:
+        return int(redis_client.xrange("cloudai:logs:window", count=1)[0][0].split("-")[0])
+
+    write(2000)  # ~2 MB, eight times the window: the archive holds nothing yet, so nothing goes
+    assert first_line() == 1
+    archived[0] = 1500  # the archive caught up to line 1500: the stream may go up to there, not further
+    write(100)
+    assert 1200 < first_line() <= 1501
+    archived[0] = None  # no bound (the archive gave up; Docker's log fills it): the byte window alone
+    write(100)
+    assert first_line() > 1800 and int(redis_client.memory_usage("cloudai:logs:window") or 0) < 600 * 1024

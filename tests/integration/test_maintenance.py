@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sqlite3
 from datetime import timedelta
 
 import pytest
 import redis
 
 from cloudai.api import CloudAI, SubmitRequest
+from cloudai.logevents import LogLine
 from cloudai.logs import LogBus, LogEnd
 from cloudai.maintenance import Maintenance, job_lock
 from cloudai.models import Resources, TaskStatus, WorkerState, utcnow
@@ -101,6 +103,32 @@ def test_log_retention_expires_finished_streams_and_archives_lost_ones(
     assert bus.redis.ttl(f"cloudai:logs:{live.task_id}") == -1
     assert store.read_log(lost.task_id) == [f"2026-01-01T00:00:00Z from {lost.task_id}"]
     assert store.read_log(finished.task_id) == ["2026-01-01T00:00:00Z from worker"]  # the worker's archive stays
+
+
+def test_archives_past_their_retention_are_removed_and_say_so(
+    api: CloudAI, store: SQLiteStore, maintenance: Maintenance, settings: Settings
+) -> None:
+    register(store, "w")
+    old, recent, running = (api.submit(SubmitRequest(image="busybox", command="true")) for _ in range(3))
+    for task in (old, recent, running):
+        store.transition(task.task_id, S.QUEUED, S.RUNNING)
+        store.append_log(task.task_id, 1, [f"- line of {task.task_id}"] * 1000)
+    ended = utcnow() - timedelta(seconds=settings.log_archive_retention_s + 60)
+    store.transition(old.task_id, S.RUNNING, S.COMPLETED, completed_at=ended)
+    store.transition(recent.task_id, S.RUNNING, S.COMPLETED, completed_at=utcnow())
+    assert store.get_task(old.task_id).log_bytes > 0  # type: ignore[union-attr]
+    with sqlite3.connect(store.path) as db:  # every chunk written long ago (the task that runs on: a long one)
+        db.execute("UPDATE log_chunks SET written_at='2020-01-01T00:00:00.000000'")
+    # only the task that ended before the retention period loses its archive
+    assert maintenance.expire_archives() == [old.task_id]
+    assert [e.text for e in api.logs(old.task_id) if isinstance(e, LogLine)] == [
+        "[cloudai] this log was removed 30 days after the task ended (CLOUDAI_LOG_ARCHIVE_RETENTION)"]
+    gone = store.get_task(old.task_id)
+    assert gone is not None and gone.log_removed_at is not None and 0 < gone.log_bytes < 200  # the note
+    for task in (recent, running):
+        assert len(store.read_log(task.task_id) or []) == 1000
+    assert Maintenance(settings.replace(log_archive_retention_s=0.0), store, api.bus,
+                       api.scheduler).expire_archives() == []  # 0: kept for ever
 
 
 def test_resources_are_released_at_every_terminal_status(api: CloudAI, store: SQLiteStore) -> None:

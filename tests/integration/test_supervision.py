@@ -239,3 +239,41 @@ def test_a_redis_blip_during_re_attach_is_retried_not_fatal(settings: Settings, 
     assert ex.attach(task, cid) == "completed"  # not failed: the healthy container's outcome is recorded
     lines, end = _log(settings, task.task_id)
     assert lines == ["before", "after"] and end is not None and end.status == "completed"
+
+
+class _ArchiveOutage(SQLiteStore):
+    """A store whose archive writes fail until the task's outcome is recorded (a store outage while it runs)."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.down = True
+
+    def transition(self, task_id: str, expected: Any, new: TaskStatus, **fields: Any) -> bool:
+        if new.terminal:
+            self.down = False
+        return super().transition(task_id, expected, new, **fields)
+
+    def append_log(self, task_id: str, first_line: int, lines: list[str], execution: str | None = None) -> bool:
+        if self.down:
+            from cloudai.errors import StoreUnavailable
+
+            raise StoreUnavailable(self.url, "injected outage")
+        return super().append_log(task_id, first_line, lines, execution)
+
+
+def test_an_archive_gap_past_the_log_budget_is_filled_with_the_same_lines_the_stream_has(
+    settings: Settings, store_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cloudai.archive
+
+    monkeypatch.setattr(cloudai.archive, "MAX_BUFFER", 30)  # the outage outlasts the archiver's buffer
+    outage = _ArchiveOutage(store_path)
+    runtime = StubRuntime([f"line {n} " + "x" * 40 for n in range(1, 201)])
+    task = queued_task(outage, settings.worker_id, "x")
+    budgeted = settings.replace(log_max_bytes=2000)
+    assert _executor(budgeted, outage, runtime).run(message(task)) == "completed"
+    texts, end = _log(settings, task.task_id)
+    assert end is not None and texts[-2].startswith("[cloudai] log budget of 1.953 KiB reached")
+    assert texts[-1].startswith("[cloudai] ") and "not kept" in texts[-1]
+    archived = [line.split(" ", 1)[1] for line in outage.read_log(task.task_id) or []]
+    assert archived == texts  # Docker's log, read again, maps to the same lines; the summary comes from the stream

@@ -1,7 +1,15 @@
 from __future__ import annotations
 
-from cloudai.lines import MAX_LINE_BYTES, LineSplitter, archive_line, archived_lines, split_frames
+from cloudai.lines import MAX_LINE_BYTES, LineSplitter, archive_line, archived_lines, cut_mark, split_frames
 from cloudai.logevents import LogLine
+
+MARK = cut_mark(MAX_LINE_BYTES)
+
+
+def _joined(pieces: list[str]) -> str:
+    """A cut line put back together: every piece but the last ends with the visible cut mark."""
+    assert all(p.endswith(MARK) for p in pieces[:-1]) and not pieces[-1].endswith(MARK)
+    return "".join(p.removesuffix(MARK) for p in pieces)
 
 
 def test_lines_split_across_frames_keep_the_first_timestamp() -> None:
@@ -30,13 +38,14 @@ def test_one_mib_line_without_newline_is_delivered_in_chunks() -> None:
     frames = [b"t " + payload[i : i + 16384] for i in range(0, len(payload), 16384)]
     lines = [t for t, _ in split_frames(frames)]
     assert len(lines) == 1024 * 1024 // MAX_LINE_BYTES
-    assert "".join(lines) == payload.decode()
+    assert _joined(lines) == payload.decode()  # nothing dropped, each cut visible
+    assert MARK == " [cloudai: line cut at 64 KiB; it continues on the next line]"
 
 
 def test_chunks_never_split_a_utf8_character() -> None:
     payload = ("é" * (MAX_LINE_BYTES)).encode()  # 2 bytes each
     lines = [t for t, _ in split_frames([b"t " + payload])]
-    assert "".join(lines) == payload.decode() and "\ufffd" not in "".join(lines)
+    assert _joined(lines) == payload.decode() and "\ufffd" not in "".join(lines)
 
 
 def test_splitting_is_deterministic_for_reattach() -> None:
@@ -44,11 +53,18 @@ def test_splitting_is_deterministic_for_reattach() -> None:
     assert list(split_frames(frames)) == list(split_frames(frames))
 
 
+def test_the_line_cap_is_a_setting() -> None:
+    lines = [t for t, _ in split_frames([b"t " + b"y" * 2500 + b"\n"], max_line=1024)]
+    assert [len(t.removesuffix(cut_mark(1024))) for t in lines] == [1024, 1024, 452]
+    assert lines[0].endswith("[cloudai: line cut at 1 KiB; it continues on the next line]")
+
+
 def test_archive_line_round_trip() -> None:
     archived = [archive_line("hello world", "2026-01-01T00:00:00Z"), archive_line("x", ""), archive_line("", "t")]
     assert archived_lines(archived, 0) == [LogLine(1, "hello world", "2026-01-01T00:00:00Z"), LogLine(2, "x"),
                                            LogLine(3, "", "t")]
     assert archived_lines(archived, 2) == [LogLine(3, "", "t")] and not archived_lines(archived, 3)
+    assert archived_lines(archived, 10, first=10) == [LogLine(11, "x"), LogLine(12, "", "t")]  # a chunk at line 10
 
 
 def test_chunks_give_the_lines_frames_give_whatever_the_grouping() -> None:
@@ -87,7 +103,8 @@ def test_long_lines_are_cut_the_same_whatever_the_frames() -> None:
     odd = [t for batch in split_chunks([[b"t " + text[i : i + 7000]] for i in range(0, len(text), 7000)])
            for t, _ in batch]
     assert whole == small == odd and whole[-1] == "short"
-    assert all(len(t.encode()) <= MAX_LINE_BYTES for t in whole) and "".join(whole[:-1]).encode() == text[:-7]
+    assert all(len(t.removesuffix(MARK).encode()) <= MAX_LINE_BYTES for t in whole)
+    assert _joined(whole[:-1]).encode() == text[:-7]
 
 
 def test_a_read_of_many_lines_splits_as_line_by_line_would() -> None:

@@ -8,6 +8,7 @@ import pytest
 
 from cloudai import logfollow as logs
 from cloudai.errors import RedisUnavailable
+from cloudai.lines import archived_lines
 from cloudai.logevents import LineBatch, LogEnd, LogLine
 
 
@@ -43,10 +44,11 @@ def test_an_expired_stream_is_read_from_the_archive() -> None:
     assert steps.send(([], "0-0")) == ("end_of_task", None)
     end = LogEnd("failed", 3)
     assert steps.send(end) == ("exists", None)
-    assert steps.send(False) == ("archive", None)
-    kind, batch = steps.send(["2026-01-01T00:00:00Z one", "- two"])
-    assert kind == "emit" and isinstance(batch, LineBatch)  # one batch of columns, then the end
+    assert steps.send(False) == ("archive", 0)  # the store's chunk after line 0
+    kind, batch = steps.send(archived_lines(["2026-01-01T00:00:00Z one", "- two"], 0))
+    assert kind == "emit" and isinstance(batch, LineBatch)  # one batch of columns
     assert batch == [LogLine(1, "one", "2026-01-01T00:00:00Z"), LogLine(2, "two")]
+    assert steps.send(None) == ("archive", 2)  # the next chunk, until there is none
     assert steps.send(None) == ("emit", [end])
 
 
@@ -59,8 +61,9 @@ def test_following_a_log_that_expired_long_ago_asks_the_store_at_once() -> None:
     assert steps.send(None) == ("end_of_task", None)  # at once, not after IDLE_CHECK_S
     end = LogEnd("completed", 0)
     assert steps.send(end) == ("exists", None)
-    assert steps.send(False) == ("archive", None)
-    assert steps.send(["- only"]) == ("emit", [LogLine(1, "only")])
+    assert steps.send(False) == ("archive", 0)
+    assert steps.send(archived_lines(["- only"], 0)) == ("emit", [LogLine(1, "only")])
+    assert steps.send(None) == ("archive", 1)
     assert steps.send(None) == ("emit", [end])
 
 
@@ -99,8 +102,40 @@ def test_a_long_archive_goes_out_in_batches_then_the_end(monkeypatch: pytest.Mon
     steps.send(([], "1-0"))
     end = LogEnd("completed", 0)
     steps.send(end)
-    assert steps.send(False) == ("archive", None)
-    first = steps.send([f"- l{n}" for n in range(1, 6)])
+    assert steps.send(False) == ("archive", 1)
+    first = steps.send(archived_lines([f"- l{n}" for n in range(1, 6)], 1))
     assert first == ("emit", [LogLine(2, "l2"), LogLine(3, "l3")])
     assert steps.send(None) == ("emit", [LogLine(4, "l4"), LogLine(5, "l5")])
+    assert steps.send(None) == ("archive", 5)
+    assert steps.send(archived_lines(["- l9"], 8, first=9)) == ("emit", [LogLine(6, "[cloudai] 3 lines are missing "
+                                                                             "from the archive")])
+    assert steps.send(None) == ("emit", [LogLine(9, "l9")])  # a hole in the archive is said, not hidden
+    assert steps.send(None) == ("archive", 9)
     assert steps.send(None) == ("emit", [end])
+
+
+def test_a_stream_trimmed_past_the_follower_is_joined_from_the_archive() -> None:
+    """A late follower: the stream's window starts at line 6; lines 1-5 come from the archive's chunks, then the
+    stream, with no gap and no duplicate."""
+    steps = logs.LogFollow(follow=True).steps()
+    next(steps)
+    steps.send("0-0")
+    stream = LineBatch(6, ["f", "g"], ["", ""])
+    assert steps.send((stream, "6-0")) == ("archive", 0)
+    assert steps.send(archived_lines(["- a", "- b", "- c"], 0)) == ("emit", archived_lines(["- a", "- b", "- c"], 0))
+    assert steps.send(None) == ("archive", 3)
+    # the archive's next chunk overlaps the stream: only up to line 5 from it
+    assert steps.send(archived_lines(["- d", "- e", "- f"], 3, first=4)) == ("emit", [LogLine(4, "d"), LogLine(5, "e")])
+    assert steps.send(None) == ("emit", stream)
+    assert steps.send(None)[0] == "read"
+
+
+def test_an_archive_that_lags_the_trimmed_stream_leaves_a_note() -> None:
+    steps = logs.LogFollow(follow=True).steps()
+    next(steps)
+    steps.send("0-0")
+    assert steps.send((LineBatch(6, ["f"], [""]), "6-0")) == ("archive", 0)
+    assert steps.send(archived_lines(["- a", "- b"], 0)) == ("emit", [LogLine(1, "a"), LogLine(2, "b")])
+    assert steps.send(None) == ("archive", 2)
+    kind, batch = steps.send(None)  # nothing more archived yet
+    assert kind == "emit" and "3 earlier lines were trimmed" in batch[0].text and batch[1] == LogLine(6, "f")

@@ -45,3 +45,27 @@ def test_capabilities_and_image_allow_list() -> None:
         Settings.from_env({"CLOUDAI_CAP_ADD": "ALL"})
     with pytest.raises(ConfigError, match="CLOUDAI_CAP_DROP: unknown capability 'NET_RWA'"):
         Settings.from_env({"CLOUDAI_CAP_DROP": "NET_RWA"})
+
+
+def test_log_limits_have_safe_defaults_and_read_sizes_and_durations() -> None:
+    s = Settings.from_env({})
+    assert (s.log_max_bytes, s.log_over_budget, s.log_max_line, s.log_redis_bytes) == (
+        1024**3, "keep-running", 64 * 1024, 64 * 1024**2)
+    assert (s.log_archive_retention_s, s.docker_log_max_size, s.docker_log_max_file) == (30 * 86400, 10 * 1024**2, 3)
+    s = Settings.from_env({"CLOUDAI_LOG_MAX_BYTES": "5m", "CLOUDAI_LOG_OVER_BUDGET": "stop",
+                           "CLOUDAI_LOG_MAX_LINE": "16k", "CLOUDAI_LOG_REDIS_BYTES": "8MiB",
+                           "CLOUDAI_LOG_ARCHIVE_RETENTION": "7d12h", "CLOUDAI_DOCKER_LOG_MAX_SIZE": "0"})
+    assert (s.log_max_bytes, s.log_over_budget, s.log_max_line, s.log_redis_bytes) == (
+        5 * 1024**2, "stop", 16 * 1024, 8 * 1024**2)
+    assert s.log_archive_retention_s == 7.5 * 86400 and s.docker_log_max_size == 0
+    assert Settings.from_env({"CLOUDAI_LOG_ARCHIVE_RETENTION": "3600"}).log_archive_retention_s == 3600
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    ("CLOUDAI_LOG_MAX_BYTES", "lots"), ("CLOUDAI_LOG_MAX_BYTES", "1k"), ("CLOUDAI_LOG_OVER_BUDGET", "kill"),
+    ("CLOUDAI_LOG_MAX_LINE", "100"), ("CLOUDAI_LOG_MAX_LINE", "1g"), ("CLOUDAI_LOG_REDIS_BYTES", "-1"),
+    ("CLOUDAI_LOG_ARCHIVE_RETENTION", "a month"), ("CLOUDAI_DOCKER_LOG_MAX_FILE", "0"),
+])
+def test_bad_log_limits_say_which_variable(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})

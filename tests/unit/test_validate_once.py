@@ -166,7 +166,7 @@ def test_the_cli_the_api_and_the_web_form_give_the_same_message(bad: Bad, client
     assert api_message(client, body, {"Authorization": f"Bearer {secret}"}) == from_cli
     if bad.form is not None:  # the browser's request: the session cookie and the CSRF header, no dry run
         client.post("/login", data={"token": secret})
-        headers = {"X-CSRF-Token": csrf.token_for(secret)}
+        headers = {"X-CSRF-Token": csrf.token_for(client.cookies["cloudai_session"])}
         form = {"image": bad.image, "command": " ".join(bad.command), **bad.form}
         assert api_message(client, form_body(form), headers, dry_run=False) == from_cli
     assert SQLiteStore(str(tmp_path / "s.db")).list_tasks(limit=None) == []

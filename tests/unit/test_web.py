@@ -48,9 +48,9 @@ def test_pages_send_a_signed_out_browser_to_the_sign_in_page(client: TestClient)
 def test_login_sets_a_readable_csrf_cookie_bound_to_the_session_and_logout_clears_it(client: TestClient) -> None:
     secret = _secret(client, "ana")
     value = _sign_in(client, secret)
-    assert value == csrf.token_for(secret) and secret not in value
-    cookies = client.cookies
-    assert cookies["cloudai_token"] == secret
+    session = client.cookies["cloudai_session"]
+    assert session.startswith("cas_") and session != secret and secret not in session  # never the token
+    assert value == csrf.token_for(session) and secret not in value
     page = client.get("/")
     assert page.status_code == 200 and f'<meta name="csrf-token" content="{value}">' in page.text
     r = client.post("/logout", headers={"Origin": "http://testserver"})
@@ -86,7 +86,7 @@ def test_cookie_authenticated_unsafe_requests_need_the_csrf_header(client: TestC
 def test_login_refuses_other_origins(client: TestClient, headers: dict[str, str], status: int) -> None:
     r = client.post("/login", data={"token": _secret(client, "ana")}, headers=headers)
     assert r.status_code == status
-    assert ("cloudai_token" in client.cookies) == (status == 200)
+    assert ("cloudai_session" in client.cookies) == (status == 200)
 
 
 def test_task_page_follows_the_api_ownership_rule_and_escapes_what_users_typed(client: TestClient) -> None:
@@ -140,13 +140,13 @@ def test_the_login_cookie_never_outlives_its_token_and_goes_once_it_fails(client
     store = client.app.state.cloud.store  # type: ignore[attr-defined]
     secret, record = tokens.create(store, "ana", False, "1h")
     r = client.post("/login", data={"token": secret}, headers={"Origin": "http://testserver"})
-    cookie = next(c for c in r.headers.get_list("set-cookie") if c.startswith("cloudai_token="))
+    cookie = next(c for c in r.headers.get_list("set-cookie") if c.startswith("cloudai_session="))
     max_age = int(cookie.split("Max-Age=")[1].split(";")[0])
     assert 3500 <= max_age <= 3600
     tokens.revoke(store, record.prefix)
     r = client.get("/v1/whoami")
     assert r.status_code == 401
-    assert any(c.startswith('cloudai_token=""') for c in r.headers.get_list("set-cookie"))  # cleared
+    assert any(c.startswith('cloudai_session=""') for c in r.headers.get_list("set-cookie"))  # cleared
     page = client.get("/")
     assert page.status_code == 303 and page.headers["location"].startswith("/login")
 

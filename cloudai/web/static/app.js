@@ -307,11 +307,15 @@ function workerCard(w, tasks, admin, refresh) {
   const head = el("div", { class: "card-head" },
     el("h2", { class: "mono" }, w.worker_id), el("span", { class: `status w-${state}` }, state),
     el("span", { class: "muted" }, `heartbeat ${fmtDuration(w.heartbeat_age_s)} ago`));
+  // a user sees their own tasks' use of a worker (other users' load is theirs); an admin sees everyone's
+  const yours = w.usage_of ? " (yours)" : "";
+  const room = w.has_room === false ? " · full" : w.has_room ? " · has room" : "";
   const card = el("section", { class: "card worker", "data-worker-id": w.worker_id }, head,
-    el("p", { class: "muted" }, `${w.hostname} · ${w.tasks} live task${w.tasks === 1 ? "" : "s"}`),
-    meter("CPU", w.used_cpus, w.cpus, `${+w.used_cpus.toFixed(3)} / ${+w.cpus} cores`),
-    meter("Memory", w.used_memory, w.memory, `${fmtBytes(w.used_memory)} / ${fmtBytes(w.memory)}`),
-    meter("GPU", w.used_gpu_ids.length, gpus,
+    el("p", { class: "muted" },
+      `${w.hostname} · ${w.tasks} live task${w.tasks === 1 ? "" : "s"}${w.usage_of ? " of yours" : ""}${room}`),
+    meter("CPU" + yours, w.used_cpus, w.cpus, `${+w.used_cpus.toFixed(3)} / ${+w.cpus} cores`),
+    meter("Memory" + yours, w.used_memory, w.memory, `${fmtBytes(w.used_memory)} / ${fmtBytes(w.memory)}`),
+    meter("GPU" + yours, w.used_gpu_ids.length, gpus,
       gpus ? `${w.used_gpu_ids.length} / ${gpus} (${w.gpu_ids.join(", ")})` : "none"));
   const labels = Object.entries(w.labels || {});
   if (labels.length) {
