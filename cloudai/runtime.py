@@ -144,8 +144,13 @@ class DockerRuntime:
             raise ImageError(f"image {image!r} could not be pulled: {reason}") from exc
 
     def storage(self) -> tuple[str, str]:
-        """Docker's storage driver and data root (``docker info``)."""
-        info = self.api.info()
+        """Docker's storage driver and data root (``docker info``; ``unknown`` when the engine won't say: the
+        disk guard then measures, which works on every driver)."""
+        try:
+            info = self.api.info()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            log.warning("docker info failed (%s); the storage driver is taken as unknown", exc)
+            info = {}
         return str(info.get("Driver") or "unknown"), str(info.get("DockerRootDir") or "/var/lib/docker")
 
     def writable_sizes(self, worker_id: str) -> dict[str, int]:
