@@ -255,8 +255,12 @@ def join_command(args: list[str] | tuple[str, ...]) -> str | None:
 
 def show_command(args: list[str] | tuple[str, ...], entrypoint: str | None = None) -> str | None:
     """What a container runs as one readable line (the record's ``command``), quoted where needed: its
-    arguments, after the entrypoint that replaces the image's when there is one (as ``docker ps`` shows it)."""
+    arguments, after the entrypoint that replaces the image's when there is one (as ``docker ps`` shows it). A
+    shell line (``--shell``: ``/bin/sh -c LINE``) is shown as written after the shell, not quoted again: it is
+    what the user typed."""
     words = ([entrypoint] if entrypoint else []) + list(args)
+    if len(words) >= 3 and words[-2] == "-c" and words[-3].rsplit("/", 1)[-1] in ("sh", "bash"):
+        return f"{shlex.join(words[:-1])} {words[-1]}"
     return shlex.join(words) if words else None
 
 
