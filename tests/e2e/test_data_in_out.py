@@ -137,6 +137,13 @@ def test_a_training_job_gets_code_in_and_its_checkpoint_back_through_the_master(
         ranged = browser.get(href, headers={"Range": "bytes=299990-"})
         assert (ranged.status_code, ranged.content) == (206, whole[299990:])
 
+    # only its owner removes them (freeing their quota); then nothing is listed, and the upload is gone too
+    assert cli(bo, "artifacts", "--delete", task_id).returncode == 122
+    removed = cli(ana, "artifacts", "--delete", task_id)
+    assert removed.returncode == 0 and "stored files removed" in removed.stderr + removed.stdout, removed.stderr
+    assert json.loads(cli(ana, "artifacts", task_id, "--json").stdout) == []
+    assert not list((tmp_path / "artifacts").rglob(f"*{task_id}*"))
+
 
 def test_hostile_outputs_and_uploads_give_exit_2_or_a_clear_reason_and_nothing_escapes(
     server: ServerProc, settings: Settings, store: SQLiteStore, workers, tmp_path: Path  # type: ignore[no-untyped-def]
