@@ -87,18 +87,29 @@ def register(cli: click.Group, pass_ctx: Any) -> None:
         below = [a for a in listing if a.path.startswith(prefix)]
         if not below:
             raise ArtifactNotFound(task_id, wanted)
-        if dest == "-":
+        if dest == "-" or (os.path.exists(dest) and not os.path.isdir(dest)):
             raise click.UsageError(f"{wanted} is a directory of {len(below)} files: give a directory as DEST")
         for artifact in below:
             parts = artifact.path[len(prefix):].split("/")
             if any(p in ("", ".", "..") for p in parts):  # never written outside DEST, whatever the server said
                 raise click.ClickException(f"refusing to write {artifact.path!r} outside {dest}")
             target = os.path.join(dest, *parts)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
+            try:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+            except OSError as exc:
+                raise click.ClickException(f"can't make {os.path.dirname(target)}: {exc.strerror}") from None
             _download(api, task_id, artifact, target)
 
 
 def _download(api: Client, task_id: str, artifact: Artifact, target: str) -> None:
+    """:func:`_fetch`, with a local file that can't be written as a clear error (exit 1)."""
+    try:
+        _fetch(api, task_id, artifact, target)
+    except OSError as exc:
+        raise click.ClickException(f"can't write {exc.filename or target}: {exc.strerror or exc}") from None
+
+
+def _fetch(api: Client, task_id: str, artifact: Artifact, target: str) -> None:
     """One file to ``target`` (``-``: standard output), through ``target.cloudai-part``, resumed from a part an
     earlier run left; checked by size and SHA-256 before it is renamed (a mismatch removes the part)."""
     from cloudai.models import format_bytes

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, TYPE_CHECKING
 
-from cloudai.errors import ValidationError
+from cloudai.errors import RuntimeFailure, ValidationError
 from cloudai.models import format_bytes
 
 if TYPE_CHECKING:
@@ -199,11 +199,11 @@ def collect(runtime: DockerRuntime, container_id: str, task: Task, store: Artifa
             files -= len(stored)
             result.notes.append(str(why))
             continue
-        except (tarfile.TarError, OSError) as exc:  # the engine's archive broke off: keep nothing of it
+        except (tarfile.TarError, OSError, RuntimeFailure) as exc:  # the engine's archive broke off, a full disk
             for artifact in stored:
                 store.delete(task.task_id, task.execution_id, "output", artifact.path)
-            log.warning("task %s: output %s could not be read: %s", task.task_id, out, exc)
-            result.notes.append(f"output {out} not stored: the container's files could not be read ({exc})")
+            log.warning("task %s: output %s could not be copied: %s", task.task_id, out, exc)
+            result.notes.append(f"output {out} not stored: it could not be copied ({exc})")
             continue
         if skipped:
             shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
