@@ -324,6 +324,10 @@ class Task:
     ipc: str | None = None  # private | shareable | none | host (host only where the operator allows it)
     ulimits: list[str] = field(default_factory=list)  # Ulimit.spec texts: nofile=1024:4096
     gpu_devices: list[str] = field(default_factory=list)  # --gpus device=ID,...: exactly these GPU ids
+    # data in and results out (cloudai/outputs.py, cloudai/uploads.py): the paths copied out of the container
+    # into the artifact store when it ends, and where the uploaded directory is placed before it starts
+    outputs: list[str] = field(default_factory=list)
+    upload: str | None = None
 
     @property
     def resources(self) -> Resources:

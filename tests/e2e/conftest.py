@@ -38,7 +38,8 @@ class Cli:
 def changes(args: tuple[str, ...]) -> bool:
     """Whether ``cloudai ARGS`` changes the cluster (and so needs the master)."""
     return (args[0] in ("submit", "task", "cancel") and "--dry-run" not in args) or (
-        args[0] == "workers" and len(args) > 1 and args[1] in ("drain", "undrain", "remove"))
+        args[0] == "workers" and len(args) > 1 and args[1] in ("drain", "undrain", "remove")) or (
+        args[0] == "artifacts" and "--delete" in args)
 
 
 _CURRENT: list[Cli] = []
