@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -343,3 +344,19 @@ def docker_run(*args: str) -> tuple[list[str], int]:
     """``docker run --rm ARGS``: its output lines (stdout and stderr) and exit code, to compare a task with."""
     result = subprocess.run(["docker", "run", "--rm", *args], capture_output=True, text=True, timeout=120)
     return (result.stdout + result.stderr).splitlines(), result.returncode
+
+
+class Zeros(io.RawIOBase):
+    """``size`` zero bytes, never held in memory (a tar bomb's content)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        n = min(len(buffer), self.left)
+        buffer[:n] = bytes(n)
+        self.left -= n
+        return n

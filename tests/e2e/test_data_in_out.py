@@ -25,7 +25,7 @@ import pytest
 from cloudai.models import TaskStatus
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import ROOT, ServerProc, cloudai, entrypoint_image, wait_ended, wait_for
+from tests.helpers import ROOT, ServerProc, Zeros, cloudai, entrypoint_image, wait_ended, wait_for
 from tests.services import TEST_IMAGE
 
 S = TaskStatus
@@ -231,19 +231,5 @@ def tar_gz(name: str, size: int) -> bytes:
     with tarfile.open(fileobj=out, mode="w:gz") as tar:
         info = tarfile.TarInfo(name)
         info.size = size
-        tar.addfile(info, io.BufferedReader(_Zeros(size)))
+        tar.addfile(info, io.BufferedReader(Zeros(size)))
     return out.getvalue()
-
-
-class _Zeros(io.RawIOBase):
-    def __init__(self, size: int) -> None:
-        self.left = size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = min(len(buffer), self.left)
-        buffer[:n] = bytes(n)
-        self.left -= n
-        return n

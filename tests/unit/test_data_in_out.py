@@ -16,6 +16,7 @@ from cloudai.ignorefile import IgnoreRules, parse_rules
 from cloudai.outputs import MAX_OUTPUTS, parse_outputs
 from cloudai.submission import build_request
 from cloudai.uploads import MAX_MEMBERS, inspect_upload, pack, parse_upload, placement_archive
+from tests.helpers import Zeros
 
 MiB = 1024 * 1024
 
@@ -84,22 +85,6 @@ def test_packing_refuses_what_cant_be_uploaded_before_anything_is_sent(tmp_path:
     with pytest.raises(ValidationError) as refused:
         pack(str(tmp_path), 1000)
     assert words in str(refused.value) and refused.value.exit_code == 2
-
-
-class Zeros(io.RawIOBase):
-    """``size`` zero bytes, never held in memory (a tar bomb's content)."""
-
-    def __init__(self, size: int) -> None:
-        self.left = size
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
-        n = min(len(buffer), self.left)
-        buffer[:n] = bytes(n)
-        self.left -= n
-        return n
 
 
 def archive(*entries: tarfile.TarInfo, data: dict[str, bytes] | None = None,
