@@ -95,7 +95,10 @@ class CloudAI:
                 self.scheduler.publish_quota_defaults()  # the cluster's, for beat's and the workers' passes too
             except redis.RedisError as exc:  # published again by each pass once Redis answers
                 log.warning("default quotas not published yet: %s", exc)
-            self._placer = Placer(self.scheduler.place_pending).start()
+            scheduler = self.scheduler
+            self._placer = Placer(lambda: scheduler.run_events(lambda: placer.stopping), wait=scheduler.wait_signal)
+            placer = self._placer
+            placer.start()
 
     def stop_placer(self) -> None:
         if self._placer is not None:
@@ -106,6 +109,7 @@ class CloudAI:
         """Waiting tasks may fit now: a pass on the placer thread when one runs (the master), else here (a
         library caller; beat's tick where this process doesn't place)."""
         if self._placer is not None:
+            self.scheduler.signal()  # the dirty flag a step starts from, and a wake-up for any master's placer
             self._placer.request()
         else:
             self.scheduler.place_pending()
