@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import redis
 
-from cloudai import keys, limits
+from cloudai import keys, limits, metrics
 from cloudai.clock import redis_now, with_redis_heartbeats
 from cloudai.errors import (
     CloudAIError,
@@ -211,7 +211,9 @@ class CloudAI:
         if time.monotonic() - self._redis_ok_at > self.REDIS_CHECK_S:
             self.ping_redis()
         self.check_dependencies(task)
-        return self.scheduler.submit(task)
+        done = self.scheduler.submit(task)
+        metrics.SUBMITS.labels(done.status.value).inc()
+        return done
 
     def dry_run(self, request: SubmitRequest) -> str:
         """Where the task would go now, without recording anything."""

@@ -83,6 +83,13 @@ def _duration(env: Mapping[str, str], name: str, default: float) -> float:
     return sum(float(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u.lower()] for n, u in parts)
 
 
+def _port(env: Mapping[str, str], name: str) -> int:
+    value = _int(env, name, 0)
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{name}={env.get(name)!r}: use a TCP port (1-65535), or 0 for none")
+    return value
+
+
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     value = _int(env, name, default)
     if value < 1:
@@ -172,6 +179,8 @@ class Settings:
     sched_depth: int = 200
     sched_budget_s: float = 0.05
     sched_backfill_budget_s: float = 1.0
+    # a worker's Prometheus endpoint (0: none)
+    worker_metrics_port: int = 0
     docker_network: str | None = None
     pids_limit: int = 4096
     # task containers: capabilities beyond the default to drop / add (see cloudai.limits.DEFAULT_CAPS), and the
@@ -263,6 +272,7 @@ class Settings:
             sched_depth=_positive_int(env, "CLOUDAI_SCHED_DEPTH", base.sched_depth),
             sched_budget_s=_positive(env, "CLOUDAI_SCHED_BUDGET", base.sched_budget_s),
             sched_backfill_budget_s=_positive(env, "CLOUDAI_SCHED_BACKFILL_BUDGET", base.sched_backfill_budget_s),
+            worker_metrics_port=_port(env, "CLOUDAI_WORKER_METRICS_PORT"),
             docker_network=env.get("CLOUDAI_DOCKER_NETWORK") or None,
             pids_limit=_int(env, "CLOUDAI_PIDS_LIMIT", base.pids_limit),
             cap_drop=_caps(env, "CLOUDAI_CAP_DROP", allow_all=True),
