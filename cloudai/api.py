@@ -232,11 +232,17 @@ class CloudAI:
         return task
 
     def list_tasks(self, user: str | None = None, status: list[TaskStatus] | None = None, worker: str | None = None,
-             limit: int | None = 50) -> list[Task]:
+             limit: int | None = 50, before: str | None = None) -> list[Task]:
+        """Tasks newest first; ``before``: a task id, the next page after it (keyset: read from an index)."""
         for field_name, value in (("user", user), ("worker", worker)):
             if value is not None:
                 limits.text(field_name, value, max_chars=limits.MAX_ID_CHARS)
-        return self.store.list_tasks(user_id=user, status=status or None, worker_id=worker, limit=limit)
+        after = None
+        if before is not None:
+            cursor = self.get(before)
+            after = (cursor.created_at, cursor.task_id)
+        return self.store.list_tasks(user_id=user, status=status or None, worker_id=worker, limit=limit,
+                                     before=after)
 
     def cancel(self, task_id: str, by: str | None = None, wait_s: float | None = None) -> Task:
         """Cancel a task. Pending/queued: cancelled at once (its queue message then does nothing). Running: the
