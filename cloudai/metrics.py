@@ -14,6 +14,8 @@ from cloudai.models import Task
 #: one placement step (event-driven or full backfill), seconds
 STEP_SECONDS = Histogram("cloudai_sched_step_seconds", "Duration of one bounded placement step", ["mode"],
                          buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+STEP_MAX = Gauge("cloudai_sched_step_max_seconds", "The longest placement step since this process started",
+                 ["mode"])
 #: how long a task waited in ``pending`` before a pass queued it
 PLACEMENT_WAIT = Histogram("cloudai_sched_placement_wait_seconds",
                            "Time from submit to queued of tasks placed by a placement pass",
@@ -54,10 +56,21 @@ def observe_waiting(tasks: Iterable[Task]) -> None:
         WAITING.labels(kind).set(counts.get(kind, 0))
 
 
+_longest: dict[str, float] = {}
+
+
+def observe_step(mode: str, seconds: float) -> None:
+    """One placement step's duration: the histogram, and the longest so far."""
+    STEP_SECONDS.labels(mode).observe(seconds)
+    if seconds > _longest.get(mode, 0.0):
+        _longest[mode] = seconds
+        STEP_MAX.labels(mode).set(seconds)
+
+
 def serve(port: int, addr: str = "0.0.0.0") -> None:
     """Serve this process's metrics on ``port`` (a worker's endpoint; prometheus_client's own thread)."""
     start_http_server(port, addr)
 
 
 __all__ = ["STEP_SECONDS", "PLACEMENT_WAIT", "WAITING", "SUBMITS", "LOG_LINES", "LOG_BYTES", "DRIFT",
-           "reason_kind", "observe_waiting", "serve"]
+           "STEP_MAX", "reason_kind", "observe_waiting", "observe_step", "serve"]

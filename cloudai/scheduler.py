@@ -579,7 +579,7 @@ class Scheduler:
         else:  # out of time: the next step resumes after the tasks still waiting among those examined
             kept = skip_n + result.examined - len(result.placed)
             self.redis.hset(keys.SCHED_CURSOR, mode, f"{generation}:{kept}:{examined_n + result.examined}")
-        metrics.STEP_SECONDS.labels(mode).observe(time.monotonic() - started)
+        metrics.observe_step(mode, time.monotonic() - started)
         return result
 
     def _pass(self, generation: str, skip: int, depth: int | None, deadline: float, full: bool) -> Step:
