@@ -509,14 +509,26 @@ class Scheduler:
     def run_events(self, should_stop: Callable[[], bool] = lambda: False) -> list[Task]:
         """The event-driven steps the master's placer runs on each wake-up, until nothing is asked for."""
         placed: list[Task] = []
+        busy = 0
         while not should_stop():
             step = self.step(full=False)
             if step is None:
-                break
+                # another placer (beat's backfill) holds the lock, and runs the signalled event between its own
+                # steps; look again shortly in case it has just finished (this wake-up is consumed). Bounded:
+                # a lock held by a process that died, or Redis away, leaves it to beat's next tick
+                busy += 1
+                if busy > self.LOCK_RETRIES:
+                    break
+                time.sleep(self.LOCK_RETRY_S)
+                continue
             placed += step.placed
             if step.done:
                 break
         return placed
+
+    #: how long an event-driven placer waits before it tries the placement lock again, and how many times
+    LOCK_RETRY_S = 0.02
+    LOCK_RETRIES = 100
 
     def backfill(self, time_s: float) -> list[Task]:
         """Beat's periodic pass: pending events first, then full-backfill steps over the whole queue for at
@@ -530,6 +542,7 @@ class Scheduler:
             if step is None:
                 break
             placed += step.placed
+            placed += self.run_events()  # what was signalled meanwhile goes before more backfill
             if step.done or time.monotonic() > deadline:
                 break
         return placed

@@ -127,3 +127,22 @@ def test_signal_sets_the_flag_and_one_wake_up(settings: Settings, store: SQLiteS
         scheduler.signal()
     assert redis_client.exists(keys.SCHED_PASS_DIRTY) and redis_client.llen(keys.SCHED_WAKE) == 1
     assert scheduler.wait_signal(1) and redis_client.llen(keys.SCHED_WAKE) == 0
+
+
+def test_a_placer_that_finds_the_lock_held_leaves_the_signal_for_its_holder(settings: Settings,
+                                                                           store: SQLiteStore,
+                                                                           redis_client: redis.Redis) -> None:
+    sent: list[Task] = []
+    api = CloudAI(settings, dispatch=sent.append)
+    tasks = _waiting(api, 1)
+    store.heartbeat("w")
+    api.scheduler.LOCK_RETRIES = 2  # type: ignore[misc]  # a few tries, not a second's worth
+    api.scheduler.signal()
+    lock = redis_client.lock(keys.lock("placement"), timeout=30)
+    assert lock.acquire(blocking=False)
+    try:
+        assert api.scheduler.run_events() == []
+        assert redis_client.exists(keys.SCHED_PASS_DIRTY)  # still asked for: the holder (or beat) runs it
+    finally:
+        lock.release()
+    assert [t.task_id for t in api.scheduler.run_events()] == [tasks[0].task_id]
