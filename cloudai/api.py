@@ -96,7 +96,9 @@ class CloudAI:
             except redis.RedisError as exc:  # published again by each pass once Redis answers
                 log.warning("default quotas not published yet: %s", exc)
             scheduler = self.scheduler
-            self._placer = Placer(lambda: scheduler.run_events(lambda: placer.stopping), wait=scheduler.wait_signal)
+            every = self.settings.beat_interval_s
+            self._placer = Placer(lambda: scheduler.run_events(lambda: placer.stopping), wait=scheduler.wait_signal,
+                                  idle=lambda: scheduler.backfill_if_due(every))
             placer = self._placer
             placer.start()
 

@@ -22,9 +22,11 @@ class Placer:
     WAIT_S = 1.0
 
     def __init__(self, run_pass: Callable[[], object], name: str = "cloudai-placer",
-                 wait: Callable[[float], bool] | None = None) -> None:
+                 wait: Callable[[float], bool] | None = None, idle: Callable[[], object] | None = None) -> None:
+        """``idle`` runs after each ``wait`` that ended without a signal (the master's periodic backfill)."""
         self._run_pass = run_pass
         self._wait = wait
+        self._idle = idle
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -63,6 +65,11 @@ class Placer:
     def _loop(self) -> None:
         while not self._stop.is_set():
             if not self._woken():
+                if self._idle is not None and not self._stop.is_set():
+                    try:
+                        self._idle()
+                    except Exception:
+                        log.exception("periodic placement pass failed")
                 continue
             if self._stop.is_set():
                 return

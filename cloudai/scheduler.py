@@ -133,6 +133,7 @@ class Scheduler:
         self._clock: tuple[float, timedelta] = (float("-inf"), timedelta(0))  # (measured at, Redis - ours)
         self._publishes_defaults = False  # the master's scheduler: its settings are the cluster's quota defaults
         self._defaults: tuple[float, quotapolicy.Defaults] | None = None  # (read at, the published defaults)
+        self._backfilled_at = float("-inf")  # monotonic time of this process's last full backfill
 
     # -- the operator's default quotas ------------------------------------------------------------------
     def publish_quota_defaults(self) -> None:
@@ -546,6 +547,15 @@ class Scheduler:
             if step.done or time.monotonic() > deadline:
                 break
         return placed
+
+    def backfill_if_due(self, every_s: float) -> list[Task]:
+        """:meth:`backfill` when this process has not run one for ``every_s`` (the master's placer, when idle:
+        the tasks behind an event pass's depth are not left to beat alone)."""
+        now = time.monotonic()
+        if now - self._backfilled_at < every_s:
+            return []
+        self._backfilled_at = now
+        return self.backfill(max(1.0, every_s / 2))
 
     def step(self, full: bool = False) -> Step | None:
         """One bounded placement step under the placement lock (None: another process holds it; the dirty flag
