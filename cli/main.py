@@ -359,16 +359,17 @@ def status(ctx: Context, task_id: str, as_json: bool) -> None:
 @click.option("--status", "statuses", multiple=True, type=click.Choice(STATUSES), help="Repeatable.")
 @click.option("--worker", help="Only tasks placed on this worker.")
 @click.option("--limit", type=click.IntRange(1, 10000), default=50, show_default=True)
+@click.option("--before", metavar="TASK_ID", help="The next page: tasks submitted before this one.")
 @click.option("--json", "as_json", is_flag=True)
 @pass_ctx
 def list_tasks(ctx: Context, user: str | None, statuses: tuple[str, ...], worker: str | None, limit: int,
-               as_json: bool) -> None:
-    """List tasks, newest first."""
+               before: str | None, as_json: bool) -> None:
+    """List tasks, newest first (a page of --limit; --before the last one shown for the next)."""
     from cloudai.cli import render
     from cloudai.models import TaskStatus as S
 
     who = None if user == "all" else (user or ctx.default_user())
-    tasks = ctx.api.list_tasks(user=who, status=[S(s) for s in statuses], worker=worker, limit=limit)
+    tasks = ctx.api.list_tasks(user=who, status=[S(s) for s in statuses], worker=worker, limit=limit, before=before)
     if as_json:
         click.echo(render.to_json([t.to_doc() for t in tasks]))
     elif not tasks:

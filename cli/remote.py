@@ -155,8 +155,10 @@ class RemoteCloud:
         return Task.from_doc(self._call("GET", f"/v1/tasks/{_q(task_id)}"))
 
     def list_tasks(self, user: str | None = None, status: list[TaskStatus] | None = None, worker: str | None = None,
-                   limit: int = 50) -> list[Task]:
+                   limit: int = 50, before: str | None = None) -> list[Task]:
         params: list[tuple[str, str | int]] = [("user", user or "all"), ("limit", limit)]
+        if before:
+            params.append(("before", before))
         params += [("status", s.value) for s in status or []]
         if worker:
             params.append(("worker", worker))

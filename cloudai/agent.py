@@ -332,8 +332,8 @@ class WorkerProcess:
 
 
 def build_worker(settings: Settings, dispatch: Dispatch | None = None) -> WorkerProcess:
-    """Wire a worker process: store, log bus, Docker, executor, agent. Placement of pending tasks runs after
-    each task ends (its reservation is free then)."""
+    """Wire a worker process: store, log bus, Docker, executor, agent. After each task ends (its reservation is
+    free then) the agent only signals: the master's placer (or beat's tick) places what waits."""
     from cloudai.maintenance import lose_task
 
     store = open_store(settings.store_url)
@@ -342,7 +342,7 @@ def build_worker(settings: Settings, dispatch: Dispatch | None = None) -> Worker
     scheduler = Scheduler(settings, store, bus.redis, dispatch)
 
     def after_finish(_task: Task) -> None:
-        scheduler.place_pending()  # its reservation is free now
+        scheduler.signal()  # its reservation is free now
 
     fence = Fence(fence_after(settings.heartbeat_timeout_s, settings.heartbeat_interval_s))
     fence.begin_cleanup()  # no message runs before the first reconcile has removed stale containers
@@ -355,7 +355,7 @@ def build_worker(settings: Settings, dispatch: Dispatch | None = None) -> Worker
 
     def on_lost(task: Task, reason: str) -> None:
         if lose_task(store, bus, task, reason, settings.log_retention_s, scheduler.reservations) is not None:
-            scheduler.place_pending()
+            scheduler.signal()
 
     agent = WorkerAgent(store, runtime, executor, capacity, settings.heartbeat_interval_s,
                         reconcile_interval_s=min(30.0, max(2.0, settings.heartbeat_timeout_s)), on_lost=on_lost,
@@ -364,7 +364,7 @@ def build_worker(settings: Settings, dispatch: Dispatch | None = None) -> Worker
     def on_pressure(reason: str | None) -> None:
         agent.set_pressure(reason)
         if reason is None:
-            scheduler.place_pending()  # room again: what waited for this worker may start
+            scheduler.signal()  # room again: what waited for this worker may start
 
     executor.disk.on_pressure = on_pressure
     return WorkerProcess(settings, store, bus, executor, agent)

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 import redis
 
-from cloudai import keys, limits
+from cloudai import keys, limits, metrics
 from cloudai.artifacts import (
     INPUT_EXECUTION,
     UPLOAD_NAME,
@@ -109,7 +109,12 @@ class CloudAI:
                 self.scheduler.publish_quota_defaults()  # the cluster's, for beat's and the workers' passes too
             except redis.RedisError as exc:  # published again by each pass once Redis answers
                 log.warning("default quotas not published yet: %s", exc)
-            self._placer = Placer(self.scheduler.place_pending).start()
+            scheduler = self.scheduler
+            every = self.settings.beat_interval_s
+            self._placer = Placer(lambda: scheduler.run_events(lambda: placer.stopping), wait=scheduler.wait_signal,
+                                  idle=lambda: scheduler.backfill_if_due(every))
+            placer = self._placer
+            placer.start()
 
     def stop_placer(self) -> None:
         if self._placer is not None:
@@ -120,6 +125,7 @@ class CloudAI:
         """Waiting tasks may fit now: a pass on the placer thread when one runs (the master), else here (a
         library caller; beat's tick where this process doesn't place)."""
         if self._placer is not None:
+            self.scheduler.signal()  # the dirty flag a step starts from, and a wake-up for any master's placer
             self._placer.request()
         else:
             self.scheduler.place_pending()
@@ -230,14 +236,16 @@ class CloudAI:
         if time.monotonic() - self._redis_ok_at > self.REDIS_CHECK_S:
             self.ping_redis()
         self.check_dependencies(task)
-        if upload is None:
-            return self.scheduler.submit(task)
-        self.store_upload(task, upload)
+        if upload is not None:
+            self.store_upload(task, upload)
         try:
-            return self.scheduler.submit(task)
+            done = self.scheduler.submit(task)
         except BaseException:
-            self.artifact_store.delete(task.task_id, INPUT_EXECUTION, "input")
+            if upload is not None:
+                self.artifact_store.delete(task.task_id, INPUT_EXECUTION, "input")
             raise
+        metrics.SUBMITS.labels(done.status.value).inc()
+        return done
 
     def store_upload(self, task: Task, upload: BinaryIO) -> None:
         """Check an uploaded archive (size, entries: :func:`cloudai.uploads.inspect_upload`) and the user's
@@ -279,11 +287,17 @@ class CloudAI:
         return task
 
     def list_tasks(self, user: str | None = None, status: list[TaskStatus] | None = None, worker: str | None = None,
-             limit: int | None = 50) -> list[Task]:
+             limit: int | None = 50, before: str | None = None) -> list[Task]:
+        """Tasks newest first; ``before``: a task id, the next page after it (keyset: read from an index)."""
         for field_name, value in (("user", user), ("worker", worker)):
             if value is not None:
                 limits.text(field_name, value, max_chars=limits.MAX_ID_CHARS)
-        return self.store.list_tasks(user_id=user, status=status or None, worker_id=worker, limit=limit)
+        after = None
+        if before is not None:
+            cursor = self.get(before)
+            after = (cursor.created_at, cursor.task_id)
+        return self.store.list_tasks(user_id=user, status=status or None, worker_id=worker, limit=limit,
+                                     before=after)
 
     def cancel(self, task_id: str, by: str | None = None, wait_s: float | None = None) -> Task:
         """Cancel a task. Pending/queued: cancelled at once (its queue message then does nothing). Running: the

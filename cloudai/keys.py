@@ -90,4 +90,6 @@ SCHED_USAGE_AT = f"{SCHED_PREFIX}usage_at"  # hash user -> Redis time of the las
 SCHED_CLAIMED = f"{SCHED_PREFIX}claimed"  # set: workers that have a claim (a placement reads only those)
 SCHED_CLAIM_GEN = f"{SCHED_PREFIX}claimgen"  # counter: one generation of claims per placement pass
 SCHED_PASS_DIRTY = f"{SCHED_PREFIX}dirty"  # set when a placement pass is asked for while one runs
+SCHED_WAKE = f"{SCHED_PREFIX}wake"  # list: a placer blocks on it (BLPOP); a signal pushes one element
+SCHED_CURSOR = f"{SCHED_PREFIX}cursor"  # hash: where a budget-stopped placement pass resumes (generation, index)
 SCHED_QUOTA_DEFAULTS = f"{SCHED_PREFIX}quota_defaults"  # the master's default quotas (JSON), for every pass

@@ -26,7 +26,7 @@ from typing import Any
 
 import redis
 
-from cloudai import keys
+from cloudai import keys, metrics
 from cloudai.errors import AttemptFenced, RedisUnavailable
 from cloudai.logevents import LineBatch, LogEnd, LogEvent, LogLine, entry_columns
 from cloudai.redisconn import connect
@@ -355,6 +355,8 @@ class LogWriter:
         self._stamps.append(ts)
         self._backlog_bytes += len(text)
         self.next_seq += 1
+        metrics.LOG_LINES.inc()
+        metrics.LOG_BYTES.inc(len(text))
 
     def add_many(self, lines: list[tuple[str, str]]) -> None:
         """:meth:`add` for each ``(text, ts)``."""
@@ -364,8 +366,11 @@ class LogWriter:
             self._first_at = time.monotonic()
         self._texts += map(_TEXT, lines)
         self._stamps += map(_STAMP, lines)
-        self._backlog_bytes += sum(map(len, self._texts[-len(lines):]))
+        added = sum(map(len, self._texts[-len(lines):]))
+        self._backlog_bytes += added
         self.next_seq += len(lines)
+        metrics.LOG_LINES.inc(len(lines))
+        metrics.LOG_BYTES.inc(added)
 
     def flush_if_due(self, attempts: int = 20) -> None:
         """Write when a batch is full or its first line has waited ~50 ms."""

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import redis
 
-from cloudai import keys
+from cloudai import keys, metrics
 from cloudai.archive import archive_stream
 from cloudai.artifacts import ArtifactStore, open_artifacts
 from cloudai.clock import redis_now, with_redis_heartbeats
@@ -140,7 +140,9 @@ class Maintenance:
         return done
 
     def place_pending(self) -> list[str]:
-        return [t.task_id for t in self.scheduler.place_pending()]
+        """Beat's tick: what was signalled, then the full backfill for about one beat interval (a pass not
+        done by then resumes on the next tick)."""
+        return [t.task_id for t in self.scheduler.backfill(max(1.0, self.settings.beat_interval_s / 2))]
 
     def reconcile_reservations(self, grace_s: float = 60.0) -> dict[str, int]:
         """Make the scheduler's Redis state agree with the store (it is kept incrementally; this repairs
@@ -150,6 +152,8 @@ class Maintenance:
                 return {}
             done = self.scheduler.reservations.reconcile(self.store.list_workers(),
                                                          self.store.list_tasks(status=LIVE, limit=None), grace_s)
+        for kind in ("released", "adopted"):
+            metrics.DRIFT.labels(kind).set(done.get(kind, 0))
         if done.get("released"):
             self.scheduler.place_pending()
         return done

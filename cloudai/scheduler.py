@@ -21,10 +21,11 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import NamedTuple
 
 import redis
 
-from cloudai import keys, quotapolicy
+from cloudai import keys, metrics, quotapolicy
 from cloudai.errors import CloudAIError, PlacementError, RedisUnavailable, ServiceUnavailable, WorkerNotFound
 from cloudai.fairshare import rank
 from cloudai.models import (
@@ -132,6 +133,7 @@ class Scheduler:
         self._clock: tuple[float, timedelta] = (float("-inf"), timedelta(0))  # (measured at, Redis - ours)
         self._publishes_defaults = False  # the master's scheduler: its settings are the cluster's quota defaults
         self._defaults: tuple[float, quotapolicy.Defaults] | None = None  # (read at, the published defaults)
+        self._backfilled_at = float("-inf")  # monotonic time of this process's last full backfill
 
     # -- the operator's default quotas ------------------------------------------------------------------
     def publish_quota_defaults(self) -> None:
@@ -458,37 +460,158 @@ class Scheduler:
         return True
 
     # -- waiting tasks ----------------------------------------------------------------------------------
+    def signal(self) -> None:
+        """Ask for a placement pass without running one (a worker's agent after a task ends, an API request
+        that freed capacity): the dirty flag, and one element on the wake list that a placer blocks on. Never
+        raises: a lost signal only waits for beat's next tick."""
+        try:
+            pipe = self.redis.pipeline(transaction=False)
+            pipe.set(keys.SCHED_PASS_DIRTY, "1")
+            pipe.lpush(keys.SCHED_WAKE, "1")
+            pipe.ltrim(keys.SCHED_WAKE, 0, 0)  # one waiting wake-up is as good as many
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("placement signal not sent (%s); waiting tasks wait for beat's next tick", exc)
+
+    def wait_signal(self, timeout_s: float) -> bool:
+        """Block until :meth:`signal` is called somewhere (BLPOP on the wake list), at most ``timeout_s``."""
+        return self.redis.blpop([keys.SCHED_WAKE], timeout=max(1, int(timeout_s))) is not None
+
     def place_pending(self) -> list[Task]:
-        """Queue waiting tasks that fit now (a pass; see the module doc). A call while another process runs a
-        pass makes that one run again instead, so no freed resource waits for beat's next tick. A process that
-        does not place (no dispatcher: an operator's command) leaves the pass to beat's next tick."""
+        """Queue waiting tasks that fit now: bounded steps (:meth:`step`) until no pass is asked for and the
+        full backfill has reached the end of the queue. A call while another process holds the placement lock
+        makes that one run again instead. A process that does not place (no dispatcher: an operator's command)
+        leaves the pass to beat's next tick. The library's and the tests' entry; the master's placer runs
+        :meth:`run_events`, beat :meth:`backfill`."""
         placed: list[Task] = []
         if self.dispatch is None:
             return placed
         try:
             self.redis.set(keys.SCHED_PASS_DIRTY, "1")
-            for _ in range(5):
-                lock = self.redis.lock(keys.lock("placement"), timeout=120)
-                if not lock.acquire(blocking=False):
-                    return placed  # its holder sees the flag and runs again
-                try:
-                    while self.redis.delete(keys.SCHED_PASS_DIRTY):
-                        placed += self._pass()
-                finally:
-                    try:
-                        lock.release()
-                    except redis.exceptions.LockError:
-                        pass  # it expired during a long pass: harmless, every step is atomic on its own
-                if not self.redis.exists(keys.SCHED_PASS_DIRTY):
-                    break
         except redis.RedisError as exc:
             log.warning("placement pass stopped (%s); waiting tasks wait for the next tick", exc)
+            return placed
+        for _ in range(5):  # again while a step asked for more (a dependency cancelled its dependents)
+            for full in (False, True):
+                while True:
+                    step = self.step(full=full)
+                    if step is None:
+                        return placed  # another process holds the lock; it sees the dirty flag
+                    placed += step.placed
+                    if step.done:
+                        break
+            try:
+                if not self.redis.exists(keys.SCHED_PASS_DIRTY):
+                    break
+            except redis.RedisError:
+                break
         return placed
 
-    def _pass(self) -> list[Task]:
+    def run_events(self, should_stop: Callable[[], bool] = lambda: False) -> list[Task]:
+        """The event-driven steps the master's placer runs on each wake-up, until nothing is asked for."""
+        placed: list[Task] = []
+        busy = 0
+        while not should_stop():
+            step = self.step(full=False)
+            if step is None:
+                # another placer (beat's backfill) holds the lock, and runs the signalled event between its own
+                # steps; look again shortly in case it has just finished (this wake-up is consumed). Bounded:
+                # a lock held by a process that died, or Redis away, leaves it to beat's next tick
+                busy += 1
+                if busy > self.LOCK_RETRIES:
+                    break
+                time.sleep(self.LOCK_RETRY_S)
+                continue
+            placed += step.placed
+            if step.done:
+                break
+        return placed
+
+    #: how long an event-driven placer waits before it tries the placement lock again, and how many times
+    LOCK_RETRY_S = 0.02
+    LOCK_RETRIES = 100
+
+    def backfill(self, time_s: float) -> list[Task]:
+        """Beat's periodic pass: pending events first, then full-backfill steps over the whole queue for at
+        most about ``time_s`` (a full pass that is not done by then resumes on the next tick)."""
+        if self.dispatch is None:
+            return []
+        placed = self.run_events()
+        deadline = time.monotonic() + time_s
+        while True:
+            step = self.step(full=True)
+            if step is None:
+                break
+            placed += step.placed
+            placed += self.run_events()  # what was signalled meanwhile goes before more backfill
+            if step.done or time.monotonic() > deadline:
+                break
+        return placed
+
+    def backfill_if_due(self, every_s: float) -> list[Task]:
+        """:meth:`backfill` when this process has not run one for ``every_s`` (the master's placer, when idle:
+        the tasks behind an event pass's depth are not left to beat alone)."""
+        now = time.monotonic()
+        if now - self._backfilled_at < every_s:
+            return []
+        self._backfilled_at = now
+        return self.backfill(max(1.0, every_s / 2))
+
+    def step(self, full: bool = False) -> Step | None:
+        """One bounded placement step under the placement lock (None: another process holds it; the dirty flag
+        it will see is set). An event step (``full=False``) starts again from the head of the queue when a
+        pass was asked for (the dirty flag), else resumes where the last one stopped; it examines at most
+        ``CLOUDAI_SCHED_DEPTH`` waiting tasks per pass, for at most ``CLOUDAI_SCHED_BUDGET`` per step. A full
+        step (beat's backfill) examines the whole queue, ``CLOUDAI_SCHED_BACKFILL_BUDGET`` per step."""
+        lock = self.redis.lock(keys.lock("placement"), timeout=120)
+        try:
+            if not lock.acquire(blocking=False):
+                self.redis.set(keys.SCHED_PASS_DIRTY, "1")
+                return None
+            try:
+                return self._step(full)
+            finally:
+                try:
+                    lock.release()
+                except redis.exceptions.LockError:
+                    pass  # it expired during a long step: harmless, every placement is atomic on its own
+        except redis.RedisError as exc:
+            log.warning("placement step stopped (%s); waiting tasks wait for the next tick", exc)
+            return None
+
+    def _step(self, full: bool) -> Step:
+        started = time.monotonic()
+        mode = "full" if full else "event"
+        raw = self.redis.hget(keys.SCHED_CURSOR, mode)
+        cursor = raw.decode() if isinstance(raw, bytes) else raw
+        if not full:
+            if self.redis.delete(keys.SCHED_PASS_DIRTY):
+                cursor = None  # an event: the head of the queue may fit now; start from it
+            elif cursor is None:
+                return Step([], 0, True)  # nothing asked for, nothing left over
+        if cursor:
+            generation, skip, examined_before = cursor.split(":")
+            skip_n, examined_n = int(skip), int(examined_before)
+        else:
+            generation, skip_n, examined_n = self.reservations.new_generation(), 0, 0
+        depth = None if full else max(0, self.settings.sched_depth - examined_n)
+        budget = self.settings.sched_backfill_budget_s if full else self.settings.sched_budget_s
+        result = self._pass(generation, skip_n, depth, started + budget, full)
+        if result.done:
+            self.redis.hdel(keys.SCHED_CURSOR, mode)
+        else:  # out of time: the next step resumes after the tasks still waiting among those examined
+            kept = skip_n + result.examined - len(result.placed)
+            self.redis.hset(keys.SCHED_CURSOR, mode, f"{generation}:{kept}:{examined_n + result.examined}")
+        metrics.observe_step(mode, time.monotonic() - started)
+        return result
+
+    def _pass(self, generation: str, skip: int, depth: int | None, deadline: float, full: bool) -> Step:
+        """Examine the waiting tasks in fair-share order from position ``skip``: at most ``depth`` of them
+        (None: all), stopping once ``deadline`` (monotonic) has passed."""
         pending = self.store.list_tasks(status=S.PENDING, limit=None)
         if not pending:
-            return []
+            metrics.observe_waiting([])
+            return Step([], 0, True)
         workers = self._list_workers()
         admin_quotas = {q.user_id: q for q in self.store.list_quotas()}
         if self._publishes_defaults:  # again each pass: Redis may have restarted empty
@@ -496,12 +619,20 @@ class Scheduler:
         defaults = self.quota_defaults()
         quotas: dict[str, Quota | None] = {}  # what placement checks, per user (admin's over the defaults)
         ordered = rank(pending, self.reservations.usage(), utcnow() - timedelta(seconds=self.STARVATION_S))
-        generation = self.reservations.new_generation()
+        if full and skip == 0:
+            metrics.observe_waiting(ordered)
         cache: dict[str, Task | None] = {}
         hopeless: dict[tuple[object, ...], str] = {}  # shapes that found nothing and could claim nothing
         placed: list[Task] = []
         cancelled = False
-        for task in ordered:
+        examined = 0
+        todo = ordered[skip:] if depth is None else ordered[skip:skip + depth]
+        done = True
+        for task in todo:
+            if examined and time.monotonic() > deadline:
+                done = False
+                break
+            examined += 1
             reason: str | None = None
             outcome: Placed | NoFit | OverQuota | Held
             if task.after:
@@ -531,6 +662,7 @@ class Scheduler:
                     try:
                         if self._queue(task, outcome, create=False):
                             placed.append(task)
+                            metrics.PLACEMENT_WAIT.observe(max(0.0, (utcnow() - task.created_at).total_seconds()))
                     except CloudAIError:
                         log.exception("placing pending task %s failed", task.task_id)
                         break
@@ -545,10 +677,22 @@ class Scheduler:
                         hopeless[shape] = reason
             if reason != task.pending_reason:
                 self.store.update_task(task.task_id, S.PENDING, pending_reason=reason)
-        self.reservations.end_pass(generation, [w.worker_id for w in workers])
+        if done and skip + examined >= len(ordered):
+            # the whole queue was examined in this generation: claims it did not renew are stale. A pass cut
+            # short by its depth keeps the others' claims (the tasks behind it were not looked at).
+            self.reservations.end_pass(generation, [w.worker_id for w in workers])
         if cancelled:
             self.redis.set(keys.SCHED_PASS_DIRTY, "1")  # dependents of what was cancelled: once more
-        return placed
+        return Step(placed, examined, done)
 
 
-__all__ = ["Scheduler", "fits", "offers", "gpu_order", "QuotaExceeded", "TooManyWaiting", "quota_reason"]
+class Step(NamedTuple):
+    """What one bounded placement step did: the tasks it queued, how many it examined, and whether its pass
+    is over (False: out of time; the next step resumes)."""
+
+    placed: list[Task]
+    examined: int
+    done: bool
+
+
+__all__ = ["Scheduler", "Step", "fits", "offers", "gpu_order", "QuotaExceeded", "TooManyWaiting", "quota_reason"]

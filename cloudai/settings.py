@@ -83,6 +83,20 @@ def _duration(env: Mapping[str, str], name: str, default: float) -> float:
     return sum(float(n) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[u.lower()] for n, u in parts)
 
 
+def _port(env: Mapping[str, str], name: str) -> int:
+    value = _int(env, name, 0)
+    if not 0 <= value <= 65535:
+        raise ConfigError(f"{name}={env.get(name)!r}: use a TCP port (1-65535), or 0 for none")
+    return value
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if value < 1:
+        raise ConfigError(f"{name}={env.get(name)!r} must be 1 or more")
+    return value
+
+
 def _list(env: Mapping[str, str], name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in env.get(name, "").split(",") if item.strip())
 
@@ -160,6 +174,13 @@ class Settings:
     docker_log_max_file: int = 3
     stop_grace_s: float = 10.0
     placement_policy: str = "spread"
+    # bounded scheduling (docs/architecture.md, "Scheduling"): the waiting tasks one event-driven placement step
+    # examines (Slurm's default_queue_depth), its time budget, and the budget of one step of beat's full backfill
+    sched_depth: int = 200
+    sched_budget_s: float = 0.05
+    sched_backfill_budget_s: float = 1.0
+    # a worker's Prometheus endpoint (0: none)
+    worker_metrics_port: int = 0
     docker_network: str | None = None
     pids_limit: int = 4096
     # task containers: capabilities beyond the default to drop / add (see cloudai.limits.DEFAULT_CAPS), and the
@@ -256,6 +277,10 @@ class Settings:
             docker_log_max_file=_int(env, "CLOUDAI_DOCKER_LOG_MAX_FILE", base.docker_log_max_file),
             stop_grace_s=_float(env, "CLOUDAI_STOP_GRACE", base.stop_grace_s),
             placement_policy=policy,
+            sched_depth=_positive_int(env, "CLOUDAI_SCHED_DEPTH", base.sched_depth),
+            sched_budget_s=_positive(env, "CLOUDAI_SCHED_BUDGET", base.sched_budget_s),
+            sched_backfill_budget_s=_positive(env, "CLOUDAI_SCHED_BACKFILL_BUDGET", base.sched_backfill_budget_s),
+            worker_metrics_port=_port(env, "CLOUDAI_WORKER_METRICS_PORT"),
             docker_network=env.get("CLOUDAI_DOCKER_NETWORK") or None,
             pids_limit=_int(env, "CLOUDAI_PIDS_LIMIT", base.pids_limit),
             cap_drop=_caps(env, "CLOUDAI_CAP_DROP", allow_all=True),

@@ -10,6 +10,7 @@ import threading
 
 from celery.signals import worker_ready, worker_shutdown, worker_shutting_down
 
+from cloudai import metrics
 from cloudai.agent import WorkerProcess, build_worker
 from cloudai.celery_app import app, dispatcher, settings
 
@@ -35,6 +36,8 @@ def current() -> WorkerProcess:
 def _on_ready(**_: object) -> None:
     if not agent_enabled():
         return
+    if settings.worker_metrics_port:
+        metrics.serve(settings.worker_metrics_port)  # log lines and bytes, this worker's scheduler signals
     try:
         current().agent.start()
     except Exception:

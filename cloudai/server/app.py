@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloudai.api import CloudAI
@@ -133,6 +134,12 @@ def create_app(settings: Settings, cloud: CloudAI | None = None) -> FastAPI:
     app.include_router(artifact_routes.router)
     app.include_router(logstream.router)
     install_web_pages(app)
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    def metrics_page() -> Response:
+        """Prometheus metrics of this master (scheduler steps, placement waits, queue depth by pending reason,
+        submits, reservation drift; no token needed, as /healthz: no task or user is named in them)."""
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", tags=["health"])
     def healthz(request: Request) -> Any:

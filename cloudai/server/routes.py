@@ -100,11 +100,10 @@ def list_tasks(api: Cloud, who: Caller, status: Annotated[list[str] | None, Quer
             statuses.append(TaskStatus(value))
         except ValueError:
             raise ValidationError("status", value, f"use one of {', '.join(s.value for s in TaskStatus)}") from None
-    if before is None:
-        return [task_doc(t) for t in api.list_tasks(user=owner, status=statuses, worker=worker, limit=limit)]
-    cutoff = owned_task(api, who, before).created_at
-    tasks = api.list_tasks(user=owner, status=statuses, worker=worker, limit=None)
-    return [task_doc(t) for t in tasks if t.created_at < cutoff][:limit]
+    if before is not None:
+        owned_task(api, who, before)  # a cursor the caller may see
+    return [task_doc(t) for t in api.list_tasks(user=owner, status=statuses, worker=worker, limit=limit,
+                                                before=before)]
 
 
 @router.get("/tasks/{task_id}", tags=["tasks"])

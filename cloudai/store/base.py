@@ -134,8 +134,11 @@ class TaskStore(abc.ABC):
         status: StatusFilter = None,
         worker_id: str | None = None,
         limit: int | None = 50,
+        before: tuple[datetime, str] | None = None,
     ) -> list[Task]:
-        """Tasks matching every filter given, newest first; ``limit=None`` for all."""
+        """Tasks matching every filter given, newest first (by creation time, then task id); ``limit=None``
+        for all. ``before``: only those after ``(created_at, task_id)`` in that order (a page's cursor: the
+        last task of the previous page), read from an index, never by skipping."""
 
     def count_tasks(self, user_id: str, status: StatusFilter = None) -> int:
         """How many of ``user_id``'s tasks are in ``status`` (a submit's waiting-task quota); backends count

@@ -67,11 +67,12 @@ class MongoStore(TaskStore):
 
     def _ensure_indexes(self) -> None:
         self.tasks.create_index("task_id", unique=True)
-        self.tasks.create_index([("user_id", 1), ("created_at", -1)])
+        self.tasks.create_index([("user_id", 1), ("created_at", -1), ("task_id", -1)])
         self.tasks.create_index("status")
         self.tasks.create_index([("user_id", 1), ("status", 1)])
         self.tasks.create_index("worker_id")
-        self.tasks.create_index([("created_at", -1)])
+        self.tasks.create_index([("created_at", -1), ("task_id", -1)])
+        self.tasks.create_index([("status", 1), ("created_at", -1), ("task_id", -1)])
         self.assignments.create_index("task_id", unique=True)
         self.assignments.create_index("worker_id")
         self.workers.create_index("worker_id", unique=True)
@@ -110,8 +111,12 @@ class MongoStore(TaskStore):
         status: StatusFilter = None,
         worker_id: str | None = None,
         limit: int | None = 50,
+        before: tuple[datetime, str] | None = None,
     ) -> list[Task]:
         query: dict[str, Any] = {}
+        if before is not None:  # keyset on the index (created_at, task_id)
+            query["$or"] = [{"created_at": {"$lt": before[0]}},
+                            {"created_at": before[0], "task_id": {"$lt": before[1]}}]
         if user_id is not None:
             query["user_id"] = user_id
         statuses = status_values(status)
@@ -119,7 +124,7 @@ class MongoStore(TaskStore):
             query["status"] = {"$in": statuses}
         if worker_id is not None:
             query["worker_id"] = worker_id
-        cursor = self.tasks.find(query).sort([("created_at", -1), ("_id", -1)])
+        cursor = self.tasks.find(query).sort([("created_at", -1), ("task_id", -1)])
         if limit is not None:
             cursor = cursor.limit(int(limit))
         return [Task.from_doc(d) for d in self._call(list, cursor)]

@@ -9,7 +9,7 @@ import os
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -36,11 +36,14 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tasks (
     task_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, status TEXT NOT NULL, worker_id TEXT,
     created_at TEXT NOT NULL, doc TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS tasks_user_created ON tasks(user_id, created_at);
+CREATE INDEX IF NOT EXISTS tasks_user_created_id ON tasks(user_id, created_at, task_id);
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
 CREATE INDEX IF NOT EXISTS tasks_user_status ON tasks(user_id, status);
 CREATE INDEX IF NOT EXISTS tasks_worker ON tasks(worker_id);
-CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_at);
+CREATE INDEX IF NOT EXISTS tasks_created_id ON tasks(created_at, task_id);
+CREATE INDEX IF NOT EXISTS tasks_status_created_id ON tasks(status, created_at, task_id);
+DROP INDEX IF EXISTS tasks_user_created;
+DROP INDEX IF EXISTS tasks_created;
 CREATE TABLE IF NOT EXISTS assignments (
     task_id TEXT PRIMARY KEY, ass_id TEXT NOT NULL, worker_id TEXT NOT NULL, assigned_at TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS assignments_worker ON assignments(worker_id);
@@ -170,6 +173,16 @@ class SQLiteStore(TaskStore):
         except sqlite3.IntegrityError:
             raise TaskExists(f"task {task.task_id!r} already exists") from None
 
+    def import_tasks(self, tasks: Iterable[Task]) -> int:
+        """Insert many task records in one transaction (benchmarks, tests and migrations: no assignments, no
+        checks beyond the primary key). Returns how many were inserted."""
+        rows = [(t.task_id, t.user_id, t.status.value, t.worker_id, _ts(t.created_at), _dumps(t.to_doc()))
+                for t in tasks]
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO tasks(task_id, user_id, status, worker_id, created_at, doc) VALUES (?,?,?,?,?,?)", rows)
+        return len(rows)
+
     def get_task(self, task_id: str) -> Task | None:
         row = self._conn().execute("SELECT doc FROM tasks WHERE task_id=?", (task_id,)).fetchone()
         return Task.from_doc(json.loads(row["doc"])) if row else None
@@ -180,8 +193,26 @@ class SQLiteStore(TaskStore):
         status: StatusFilter = None,
         worker_id: str | None = None,
         limit: int | None = 50,
+        before: tuple[datetime, str] | None = None,
     ) -> list[Task]:
+        sql, args = self._list_query(user_id, status, worker_id, limit, before)
+        return [Task.from_doc(json.loads(r["doc"])) for r in self._conn().execute(sql, args)]
+
+    def list_plan(self, user_id: str | None = None, status: StatusFilter = None, worker_id: str | None = None,
+                  limit: int | None = 50, before: tuple[datetime, str] | None = None) -> list[str]:
+        """SQLite's EXPLAIN QUERY PLAN of the query :meth:`list_tasks` runs for these filters, one detail line
+        per step: which index it walks (tests and benchmarks check a page never scans the history)."""
+        sql, args = self._list_query(user_id, status, worker_id, limit, before)
+        return [str(r[3]) for r in self._conn().execute("EXPLAIN QUERY PLAN " + sql, args)]
+
+    @staticmethod
+    def _list_query(user_id: str | None, status: StatusFilter, worker_id: str | None, limit: int | None,
+                    before: tuple[datetime, str] | None) -> tuple[str, list[Any]]:
         where, args = [], []  # type: list[str], list[Any]
+        if before is not None:  # keyset: the index walk starts there, whatever the history's size
+            stamp = _ts(before[0])
+            where.append("(created_at < ? OR (created_at = ? AND task_id < ?))")
+            args += [stamp, stamp, before[1]]
         if user_id is not None:
             where.append("user_id=?")
             args.append(user_id)
@@ -195,10 +226,10 @@ class SQLiteStore(TaskStore):
         sql = "SELECT doc FROM tasks"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY created_at DESC, rowid DESC"
+        sql += " ORDER BY created_at DESC, task_id DESC"
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
-        return [Task.from_doc(json.loads(r["doc"])) for r in self._conn().execute(sql, args)]
+        return sql, args
 
     def count_tasks(self, user_id: str, status: StatusFilter = None) -> int:
         sql, args = "SELECT COUNT(*) FROM tasks WHERE user_id=?", [user_id]

@@ -115,10 +115,12 @@ def test_seed_task_syntax_and_listing(settings: Settings, store: SQLiteStore, wo
 def test_pending_tasks_run_when_capacity_frees_in_order(settings: Settings, store: SQLiteStore, workers) -> None:  # type: ignore[no-untyped-def]
     workers(None, "--cpus", "1", "--memory", "1g", "--gpus", "none")
     api = placing(settings)  # submits in one process: quick enough that the first is still running
+    api.start_placer()  # as the master does: the worker only signals when a task ends
     ids = [api.submit(SubmitRequest(TEST_IMAGE, "sleep 1", Resources.parse(cpus=1))).task_id for _ in range(3)]
     assert [store.get_task(i).status for i in ids[1:]] == [S.PENDING, S.PENDING]  # type: ignore[union-attr]
     for task_id in ids:
         wait_for(lambda tid=task_id: store.get_task(tid).status == S.COMPLETED, 60, what=task_id)  # type: ignore[misc, union-attr]
+    api.stop_placer()
     starts = [store.get_task(i).started_at for i in ids]  # type: ignore[union-attr]
     assert starts == sorted(starts)  # type: ignore[type-var]
 
