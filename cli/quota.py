@@ -8,7 +8,7 @@ import click
 
 # the rendering and model modules are imported by the commands that run, not by `cloudai --help`
 
-_ROWS = (("cpus", "CPUs"), ("memory", "memory"), ("gpus", "GPUs"), ("tasks", "tasks"))
+_ROWS = (("cpus", "CPUs"), ("memory", "memory"), ("gpus", "GPUs"), ("tasks", "tasks"), ("waiting", "waiting tasks"))
 
 
 def _show(name: str, value: float | None) -> str:
@@ -47,16 +47,19 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
     @click.option("--memory", help="Most memory, such as 64g (a bare number is bytes).")
     @click.option("--gpus", type=click.IntRange(min=0), help="Most GPUs.")
     @click.option("--tasks", type=click.IntRange(min=0), help="Most queued and running tasks.")
+    @click.option("--waiting", type=click.IntRange(min=0), help="Most waiting (pending) tasks; past it a submit "
+                  "is refused.")
     @pass_ctx
     def quota_set(ctx: Any, user: str, cpus: str | None, memory: str | None, gpus: int | None,
-                  tasks: int | None) -> None:
-        """Set USER's quota; limits not given are unlimited (this replaces the whole quota)."""
-        if cpus is None and memory is None and gpus is None and tasks is None:
-            raise click.UsageError("give at least one of --cpus, --memory, --gpus, --tasks")
+                  tasks: int | None, waiting: int | None) -> None:
+        """Set USER's quota; limits not given keep the operator's defaults (CLOUDAI_DEFAULT_QUOTA_*), and this
+        replaces the whole quota."""
+        if cpus is None and memory is None and gpus is None and tasks is None and waiting is None:
+            raise click.UsageError("give at least one of --cpus, --memory, --gpus, --tasks, --waiting")
         from cloudai.models import parse_cpus, parse_size
 
-        quota = ctx.direct.set_quota(user, cpus=_parsed(parse_cpus, cpus),
-                                  memory=_parsed(parse_size, memory), gpus=gpus, tasks=tasks)
+        quota = ctx.direct.set_quota(user, cpus=_parsed(parse_cpus, cpus), memory=_parsed(parse_size, memory),
+                                     gpus=gpus, tasks=tasks, waiting=waiting)
         click.echo(f"{user}: " + ", ".join(f"{label} {_show(name, getattr(quota, name))}" for name, label in _ROWS))
 
     @quota_group.command("list")
@@ -72,12 +75,12 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
             click.echo(render.to_json([quota_doc(q.user_id, q) for q in quotas]))
             return
         if not quotas:
-            click.echo("no quotas set; every user may use the whole cluster", err=True)
+            click.echo("no quotas set; every user has the operator's defaults (CLOUDAI_DEFAULT_QUOTA_*)", err=True)
             return
         from rich.table import Table
 
         table = Table(box=None, header_style="bold")
-        for col in ("USER", "CPUS", "MEMORY", "GPUS", "TASKS"):
+        for col in ("USER", "CPUS", "MEMORY", "GPUS", "TASKS", "WAITING"):
             table.add_column(col, no_wrap=True)
         for q in quotas:
             table.add_row(q.user_id, *(_show(name, getattr(q, name)) for name, _ in _ROWS))
@@ -87,7 +90,7 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
     @click.argument("user")
     @pass_ctx
     def quota_clear(ctx: Any, user: str) -> None:
-        """Remove USER's quota (no limits)."""
+        """Remove USER's quota (the operator's defaults apply again)."""
         ctx.direct.clear_quota(user)
         click.echo(f"{user}: quota cleared")
 
@@ -111,6 +114,6 @@ def register(cli: click.Group, context: type, pass_ctx: Any) -> None:
         for col in ("RESOURCE", "USED", "LIMIT"):
             table.add_column(col, no_wrap=True)
         for name, label in _ROWS:
-            table.add_row(label, _show(name, usage[name]), _show(name, getattr(quota, name) if quota else None)
+            table.add_row(label, _show(name, usage.get(name)), _show(name, getattr(quota, name) if quota else None)
                           if quota and getattr(quota, name) is not None else "no limit")
         render.console().print(table)

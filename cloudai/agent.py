@@ -16,6 +16,7 @@ import redis
 
 from cloudai import keys
 from cloudai.clock import redis_now, stamp_ms
+from cloudai.diskguard import DiskGuard
 from cloudai.errors import ConfigError
 from cloudai.executor import Executor, attempt_ttl_s
 from cloudai.fencing import Fence, fence_after
@@ -84,6 +85,9 @@ class WorkerAgent:
             state=state,
             slots=self.capacity.slots,
             volumes=dict(self.capacity.volumes),
+            pids_limit=self.executor.pids_limit,
+            disk_quota=self.executor.disk.quota_supported if self.executor.disk is not None else None,
+            pressure=self.executor.disk.pressure() if self.executor.disk is not None else None,
         )
         with contextlib.suppress(redis.RedisError):
             info.last_heartbeat = redis_now(self.redis)  # one clock: Redis TIME (beat judges with it)
@@ -92,9 +96,20 @@ class WorkerAgent:
                  info.memory, info.gpu_ids or "none", info.volumes or "none")
         return info
 
+    def set_pressure(self, reason: str | None) -> None:
+        """Say in this worker's record why it takes no new task (None: it does again); placement reads it."""
+        info = self.store.get_worker(self.worker_id)
+        if info is not None and info.pressure != reason:
+            info.pressure = reason
+            self.store.upsert_worker(info)  # a new workers version: placement reads the record again
+
     def start(self) -> None:
         """Register, reconcile once (containers of attempts lost meanwhile go before any new work runs), then
         heartbeat and reconcile in the background."""
+        disk = self.executor.disk
+        if disk is not None:
+            log.info("%s", disk.describe())
+            disk.check()  # the record says from the start whether this worker is short of disk
         self.register()
         self.reconcile()
         self.fence.heartbeat_ok()
@@ -104,11 +119,15 @@ class WorkerAgent:
             thread = threading.Thread(target=target, name=f"cloudai-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        if disk is not None:
+            disk.start()
 
     def stop(self) -> None:
         """Stop heartbeating. The worker is marked offline only when it holds no running task: a worker that
         restarts within the heartbeat timeout re-attaches to its containers instead of losing them."""
         self._stop.set()
+        if self.executor.disk is not None:
+            self.executor.disk.stop()
         for thread in self._threads:  # a heartbeat in flight must not bring the worker back after this
             if thread is not threading.current_thread():
                 thread.join(timeout=5)
@@ -328,6 +347,9 @@ def build_worker(settings: Settings, dispatch: Dispatch | None = None) -> Worker
     fence = Fence(fence_after(settings.heartbeat_timeout_s, settings.heartbeat_interval_s))
     fence.begin_cleanup()  # no message runs before the first reconcile has removed stale containers
     executor = Executor(settings, store, bus, runtime, bus.redis, after_finish=after_finish, fence=fence)
+    driver, data_root = runtime.storage()
+    executor.disk = DiskGuard(settings, executor.disk_budgets, lambda: runtime.writable_sizes(settings.worker_id),
+                              driver, data_root)
     capacity = host_capacity(settings.worker_cpus, settings.worker_memory, settings.worker_gpus,
                              settings.worker_labels, settings.worker_concurrency, settings.worker_volumes)
 
@@ -338,4 +360,11 @@ def build_worker(settings: Settings, dispatch: Dispatch | None = None) -> Worker
     agent = WorkerAgent(store, runtime, executor, capacity, settings.heartbeat_interval_s,
                         reconcile_interval_s=min(30.0, max(2.0, settings.heartbeat_timeout_s)), on_lost=on_lost,
                         fence=fence)
+
+    def on_pressure(reason: str | None) -> None:
+        agent.set_pressure(reason)
+        if reason is None:
+            scheduler.place_pending()  # room again: what waited for this worker may start
+
+    executor.disk.on_pressure = on_pressure
     return WorkerProcess(settings, store, bus, executor, agent)

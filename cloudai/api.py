@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from functools import cached_property
@@ -27,10 +28,12 @@ from cloudai.models import (
     TaskStatus,
     WorkerInfo,
     WorkerState,
+    format_bytes,
     new_task_id,
     show_command,
     utcnow,
 )
+from cloudai.placer import Placer
 from cloudai.redisconn import connect
 from cloudai.runoptions import bounds_refuse
 from cloudai.scheduler import Dispatch, Scheduler
@@ -41,6 +44,8 @@ from cloudai.workerview import WorkerView
 
 if TYPE_CHECKING:
     from cloudai.logs import LogBus
+
+log = logging.getLogger(__name__)
 
 # SubmitRequest, parse_key_values, read_env_file and WorkerView live in light modules (the CLI imports them
 # without Redis in API mode); they stay importable from here
@@ -59,6 +64,7 @@ class CloudAI:
         self.settings = settings
         self._dispatch = dispatch
         self._redis_ok_at = float("-inf")
+        self._placer: Placer | None = None
 
     @cached_property
     def store(self) -> TaskStore:
@@ -78,6 +84,31 @@ class CloudAI:
     @cached_property
     def scheduler(self) -> Scheduler:
         return Scheduler(self.settings, self.store, self.redis, self._dispatch)
+
+    # -- placement passes -------------------------------------------------------------------------------
+    def start_placer(self) -> None:
+        """Run placement passes on a background thread from now on (the master): a request that frees capacity
+        only signals (:meth:`request_pass`); the pass never runs on a user's request. Without a dispatcher this
+        process doesn't place, and nothing starts."""
+        if self._dispatch is not None and self._placer is None:
+            try:
+                self.scheduler.publish_quota_defaults()  # the cluster's, for beat's and the workers' passes too
+            except redis.RedisError as exc:  # published again by each pass once Redis answers
+                log.warning("default quotas not published yet: %s", exc)
+            self._placer = Placer(self.scheduler.place_pending).start()
+
+    def stop_placer(self) -> None:
+        if self._placer is not None:
+            self._placer.stop()
+            self._placer = None
+
+    def request_pass(self) -> None:
+        """Waiting tasks may fit now: a pass on the placer thread when one runs (the master), else here (a
+        library caller; beat's tick where this process doesn't place)."""
+        if self._placer is not None:
+            self._placer.request()
+        else:
+            self.scheduler.place_pending()
 
     #: a submit checks Redis first (a clear error before anything is recorded) unless it answered this recently:
     #: on a busy master the check was a twentieth of a submit; placement's own errors still say what failed
@@ -102,6 +133,7 @@ class CloudAI:
                                 self.settings.allow_host_ipc)
         if refused:
             raise ValidationError(*refused)
+        self.check_shared_limits(request)
         res = request.resources
         args = request.run_args()
         return Task(
@@ -121,7 +153,7 @@ class CloudAI:
             memory_bytes=res.memory,
             storage_bytes=res.storage,
             req_gpu=res.gpus,
-            timeout_s=request.timeout_s,
+            timeout_s=request.timeout_s or self.settings.default_timeout_s or self.settings.max_timeout_s or None,
             retries=request.retries,
             env=dict(request.env),
             labels=dict(request.labels),
@@ -134,6 +166,31 @@ class CloudAI:
             after=list(dict.fromkeys(request.after)),
             read_only=request.read_only,
         )
+
+    def check_shared_limits(self, request: SubmitRequest) -> None:
+        """The operator's policy on what one task may take of what everyone shares (README: "Limits and
+        defaults"): its registry, its labels, its timeout and its disk. Raises :class:`ValidationError`
+        (exit 2, nothing recorded) naming the limit and its setting."""
+        from cloudai import imagepolicy
+
+        imagepolicy.check(request.image, self.settings.allowed_registries)
+        for key in request.labels:
+            prefix = limits.reserved_label_prefix(key, self.settings.reserved_label_prefixes)
+            if prefix is not None:
+                raise ValidationError("label", key, f"keys starting with {prefix!r} are reserved on this cluster "
+                                      "(tools on the worker hosts act on them; CLOUDAI_RESERVED_LABEL_PREFIXES); "
+                                      "use a key of your own, such as team=ml")
+        cap = self.settings.max_timeout_s
+        if cap and request.timeout_s is not None and request.timeout_s > cap:
+            raise ValidationError("timeout", f"{request.timeout_s:g}s",
+                                  f"the longest a task may run on this cluster is {_duration(cap)} "
+                                  "(CLOUDAI_MAX_TIMEOUT); ask for less")
+        most = self.settings.max_task_disk
+        storage = request.resources.storage
+        if most and storage is not None and storage > most:
+            raise ValidationError("storage", format_bytes(storage),
+                                  f"a task may write at most {format_bytes(most)} on this cluster "
+                                  "(CLOUDAI_MAX_TASK_DISK); ask for less")
 
     def check_dependencies(self, task: Task) -> None:
         """Every ``after`` id must be a task of the same user (another user's task reads as unknown)."""
@@ -187,7 +244,7 @@ class CloudAI:
                 self.bus.end(task_id, S.CANCELLED.value, None, f"cancelled by {who}")
                 self.bus.expire(task_id, self.settings.log_retention_s)
                 self.scheduler.release(task)
-                self.scheduler.place_pending()  # its reservation or its claim is free now
+                self.request_pass()  # its reservation or its claim is free now
                 return self.get(task_id)
             task = self.get(task_id)
         if task.status != S.RUNNING:
@@ -204,7 +261,7 @@ class CloudAI:
                                      error=TaskError("Cancelled", f"cancelled by {who} (worker not responding)")):
                 self.bus.end(task_id, S.CANCELLED.value, None, f"cancelled by {who}")
                 self.scheduler.release(task)
-                self.scheduler.place_pending()
+                self.request_pass()
             return self.get(task_id)
         deadline = time.monotonic() + (wait_s if wait_s is not None else self.settings.stop_grace_s + 15)
         while time.monotonic() < deadline:
@@ -269,7 +326,7 @@ class CloudAI:
         if not self.store.set_worker_state(worker_id, state):
             raise WorkerNotFound(worker_id)
         if state == WorkerState.ACTIVE:
-            self.scheduler.place_pending()
+            self.request_pass()
         info = self.store.get_worker(worker_id)
         assert info is not None
         return info
@@ -288,33 +345,47 @@ class CloudAI:
 
     # -- quotas -----------------------------------------------------------------------------------------
     def set_quota(self, user: str, cpus: float | None = None, memory: int | None = None, gpus: int | None = None,
-                  tasks: int | None = None) -> Quota:
-        """Set ``user``'s quota (admin). Limits not given are unlimited; at least one is needed."""
+                  tasks: int | None = None, waiting: int | None = None) -> Quota:
+        """Set ``user``'s quota (admin). Limits not given keep the operator's default (``CLOUDAI_DEFAULT_QUOTA_*``,
+        none unless set); at least one is needed."""
         if not user.strip():
             raise ValidationError("user", user, "name the user whose quota to set")
-        if cpus is None and memory is None and gpus is None and tasks is None:
-            raise ValidationError("quota", user, "give at least one of --cpus, --memory, --gpus, --tasks")
-        for name, value in (("gpus", gpus), ("tasks", tasks)):
+        if cpus is None and memory is None and gpus is None and tasks is None and waiting is None:
+            raise ValidationError("quota", user, "give at least one of --cpus, --memory, --gpus, --tasks, --waiting")
+        for name, value in (("gpus", gpus), ("tasks", tasks), ("waiting", waiting)):
             if value is not None and value < 0:
                 raise ValidationError(name, value, "use a whole number from 0")
-        quota = Quota(user, cpus=cpus, memory=memory, gpus=gpus, tasks=tasks, updated_at=utcnow())
+        quota = Quota(user, cpus=cpus, memory=memory, gpus=gpus, tasks=tasks, updated_at=utcnow(), waiting=waiting)
         self.store.set_quota(quota)
-        self.scheduler.place_pending()  # a raised quota may let waiting tasks start
+        self.request_pass()  # a raised quota may let waiting tasks start
         return quota
 
     def clear_quota(self, user: str) -> None:
         """Remove ``user``'s quota (admin); a user without one is an error."""
         if not self.store.delete_quota(user):
             raise CloudAIError(f"user {user!r} has no quota; `cloudai admin quota list` shows the quotas")
-        self.scheduler.place_pending()
+        self.request_pass()
 
     def quotas(self) -> list[Quota]:
         return self.store.list_quotas()
 
     def quota_usage(self, user: str | None = None) -> tuple[Quota | None, dict[str, float]]:
-        """``user``'s quota (None: no limits) and what their queued and running tasks hold now."""
+        """``user``'s quota (admin-set limits over the operator's defaults; None: no limits) and what their
+        queued and running tasks hold now, with how many of their tasks wait (``waiting``)."""
+        from cloudai.quotapolicy import effective
+
         who = user or self.settings.user
-        return self.store.get_quota(who), self.scheduler.reservations.user_usage(who)
+        used = self.scheduler.reservations.user_usage(who)
+        used["waiting"] = self.store.count_tasks(who, S.PENDING)
+        return effective(who, self.store.get_quota(who), self.scheduler.quota_defaults()), used
+
+
+def _duration(seconds: float) -> str:
+    """``7d``, ``36h``, ``90m``, ``45s``: a cap as users write it."""
+    for unit, scale in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= scale and seconds % scale == 0:
+            return f"{seconds / scale:g}{unit}"
+    return f"{seconds:g}s"
 
 
 def _worker_id_or_unknown(worker_id: str) -> None:

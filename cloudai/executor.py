@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import redis
 
@@ -31,7 +31,8 @@ from cloudai.errors import (
 )
 from cloudai.fencing import Fence
 from cloudai.gpus import GpuLeases, holder, parse_holder
-from cloudai.limits import capabilities, image_allowed
+from cloudai.imagepolicy import refusal as registry_refusal
+from cloudai.limits import capabilities, image_allowed, reserved_label_prefix
 from cloudai.lines import split_frames
 from cloudai.logbudget import LogBudget, Replay, size_text
 from cloudai.logevents import ATTEMPT_MARKER, LogLine
@@ -39,6 +40,7 @@ from cloudai.logs import LogBus, LogWriter
 from cloudai.memory import release_memory
 from cloudai.message import MessageError, RunMessage
 from cloudai.models import LIVE, Task, TaskError, TaskStatus, utcnow
+from cloudai.pidbudget import worker_pids_limit
 from cloudai.reservations import Reservations
 from cloudai.runoptions import Ulimit, bounds_refuse, numeric_owner
 from cloudai.runtime import ENGINE_RESTARTED, ContainerSpec, DockerRuntime, ExitState, ImageMissing, oom_reason
@@ -46,6 +48,9 @@ from cloudai.settings import Settings
 from cloudai.store import TaskStore
 from cloudai.supervision import BATCH_WAIT, backlogged, drain, enforce_stop, quietly, start_reader, wait_exit
 from cloudai.volumes import parse_mount, parse_volumes, resolve
+
+if TYPE_CHECKING:
+    from cloudai.diskguard import DiskGuard
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +106,16 @@ class Executor:
         self._revoked: set[str] = set()  # execution ids the store says are no longer current
         self._lock = threading.Lock()
         self._detach = threading.Event()
+        # each task's share of the host's PIDs (cloudai.pidbudget), and the disk policy (the worker process sets
+        # one; without it a task's --storage goes to Docker as is)
+        self.pids_limit = worker_pids_limit(settings.pids_limit, settings.pids_reserve, settings.worker_concurrency)
+        self.disk: DiskGuard | None = None
+
+    def disk_budgets(self) -> dict[str, int]:
+        """Each supervised attempt's disk budget (bytes, by execution id): its ``--storage``, else the default."""
+        default = self.settings.task_disk
+        budgets = {t.execution_id: t.storage_bytes or default for t in self.active_attempts() if t.execution_id}
+        return {execution: budget for execution, budget in budgets.items() if budget}
 
     def detach_all(self) -> None:
         """The worker is shutting down: stop supervising (containers keep running, their tasks stay
@@ -312,6 +327,9 @@ class Executor:
         if not image_allowed(task.docker_image, patterns):
             raise ImageNotAllowed(f"image {task.docker_image!r} is not allowed on worker {self.worker_id}; "
                                   f"allowed images (CLOUDAI_ALLOWED_IMAGES): {', '.join(patterns)}")
+        why = registry_refusal(task.docker_image, self.settings.allowed_registries)
+        if why is not None:
+            raise ImageNotAllowed(f"image {task.docker_image!r} is not allowed on worker {self.worker_id}: {why}")
 
     def _marker(self, task: Task) -> str:
         return (ATTEMPT_MARKER.format(attempt=task.attempt)
@@ -326,6 +344,26 @@ class Executor:
             return True
         return any(c["Labels"].get(keys.LABEL_EXECUTION_ID) in (execution, None)
                    for c in self.runtime.find(worker_id=self.worker_id, task_id=task_id))
+
+    def _labels(self, task: Task) -> dict[str, str]:
+        """The task's labels less any in a namespace this worker reserves (tools on the host act on those; a
+        task recorded before the master checked them, or under another list, loses them here)."""
+        kept = {}
+        for key, value in task.labels.items():
+            if reserved_label_prefix(key, self.settings.reserved_label_prefixes) is None:
+                kept[key] = value
+            else:
+                log.warning("task %s: label %r dropped (reserved prefix)", task.task_id, key)
+        return {**kept, keys.LABEL_EXECUTION_ID: task.execution_id}
+
+    def _storage(self, task: Task) -> int | None:
+        """``storage_opt size``: the task's disk budget where the storage driver bounds a writable layer; None
+        where the disk guard measures instead."""
+        if self.disk is None:
+            return task.resources.storage
+        if not self.disk.quota_supported:
+            return None
+        return task.storage_bytes or self.settings.task_disk or None
 
     def _container_spec(self, task: Task) -> ContainerSpec:
         """The container as the task asked for it, within this worker's own bounds (raises
@@ -352,9 +390,9 @@ class Executor:
             gpu_ids=list(task.gpu_ids),
             env=dict(task.env),
             workdir=task.workdir,
-            labels={**task.labels, keys.LABEL_EXECUTION_ID: task.execution_id},
-            storage=task.resources.storage,
-            pids_limit=self.settings.pids_limit,
+            labels=self._labels(task),
+            storage=self._storage(task),
+            pids_limit=self.pids_limit,
             network=self.settings.docker_network,
             log_max_size=self.settings.docker_log_max_size,
             log_max_file=self.settings.docker_log_max_file,
@@ -530,6 +568,9 @@ class Executor:
             who = None  # Redis down: a cancel waits for it; the timeout below needs no Redis
         if who is not None:
             return Outcome(S.CANCELLED, None, f"cancelled by {_text(who) or 'a user'}", False, "Cancelled")
+        over_disk = self.disk.over(task.execution_id) if self.disk is not None else None
+        if over_disk is not None:
+            return Outcome(S.FAILED, None, over_disk, False, "DiskLimit")
         if budget is not None and budget.exceeded and budget.stop:
             return Outcome(S.FAILED, None, f"stopped: its log passed the log budget of {size_text(budget.max_bytes)} "
                            "(CLOUDAI_LOG_MAX_BYTES)", False, "LogBudget")

@@ -90,3 +90,4 @@ SCHED_USAGE_AT = f"{SCHED_PREFIX}usage_at"  # hash user -> Redis time of the las
 SCHED_CLAIMED = f"{SCHED_PREFIX}claimed"  # set: workers that have a claim (a placement reads only those)
 SCHED_CLAIM_GEN = f"{SCHED_PREFIX}claimgen"  # counter: one generation of claims per placement pass
 SCHED_PASS_DIRTY = f"{SCHED_PREFIX}dirty"  # set when a placement pass is asked for while one runs
+SCHED_QUOTA_DEFAULTS = f"{SCHED_PREFIX}quota_defaults"  # the master's default quotas (JSON), for every pass

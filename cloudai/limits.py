@@ -191,6 +191,14 @@ def key_values(field: str, pairs: Mapping[str, str], reserved_prefix: str | None
         text(f"{field} {key}", value, max_chars=MAX_LABEL_VALUE_CHARS)
 
 
+def reserved_label_prefix(key: str, prefixes: Iterable[str]) -> str | None:
+    """The reserved prefix ``key`` starts with (compared without case: the tools that read labels differ),
+    or None. Label-driven tools on a worker host (Traefik, Watchtower, Docker Compose...) act on any container
+    that carries their labels, so a user's labels may not use their namespaces."""
+    low = key.lower()
+    return next((p for p in prefixes if p and low.startswith(p.lower())), None)
+
+
 def whole(field: str, value: object, low: int, high: int) -> int:
     """A whole number from ``low`` to ``high`` (not a bool, not a float)."""
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:

@@ -435,6 +435,9 @@ class WorkerInfo:
     started_at: datetime = field(default_factory=utcnow)
     slots: int = 16  # tasks it runs at once (its Celery concurrency): part of its capacity
     volumes: dict[str, str] = field(default_factory=dict)  # name -> ro|rw[,per-user]; host paths stay on the host
+    pids_limit: int | None = None  # each task's pids limit here: its share of the host's PID budget
+    disk_quota: bool | None = None  # whether Docker's storage driver bounds a writable layer (else a watcher)
+    pressure: str | None = None  # why it takes no new task now (disk), set and cleared by the worker itself
 
     def to_doc(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -465,7 +468,7 @@ class Assignment:
     assigned_at: datetime = field(default_factory=utcnow)
 
 
-QUOTA_LIMITS = ("cpus", "memory", "gpus", "tasks")
+QUOTA_LIMITS = ("cpus", "memory", "gpus", "tasks", "waiting")
 
 
 def quota_doc(user: str, quota: Quota | None, usage: dict[str, float] | None = None) -> dict[str, Any]:
@@ -478,7 +481,9 @@ def quota_doc(user: str, quota: Quota | None, usage: dict[str, float] | None = N
 
 @dataclass
 class Quota:
-    """What one user's queued and running tasks may hold at once (admin-set); ``None`` means no limit."""
+    """What one user's queued and running tasks may hold at once, and how many of their tasks may wait
+    (``waiting``: pending ones); admin-set, or the operator's defaults (:mod:`cloudai.quotapolicy`). ``None``
+    means no limit."""
 
     user_id: str
     cpus: float | None = None
@@ -486,6 +491,7 @@ class Quota:
     gpus: int | None = None
     tasks: int | None = None
     updated_at: datetime = field(default_factory=utcnow)
+    waiting: int | None = None  # pending tasks (a submit past it is refused; placement never looks at it)
 
     def to_doc(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -498,7 +504,7 @@ class Quota:
         return cls(**data)
 
     def limits(self) -> dict[str, float | None]:
-        """The four limits by name (``None``: no limit)."""
+        """The limits by name (``None``: no limit)."""
         return {name: getattr(self, name) for name in QUOTA_LIMITS}
 
     def exceeded_alone(self, resources: Resources) -> str | None:

@@ -17,6 +17,7 @@ from docker.types import DeviceRequest, LogConfig, Mount, Ulimit
 from cloudai import keys
 from cloudai.docker_adapter import AttachStream
 from cloudai.errors import DockerUnavailable, ImageError, RuntimeFailure
+from cloudai.imagepolicy import pull_reason
 from cloudai.limits import DEFAULT_CAPS
 from cloudai.models import format_bytes
 from cloudai.runoptions import Ulimit as UlimitSpec
@@ -153,9 +154,30 @@ class DockerRuntime:
         try:
             self.api.pull(repo, tag=tag)
         except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
-            # 'always' means the registry's current image: a stale local copy is not run silently
-            reason = getattr(exc, "explanation", None) or str(exc)
+            # 'always' means the registry's current image: a stale local copy is not run silently. The user
+            # gets a few fixed words: the engine's text can hold the registry's body and the worker network's
+            # addresses (its DNS server); the operator finds it here
+            detail = getattr(exc, "explanation", None) or str(exc)
+            log.warning("pull of %s failed: %s", image, detail)
+            reason = pull_reason(getattr(exc, "status_code", None), str(detail))
             raise ImageError(f"image {image!r} could not be pulled: {reason}") from exc
+
+    def storage(self) -> tuple[str, str]:
+        """Docker's storage driver and data root (``docker info``; ``unknown`` when the engine won't say: the
+        disk guard then measures, which works on every driver)."""
+        try:
+            info = self.api.info()
+        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            log.warning("docker info failed (%s); the storage driver is taken as unknown", exc)
+            info = {}
+        return str(info.get("Driver") or "unknown"), str(info.get("DockerRootDir") or "/var/lib/docker")
+
+    def writable_sizes(self, worker_id: str) -> dict[str, int]:
+        """The writable-layer size (bytes) of each running container of ``worker_id``, by execution id
+        (``docker ps --size``)."""
+        listed = self.api.containers(size=True, filters={"label": [f"{keys.LABEL_WORKER_ID}={worker_id}"]})
+        return {c["Labels"][keys.LABEL_EXECUTION_ID]: int(c.get("SizeRw") or 0)
+                for c in listed if (c.get("Labels") or {}).get(keys.LABEL_EXECUTION_ID)}
 
     def _has_image(self, image: str) -> bool:
         try:
@@ -164,7 +186,9 @@ class DockerRuntime:
         except docker.errors.ImageNotFound:
             return False
         except docker.errors.APIError as exc:
-            raise ImageError(f"image {image!r} could not be inspected: {exc.explanation}") from exc
+            log.warning("inspect of image %s failed: %s", image, exc.explanation)
+            raise ImageError(f"image {image!r} could not be inspected: "
+                             f"{pull_reason(exc.status_code, str(exc.explanation))}") from exc
 
     def create(self, spec: ContainerSpec) -> str:
         """Create (never auto-remove: that loses the log and the exit state) and return the id. Raises

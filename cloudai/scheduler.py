@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 
 import redis
 
-from cloudai import keys
+from cloudai import keys, quotapolicy
 from cloudai.errors import CloudAIError, PlacementError, RedisUnavailable, ServiceUnavailable, WorkerNotFound
 from cloudai.fairshare import rank
 from cloudai.models import (
@@ -38,6 +38,7 @@ from cloudai.models import (
     format_bytes,
     utcnow,
 )
+from cloudai.quotapolicy import effective, running_limits
 from cloudai.reservations import Candidates, Held, NoFit, OverQuota, Placed, Reservations, gpu_order
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
@@ -51,6 +52,11 @@ EPS = 1e-9
 
 class QuotaExceeded(PlacementError):
     """The task asks for more than its user's quota allows even with nothing else running."""
+
+
+class TooManyWaiting(QuotaExceeded):
+    """The task would wait, and its user already has as many waiting tasks as their quota allows: refused at
+    submit (exit 2), nothing recorded."""
 
 
 def fits(task: Task, cpus: float, memory: int, gpus: int, labels: dict[str, str]) -> bool:
@@ -124,6 +130,29 @@ class Scheduler:
         # this, the candidates)
         self._open: tuple[list[WorkerInfo], datetime, list[WorkerInfo]] | None = None
         self._clock: tuple[float, timedelta] = (float("-inf"), timedelta(0))  # (measured at, Redis - ours)
+        self._publishes_defaults = False  # the master's scheduler: its settings are the cluster's quota defaults
+        self._defaults: tuple[float, quotapolicy.Defaults] | None = None  # (read at, the published defaults)
+
+    # -- the operator's default quotas ------------------------------------------------------------------
+    def publish_quota_defaults(self) -> None:
+        """Make this process's default quotas the cluster's (the master, at start and on each of its passes):
+        beat's and the workers' passes read them, so one user is held to one quota whoever places."""
+        self._publishes_defaults = True
+        self.redis.set(keys.SCHED_QUOTA_DEFAULTS, quotapolicy.to_text(quotapolicy.defaults(self.settings)))
+
+    #: how long published defaults are used before they are read again (a submit costs no extra round trip)
+    DEFAULTS_CHECK_S = 1.0
+
+    def quota_defaults(self) -> quotapolicy.Defaults:
+        """The cluster's default quotas: this process's settings where it is the master, else the master's as
+        published (this process's settings while none are)."""
+        if self._publishes_defaults:
+            return quotapolicy.defaults(self.settings)
+        now = time.monotonic()
+        if self._defaults is None or now - self._defaults[0] > self.DEFAULTS_CHECK_S:
+            published = quotapolicy.from_text(self.redis.get(keys.SCHED_QUOTA_DEFAULTS))
+            self._defaults = (now, published if published is not None else quotapolicy.defaults(self.settings))
+        return self._defaults[1]
 
     #: how often the offset of Redis's clock from this host's is measured again (one TIME per interval)
     CLOCK_CHECK_S = 1.0
@@ -169,10 +198,12 @@ class Scheduler:
 
     # -- candidates and reasons -------------------------------------------------------------------------
     def _alive(self, worker: WorkerInfo) -> bool:
-        return worker.state == WorkerState.ACTIVE and worker.alive(self._now(), self.settings.heartbeat_timeout_s)
+        return (worker.state == WorkerState.ACTIVE and not worker.pressure
+                and worker.alive(self._now(), self.settings.heartbeat_timeout_s))
 
     def _candidates(self, task: Task, workers: list[WorkerInfo]) -> list[WorkerInfo]:
-        """Active workers with a fresh heartbeat that have the task's labels (and are its pinned worker)."""
+        """Active workers with a fresh heartbeat, not under pressure (a worker short of disk takes no new task),
+        that have the task's labels (and are its pinned worker)."""
         # runs for every worker on every submit: one datetime comparison each (WorkerInfo.alive's arithmetic,
         # as a cut-off), and the label test only for a task that has constraints
         cutoff = self._now() - timedelta(seconds=self.settings.heartbeat_timeout_s)
@@ -182,7 +213,7 @@ class Scheduler:
         kept = self._open
         if open_task and kept is not None and kept[0] is workers and cutoff <= kept[1]:
             return kept[2]  # the same workers, none of them stale yet
-        candidates = [w for w in workers if w.state == active and w.last_heartbeat >= cutoff
+        candidates = [w for w in workers if w.state == active and w.last_heartbeat >= cutoff and not w.pressure
                       and (not pinned or w.worker_id == pinned)
                       and (not wanted or all(w.labels.get(k) == v for k, v in wanted))
                       and (not named or offers(task, w))]
@@ -197,6 +228,13 @@ class Scheduler:
         """Why no usable worker could run ``task`` even empty (it waits for one to come back), else None."""
         if any(could_ever_run(task, w) for w in candidates):
             return None
+        now = self._now()
+        pressed = [w for w in workers if w.pressure and w.state == WorkerState.ACTIVE and could_ever_run(task, w)
+                   and (not task.pinned_worker or w.worker_id == task.pinned_worker)
+                   and w.alive(now, self.settings.heartbeat_timeout_s)]
+        if pressed and not any(could_ever_run(task, w) for w in candidates):
+            # the worker's own words (its disk, not any task's): it waits until the worker has room again
+            return f"worker {pressed[0].worker_id} takes no new task: {pressed[0].pressure}"
         if task.pinned_worker and not candidates:
             return f"worker {task.pinned_worker} is not active"
         able = [w for w in workers if could_ever_run(task, w)
@@ -264,7 +302,8 @@ class Scheduler:
         )
 
     def _quota(self, task: Task) -> Quota | None:
-        quota = self.store.get_quota(task.user_id)
+        """The user's quota (admin-set limits over the operator's defaults); refuses a task over it alone."""
+        quota = effective(task.user_id, self.store.get_quota(task.user_id), self.quota_defaults())
         if quota is not None:
             why = quota.exceeded_alone(task.resources)
             if why:
@@ -315,7 +354,7 @@ class Scheduler:
             why = self._unavailable(task, workers, candidates)
             if why:
                 return "pending: " + why
-            outcome = self.reservations.place(task, self._pack(workers, candidates), quota,
+            outcome = self.reservations.place(task, self._pack(workers, candidates), running_limits(quota),
                                               self.settings.placement_policy, dry=True)
         except redis.RedisError as exc:
             raise ServiceUnavailable(f"Redis error during placement: {exc}") from exc
@@ -342,27 +381,40 @@ class Scheduler:
                     self._cancel_for_dependency(task, why, create=True)
                     return task
                 if state == "wait":
-                    return self._record_pending(task, why)
+                    return self._record_pending(task, why, quota)
             candidates = self._candidates(task, workers)
             unavailable = self._unavailable(task, workers, candidates)
             if unavailable:
-                return self._record_pending(task, unavailable)
-            outcome = self.reservations.place(task, self._pack(workers, candidates), quota,
+                return self._record_pending(task, unavailable, quota)
+            outcome = self.reservations.place(task, self._pack(workers, candidates), running_limits(quota),
                                               self.settings.placement_policy, claim=True)
             if isinstance(outcome, Placed):
                 self._queue(task, outcome, create=True)
                 return task
             if isinstance(outcome, OverQuota):
-                return self._record_pending(task, quota_reason(task.user_id, outcome))
+                return self._record_pending(task, quota_reason(task.user_id, outcome), quota)
             if isinstance(outcome, Held):  # a task id that is already reserved: never a new task's
                 raise PlacementError(f"task {task.task_id} is already being placed")
-            return self._record_pending(task, self._nofit_reason(task, outcome))
+            return self._record_pending(task, self._nofit_reason(task, outcome), quota)
         except (redis.ConnectionError, redis.TimeoutError) as exc:  # what a check before the submit would say
             raise RedisUnavailable(self.settings.redis_url, exc) from exc
         except redis.RedisError as exc:
             raise ServiceUnavailable(f"Redis error during placement: {exc}") from exc
 
-    def _record_pending(self, task: Task, reason: str) -> Task:
+    def _record_pending(self, task: Task, reason: str, quota: Quota | None = None) -> Task:
+        """Record ``task`` waiting with ``reason``, unless its user already has as many waiting tasks as
+        ``quota`` allows (counted only here, on the path of a task that would wait: a placed submit pays
+        nothing for it). Concurrent submits of one user may pass the count together: the bound is soft by at
+        most the submits in flight."""
+        limit = quota.waiting if quota is not None else None
+        if limit is not None:
+            waiting = self.store.count_tasks(task.user_id, S.PENDING)
+            if waiting >= limit:
+                raise TooManyWaiting(
+                    f"{task.user_id} already has {waiting} waiting tasks, the most allowed ({limit}; "
+                    "CLOUDAI_DEFAULT_QUOTA_WAITING or an admin's `cloudai admin quota set --waiting`); this one "
+                    f"would wait too ({reason}). Submit it once some have started, or cancel some "
+                    "(`cloudai list --status pending`)")
         task.status, task.pending_reason = S.PENDING, reason
         self.store.create_task(task)
         return task
@@ -438,7 +490,11 @@ class Scheduler:
         if not pending:
             return []
         workers = self._list_workers()
-        quotas = {q.user_id: q for q in self.store.list_quotas()}
+        admin_quotas = {q.user_id: q for q in self.store.list_quotas()}
+        if self._publishes_defaults:  # again each pass: Redis may have restarted empty
+            self.publish_quota_defaults()
+        defaults = self.quota_defaults()
+        quotas: dict[str, Quota | None] = {}  # what placement checks, per user (admin's over the defaults)
         ordered = rank(pending, self.reservations.usage(), utcnow() - timedelta(seconds=self.STARVATION_S))
         generation = self.reservations.new_generation()
         cache: dict[str, Task | None] = {}
@@ -462,10 +518,13 @@ class Scheduler:
                 reason = self._unavailable(task, workers, candidates)
             shape = (task.pinned_worker, tuple(sorted(task.constraints.items())), task.req_cpu,
                      task.memory_bytes, task.req_gpu, tuple(task.mounts), tuple(task.gpu_devices))
-            if reason is None and shape in hopeless and task.user_id not in quotas:
+            if task.user_id not in quotas:
+                quotas[task.user_id] = running_limits(
+                    effective(task.user_id, admin_quotas.get(task.user_id), defaults))
+            if reason is None and shape in hopeless and quotas[task.user_id] is None:
                 reason = hopeless[shape]
             if reason is None:
-                outcome = self.reservations.place(task, self._pack(workers, candidates), quotas.get(task.user_id),
+                outcome = self.reservations.place(task, self._pack(workers, candidates), quotas[task.user_id],
                                                   self.settings.placement_policy, generation=generation,
                                                   claim=True)
                 if isinstance(outcome, Placed):
@@ -492,4 +551,4 @@ class Scheduler:
         return placed
 
 
-__all__ = ["Scheduler", "fits", "offers", "gpu_order", "QuotaExceeded", "quota_reason"]
+__all__ = ["Scheduler", "fits", "offers", "gpu_order", "QuotaExceeded", "TooManyWaiting", "quota_reason"]

@@ -94,6 +94,26 @@ def _bool(env: Mapping[str, str], name: str) -> bool:
     if raw in ("1", "true", "yes", "on"):
         return True
     raise ConfigError(f"{name}={env.get(name)!r}: use 1/true/yes or 0/false/no")
+def _optional_whole(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    """A count where ``none`` (or ``unlimited``) means no limit; empty keeps ``default``."""
+    raw = env.get(name, "").strip()
+    if raw.lower() in ("none", "unlimited"):
+        return None
+    return default if raw == "" else _int(env, name, 0)
+
+
+def _optional_number(env: Mapping[str, str], name: str, default: float | None) -> float | None:
+    raw = env.get(name, "").strip()
+    if raw.lower() in ("none", "unlimited"):
+        return None
+    return default if raw == "" else _float(env, name, 0.0)
+
+
+def _optional_size(env: Mapping[str, str], name: str, default: int | None) -> int | None:
+    """:func:`_size`, where ``none`` (or ``unlimited``) means no limit."""
+    if env.get(name, "").strip().lower() in ("none", "unlimited"):
+        return None
+    return default if env.get(name, "").strip() == "" else _size(env, name, 0)
 
 
 def _caps(env: Mapping[str, str], name: str, allow_all: bool) -> tuple[str, ...]:
@@ -176,6 +196,24 @@ class Settings:
     server_body_timeout_s: float = 60.0  # and its body within this after the head
     server_keepalive_s: int = 5  # an idle kept-alive connection is closed after this
     server_max_connections: int = 1000  # connections the master serves at once; past it, 503
+    # -- what one user may hold of what everyone shares (README: "Limits and defaults"); the master applies the
+    # quotas and caps at submit, each worker its PID, disk, registry and label policy again on its own host
+    default_quota_tasks: int | None = None  # queued + running tasks per user without an admin-set limit
+    default_quota_cpus: float | None = None
+    default_quota_memory: int | None = None  # bytes
+    default_quota_gpus: int | None = None
+    default_quota_waiting: int | None = 1000  # pending tasks per user; past it a submit is refused
+    max_timeout_s: float = 7 * 86400.0  # the longest --timeout (0: no cap)
+    default_timeout_s: float = 0.0  # a task's timeout when it gives none (0: max_timeout_s)
+    pids_reserve: int = 8192  # PIDs (threads) of the host that tasks never get; the rest is split over slots
+    task_disk: int = 10 * 1024**3  # a task's writable-layer budget when it asks for none (0: none)
+    max_task_disk: int = 100 * 1024**3  # the most --storage may ask (0: no cap)
+    disk_min_free: int = 1024**3  # below this much free in Docker's data root a worker takes no new task
+    disk_check_interval_s: float = 5.0  # how often a worker measures its containers and its free space
+    allowed_registries: tuple[str, ...] = ("docker.io", "ghcr.io", "quay.io", "nvcr.io")
+    reserved_label_prefixes: tuple[str, ...] = (
+        "cloudai.", "com.docker.", "io.kubernetes.", "io.containerd.", "org.opencontainers.", "traefik.",
+        "com.centurylinklabs.watchtower.", "io.portainer.", "org.label-schema.", "autoheal")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
@@ -240,6 +278,21 @@ class Settings:
             server_keepalive_s=max(1, _int(env, "CLOUDAI_SERVER_KEEPALIVE", base.server_keepalive_s)),
             server_max_connections=max(1, _int(env, "CLOUDAI_SERVER_MAX_CONNECTIONS",
                                                base.server_max_connections)),
+            default_quota_tasks=_optional_whole(env, "CLOUDAI_DEFAULT_QUOTA_TASKS", base.default_quota_tasks),
+            default_quota_cpus=_optional_number(env, "CLOUDAI_DEFAULT_QUOTA_CPUS", base.default_quota_cpus),
+            default_quota_memory=_optional_size(env, "CLOUDAI_DEFAULT_QUOTA_MEMORY", base.default_quota_memory),
+            default_quota_gpus=_optional_whole(env, "CLOUDAI_DEFAULT_QUOTA_GPUS", base.default_quota_gpus),
+            default_quota_waiting=_optional_whole(env, "CLOUDAI_DEFAULT_QUOTA_WAITING", base.default_quota_waiting),
+            max_timeout_s=_duration(env, "CLOUDAI_MAX_TIMEOUT", base.max_timeout_s),
+            default_timeout_s=_duration(env, "CLOUDAI_DEFAULT_TIMEOUT", base.default_timeout_s),
+            pids_reserve=_int(env, "CLOUDAI_PIDS_RESERVE", base.pids_reserve),
+            task_disk=_size(env, "CLOUDAI_TASK_DISK", base.task_disk),
+            max_task_disk=_size(env, "CLOUDAI_MAX_TASK_DISK", base.max_task_disk),
+            disk_min_free=_size(env, "CLOUDAI_DISK_MIN_FREE", base.disk_min_free),
+            disk_check_interval_s=_float(env, "CLOUDAI_DISK_CHECK_INTERVAL", base.disk_check_interval_s) or 5.0,
+            allowed_registries=_list(env, "CLOUDAI_ALLOWED_REGISTRIES") or base.allowed_registries,
+            reserved_label_prefixes=(_list(env, "CLOUDAI_RESERVED_LABEL_PREFIXES")
+                                     if "CLOUDAI_RESERVED_LABEL_PREFIXES" in env else base.reserved_label_prefixes),
         )
 
     def replace(self, **changes: object) -> Settings:

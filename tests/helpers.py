@@ -56,6 +56,14 @@ def executor(settings: Settings, store: TaskStore, runtime: DockerRuntime | None
     return Executor(settings, store, bus, runtime or DockerRuntime(), bus.redis)
 
 
+def task_pids_limit(settings: Settings) -> int:
+    """The pids limit an executor with ``settings`` gives each task on this host (cloudai.pidbudget)."""
+    from cloudai import pidbudget
+
+    return pidbudget.per_task(settings.pids_limit, pidbudget.host_limit(), settings.pids_reserve,
+                              settings.worker_concurrency)
+
+
 def message(task: Task) -> dict[str, Any]:
     """The queue message the scheduler sends for ``task`` (the only wire format)."""
     from cloudai.message import RunMessage
@@ -129,6 +137,7 @@ class WorkerProc:
     def __init__(self, settings: Settings, store: TaskStore, worker_id: str, log_dir: Path, *flags: str,
                  env: dict[str, str] | None = None) -> None:
         self.settings = settings
+        self.env = env or {}  # more CLOUDAI_* settings of the worker (its limits)
         self.store = store
         self.worker_id = worker_id
         self.env = env or {}  # more environment for the worker (operator settings such as CLOUDAI_LOG_MAX_BYTES)

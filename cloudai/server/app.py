@@ -93,6 +93,7 @@ def create_app(settings: Settings, cloud: CloudAI | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.cloud.start_placer()  # placement passes run on its thread, never in a user's request
         yield
         if app.state.log_hub is not None:
             await app.state.log_hub.close()

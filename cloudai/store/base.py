@@ -137,6 +137,11 @@ class TaskStore(abc.ABC):
     ) -> list[Task]:
         """Tasks matching every filter given, newest first; ``limit=None`` for all."""
 
+    def count_tasks(self, user_id: str, status: StatusFilter = None) -> int:
+        """How many of ``user_id``'s tasks are in ``status`` (a submit's waiting-task quota); backends count
+        without reading the records."""
+        return len(self.list_tasks(user_id=user_id, status=status, limit=None))
+
     @abc.abstractmethod
     def transition(self, task_id: str, expected: StatusFilter, new: TaskStatus, *, execution: str | None = None,
                    **fields: Any) -> bool:

@@ -69,6 +69,7 @@ class MongoStore(TaskStore):
         self.tasks.create_index("task_id", unique=True)
         self.tasks.create_index([("user_id", 1), ("created_at", -1)])
         self.tasks.create_index("status")
+        self.tasks.create_index([("user_id", 1), ("status", 1)])
         self.tasks.create_index("worker_id")
         self.tasks.create_index([("created_at", -1)])
         self.assignments.create_index("task_id", unique=True)
@@ -122,6 +123,13 @@ class MongoStore(TaskStore):
         if limit is not None:
             cursor = cursor.limit(int(limit))
         return [Task.from_doc(d) for d in self._call(list, cursor)]
+
+    def count_tasks(self, user_id: str, status: StatusFilter = None) -> int:
+        query: dict[str, Any] = {"user_id": user_id}
+        statuses = status_values(status)
+        if statuses is not None:
+            query["status"] = {"$in": statuses}
+        return int(self._call(self.tasks.count_documents, query))
 
     def _validated(self, task_id: str, fields: dict[str, Any]) -> dict[str, Any]:
         current = self._call(self.tasks.find_one, {"_id": task_id})

@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS tasks (
     created_at TEXT NOT NULL, doc TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS tasks_user_created ON tasks(user_id, created_at);
 CREATE INDEX IF NOT EXISTS tasks_status ON tasks(status);
+CREATE INDEX IF NOT EXISTS tasks_user_status ON tasks(user_id, status);
 CREATE INDEX IF NOT EXISTS tasks_worker ON tasks(worker_id);
 CREATE INDEX IF NOT EXISTS tasks_created ON tasks(created_at);
 CREATE TABLE IF NOT EXISTS assignments (
@@ -193,6 +194,14 @@ class SQLiteStore(TaskStore):
         if limit is not None:
             sql += f" LIMIT {int(limit)}"
         return [Task.from_doc(json.loads(r["doc"])) for r in self._conn().execute(sql, args)]
+
+    def count_tasks(self, user_id: str, status: StatusFilter = None) -> int:
+        sql, args = "SELECT COUNT(*) FROM tasks WHERE user_id=?", [user_id]
+        statuses = status_values(status)
+        if statuses is not None:
+            sql += f" AND status IN ({','.join('?' * len(statuses))})"
+            args.extend(statuses)
+        return int(self._conn().execute(sql, args).fetchone()[0])
 
     def _modify(self, task_id: str, expected: list[str] | None, fields: dict[str, Any],
                 execution: str | None = None) -> bool:

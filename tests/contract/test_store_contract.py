@@ -89,6 +89,15 @@ def test_list_filters_newest_first_and_limit(backend: TaskStore) -> None:
     assert len(backend.list_tasks(limit=None)) == 6
 
 
+def test_count_tasks_by_user_and_status(backend: TaskStore) -> None:
+    for n in range(7):
+        backend.create_task(_task(n, user="ana" if n % 2 else "bo", status=S.PENDING if n < 4 else S.QUEUED,
+                                  worker=None if n < 4 else "w1"))
+    assert backend.count_tasks("ana", S.PENDING) == 2 and backend.count_tasks("bo", S.PENDING) == 2
+    assert backend.count_tasks("ana") == 3 and backend.count_tasks("bo", [S.PENDING, S.QUEUED]) == 4
+    assert backend.count_tasks("nobody", S.PENDING) == 0
+
+
 def _as_written_before_bytes(backend: TaskStore, task_id: str, memory_gb: float, storage_gb: float | None) -> None:
     """Rewrite a stored task as releases before "memory is bytes end to end" wrote it: the seed's GB floats."""
     old = {"req_memory": memory_gb, "req_storage": storage_gb}
@@ -240,6 +249,9 @@ def test_quotas(backend: TaskStore) -> None:
     backend.set_quota(Quota("ana", cpus=4.5, memory=8 * GiB, gpus=None, tasks=10))
     got = backend.get_quota("ana")
     assert got is not None and (got.cpus, got.memory, got.gpus, got.tasks) == (4.5, 8 * GiB, None, 10)
+    backend.set_quota(Quota("cy", waiting=5))
+    assert backend.get_quota("cy").waiting == 5 and got.waiting is None  # type: ignore[union-attr]
+    assert backend.delete_quota("cy")
     assert [q.user_id for q in backend.list_quotas()] == ["ana", "bob"]
     backend.set_quota(Quota("bob", tasks=1))  # replaces the whole quota
     bob = backend.get_quota("bob")

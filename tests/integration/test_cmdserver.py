@@ -105,9 +105,10 @@ def test_each_command_gets_its_own_environment_and_working_directory(cmdserver: 
     cmdserver.start()
     for port in ("1", "2"):  # nothing listens there: the error names the URL this command was given
         result = cmdserver.run("submit", "-q", TEST_IMAGE, "--", "true",
-                               env={"CLOUDAI_REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+                               env={"CLOUDAI_API_URL": f"http://127.0.0.1:{port}"})
         assert result.returncode != 0 and f"127.0.0.1:{port}" in result.stderr, result.stderr
-    result = cmdserver.run("list", cwd=tmp_path, env={"CLOUDAI_STORE_URL": "sqlite:///relative.db"})
+    # an operator's direct read, with a store relative to where the command runs
+    result = cmdserver.run("list", cwd=tmp_path, env={"CLOUDAI_API_URL": "", "CLOUDAI_STORE_URL": "sqlite:///relative.db"})
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "relative.db").exists()  # relative to the launcher's directory, not the server's
     state = cmdserver.status()
@@ -212,7 +213,7 @@ def test_the_launcher_starts_a_server_and_a_new_one_when_the_code_changes(settin
         os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # as an edit or `git pull` would
         result = server.run("status", "nosuch")
         assert result.returncode != 0 and "nosuch" in result.stderr
-        second = wait_for(lambda: (s := server.status()) and s["pid"] != first["pid"] and s, 30, 0.05,
+        second = wait_for(lambda: (s := server.status()) and s["pid"] != first["pid"] and s, 90, 0.05,
                           "a new server")
         assert second["commands"] == 0
         wait_for(lambda: _gone(first["pid"]), 10, 0.05,

@@ -15,7 +15,16 @@ from cloudai.models import MiB, TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import executor, message, queued_task, register, run_in_thread, wait_for, wait_started
+from tests.helpers import (
+    executor,
+    message,
+    queued_task,
+    register,
+    run_in_thread,
+    task_pids_limit,
+    wait_for,
+    wait_started,
+)
 from tests.services import TEST_IMAGE
 
 S = TaskStatus
@@ -48,7 +57,7 @@ def test_container_sees_its_own_limits(settings: Settings, store: SQLiteStore) -
     assert lines[0] == str(64 * MiB)
     quota, period = lines[1].split()
     assert int(quota) / int(period) == 1.5
-    assert lines[2] == str(settings.pids_limit)
+    assert lines[2] == str(task_pids_limit(settings))
     assert end.status == "completed" and end.exit_code == 0
 
 
@@ -63,7 +72,7 @@ def test_limits_as_docker_applied_them_and_cancel_stops_the_container(
     host = info["HostConfig"]
     assert host["NanoCpus"] == 500_000_000
     assert host["Memory"] == 256 * MiB and host["MemorySwap"] == 256 * MiB
-    assert host["PidsLimit"] == settings.pids_limit
+    assert host["PidsLimit"] == task_pids_limit(settings)
     assert host["SecurityOpt"] == ["no-new-privileges"] and not host["Privileged"]
     assert not host.get("AutoRemove")
     assert info["Config"]["Labels"] == {"team": "ml", keys.LABEL_TASK_ID: task.task_id,
@@ -257,10 +266,12 @@ def test_missing_image_with_pull_never_fails_clearly(settings: Settings, store: 
 
 def test_unreachable_registry_fails_clearly(settings: Settings, store: SQLiteStore) -> None:
     task = queued_task(store, settings.worker_id, "true", image="127.0.0.1:9/nothing/here:1")
-    assert executor(settings, store).run(message(task)) == "failed"
+    allowed = settings.replace(allowed_registries=("docker.io", "127.0.0.1:9"))  # a loopback registry, named
+    assert executor(allowed, store).run(message(task)) == "failed"
     got = store.get_task(task.task_id)
     assert got is not None and got.error is not None and got.error.type == "ImageError"
-    assert "127.0.0.1:9/nothing/here:1" in got.error.message and "could not be pulled" in got.error.message
+    assert got.error.message == "image '127.0.0.1:9/nothing/here:1' could not be pulled: registry unreachable (its " \
+                                "name does not resolve, or it does not answer)"
 
 
 def test_gpu_task_asks_docker_for_exact_device_ids(settings: Settings, store: SQLiteStore) -> None:
@@ -324,8 +335,9 @@ def test_pull_always_fails_rather_than_run_a_stale_local_image(settings: Setting
     task = queued_task(store, settings.worker_id, "true", pull_policy="always",
                        image="127.0.0.1:9/cloudai/busybox:local")
     docker.from_env().api.tag(TEST_IMAGE, "127.0.0.1:9/cloudai/busybox", "local")
+    allowed = settings.replace(allowed_registries=("docker.io", "127.0.0.1:9"))  # a loopback registry, named
     try:
-        assert executor(settings, store).run(message(task)) == "failed"
+        assert executor(allowed, store).run(message(task)) == "failed"
     finally:
         docker.from_env().api.remove_image("127.0.0.1:9/cloudai/busybox:local")
     got = store.get_task(task.task_id)

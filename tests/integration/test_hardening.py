@@ -15,7 +15,7 @@ from cloudai.models import MiB, TaskStatus
 from cloudai.runtime import DockerRuntime
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
-from tests.helpers import executor, message, queued_task, register, run_in_thread, wait_started
+from tests.helpers import executor, message, queued_task, register, run_in_thread, task_pids_limit, wait_started
 
 S = TaskStatus
 pytestmark = pytest.mark.usefixtures("docker_ready")
@@ -47,7 +47,7 @@ def test_default_hardening_read_back_from_the_container(settings: Settings, stor
     assert host["CapDrop"] == ["ALL"] and set(host["CapAdd"]) == set(DEFAULT_CAPS)
     assert "NET_RAW" not in host["CapAdd"]
     assert host["SecurityOpt"] == ["no-new-privileges"] and not host["Privileged"]
-    assert host["PidsLimit"] == settings.pids_limit
+    assert host["PidsLimit"] == task_pids_limit(settings)  # its share of the host (cloudai.pidbudget)
     assert host["ReadonlyRootfs"] is True and host["Tmpfs"] == {"/tmp": f"rw,nosuid,nodev,size={64 * 1024**2}"}
     assert "NVIDIA_VISIBLE_DEVICES=void" in info["Config"]["Env"]
     # Docker's own log of the container is rotated (the worker reads the attach stream; that log is the fallback)

@@ -259,7 +259,7 @@ def test_reaper_releases_what_a_dead_workers_tasks_held(api: CloudAI, store: SQL
     store.heartbeat("dead", utcnow() - timedelta(seconds=settings.heartbeat_timeout_s + 5))
     maintenance = Maintenance(settings, store, api.bus, api.scheduler)
     assert maintenance.reap()["lost"] == [task.task_id]
-    assert api.quota_usage("dora")[1] == {"cpus": 0, "memory": 0, "gpus": 0, "tasks": 0}
+    assert api.quota_usage("dora")[1] == {"cpus": 0, "memory": 0, "gpus": 0, "tasks": 0, "waiting": 0}
     store.heartbeat("dead")
     store.set_worker_state("dead", WorkerState.ACTIVE)
     assert api.submit(_req(cpus=2, gpus=1)).gpu_ids == ["0"]  # its GPU and CPUs are free again
