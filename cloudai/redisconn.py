@@ -19,8 +19,11 @@ from cloudai.redisurl import SENTINEL_SOCKET_TIMEOUT_S, SentinelTarget, check, p
 HEALTH_CHECK_S = 15
 
 
-def _sentinel_kwargs() -> dict[str, Any]:
-    return {"socket_timeout": SENTINEL_SOCKET_TIMEOUT_S, "socket_connect_timeout": SENTINEL_SOCKET_TIMEOUT_S}
+def _sentinel_kwargs(bound: float | None = None) -> dict[str, Any]:
+    """The sentinels' timeouts: short (they answer at once or are away), and never longer than ``bound`` (the
+    caller's own timeout: a worker's is a fraction of its fencing margin)."""
+    timeout = SENTINEL_SOCKET_TIMEOUT_S if bound is None else min(bound, SENTINEL_SOCKET_TIMEOUT_S)
+    return {"socket_timeout": timeout, "socket_connect_timeout": timeout}
 
 
 def _node_kwargs(target: SentinelTarget) -> dict[str, Any]:
@@ -36,7 +39,8 @@ def connect(url: str, socket_timeout: float | None = 30.0, socket_connect_timeou
     target = parse_sentinel(check(url))
     if target is None:
         return redis.Redis.from_url(url, **common)
-    sentinel = redis.sentinel.Sentinel(list(target.sentinels), sentinel_kwargs=_sentinel_kwargs())
+    sentinels = list(target.sentinels)
+    sentinel = redis.sentinel.Sentinel(sentinels, sentinel_kwargs=_sentinel_kwargs(socket_connect_timeout))
     return sentinel.master_for(target.service, **_node_kwargs(target), **common)
 
 
