@@ -23,7 +23,7 @@ as_root() {
 }
 
 # The Debian packages MODE still lacks, one a line. MODE is `demo` (what CloudAI needs to run), `cluster` (that
-# plus redis-sentinel and iproute2 for scripts/cluster) or `test` (all that, plus Chromium and its driver for the
+# plus redis-sentinel, iproute2 and iptables for scripts/cluster) or `test` (all that, plus Chromium and its driver for the
 # browser tests, and docker-compose for the compose checks; tests/cluster runs the simulated cluster). A function of
 # PATH and of $CLOUDAI_BUSYBOX alone, so tests/unit/test_setup_scripts.py can call it with a PATH that lacks
 # the tools. The mode is an argument, never an environment variable: `VAR=1 source lib.sh` would not last.
@@ -41,6 +41,7 @@ packages_needed() {
   if [ "$mode" = cluster ] || [ "$mode" = test ]; then
     command -v redis-sentinel >/dev/null 2>&1 || echo redis-sentinel
     command -v ip >/dev/null 2>&1 || echo iproute2
+    command -v iptables >/dev/null 2>&1 || echo iptables
   fi
   if [ "$mode" = test ]; then
     command -v chromium >/dev/null 2>&1 || echo chromium

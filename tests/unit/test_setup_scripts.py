@@ -16,7 +16,7 @@ import pytest
 from tests.helpers import ROOT
 
 BASE = ["redis-server", "docker.io", "busybox-static", "python3-venv", "git"]
-CLUSTER_TOOLS = ["redis-sentinel", "iproute2"]
+CLUSTER_TOOLS = ["redis-sentinel", "iproute2", "iptables"]
 TEST_TOOLS = ["chromium", "chromium-driver", "docker-compose"]
 
 
@@ -53,7 +53,7 @@ def test_a_fresh_machine_gets_every_package_its_command_needs(tmp_path: Path, sc
 
 def test_nothing_is_installed_when_everything_is_there(tmp_path: Path) -> None:
     tools = ["redis-server", "dockerd", "docker", "git", "chromium", "chromedriver", "docker-compose", "ldd",
-             "redis-sentinel", "ip"]
+             "redis-sentinel", "ip", "iptables"]
     folder = _bin(tmp_path, *tools)
     (folder / "python3").symlink_to(sys.executable)  # has venv and ensurepip
     busybox = folder / "busybox"
