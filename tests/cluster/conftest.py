@@ -49,7 +49,9 @@ class Cluster:
     def __init__(self, name: str) -> None:
         self.name = name
         self.dir = ROOT / ".cache" / "cluster" / name
-        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLOUDAI_")},
+        # the set-up's own variables pass (where the virtualenv is, the test image); no cluster setting leaks in
+        own = ("CLOUDAI_VENV", "CLOUDAI_LOCK", "CLOUDAI_TEST_IMAGE")
+        self.env = {**{k: v for k, v in os.environ.items() if not k.startswith("CLOUDAI_") or k in own},
                     "CLOUDAI_CLUSTER_NAME": name, "CLOUDAI_HEARTBEAT_INTERVAL": str(HEARTBEAT_INTERVAL_S),
                     "CLOUDAI_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_S), "CLOUDAI_BEAT_INTERVAL": "1"}
         self.recorders: list[subprocess.Popen[bytes]] = []

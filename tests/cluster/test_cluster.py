@@ -11,8 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from cloudai.models import WorkerInfo
 from tests.cluster.conftest import HEARTBEAT_TIMEOUT_S, Cluster
 from tests.helpers import wait_for
+from tests.services import TEST_IMAGE as IMAGE
 
-IMAGE = "cloudai/busybox:local"
 GAP = re.compile(r"\[cloudai\] (\d+) (?:earlier lines were trimmed|lines are missing)")
 
 
