@@ -135,14 +135,38 @@ class Cluster:
             proc.wait(10)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _take_down_orphans() -> None:
+    """Test clusters of this worktree whose pytest is gone (killed before its teardown ran) are taken down."""
+    for owner in (ROOT / ".cache" / "cluster").glob("t*.owner"):
+        text = owner.read_text().strip()
+        if text.isdigit() and not _alive(int(text)):
+            Cluster(owner.name.removesuffix(".owner")).run("down", timeout=300, check=False)
+            owner.unlink(missing_ok=True)
+
+
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     why = _can_make_namespaces()
     if why is not None:
         missing(why)
+    _take_down_orphans()
     name = "t" + uuid.uuid4().hex[:6]
     cluster = Cluster(name)
+    owner = cluster.dir.with_name(f"{name}.owner")  # outside the state folder, which `up` makes anew
+    owner.parent.mkdir(parents=True, exist_ok=True)
+    owner.write_text(str(os.getpid()))
     started = time.monotonic()
+    failed_before = request.session.testsfailed
     try:
         up = cluster.run("up", timeout=600, check=False)
         assert up.returncode == 0, f"scripts/cluster up failed:\n{up.stderr[-4000:]}"
@@ -152,6 +176,9 @@ def cluster() -> Iterator[Cluster]:
     finally:
         cluster.stop_recording()
         down = cluster.run("down", timeout=300, check=False)
+        owner.unlink(missing_ok=True)
         leftovers = [n for n in os.listdir("/run/netns") if n.startswith(f"{name}-")] if Path(
             "/run/netns").is_dir() else []
         assert down.returncode == 0 and not leftovers, f"scripts/cluster down: {down.stderr} {leftovers}"
+        if request.session.testsfailed == failed_before:  # its logs are kept only where a test failed
+            shutil.rmtree(cluster.dir, ignore_errors=True)
