@@ -85,5 +85,6 @@ def redispatch() -> list[str]:
 
 @app.task(name="cloudai.maintenance.expire_logs", ignore_result=True)
 def expire_logs() -> list[str]:
-    """Expire finished tasks' log streams after the retention period, and their archives after theirs."""
-    return maintenance().expire_logs() + maintenance().expire_archives()
+    """Expire finished tasks' log streams after the retention period, their archives after theirs, and their
+    stored files (outputs, uploads) after theirs."""
+    return maintenance().expire_logs() + maintenance().expire_archives() + maintenance().expire_artifacts()

@@ -216,9 +216,9 @@ def _warm() -> None:
 
 
 def _lock(lock: Any) -> bool:
-    """Take the installation's server lock, waiting a little for a server that is on its way out (the launcher
-    that found it stale starts this one at once)."""
-    deadline = time.monotonic() + 3.0
+    """Take the installation's server lock, waiting for a server that is on its way out (the launcher that found
+    it stale starts this one at once; on a loaded machine the old one's exit took over 3 s)."""
+    deadline = time.monotonic() + 15.0
     while True:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from cloudai.cli import cmdserver_cli
+from cloudai.cli import artifacts_cli, cmdserver_cli
 from cloudai.cli import quota as quota_cli
 from cloudai.cli.local import LocalCommand, LocalGroup
 from cloudai.cli.shutdown import SERVICES, ExitPlan, exit_now
@@ -98,7 +98,7 @@ def cli(ctx: click.Context, redis_url: str | None, store_url: str | None) -> Non
     """CloudAI runs containers on a pool of GPU and CPU hosts.
 
     \b
-    Tasks:    submit, task, monitor, logs, status, list, cancel
+    Tasks:    submit, task, monitor, logs, status, list, cancel, artifacts, cp
     Cluster:  workers, worker start, beat, flower, server, admin token
     Identity: login, logout, whoami
 
@@ -126,16 +126,32 @@ def _parse(fn: Any, *args: Any, param: str) -> Any:
 
 
 def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, follow: bool, dry_run: bool,
-            command: str = "submit") -> None:
+            command: str = "submit", upload: str | None = None) -> None:
     from cloudai.cli import render
     from cloudai.models import TaskStatus as S
 
+    packed = None
+    if upload is not None:  # packed and checked here: past the cap is exit 2 before anything is sent
+        from cloudai.models import format_bytes
+        from cloudai.uploads import pack, parse_upload
+
+        local, request.upload = parse_upload(upload)
+        request.validate()
+        packed = pack(local, ctx.settings.upload_max_bytes)
+        left_out = f"; {packed.skipped} left out by {packed.ignore_file}" if packed.ignore_file else ""
+        click.echo(render.visible(f"upload: {local} -> {request.upload}: {packed.files} files, "
+                                  f"{format_bytes(packed.size)} ({format_bytes(packed.compressed)} packed){left_out}"),
+                   err=True)
     if dry_run:  # records nothing: an operator may preview placement directly too
         api = ctx.api
         click.echo(f"valid: {request.image} with {request.resources.describe()}; would be {api.dry_run(request)}")
         return
     api = ctx.master(command)
-    task = api.submit(request)
+    if packed is not None:
+        with packed.file:
+            task = api.submit(request, packed.file)
+    else:
+        task = api.submit(request)
     if as_json:
         click.echo(render.task_json(task))
     elif quiet:
@@ -163,6 +179,10 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
 @click.option("--entrypoint", help="Replace the image's ENTRYPOINT with this program ('' clears it).")
 @click.option("--mount", "mounts", multiple=True, metavar="NAME[/SUB]:PATH[:ro|rw]",
               help="Mount a volume a worker offers (repeatable; `cloudai workers` lists them).")
+@click.option("--output", "outputs", multiple=True, metavar="PATH",
+              help="Keep this container path when the task ends (repeatable; `cloudai artifacts`, `cloudai cp`).")
+@click.option("--upload", metavar="DIR[:PATH]",
+              help="Pack DIR (minus its .cloudaiignore/.gitignore) into the container at PATH.  [default: /workspace]")
 @click.option("--shm-size", help="Size of /dev/shm, such as 2g (counted in the memory limit).  [default: 64m]")
 @click.option("-u", "--user", "container_user", metavar="UID[:GID]", help="Run the container's processes as this user.")
 @click.option("--ipc", metavar="private|shareable|none", help="IPC namespace (host only where the operator allows).")
@@ -193,7 +213,8 @@ def _submit(ctx: Context, request: SubmitRequest, quiet: bool, as_json: bool, fo
 @click.option("--dry-run", is_flag=True, help="Validate and say where it would go; record nothing.")
 @pass_ctx
 def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None, memory: str | None,
-           gpus: str | None, shell: bool, entrypoint: str | None, mounts: tuple[str, ...], shm_size: str | None,
+           gpus: str | None, shell: bool, entrypoint: str | None, mounts: tuple[str, ...], outputs: tuple[str, ...],
+           upload: str | None, shm_size: str | None,
            container_user: str | None, ipc: str | None, ulimits: tuple[str, ...], storage: str | None,
            env: tuple[str, ...], env_file: tuple[str, ...], workdir: str | None, label: tuple[str, ...],
            worker: str | None, constraint: tuple[str, ...], timeout: str | None, retries: str | None,
@@ -224,8 +245,9 @@ def submit(ctx: Context, image: str, command: tuple[str, ...], cpus: str | None,
         timeout=timeout, retries=retries, name=name, user=as_user, worker=worker, constraints=constraint,
         priority=priority, pull=pull_policy, after=after, read_only=read_only, entrypoint=entrypoint,
         mounts=mounts, shm_size=shm_size, container_user=container_user, ipc=ipc, ulimits=ulimits,
+        outputs=outputs,
     )
-    _submit(ctx, request, quiet, as_json, follow, dry_run)
+    _submit(ctx, request, quiet, as_json, follow, dry_run, upload=upload)
 
 
 SEED_OPTIONS = {"-cpu_cores": "cpus", "-mem": "memory", "-gpu_cores": "gpus"}
@@ -546,6 +568,7 @@ from cloudai.cli.identity import login, logout, server, whoami  # noqa: E402
 for _command in (admin, login, logout, whoami, server):
     cli.add_command(_command)
 quota_cli.register(cli, Context, pass_ctx)
+artifacts_cli.register(cli, pass_ctx)
 cmdserver_cli.register(cli)
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, BinaryIO
 
+from cloudai.artifacts.base import Artifact
 from cloudai.cli.lean_httpx import httpx
 from cloudai.errors import CloudAIError, ExitCode, ServiceUnavailable, redact
 from cloudai.logevents import LineBatch, LogEnd, LogEvent, fit_column
@@ -131,12 +133,19 @@ class RemoteCloud:
             "workdir": request.workdir, "labels": request.labels, "timeout": request.timeout_s,
             "retries": request.retries, "name": request.name, "worker": request.worker,
             "constraints": request.constraints, "priority": request.priority, "pull": request.pull_policy,
-            "after": request.after, "read_only": request.read_only,
+            "after": request.after, "read_only": request.read_only, "outputs": request.outputs,
+            "upload": request.upload,
         }
 
-    def submit(self, request: SubmitRequest) -> Task:
+    def submit(self, request: SubmitRequest, upload: BinaryIO | None = None) -> Task:
+        """Submit; with ``upload`` (a packed directory, a tar.gz) as a multipart form: the task's JSON as the field
+        ``spec``, the archive as the file ``upload`` (streamed from the file, never in memory whole)."""
         request.validate()
-        return Task.from_doc(self._call("POST", "/v1/tasks", json=self._body(request)))
+        if upload is None:
+            return Task.from_doc(self._call("POST", "/v1/tasks", json=self._body(request)))
+        return Task.from_doc(self._call("POST", "/v1/tasks", data={"spec": json.dumps(self._body(request))},
+                                        files={"upload": ("upload.tar.gz", upload, "application/gzip")},
+                                        timeout=httpx.Timeout(600.0, connect=5.0)))
 
     def dry_run(self, request: SubmitRequest) -> str:
         request.validate()
@@ -224,6 +233,40 @@ class RemoteCloud:
     def remove_worker(self, worker_id: str, force: bool = False) -> None:
         self._call("DELETE", f"/v1/workers/{_q(worker_id)}", params={"force": "true" if force else "false"})
 
+    # -- artifacts --------------------------------------------------------------------------------------
+    def artifacts(self, task_id: str) -> list[Artifact]:
+        doc = self._call("GET", f"/v1/tasks/{_q(task_id)}/artifacts")
+        return [_artifact(task_id, a["path"], a["size"], a["sha256"], a.get("stored_at")) for a in doc["artifacts"]]
+
+    @contextmanager
+    def open_artifact(self, task_id: str, path: str, offset: int = 0,
+                      sha256: str | None = None) -> Iterator[tuple[Artifact, int, Iterator[bytes]]]:
+        """One output's record, the offset its bytes start at, and the bytes as they arrive: from ``offset``
+        (``Range``) while the file is still the one of digest ``sha256`` (``If-Range``), else from the start."""
+        headers = {}
+        if offset:
+            headers["Range"] = f"bytes={offset}-"
+            if sha256:
+                headers["If-Range"] = f'"{sha256}"'
+        url = f"/v1/tasks/{_q(task_id)}/artifacts/{'/'.join(_q(p) for p in path.strip('/').split('/'))}"
+        try:
+            with self._http.stream("GET", url, headers=headers,
+                                   timeout=httpx.Timeout(300.0, connect=5.0)) as resp:
+                if resp.status_code >= 400:
+                    resp.read()
+                    raise _api_error(resp)
+                total = resp.headers.get("content-range", "").rpartition("/")[2]
+                size = int(total) if resp.status_code == 206 and total.isdigit() else int(
+                    resp.headers.get("content-length", "0"))
+                start = offset if resp.status_code == 206 else 0
+                found = _artifact(task_id, "/" + path.strip("/"), size, resp.headers.get("x-checksum-sha256", ""))
+                yield found, start, resp.iter_bytes(1 << 20)
+        except httpx.TransportError as exc:
+            raise ApiUnavailable(self.url, exc) from None
+
+    def delete_artifacts(self, task_id: str) -> int:
+        return int(self._call("DELETE", f"/v1/tasks/{_q(task_id)}/artifacts")["freed_bytes"])
+
     def quota_usage(self, user: str | None = None) -> tuple[Quota | None, dict[str, float]]:
         doc = self._call("GET", "/v1/quota", params={"user": user} if user else None)
         # the server decides whose quota it is (a user's own, whatever they asked): keep its answer's user
@@ -247,6 +290,16 @@ def event_lines(event: SSEvent) -> LineBatch:
         parts = [d.partition(" ") for d in event.data]
         texts, stamps, first = [p[2] for p in parts], [p[0] for p in parts], int(event.id or 0) - len(parts) + 1
     return LineBatch(first, texts, stamps)
+
+
+def _artifact(task_id: str, path: str, size: int, sha256: str, stored_at: str | None = None) -> Artifact:
+    from datetime import datetime
+
+    from cloudai.artifacts.base import ArtifactKey
+    from cloudai.models import utcnow
+
+    when = datetime.fromisoformat(stored_at) if stored_at else utcnow()
+    return Artifact(ArtifactKey(task_id, "", "output", path, ""), int(size), sha256, when)
 
 
 def _q(part: str) -> str:

@@ -3,16 +3,29 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 import redis
 
 from cloudai import keys, limits
+from cloudai.artifacts import (
+    INPUT_EXECUTION,
+    UPLOAD_NAME,
+    Artifact,
+    ArtifactKey,
+    ArtifactStore,
+    open_artifacts,
+    output_path,
+)
+from cloudai.artifacts.base import read_chunks
 from cloudai.clock import redis_now, with_redis_heartbeats
 from cloudai.errors import (
+    ArtifactNotFound,
     CloudAIError,
     RedisUnavailable,
     TaskNotFound,
@@ -40,6 +53,7 @@ from cloudai.scheduler import Dispatch, Scheduler
 from cloudai.settings import Settings
 from cloudai.store import TaskStore, open_store
 from cloudai.submission import SubmitRequest, parse_key_values, read_env_file
+from cloudai.uploads import DEFAULT_TARGET, inspect_upload
 from cloudai.workerview import WorkerView
 
 if TYPE_CHECKING:
@@ -157,7 +171,7 @@ class CloudAI:
             retries=request.retries,
             env=dict(request.env),
             labels=dict(request.labels),
-            workdir=request.workdir,
+            workdir=request.workdir or request.upload,  # an upload is where the task works unless told otherwise
             name=request.name,
             pinned_worker=request.worker,
             constraints=dict(request.constraints),
@@ -165,6 +179,8 @@ class CloudAI:
             pull_policy=request.pull_policy,
             after=list(dict.fromkeys(request.after)),
             read_only=request.read_only,
+            outputs=list(request.outputs),
+            upload=request.upload,
         )
 
     def check_shared_limits(self, request: SubmitRequest) -> None:
@@ -200,14 +216,51 @@ class CloudAI:
                 raise ValidationError("after", dep_id, f"no task with this id belongs to {task.user_id}; "
                                       "`cloudai list` shows your tasks")
 
-    def submit(self, request: SubmitRequest) -> Task:
-        """Validate, record and place a task (queued on a worker, or pending with a reason)."""
+    def submit(self, request: SubmitRequest, upload: BinaryIO | None = None) -> Task:
+        """Validate, record and place a task (queued on a worker, or pending with a reason). ``upload``: a
+        directory packed as a tar.gz (``submit --upload``, a seekable file), checked and stored as the task's
+        input before the task is recorded; nothing is recorded when it is refused."""
+        if upload is not None and request.upload is None:
+            request.upload = DEFAULT_TARGET
+        if request.upload is not None and upload is None:
+            raise ValidationError("upload", request.upload, "the archive to place there is missing: send it as the "
+                                  "multipart part 'upload' (`cloudai submit --upload DIR` does)")
         task = self.build_task(request)
         self.store.ping()
         if time.monotonic() - self._redis_ok_at > self.REDIS_CHECK_S:
             self.ping_redis()
         self.check_dependencies(task)
-        return self.scheduler.submit(task)
+        if upload is None:
+            return self.scheduler.submit(task)
+        self.store_upload(task, upload)
+        try:
+            return self.scheduler.submit(task)
+        except BaseException:
+            self.artifact_store.delete(task.task_id, INPUT_EXECUTION, "input")
+            raise
+
+    def store_upload(self, task: Task, upload: BinaryIO) -> None:
+        """Check an uploaded archive (size, entries: :func:`cloudai.uploads.inspect_upload`) and the user's
+        artifact quota, then store it as ``task``'s input (raises :class:`ValidationError`: exit 2)."""
+        limit = self.settings.upload_max_bytes
+        upload.seek(0, os.SEEK_END)
+        if limit and upload.tell() > limit:
+            raise ValidationError("upload", f"{format_bytes(upload.tell())} archive",
+                                  f"uploads are at most {format_bytes(limit)} (CLOUDAI_UPLOAD_MAX_BYTES)")
+        inspect_upload(upload, limit)
+        quota = self.settings.artifact_quota_bytes
+        if quota:
+            upload.seek(0, os.SEEK_END)
+            size = upload.tell()
+            used = self.artifact_store.usage(task.user_id)
+            if used + size > quota:
+                raise ValidationError("upload", f"{format_bytes(size)} archive", f"{task.user_id} stores "
+                                      f"{format_bytes(used)} of an artifact quota of {format_bytes(quota)} "
+                                      "(CLOUDAI_ARTIFACT_QUOTA_BYTES); `cloudai artifacts --delete TASK` frees "
+                                      "what older tasks stored")
+        upload.seek(0)
+        key = ArtifactKey(task.task_id, INPUT_EXECUTION, "input", UPLOAD_NAME, task.user_id)
+        self.artifact_store.put(key, read_chunks(upload), limit or None)
 
     def dry_run(self, request: SubmitRequest) -> str:
         """Where the task would go now, without recording anything."""
@@ -270,6 +323,50 @@ class CloudAI:
                 return task
             time.sleep(0.2)
         return self.get(task_id)
+
+    # -- artifacts --------------------------------------------------------------------------------------
+    @cached_property
+    def artifact_store(self) -> ArtifactStore:
+        return open_artifacts(self.settings)
+
+    def artifacts(self, task_id: str) -> list[Artifact]:
+        """The outputs the task's current attempt stored (another attempt's, a stale one's, are never shown)."""
+        task = self.get(task_id)
+        if not task.outputs:
+            return []
+        return self.artifact_store.find(task.task_id, task.execution_id, "output")
+
+    def artifact(self, task_id: str, path: str) -> Artifact:
+        """One output of the task's current attempt by its path in the container (:class:`ArtifactNotFound`)."""
+        wanted = output_path(path)
+        found = next((a for a in self.artifacts(task_id) if a.path == wanted), None)
+        if found is None:
+            raise ArtifactNotFound(task_id, wanted)
+        return found
+
+    @contextmanager
+    def open_artifact(self, task_id: str, path: str, offset: int = 0,
+                      sha256: str | None = None) -> Iterator[tuple[Artifact, int, Iterator[bytes]]]:
+        """One output's record, the offset its bytes start at, and the bytes in chunks (the file is closed on
+        leaving): from ``offset`` when the stored file is still the one of digest ``sha256`` (a resumed
+        download), else from the start."""
+        found = self.artifact(task_id, path)
+        start = offset if offset and (sha256 is None or sha256 == found.sha256) else 0
+        try:
+            stream = self.artifact_store.open(found)
+        except FileNotFoundError:
+            raise ArtifactNotFound(task_id, found.path) from None
+        with stream:
+            if start:
+                stream.seek(start)
+            yield found, start, read_chunks(stream)
+
+    def delete_artifacts(self, task_id: str) -> int:
+        """Remove a finished task's outputs and upload; the bytes freed (a live task's are refused)."""
+        task = self.get(task_id)
+        if not task.status.terminal:
+            raise CloudAIError(f"task {task_id} is {task.status.value}: its files are removed once it has ended")
+        return self.artifact_store.delete(task.task_id)
 
     # -- logs -------------------------------------------------------------------------------------------
     def follow(self, task_id: str, after_seq: int = 0, follow: bool = True,

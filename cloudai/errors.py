@@ -78,6 +78,11 @@ class TaskNotFound(NotFoundError):
         super().__init__(f"no task {task_id!r}; `cloudai list` shows your tasks")
 
 
+class ArtifactNotFound(NotFoundError):
+    def __init__(self, task_id: str, path: str) -> None:
+        super().__init__(f"task {task_id} has no output {path!r}; `cloudai artifacts {task_id}` lists what it stored")
+
+
 class WorkerNotFound(NotFoundError):
     def __init__(self, worker_id: str) -> None:
         self.worker_id = worker_id

@@ -8,6 +8,7 @@ of Celery."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import queue
 import threading
@@ -20,6 +21,7 @@ import redis
 
 from cloudai import keys
 from cloudai.archive import CHUNK_LINES, Archiver, archive_stream
+from cloudai.artifacts import ArtifactStore, open_artifacts
 from cloudai.errors import (
     AttemptFenced,
     ImageError,
@@ -47,6 +49,7 @@ from cloudai.runtime import ENGINE_RESTARTED, ContainerSpec, DockerRuntime, Exit
 from cloudai.settings import Settings
 from cloudai.store import TaskStore
 from cloudai.supervision import BATCH_WAIT, backlogged, drain, enforce_stop, quietly, start_reader, wait_exit
+from cloudai.taskfiles import collect_outputs, place_upload
 from cloudai.volumes import parse_mount, parse_volumes, resolve
 
 if TYPE_CHECKING:
@@ -89,6 +92,7 @@ class Executor:
         redis_client: redis.Redis,
         after_finish: Callable[[Task], None] | None = None,
         fence: Fence | None = None,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id
@@ -101,6 +105,7 @@ class Executor:
         self.after_finish = after_finish
         self.fence = fence
         self.volumes = parse_volumes([settings.worker_volumes])  # this host's; their paths never leave it
+        self._artifacts = artifacts  # opened on first use: only tasks with outputs or an upload need it
         self._active: dict[str, Task] = {}
         self.self_fenced: dict[str, str] = {}  # task id -> execution id whose container this worker stopped
         self._revoked: set[str] = set()  # execution ids the store says are no longer current
@@ -281,6 +286,8 @@ class Executor:
             container_id = self._create(task)
             if not self.store.update_task(task_id, S.RUNNING, execution=execution, container_id=container_id):
                 raise AttemptFenced(task_id, execution, "the container id")
+            if task.upload is not None:
+                self._place_upload(task, container_id)
             if self.redis.exists(keys.cancel_flag(task_id)):
                 return self._finish(task, container_id, Outcome(S.CANCELLED, None, "cancelled before start"),
                                     archiver).value
@@ -515,7 +522,39 @@ class Executor:
             outcome = Outcome(S.FAILED, exit_code, ENGINE_RESTARTED + code, False, "EngineRestarted")
         else:
             outcome = self._outcome(task, exit_code, oom, stop_reason)
+        if task.outputs:
+            outcome = self._collect_outputs(task, container_id, writer, archiver, outcome)
         return self._finish(task, container_id, outcome, archiver, stopped=True).value
+
+    @property
+    def artifact_store(self) -> ArtifactStore:
+        if self._artifacts is None:
+            self._artifacts = open_artifacts(self.settings)
+        return self._artifacts
+
+    def _place_upload(self, task: Task, container_id: str) -> None:
+        place_upload(self.runtime, self.artifact_store, task, container_id, self.worker_id,
+                     self.settings.upload_max_bytes)
+
+    def _collect_outputs(self, task: Task, container_id: str, writer: LogWriter, archiver: Archiver,
+                         outcome: Outcome) -> Outcome:
+        """The outputs, copied out of the stopped container before it is removed, only while this attempt is
+        current (they are stored under its execution id, and dropped if its outcome is refused); what was not
+        stored joins the task's reason."""
+        if not self._is_current(task.task_id, task.execution_id):
+            return outcome
+        lines, note = collect_outputs(self.runtime, container_id, task, self.artifact_store, self.settings)
+        try:
+            for line in lines:
+                archiver.add(writer.next_seq, line, "")
+                writer.add(line)
+            writer.flush()
+        except (AttemptFenced, RedisUnavailable) as exc:
+            log.warning("task %s: the outputs' log lines were not written (%s)", task.task_id, exc)
+        if not note:
+            return outcome
+        return dataclasses.replace(outcome, reason=f"{outcome.reason}; {note}" if outcome.reason else note,
+                                   error_type=outcome.error_type or "Outputs")
 
     def _catch_up(self, task: Task, container_id: str, budget: LogBudget, writer: LogWriter,
                   archiver: Archiver) -> LogBudget:
@@ -619,6 +658,8 @@ class Executor:
                         outcome.status.value, execution, current.status.value if current else "gone",
                         current.execution_id if current else "-")
             self._stale(task, container_id, "its outcome was refused")
+            if task.outputs:  # stored under this attempt, which is not the task's: never listed, so removed now
+                quietly(self.artifact_store.delete, task_id, execution, "output")
             return current.status if current else outcome.status
         released = False
         try:

@@ -12,6 +12,7 @@ import redis
 
 from cloudai import keys
 from cloudai.archive import archive_stream
+from cloudai.artifacts import ArtifactStore, open_artifacts
 from cloudai.clock import redis_now, with_redis_heartbeats
 from cloudai.lines import archive_line
 from cloudai.logs import LogBus
@@ -88,12 +89,20 @@ def _lose(store: TaskStore, bus: LogBus, task: Task, reason: str, retention_s: f
 class Maintenance:
     """The jobs beat runs on every tick."""
 
-    def __init__(self, settings: Settings, store: TaskStore, bus: LogBus, scheduler: Scheduler) -> None:
+    def __init__(self, settings: Settings, store: TaskStore, bus: LogBus, scheduler: Scheduler,
+                 artifacts: ArtifactStore | None = None) -> None:
         self.settings = settings
         self.store = store
         self.bus = bus
         self.redis = bus.redis
         self.scheduler = scheduler
+        self._artifacts = artifacts  # opened on first use (the retention job)
+
+    @property
+    def artifacts(self) -> ArtifactStore:
+        if self._artifacts is None:
+            self._artifacts = open_artifacts(self.settings)
+        return self._artifacts
 
     def reap(self) -> dict[str, list[str]]:
         """Workers silent for longer than the heartbeat timeout go offline; the live tasks of workers that are
@@ -215,5 +224,26 @@ class Maintenance:
                             "(CLOUDAI_LOG_ARCHIVE_RETENTION)")
                     self.store.append_log(task_id, 1, [archive_line(note, "")])
                 log.info("log archive of task %s removed (%d bytes)", task_id, freed)
+                removed.append(task_id)
+        return removed
+
+    def expire_artifacts(self, limit: int = 1000) -> list[str]:
+        """Remove the stored files (outputs, upload) of tasks that ended more than ``CLOUDAI_ARTIFACT_RETENTION``
+        ago (0: keep them for ever); a task that has not ended keeps its upload, however long it waits. Returns
+        the tasks whose files went."""
+        removed: list[str] = []
+        retention = self.settings.artifact_retention_s
+        if not retention:
+            return removed
+        with job_lock(self.redis, "artifact-retention", 300) as got:
+            if not got:
+                return removed
+            cutoff = utcnow() - timedelta(seconds=retention)
+            for task_id in self.artifacts.stored_before(cutoff, limit):
+                task = self.store.get_task(task_id)
+                if task is not None and not (task.status.terminal and (task.completed_at or task.created_at) < cutoff):
+                    continue  # still to run, or ended within the retention period
+                freed = self.artifacts.delete(task_id)
+                log.info("stored files of task %s removed (%d bytes)", task_id, freed)
                 removed.append(task_id)
         return removed

@@ -255,8 +255,12 @@ def join_command(args: list[str] | tuple[str, ...]) -> str | None:
 
 def show_command(args: list[str] | tuple[str, ...], entrypoint: str | None = None) -> str | None:
     """What a container runs as one readable line (the record's ``command``), quoted where needed: its
-    arguments, after the entrypoint that replaces the image's when there is one (as ``docker ps`` shows it)."""
+    arguments, after the entrypoint that replaces the image's when there is one (as ``docker ps`` shows it). A
+    shell line (``--shell``: ``/bin/sh -c LINE``) is shown as written after the shell, not quoted again: it is
+    what the user typed."""
     words = ([entrypoint] if entrypoint else []) + list(args)
+    if len(words) >= 3 and words[-2] == "-c" and words[-3].rsplit("/", 1)[-1] in ("sh", "bash"):
+        return f"{shlex.join(words[:-1])} {words[-1]}"
     return shlex.join(words) if words else None
 
 
@@ -320,6 +324,10 @@ class Task:
     ipc: str | None = None  # private | shareable | none | host (host only where the operator allows it)
     ulimits: list[str] = field(default_factory=list)  # Ulimit.spec texts: nofile=1024:4096
     gpu_devices: list[str] = field(default_factory=list)  # --gpus device=ID,...: exactly these GPU ids
+    # data in and results out (cloudai/outputs.py, cloudai/uploads.py): the paths copied out of the container
+    # into the artifact store when it ends, and where the uploaded directory is placed before it starts
+    outputs: list[str] = field(default_factory=list)
+    upload: str | None = None
 
     @property
     def resources(self) -> Resources:

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import docker
 import docker.errors
@@ -326,6 +326,28 @@ class DockerRuntime:
             if exc.status_code != 409:  # removal already in progress
                 raise
 
+    def get_archive(self, container_id: str, path: str) -> Generator[bytes, None, None]:
+        """A tar stream of ``path`` in the container, running or stopped (``docker cp``'s source: resolved inside
+        the container's own filesystem, its last component not followed). Raises :class:`FileNotFoundError`
+        when the container has no such path. Close the stream when not reading it to its end: the engine holds
+        the container's lock while it writes the archive, so an abandoned stream blocks the next request."""
+        try:
+            chunks, _ = self.api.get_archive(container_id, path, chunk_size=1 << 20)
+        except docker.errors.NotFound as exc:
+            raise FileNotFoundError(path) from exc
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            raise RuntimeFailure(f"docker could not read {path} of the container: "
+                                 f"{getattr(exc, 'explanation', None) or exc}") from exc
+        return _closing(chunks)
+
+    def put_archive(self, container_id: str, path: str, data: BinaryIO) -> None:
+        """Unpack the tar ``data`` into directory ``path`` of a created container (``docker cp``'s target)."""
+        try:
+            self.api.put_archive(container_id, path, data)
+        except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
+            raise RuntimeFailure(f"docker could not place the upload in the container: "
+                                 f"{getattr(exc, 'explanation', None) or exc}") from exc
+
     def find(self, worker_id: str | None = None, task_id: str | None = None) -> list[dict[str, Any]]:
         """Containers (running or not) labelled by CloudAI, as ``docker ps -a`` entries."""
         filters = [keys.LABEL_TASK_ID if task_id is None else f"{keys.LABEL_TASK_ID}={task_id}"]
@@ -334,8 +356,9 @@ class DockerRuntime:
         return self.api.containers(all=True, filters={"label": filters})  # type: ignore[no-any-return]
 
 
-def _closing(stream: Any) -> Iterator[bytes]:
-    """The items of docker-py's ``CancellableStream``, closed (its connection released) once read or dropped."""
+def _closing(stream: Any) -> Generator[bytes, None, None]:
+    """The items of docker-py's ``CancellableStream`` (or of a generator over a response), closed (its connection
+    released) once read or dropped."""
     try:
         yield from stream
     finally:

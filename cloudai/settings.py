@@ -171,6 +171,14 @@ class Settings:
     # hard limit of each --ulimit name (a name not listed may not be set), and whether --ipc host is allowed
     ulimits: tuple[tuple[str, int], ...] = tuple(ulimit_bounds(DEFAULT_ULIMIT_BOUNDS).items())
     allow_host_ipc: bool = False
+    # data in and results out (cloudai/artifacts): where the artifact store is (a directory; default: GridFS in a
+    # MongoDB store, else beside a SQLite store's file), the bytes one task's outputs and one upload may take,
+    # a user's stored bytes (0: no limit), and how long files outlive their task (0: for ever)
+    artifact_dir: str | None = None
+    output_max_bytes: int = GiB
+    upload_max_bytes: int = 100 * MiB
+    artifact_quota_bytes: int = 0
+    artifact_retention_s: float = 30 * 86400.0
     # what this host offers when it runs a worker (``cloudai worker start`` flags override)
     worker_cpus: str = ""  # default: all cores
     worker_memory: str = ""  # default: all memory
@@ -255,6 +263,11 @@ class Settings:
             allowed_images=_list(env, "CLOUDAI_ALLOWED_IMAGES"),
             ulimits=tuple(ulimit_bounds(env.get("CLOUDAI_ULIMITS", DEFAULT_ULIMIT_BOUNDS)).items()),
             allow_host_ipc=_bool(env, "CLOUDAI_ALLOW_HOST_IPC"),
+            artifact_dir=env.get("CLOUDAI_ARTIFACT_DIR") or None,
+            output_max_bytes=_size(env, "CLOUDAI_OUTPUT_MAX_BYTES", base.output_max_bytes),
+            upload_max_bytes=_size(env, "CLOUDAI_UPLOAD_MAX_BYTES", base.upload_max_bytes, low=KiB),
+            artifact_quota_bytes=_size(env, "CLOUDAI_ARTIFACT_QUOTA_BYTES", base.artifact_quota_bytes),
+            artifact_retention_s=_duration(env, "CLOUDAI_ARTIFACT_RETENTION", base.artifact_retention_s),
             worker_cpus=env.get("CLOUDAI_WORKER_CPUS", ""),
             worker_memory=env.get("CLOUDAI_WORKER_MEMORY", ""),
             worker_gpus=env.get("CLOUDAI_WORKER_GPUS") or base.worker_gpus,

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from cloudai import limits, runoptions, volumes
 from cloudai.errors import ValidationError
 from cloudai.models import Resources, format_bytes, parse_duration, parse_size, parse_whole
+from cloudai.outputs import parse_outputs
+from cloudai.uploads import container_path
 
 PULL_POLICIES = ("missing", "always", "never")
 
@@ -46,6 +48,8 @@ class SubmitRequest:
     ipc: str | None = None
     ulimits: list[str] = field(default_factory=list)  # NAME=SOFT[:HARD]
     gpu_devices: list[str] = field(default_factory=list)  # --gpus device=ID,...
+    outputs: list[str] = field(default_factory=list)  # container paths copied out when it ends (cloudai.outputs)
+    upload: str | None = None  # where an uploaded directory goes in the container (cloudai.uploads)
 
     def run_args(self) -> list[str]:
         """The container's arguments: ``args``, or ``/bin/sh -c COMMAND`` for a shell line."""
@@ -66,6 +70,9 @@ class SubmitRequest:
         if self.entrypoint is not None:
             limits.text("entrypoint", self.entrypoint, max_chars=limits.MAX_WORKDIR_CHARS)
         self.mounts = [m.spec for m in volumes.parse_mounts(self.mounts)]
+        self.outputs = parse_outputs(self.outputs)
+        if self.upload is not None:
+            self.upload = container_path(self.upload)
         if self.shm_size is not None and self.shm_size > self.resources.memory:
             raise ValidationError("shm-size", format_bytes(self.shm_size),
                                   f"/dev/shm counts against the memory limit ({format_bytes(self.resources.memory)}); "
@@ -122,7 +129,8 @@ def build_request(*, image: str, command: str | None = None, cpus: Typed | None 
                   pull: str | None = None, after: Iterable[str] = (), read_only: bool = False,
                   args: Iterable[str] = (), entrypoint: str | None = None, mounts: Iterable[str] = (),
                   shm_size: Typed | None = None, container_user: str | None = None, ipc: str | None = None,
-                  ulimits: Iterable[str] = ()) -> SubmitRequest:
+                  ulimits: Iterable[str] = (), outputs: Iterable[str] = (),
+                  upload: str | None = None) -> SubmitRequest:
     """A validated request from what a user gave, in any entry point's form: numbers as text or JSON numbers
     (a number is read as its text, so ``512`` and ``"512"`` are the same value with the same message),
     pairs as an object or ``KEY=VALUE`` lines. ``gpus`` is a count or ``device=ID,...``. Raises
@@ -156,13 +164,16 @@ def build_request(*, image: str, command: str | None = None, cpus: Typed | None 
         ipc=ipc,
         ulimits=_strings(ulimits, "ulimit"),
         gpu_devices=devices or [],
+        outputs=_strings(outputs, "output"),
+        upload=upload,
     )
     request.validate()
     return request
 
 
 def _strings(items: Iterable[str], what: str) -> list[str]:
-    """Repeatable text values (``--mount``, ``--ulimit``); one string is one value, not its characters."""
+    """Repeatable text values (``--mount``, ``--ulimit``, ``--output``); one string is one value, not its
+    characters."""
     if isinstance(items, str):
         return [items]
     values = list(items)

@@ -12,8 +12,9 @@ from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cloudai.api import CloudAI
-from cloudai.errors import CloudAIError
-from cloudai.server import auth, errors, logstream, routes
+from cloudai.errors import CloudAIError, ExitCode
+from cloudai.models import format_bytes
+from cloudai.server import artifact_routes, auth, errors, logstream, routes
 from cloudai.settings import Settings
 from cloudai.web import install as install_web_pages
 
@@ -22,19 +23,30 @@ MAX_BODY_BYTES = 1024 * 1024  # a submit request with a long script and many env
 
 
 class BodyLimit:
-    """Refuses request bodies over ``limit`` bytes with 413, whether or not they declare a Content-Length."""
+    """Refuses request bodies over ``limit`` bytes with 413, whether or not they declare a Content-Length. A
+    submit with an upload (a multipart ``POST /v1/tasks``) may be ``upload_limit`` bytes more."""
 
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES) -> None:
+    def __init__(self, app: ASGIApp, limit: int = MAX_BODY_BYTES, upload_limit: int = 0) -> None:
         self.app = app
         self.limit = limit
+        self.upload_limit = upload_limit
+
+    def _limit(self, scope: Scope, headers: dict[bytes, bytes]) -> tuple[int, bool]:
+        upload = (scope.get("method") == "POST" and scope.get("path") == "/v1/tasks"
+                  and headers.get(b"content-type", b"").startswith(b"multipart/form-data"))
+        if upload:
+            return self.limit + (self.upload_limit or 1 << 40), True
+        return self.limit, False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await self._refuse(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        limit, upload = self._limit(scope, headers)
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await self._refuse(scope, receive, send, upload)
             return
         seen = 0
 
@@ -43,18 +55,23 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
+                if seen > limit:
                     raise _TooLarge
             return message
 
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await self._refuse(scope, receive, send)
+            await self._refuse(scope, receive, send, upload)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = errors.error_response(413, "PayloadTooLarge",
-                                     f"the request body is over {self.limit // 1024} KiB; send less")
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, upload: bool = False) -> None:
+        if upload:
+            body = errors.error_response(413, "PayloadTooLarge", "the upload is over "
+                                         f"{format_bytes(self.upload_limit)} (CLOUDAI_UPLOAD_MAX_BYTES); leave out "
+                                         "what the task does not need (.cloudaiignore)", ExitCode.USAGE)
+        else:
+            body = errors.error_response(413, "PayloadTooLarge",
+                                         f"the request body is over {self.limit // 1024} KiB; send less")
         await body(scope, receive, send)
 
 
@@ -109,10 +126,11 @@ def create_app(settings: Settings, cloud: CloudAI | None = None) -> FastAPI:
     app.state.log_hub = None  # made on the first log request, in the server's event loop
     app.state.limits = auth.Limits(settings)
     errors.install(app)
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, upload_limit=settings.upload_max_bytes)
     app.add_middleware(SecurityHeaders)
     app.include_router(auth.router)
     app.include_router(routes.router)
+    app.include_router(artifact_routes.router)
     app.include_router(logstream.router)
     install_web_pages(app)
 

@@ -7,10 +7,13 @@ import asyncio
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query
+import pydantic
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 
 from cloudai.api import CloudAI
 from cloudai.errors import TaskNotFound, ValidationError
@@ -20,6 +23,7 @@ from cloudai.server.schemas import SubmitBody
 from cloudai.tokens import Identity
 
 router = APIRouter(prefix="/v1")
+MAX_SPEC_BYTES = 1024 * 1024  # the JSON of a task, as for a body without an upload
 Cloud = Annotated[CloudAI, Depends(cloud)]
 
 
@@ -35,15 +39,46 @@ def task_doc(task: Task) -> dict[str, Any]:
     return jsonable_encoder(task.to_doc())  # type: ignore[no-any-return]
 
 
-@router.post("/tasks", status_code=201, tags=["tasks"], response_model=None)
-def submit(body: SubmitBody, api: Cloud, who: Caller,
-           dry_run: Annotated[bool, Query(description="validate and say where it would go")] = False
-           ) -> dict[str, Any] | JSONResponse:
-    """Record and place a task owned by the caller (201 + the task); with ``dry_run``, only where it would go."""
-    request = body.to_request(who.user)
+def parse_body(raw: bytes | str) -> SubmitBody:
+    """A submit body from its JSON text; pydantic's errors become the API's 422 (as for any other body)."""
+    try:
+        return SubmitBody.model_validate_json(raw)
+    except pydantic.ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False)) from None
+
+
+_SUBMIT_SCHEMA = SubmitBody.model_json_schema()
+_SUBMIT_OPENAPI: dict[str, Any] = {"requestBody": {"required": True, "content": {
+    "application/json": {"schema": _SUBMIT_SCHEMA},
+    "multipart/form-data": {"schema": {
+        "type": "object", "required": ["spec", "upload"],
+        "properties": {"spec": {"type": "string", "description": "the JSON body above, as text"},
+                       "upload": {"type": "string", "format": "binary",
+                                  "description": "a directory as a tar.gz, placed at `upload` in the container "
+                                                 "(`cloudai submit --upload DIR` packs it)"}}}}}}}
+
+
+@router.post("/tasks", status_code=201, tags=["tasks"], response_model=None, openapi_extra=_SUBMIT_OPENAPI)
+async def submit(request: Request, api: Cloud, who: Caller,
+                 dry_run: Annotated[bool, Query(description="validate and say where it would go")] = False
+                 ) -> dict[str, Any] | JSONResponse:
+    """Record and place a task owned by the caller (201 + the task); with ``dry_run``, only where it would go.
+    The body is the task as JSON; a task with an upload sends a multipart form instead: the JSON as the field
+    ``spec`` and the tar.gz as the file ``upload`` (never inside the JSON)."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        async with request.form(max_files=1, max_fields=1, max_part_size=MAX_SPEC_BYTES) as form:
+            spec, upload = form.get("spec"), form.get("upload")
+            if not isinstance(spec, str) or not isinstance(upload, UploadFile):
+                raise ValidationError("upload", "the form", "send the task as the field 'spec' (JSON text) and the "
+                                      "archive as the file 'upload'")
+            task_request = parse_body(spec).to_request(who.user)
+            if dry_run:
+                return JSONResponse({"valid": True, "placement": await run_in_threadpool(api.dry_run, task_request)})
+            return task_doc(await run_in_threadpool(api.submit, task_request, upload.file))
+    task_request = parse_body(await request.body()).to_request(who.user)
     if dry_run:
-        return JSONResponse({"valid": True, "placement": api.dry_run(request)})
-    return task_doc(api.submit(request))
+        return JSONResponse({"valid": True, "placement": await run_in_threadpool(api.dry_run, task_request)})
+    return task_doc(await run_in_threadpool(api.submit, task_request))
 
 
 @router.get("/tasks", tags=["tasks"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from cloudai import limits, runoptions, volumes
+from cloudai.outputs import MAX_OUTPUTS
 from cloudai.submission import SubmitRequest, build_request
 
 Number = StrictStr | StrictInt | StrictFloat  # true/false are not numbers (JSON booleans are refused)
@@ -79,6 +80,11 @@ class SubmitBody(BaseModel):
     after: list[str] = Field(default_factory=list,
                              description="task ids (yours) that must complete before this one starts",
                              json_schema_extra={"maxItems": limits.MAX_DEPENDENCIES})
+    outputs: list[str] = Field(default_factory=list,
+                               description="container paths copied into the artifact store when the container ends "
+                               "(`GET /v1/tasks/{id}/artifacts`)", json_schema_extra={"maxItems": MAX_OUTPUTS})
+    upload: str | None = Field(None, description="where the tar.gz sent as the multipart part `upload` is placed in "
+                               "the container (default /workspace; also the working directory unless `workdir`)")
     user: str | None = Field(default=None, description="ignored: the token's user owns the task")
 
     def to_request(self, user: str) -> SubmitRequest:
@@ -92,4 +98,5 @@ class SubmitBody(BaseModel):
             storage=self.storage, env=self.env, workdir=self.workdir, labels=self.labels, timeout=self.timeout,
             retries=self.retries, name=self.name, user=user, worker=self.worker, constraints=self.constraints,
             priority=self.priority, pull=self.pull, after=self.after, read_only=self.read_only,
+            outputs=self.outputs, upload=self.upload,
         )

@@ -112,8 +112,9 @@ class SQLiteStore(TaskStore):
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(self.url, exc) from exc
 
-    @classmethod
-    def from_url(cls, url: str) -> SQLiteStore:
+    @staticmethod
+    def path_of(url: str) -> str:
+        """The file a ``sqlite://`` URL names (``:memory:`` for none)."""
         path = url[len("sqlite://") :]
         if path.startswith("/") and not path.startswith("//"):
             path = path[1:] or ":memory:"  # sqlite:///rel.db -> rel.db ; sqlite:////abs.db -> /abs.db
@@ -121,7 +122,11 @@ class SQLiteStore(TaskStore):
             path = path[1:]
         if not path:
             raise StoreUnavailable(url, "no file path; use sqlite:///path/to/file.db")
-        return cls(path)
+        return path
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStore:
+        return cls(cls.path_of(url))
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)

@@ -102,7 +102,20 @@ async def task_page(request: Request, task_id: str) -> Response:
     except CloudAIError as exc:
         return _render(request, "error.html", who, status_code=http_status(exc), page="error", code=http_status(exc),
                        message=str(exc))
-    return _render(request, "task.html", who, page="task", task=task)
+    artifacts: list[dict[str, Any]] = []
+    if task.outputs and task.status.terminal:
+        try:
+            found = await run_in_threadpool(auth.cloud(request).artifacts, task_id)
+        except CloudAIError:  # the artifact store away: the page still shows the task (its script retries)
+            found = []
+        artifacts = [{**a.to_doc(), "href": artifact_href(task_id, a.path)} for a in found]
+    return _render(request, "task.html", who, page="task", task=task, artifacts=artifacts)
+
+
+def artifact_href(task_id: str, path: str) -> str:
+    """The download URL of a task's stored file (each path segment quoted)."""
+    segments = "/".join(quote(p, safe="") for p in path.strip("/").split("/"))
+    return f"/v1/tasks/{quote(task_id, safe='')}/artifacts/{segments}"
 
 
 @router.get("/workers")

@@ -21,24 +21,37 @@ class Cli:
         self.request = request
         self.settings = settings
         self.reads_via_master = False
-        self._master_env: dict[str, str] | None = None
+        self._envs: dict[tuple[str, str], dict[str, str]] = {}
 
-    def master_env(self) -> dict[str, str]:
-        if self._master_env is None:
-            server = self.request.getfixturevalue("api_server")
-            self._master_env = server.cli_env(server.token(self.settings.user))
-        return self._master_env
+    def master_env(self, settings: Settings | None = None) -> dict[str, str]:
+        """The environment of a user of the master on ``settings``' Redis and store (the test's own by default:
+        the ``api_server`` fixture; another, such as a test's private Redis, gets a master of its own)."""
+        settings = settings or self.settings
+        key = (settings.redis_url, settings.store_url)
+        if key not in self._envs:
+            if key == (self.settings.redis_url, self.settings.store_url):
+                server = self.request.getfixturevalue("api_server")
+            else:
+                from cloudai.store import open_store
+                from tests.helpers import ServerProc
 
-    def env_for(self, args: tuple[str, ...]) -> dict[str, str]:
+                store = open_store(settings.store_url)
+                server = ServerProc(settings, store, self.request.getfixturevalue("tmp_path")).start()
+                self.request.addfinalizer(server.stop)
+            self._envs[key] = server.cli_env(server.token(settings.user))
+        return self._envs[key]
+
+    def env_for(self, args: tuple[str, ...], settings: Settings | None = None) -> dict[str, str]:
         if self.reads_via_master or changes(args):
-            return self.master_env()
-        return cli_env(self.settings)
+            return self.master_env(settings)
+        return cli_env(settings or self.settings)
 
 
 def changes(args: tuple[str, ...]) -> bool:
     """Whether ``cloudai ARGS`` changes the cluster (and so needs the master)."""
     return (args[0] in ("submit", "task", "cancel") and "--dry-run" not in args) or (
-        args[0] == "workers" and len(args) > 1 and args[1] in ("drain", "undrain", "remove"))
+        args[0] == "workers" and len(args) > 1 and args[1] in ("drain", "undrain", "remove")) or (
+        args[0] == "artifacts" and "--delete" in args)
 
 
 _CURRENT: list[Cli] = []
@@ -54,7 +67,7 @@ def cli_session(request: pytest.FixtureRequest, settings: Settings) -> Iterator[
 
 def run(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``cloudai ARGS`` in this test's session (see :class:`Cli`)."""
-    env = _CURRENT[0].env_for(args) if _CURRENT else cli_env(settings)
+    env = _CURRENT[0].env_for(args, settings) if _CURRENT else cli_env(settings)
     return subprocess.run(cloudai(*args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 

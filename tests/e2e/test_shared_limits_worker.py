@@ -72,10 +72,10 @@ def test_a_default_running_quota_leaves_slots_to_others(master: Master, workers,
     the rest of one user's tasks wait (saying why) and another user's task starts at once."""
     server = master(CLOUDAI_DEFAULT_QUOTA_TASKS="2")
     workers()  # 4 slots
-    hog = [submit(server, "hog", "--cpus", "0.01", "-m", "6m", TEST_IMAGE, "--", "sleep 600") for _ in range(4)]
+    hog = [submit(server, "hog", "--cpus", "0.01", "-m", "6m", TEST_IMAGE, "--", "sleep", "600") for _ in range(4)]
     assert [t["status"] for t in hog] == ["queued", "queued", "pending", "pending"]
     assert hog[2]["pending_reason"] == "quota: hog uses 2 of 2 tasks"
-    other = submit(server, "ana", TEST_IMAGE, "--", "echo mine")
+    other = submit(server, "ana", TEST_IMAGE, "--", "echo", "mine")
     assert other["status"] == "queued"  # a slot was left for her
     assert ended(store, str(other["task_id"])).status == S.COMPLETED
     shown = json.loads(cli(server, "hog", "quota", "--json").stdout)
@@ -88,10 +88,10 @@ def test_waiting_tasks_past_the_quota_are_refused_and_nothing_is_recorded(master
     what to do; the user's tasks within it and other users are not touched; an admin's quota raises it."""
     register(store, settings.worker_id, cpus=1, slots=4)  # its queue stays unconsumed: tasks stay where placed
     server = master(CLOUDAI_DEFAULT_QUOTA_WAITING="3")
-    first = submit(server, "hog", "--cpus", "1", TEST_IMAGE, "--", "sleep 600")
-    waiting = [submit(server, "hog", "--cpus", "1", TEST_IMAGE, "--", "sleep 600") for _ in range(3)]
+    first = submit(server, "hog", "--cpus", "1", TEST_IMAGE, "--", "sleep", "600")
+    waiting = [submit(server, "hog", "--cpus", "1", TEST_IMAGE, "--", "sleep", "600") for _ in range(3)]
     assert first["status"] == "queued" and [t["status"] for t in waiting] == ["pending"] * 3
-    refused = cli(server, "hog", "submit", "--cpus", "1", TEST_IMAGE, "--", "sleep 600")
+    refused = cli(server, "hog", "submit", "--cpus", "1", TEST_IMAGE, "--", "sleep", "600")
     assert refused.returncode == 2, refused.stderr
     assert "hog already has 3 waiting tasks, the most allowed (3;" in refused.stderr
     assert "cancel some (`cloudai list --status pending`)" in refused.stderr
@@ -103,7 +103,7 @@ def test_waiting_tasks_past_the_quota_are_refused_and_nothing_is_recorded(master
     raised = subprocess.run(cloudai("admin", "quota", "set", "hog", "--waiting", "10"), cwd=ROOT,
                             env=cli_env(server.settings), capture_output=True, text=True, timeout=60)
     assert raised.returncode == 0, raised.stderr
-    assert submit(server, "hog", "--cpus", "1", TEST_IMAGE, "--", "sleep 600")["status"] == "pending"
+    assert submit(server, "hog", "--cpus", "1", TEST_IMAGE, "--", "sleep", "600")["status"] == "pending"
 
 
 def test_timeout_is_capped_and_defaults_to_the_cap(master: Master, store: SQLiteStore, settings: Settings) -> None:
@@ -111,7 +111,7 @@ def test_timeout_is_capped_and_defaults_to_the_cap(master: Master, store: SQLite
     gives none gets the cap (so leaving it out is no way around it)."""
     register(store, settings.worker_id)
     server = master()  # the default cap: 7 days
-    refused = cli(server, "hog", "submit", "--timeout", "366d", TEST_IMAGE, "--", "sleep 3600")
+    refused = cli(server, "hog", "submit", "--timeout", "366d", TEST_IMAGE, "--", "sleep", "3600")
     assert refused.returncode == 2
     assert "the longest a task may run on this cluster is 7d (CLOUDAI_MAX_TIMEOUT)" in refused.stderr
     assert store.list_tasks(user_id="hog", limit=None) == []
@@ -155,7 +155,7 @@ def test_a_fork_loop_is_held_to_the_workers_pid_share(master: Master, workers, s
     loop = ("read m 2>/dev/null < /sys/fs/cgroup/pids.max || read m < /sys/fs/cgroup/pids/pids.max; "
             "echo pids.max=$m; n=0; while [ $n -lt 1000 ]; do sleep 600 & n=$((n+1)); echo started $n; done; "
             "echo all started")
-    task = ended(store, str(submit(server, "hog", TEST_IMAGE, "--", loop)["task_id"]))
+    task = ended(store, str(submit(server, "hog", "--shell", TEST_IMAGE, "--", loop)["task_id"]))
     log = cli(server, "hog", "logs", task.task_id).stdout.splitlines()
     assert log[0] == f"pids.max={share}"
     started = [int(line.split()[1]) for line in log if line.startswith("started ")]
@@ -173,11 +173,11 @@ def test_a_task_writing_past_its_disk_budget_is_stopped(master: Master, workers,
     worker = workers(env={"CLOUDAI_TASK_DISK": "64m", "CLOUDAI_DISK_CHECK_INTERVAL": "0.5"})
     server = master()
     fill = "dd if=/dev/zero of=/tmp/fill bs=1M count=200 2>/dev/null; echo written; sleep 600"
-    task = ended(store, str(submit(server, "hog", "-m", "64m", TEST_IMAGE, "--", fill)["task_id"]))
+    task = ended(store, str(submit(server, "hog", "-m", "64m", "--shell", TEST_IMAGE, "--", fill)["task_id"]))
     assert task.status == S.FAILED and task.error is not None and task.error.type == "DiskLimit"
     assert task.error.message.startswith("disk: wrote ") and ", limit 64 MiB; the task was stopped" in \
         task.error.message
-    small = submit(server, "hog", "--storage", "100m", TEST_IMAGE, "--",
+    small = submit(server, "hog", "--storage", "100m", "--shell", TEST_IMAGE, "--",
                    "dd if=/dev/zero of=/tmp/fill bs=1M count=20 2>/dev/null; sleep 2; echo fine")
     assert ended(store, str(small["task_id"])).status == S.COMPLETED  # within its own budget
     info = store.get_worker(worker.worker_id)  # the worker said at start how it bounds a task's disk

@@ -22,7 +22,15 @@ SERVER_SIDE = ("celery", "redis", "docker", "pymongo")
 CARD_FOLDERS = ("cli", "workers", "beat")
 #: left out of the copy that is built: build outputs and caches of this worktree
 NOT_SOURCES = (".git", ".venv", ".cache", "build", "*.egg-info", "__pycache__", ".mypy_cache", ".ruff_cache",
-               ".pytest_cache", "artifacts")
+               ".pytest_cache")
+
+
+def _not_sources(folder: str, names: list[str]) -> set[str]:
+    """:data:`NOT_SOURCES`, and the tree's own ``artifacts/`` (test screenshots; not the package cloudai/artifacts)."""
+    left_out = set(shutil.ignore_patterns(*NOT_SOURCES)(folder, names))
+    if Path(folder) == ROOT and "artifacts" in names:
+        left_out.add("artifacts")
+    return left_out
 
 
 def _run(*args: str | Path, env: dict[str, str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -45,7 +53,7 @@ def client_venv(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
                   ROOT / "requirements" / "client.txt", env=env, cwd=base)
     assert locked.returncode == 0, locked.stderr[-3000:]
     sources = base / "src"
-    shutil.copytree(ROOT, sources, symlinks=True, ignore=shutil.ignore_patterns(*NOT_SOURCES))
+    shutil.copytree(ROOT, sources, symlinks=True, ignore=_not_sources)
     built = _run(python, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", ".", env=env,
                  cwd=sources)
     assert built.returncode == 0, built.stderr[-3000:]

@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 
-from cloudai import limits, runoptions, tokens, volumes
+from cloudai import limits, outputs, runoptions, tokens, volumes
 from cloudai.cli.main import cli
 from cloudai.errors import ValidationError
 from cloudai.server import create_app, csrf
@@ -236,7 +236,7 @@ def test_the_schema_shows_the_bounds_of_limits_and_pydantic_checks_none() -> Non
         ("labels", "maxItems"): limits.MAX_LABELS, ("constraints", "maxItems"): limits.MAX_LABELS,
         ("timeout", "minimum"): 0, ("gpus", "minimum"): 0, ("retries", "minimum"): 0,  # none below 0
         ("command", "maxItems"): limits.MAX_ARGS, ("mounts", "maxItems"): volumes.MAX_MOUNTS,
-        ("ulimits", "maxItems"): runoptions.MAX_ULIMITS,
+        ("ulimits", "maxItems"): runoptions.MAX_ULIMITS, ("outputs", "maxItems"): outputs.MAX_OUTPUTS,
     }
     assert {key: props[key[0]].get(key[1]) for key in shown} == shown
     assert "128 KiB" in props["command"]["description"]

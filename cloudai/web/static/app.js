@@ -202,7 +202,20 @@ function initTask() {
     setField("completed_at", fmtWhen(t.completed_at));
     setField("pending_reason", t.pending_reason || "");
     document.querySelector('[data-field="pending_box"]').hidden = !(t.status === "pending" && t.pending_reason);
-    if (TERMINAL.has(t.status)) { cancel.hidden = true; banner(t); }
+    if (TERMINAL.has(t.status)) { cancel.hidden = true; banner(t); loadOutputs(); }
+  };
+  // the files the task's --output paths stored, once it has ended (the worker stores them before the end)
+  const loadOutputs = async () => {
+    const box = document.getElementById("outputs");
+    if (!box || box.dataset.loaded === "true") return;
+    box.dataset.loaded = "true";
+    try {
+      const found = await api("GET", base + "/artifacts");
+      const items = found.artifacts.map((a) => el("li", {},
+        el("a", { class: "mono", href: base + "/artifacts/" + a.path.replace(/^\/+/, "").split("/").map(encodeURIComponent).join("/"), download: "" }, a.path),
+        " ", el("span", { class: "muted" }, `${fmtBytes(a.size)} · sha256 `, el("span", { class: "mono" }, a.sha256.slice(0, 16) + "…"))));
+      document.getElementById("artifact-list").replaceChildren(...(items.length ? items : [el("li", { class: "muted" }, "nothing stored")]));
+    } catch (e) { box.dataset.loaded = "false"; showError("task-error", e.message); }
   };
   const banner = (t) => {
     const box = document.getElementById("banner");
