@@ -19,10 +19,11 @@ from cloudai.clock import redis_now, stamp_ms
 from cloudai.diskguard import DiskGuard
 from cloudai.errors import ConfigError
 from cloudai.executor import Executor, attempt_ttl_s
-from cloudai.fencing import Fence, fence_after
+from cloudai.fencing import Fence, fence_after, redis_timeout
 from cloudai.gpus import holder, parse_holder
 from cloudai.logs import LogBus
 from cloudai.models import Task, TaskStatus, WorkerInfo, WorkerState, utcnow
+from cloudai.redisconn import connect
 from cloudai.runtime import DockerRuntime
 from cloudai.scheduler import Dispatch, Scheduler
 from cloudai.settings import Settings
@@ -337,7 +338,10 @@ def build_worker(settings: Settings, dispatch: Dispatch | None = None) -> Worker
     from cloudai.maintenance import lose_task
 
     store = open_store(settings.store_url)
-    bus = LogBus.from_url(settings.redis_url, settings.log_stream_maxlen)
+    # every Redis call of the worker is bounded so that a partition can't hold its self-fencing up (fencing.py)
+    timeout = redis_timeout(settings.heartbeat_timeout_s, settings.heartbeat_interval_s)
+    client = connect(settings.redis_url, socket_timeout=timeout, socket_connect_timeout=timeout)
+    bus = LogBus(client, settings.log_stream_maxlen, settings.redis_url)
     runtime = DockerRuntime()
     scheduler = Scheduler(settings, store, bus.redis, dispatch)
 

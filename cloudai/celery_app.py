@@ -12,6 +12,7 @@ from kombu import Exchange, Queue
 from cloudai import keys
 from cloudai.message import RunMessage
 from cloudai.models import Task
+from cloudai.redisurl import celery_broker
 from cloudai.settings import Settings
 
 settings = Settings.from_env()
@@ -19,7 +20,7 @@ settings = Settings.from_env()
 
 def result_backend(s: Settings) -> str:
     """MongoDB when the store is MongoDB, else Redis (docs/architecture.md, "Queues and Celery")."""
-    return s.store_url if s.store_url.startswith(("mongodb://", "mongodb+srv://")) else s.redis_url
+    return s.store_url if s.store_url.startswith(("mongodb://", "mongodb+srv://")) else celery_broker(s.redis_url)[0]
 
 
 def queue(name: str) -> Queue:
@@ -29,7 +30,10 @@ def queue(name: str) -> Queue:
 
 
 def make_app(s: Settings) -> Celery:
-    celery_app = Celery("cloudai", broker=s.redis_url, backend=result_backend(s),
+    # CLOUDAI_REDIS_URL as kombu writes it (a Sentinel deployment: one URL per sentinel and the master's name)
+    broker, transport_options = celery_broker(s.redis_url)
+    backend = result_backend(s)
+    celery_app = Celery("cloudai", broker=broker, backend=backend,
                         include=["cloudai.workers.tasks", "cloudai.beat.tasks"])
     tick = max(1.0, s.beat_interval_s)
     maintenance = {"queue": keys.MAINTENANCE_QUEUE, "routing_key": keys.MAINTENANCE_QUEUE,
@@ -49,6 +53,8 @@ def make_app(s: Settings) -> Celery:
         timezone="UTC",
         enable_utc=True,
         broker_connection_retry_on_startup=True,
+        broker_transport_options=transport_options,
+        result_backend_transport_options=transport_options if backend == broker else {},
         task_publish_retry=True,
         task_publish_retry_policy={"max_retries": 3, "interval_start": 0, "interval_step": 0.5,
                                    "interval_max": 2},

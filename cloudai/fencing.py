@@ -18,6 +18,16 @@ def fence_after(heartbeat_timeout_s: float, heartbeat_interval_s: float) -> floa
     return max(heartbeat_interval_s, heartbeat_timeout_s - margin)
 
 
+def redis_timeout(heartbeat_timeout_s: float, heartbeat_interval_s: float) -> float:
+    """The longest one Redis call of a worker may wait (socket and connect timeout). A worker notices that its
+    fence expired between two calls, so none may wait longer than a fraction of the margin: a partition drops
+    packets without a reset, and a read on a connection opened before it would otherwise wait the default 30 s
+    while beat starts the task elsewhere. A supervision round makes at most about three calls (flush, its check
+    after a failed write, the cancel flag): a quarter of the margin each, at least 0.5 s, at most 30 s."""
+    margin = heartbeat_timeout_s - fence_after(heartbeat_timeout_s, heartbeat_interval_s)
+    return max(0.5, min(30.0, margin / 4))
+
+
 class Fence:
     """When this worker last heartbeat, and whether it may run containers now."""
 

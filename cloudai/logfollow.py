@@ -109,16 +109,20 @@ class LogFollow:
                     raise
                 yield ("wait", (exc, min(1.0, self.reconnect_for_s / 10)))
                 continue
-            first = _first_seq(events)
-            if first is not None and first > self.seq + 1:
-                # the stream was trimmed past the lines this follower still needs: the archive has them (the
-                # stream is never trimmed past what it holds), read up to the stream's first line
-                yield from self._archive(first - 1)
-            batch = self.take(events)
-            if batch or self.follow:
-                yield ("emit", batch)  # an empty batch lets a viewer check for a key press while nothing arrives
-            if self.ended:
-                return
+            parts = _runs(events)
+            for part in parts:
+                first = _first_seq(part)
+                if first is not None and first > self.seq + 1:
+                    # the stream lacks lines this follower still needs: trimmed past them (the archive has them:
+                    # the stream is never trimmed past what it holds), or, inside the stream, lost by a Redis
+                    # failover (writes the old primary had not replicated; the worker archived them): read the
+                    # archive up to the next line the stream has. What the archive lacks too is noted by take()
+                    yield from self._archive(first - 1)
+                batch = self.take(part)
+                if batch or (self.follow and len(parts) == 1):
+                    yield ("emit", batch)  # an empty batch lets a viewer check for a key press while nothing arrives
+                if self.ended:
+                    return
             if events:
                 idle_since = time.monotonic()
                 quick = False
@@ -142,6 +146,24 @@ class LogFollow:
             if last_seq <= self.seq and not isinstance(last, LogEnd):
                 yield ("emit", [end])
                 return
+
+
+def _runs(events: Sequence[LogEvent]) -> list[Sequence[LogEvent]]:
+    """A read's events cut where a line does not follow the line before it (a hole inside the stream), so that
+    each run's missing lines can be read from the archive first. One run in the common case."""
+    if isinstance(events, LineBatch):
+        return [events]  # columns of entries that follow on (cloudai.logs.parse_read)
+    runs: list[Sequence[LogEvent]] = []
+    start = 0
+    previous: int | None = None
+    for at, event in enumerate(events):
+        if isinstance(event, LogLine):
+            if previous is not None and event.seq > previous + 1:
+                runs.append(events[start:at])
+                start = at
+            previous = event.seq
+    runs.append(events[start:])
+    return runs
 
 
 def _first_seq(events: Sequence[LogEvent]) -> int | None:

@@ -22,13 +22,15 @@ as_root() {
     die "need root for: $* (run as root or install sudo)"; fi
 }
 
-# The Debian packages MODE still lacks, one a line. MODE is `demo` (what CloudAI needs to run) or `test` (that
-# plus Chromium and its driver for the browser tests, and docker-compose for the compose checks). A function of
+# The Debian packages MODE still lacks, one a line. MODE is `demo` (what CloudAI needs to run), `cluster` (that
+# plus redis-sentinel, iproute2 and iptables for scripts/cluster) or `test` (all that, plus Chromium and its driver for the
+# browser tests, and docker-compose for the compose checks; tests/cluster runs the simulated cluster). A function of
 # PATH and of $CLOUDAI_BUSYBOX alone, so tests/unit/test_setup_scripts.py can call it with a PATH that lacks
 # the tools. The mode is an argument, never an environment variable: `VAR=1 source lib.sh` would not last.
 packages_needed() {
   local mode="${1:-}"
-  case "$mode" in demo|test) ;; *) echo "packages_needed: mode must be demo or test, not '$mode'" >&2; return 2;; esac
+  case "$mode" in demo|cluster|test) ;; *)
+    echo "packages_needed: mode must be demo, cluster or test, not '$mode'" >&2; return 2;; esac
   local busybox="${CLOUDAI_BUSYBOX:-/bin/busybox}"
   command -v redis-server >/dev/null 2>&1 || echo redis-server
   { command -v dockerd >/dev/null 2>&1 && command -v docker >/dev/null 2>&1; } || echo docker.io
@@ -36,6 +38,11 @@ packages_needed() {
   if ! { [ -x "$busybox" ] && ! ldd "$busybox" >/dev/null 2>&1; }; then echo busybox-static; fi
   { command -v python3 >/dev/null 2>&1 && python3 -c 'import venv, ensurepip' 2>/dev/null; } || echo python3-venv
   command -v git >/dev/null 2>&1 || echo git
+  if [ "$mode" = cluster ] || [ "$mode" = test ]; then
+    command -v redis-sentinel >/dev/null 2>&1 || echo redis-sentinel
+    command -v ip >/dev/null 2>&1 || echo iproute2
+    command -v iptables >/dev/null 2>&1 || echo iptables
+  fi
   if [ "$mode" = test ]; then
     command -v chromium >/dev/null 2>&1 || echo chromium
     command -v chromedriver >/dev/null 2>&1 || echo chromium-driver

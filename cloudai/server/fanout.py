@@ -30,6 +30,7 @@ from cloudai import keys
 from cloudai.errors import RedisUnavailable, TooManyRequests
 from cloudai.logevents import LogEnd, LogEvent
 from cloudai.logs import cursor_before, cursor_query, parse_last_entry, parse_read
+from cloudai.redisconn import async_pool
 
 log = logging.getLogger(__name__)
 
@@ -140,8 +141,9 @@ class LogHub:
         common: dict[str, Any] = {"decode_responses": True, "socket_timeout": 30, "socket_connect_timeout": 5,
                                   "health_check_interval": 15}
         # two pools: the readers' blocking reads (one per followed task) never starve the followers' short ones
-        self._reader_pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=512, timeout=5, **common)
-        self._query_pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=20, **common)
+        # (redisconn: one Redis, or the primary of a Sentinel deployment, found again after a failover)
+        self._reader_pool = async_pool(url, max_connections=512, timeout=5, **common)
+        self._query_pool = async_pool(url, max_connections=64, timeout=20, **common)
         self.reader = aioredis.Redis(connection_pool=self._reader_pool)
         # a burst of followers waits for one of its connections instead of failing with "Too many connections"
         self.bus = AsyncLogBus(aioredis.Redis(connection_pool=self._query_pool), url)

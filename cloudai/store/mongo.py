@@ -33,6 +33,18 @@ from cloudai.tokens import ApiToken
 _SERVER_TIMEOUT_MS = 5000
 
 
+def client_options(url: str) -> dict[str, Any]:
+    """``MongoClient``'s keyword options for ``url``. Retryable writes and reads stay on (pymongo's default): a
+    single-document write (every compare-and-set is one ``find_one_and_update``) that meets a primary change
+    (``NotPrimaryError``, a dropped connection) is retried once by the driver on the new primary, and the server
+    applies it at most once. The driver waits ``serverSelectionTimeoutMS`` for that primary: 5 s here unless the
+    URL says otherwise (a replica set whose elections take longer names a longer one, README "Many hosts")."""
+    options: dict[str, Any] = {"tz_aware": True, "uuidRepresentation": "standard"}
+    if "serverselectiontimeoutms=" not in url.partition("?")[2].lower():  # keyword options override the URL's
+        options["serverSelectionTimeoutMS"] = _SERVER_TIMEOUT_MS
+    return options
+
+
 class MongoStore(TaskStore):
     """Store on a MongoDB database: collections ``tasks``, ``assignments``, ``workers``, ``log_chunks`` (the
     compressed log archive; ``log_archive`` holds archives of earlier releases, read as they are)."""
@@ -56,9 +68,7 @@ class MongoStore(TaskStore):
 
     @classmethod
     def connect(cls, url: str) -> MongoStore:
-        client: pymongo.MongoClient = pymongo.MongoClient(
-            url, tz_aware=True, serverSelectionTimeoutMS=_SERVER_TIMEOUT_MS, uuidRepresentation="standard"
-        )
+        client: pymongo.MongoClient = pymongo.MongoClient(url, **client_options(url))
         try:
             db = client.get_default_database(default="cloudai")
         except pymongo.errors.ConfigurationError as exc:

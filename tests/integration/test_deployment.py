@@ -53,3 +53,24 @@ def test_the_master_service_is_health_checked_on_healthz_and_published_on_localh
     else:
         assert published.split("/")[0] == "127.0.0.1:8080:8080"
     assert server["environment"]["CLOUDAI_STORE_URL"].startswith("mongodb://")
+
+
+def test_the_worker_only_compose_file_joins_a_cluster_run_elsewhere() -> None:
+    cluster = {"CLOUDAI_WORKER_ID": "gpu7", "CLOUDAI_REDIS_URL": "sentinel://:pw@c1:26379,c2:26379,w1:26379/mymaster/0",
+               "CLOUDAI_STORE_URL": "mongodb://db1,db2,db3/cloudai?replicaSet=rs0&w=majority"}
+    result = _config("-f", "deploy/compose.worker.yml", "--profile", "gpu", env=cluster)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert set(services) == {"worker", "gpu-worker"}  # no Redis, store, master or beat on a worker host
+    for service in services.values():
+        assert service["environment"]["CLOUDAI_REDIS_URL"] == cluster["CLOUDAI_REDIS_URL"]
+        assert service["hostname"] == "gpu7" and service["user"] == "root"
+        assert "/var/run/docker.sock:/var/run/docker.sock" in str(service["volumes"])
+    assert services["gpu-worker"]["command"] == ["worker", "start", "--gpus", "auto"]
+    for name in cluster:  # each is required, with a message saying what to set
+        without = {k: v for k, v in cluster.items() if k != name}
+        env = {k: v for k, v in os.environ.items() if k not in cluster}
+        refused = subprocess.run([shutil.which("docker-compose") or "docker-compose", "-f", "deploy/compose.worker.yml",
+                                  "config"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                                 env={**env, **without})
+        assert refused.returncode != 0 and name in refused.stderr

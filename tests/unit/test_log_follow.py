@@ -16,9 +16,11 @@ def test_history_then_end_skipping_duplicates_and_noting_a_trimmed_gap() -> None
     steps = logs.LogFollow(after_seq=2).steps()
     assert next(steps) == ("cursor", 2)
     assert steps.send("1-0") == ("read", ("1-0", 2, None))  # the first read does not wait
-    kind, batch = steps.send(([LogLine(2, "dup"), LogLine(3, "c"), LogLine(7, "g")], "7-0"))
+    assert steps.send(([LogLine(2, "dup"), LogLine(3, "c"), LogLine(7, "g")], "7-0")) == ("emit", [LogLine(3, "c")])
+    assert steps.send(None) == ("archive", 3)  # lines 4-6: the archive first
+    kind, batch = steps.send(None)  # it has none of them (yet)
     assert kind == "emit"
-    assert [e.seq for e in batch] == [3, 4, 7] and "3 earlier lines were trimmed" in batch[1].text
+    assert [e.seq for e in batch] == [4, 7] and "3 earlier lines were trimmed" in batch[0].text
     assert steps.send(None) == ("read", ("7-0", 7, logs.BLOCK_MS))
     end = LogEnd("completed", 0)
     assert steps.send(([LogLine(8, "h"), end], "9-0")) == ("emit", [LogLine(8, "h"), end])
@@ -139,3 +141,19 @@ def test_an_archive_that_lags_the_trimmed_stream_leaves_a_note() -> None:
     assert steps.send(None) == ("archive", 2)
     kind, batch = steps.send(None)  # nothing more archived yet
     assert kind == "emit" and "3 earlier lines were trimmed" in batch[0].text and batch[1] == LogLine(6, "f")
+
+
+def test_a_hole_inside_the_stream_is_filled_from_the_archive() -> None:
+    """A Redis failover lost entries the old primary had not replicated (lines 3-4) while the writer went on
+    with line 5: the follower reads them from the archive (the worker archived every line), then the stream
+    again, no gap, no duplicate."""
+    steps = logs.LogFollow(follow=False).steps()
+    next(steps)
+    steps.send("0-0")
+    read = [LogLine(1, "a"), LogLine(2, "b"), LogLine(5, "e"), LogLine(6, "f")]
+    assert steps.send((read, "6-0")) == ("emit", [LogLine(1, "a"), LogLine(2, "b")])
+    assert steps.send(None) == ("archive", 2)
+    archived = archived_lines(["- c", "- d", "- e"], 2, first=3)
+    assert steps.send(archived) == ("emit", [LogLine(3, "c"), LogLine(4, "d")])  # up to the stream's next line
+    assert steps.send(None) == ("emit", [LogLine(5, "e"), LogLine(6, "f")])
+    assert steps.send(None)[0] == "read"

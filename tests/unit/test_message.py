@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from cloudai.fencing import Fence, fence_after
+from cloudai.fencing import Fence, fence_after, redis_timeout
 from cloudai.logevents import LogLine, attempt_marker, attempt_section
 from cloudai.message import WIRE_VERSION, MessageError, RunMessage
 from cloudai.models import Task, new_execution_id
@@ -54,5 +54,7 @@ def test_attempt_sections_split_at_markers_written_by_cloudai_only() -> None:
 
 def test_the_fence_limit_leaves_a_margin_before_the_heartbeat_timeout() -> None:
     assert fence_after(30, 5) == 22.5 and fence_after(4, 0.5) == 3.0
+    # a worker's Redis calls wait at most a quarter of that margin (a partition must not hold a fence up)
+    assert redis_timeout(30, 5) == 1.875 and redis_timeout(4, 0.5) == 0.5 and redis_timeout(3600, 5) == 30
     fence = Fence(limit_s=10)
     assert fence.healthy() and not fence.heartbeat_ok()

@@ -16,6 +16,7 @@ import pytest
 from tests.helpers import ROOT
 
 BASE = ["redis-server", "docker.io", "busybox-static", "python3-venv", "git"]
+CLUSTER_TOOLS = ["redis-sentinel", "iproute2", "iptables"]
 TEST_TOOLS = ["chromium", "chromium-driver", "docker-compose"]
 
 
@@ -41,7 +42,8 @@ def _plan(script: str, path: Path, busybox: Path | None = None) -> subprocess.Co
                           timeout=30, cwd=ROOT)
 
 
-@pytest.mark.parametrize(("script", "expected"), [("test", BASE + TEST_TOOLS), ("demo", BASE), ("bench", BASE)])
+@pytest.mark.parametrize(("script", "expected"), [("test", BASE + CLUSTER_TOOLS + TEST_TOOLS), ("demo", BASE),
+                                                  ("bench", BASE), ("cluster", BASE + CLUSTER_TOOLS)])
 def test_a_fresh_machine_gets_every_package_its_command_needs(tmp_path: Path, script: str,
                                                                expected: list[str]) -> None:
     result = _plan(script, _bin(tmp_path))
@@ -50,13 +52,14 @@ def test_a_fresh_machine_gets_every_package_its_command_needs(tmp_path: Path, sc
 
 
 def test_nothing_is_installed_when_everything_is_there(tmp_path: Path) -> None:
-    tools = ["redis-server", "dockerd", "docker", "git", "chromium", "chromedriver", "docker-compose", "ldd"]
+    tools = ["redis-server", "dockerd", "docker", "git", "chromium", "chromedriver", "docker-compose", "ldd",
+             "redis-sentinel", "ip", "iptables"]
     folder = _bin(tmp_path, *tools)
     (folder / "python3").symlink_to(sys.executable)  # has venv and ensurepip
     busybox = folder / "busybox"
     busybox.write_text("#!/bin/sh\n")
     busybox.chmod(0o755)
-    for script in ("test", "demo"):
+    for script in ("test", "demo", "cluster"):
         result = _plan(script, folder, busybox)
         assert result.returncode == 0, result.stderr
         assert result.stdout.split() == [], script
@@ -79,7 +82,7 @@ def test_a_missing_mode_is_an_error_not_a_silent_default(tmp_path: Path) -> None
     script.write_text(f'source "{ROOT}/scripts/lib.sh"\nsetup_all\n')
     env = {"PATH": str(_bin(tmp_path)), "CLOUDAI_SETUP_PLAN": "1"}
     result = subprocess.run(["/bin/bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
-    assert result.returncode == 2 and "mode must be demo or test" in result.stderr
+    assert result.returncode == 2 and "mode must be demo, cluster or test" in result.stderr
 
 
 def _demo_in(tmp_path: Path) -> Path:
