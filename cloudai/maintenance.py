@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import redis
 
@@ -84,6 +84,11 @@ def _lose(store: TaskStore, bus: LogBus, task: Task, reason: str, retention_s: f
             log.warning("log of lost task %s not archived yet", task.task_id, exc_info=True)
         return S.LOST
     return None
+
+
+def ended_before(task: Task, cutoff: datetime) -> bool:
+    """Whether ``task`` ended before ``cutoff`` (what a retention job may remove the traces of)."""
+    return task.status.terminal and (task.completed_at or task.created_at) < cutoff
 
 
 class Maintenance:
@@ -220,7 +225,7 @@ class Maintenance:
             cutoff = utcnow() - timedelta(seconds=retention)
             for task_id in self.store.old_log_archives(cutoff, limit):
                 task = self.store.get_task(task_id)
-                if task is not None and not (task.status.terminal and (task.completed_at or task.created_at) < cutoff):
+                if task is not None and not ended_before(task, cutoff):
                     continue  # still running, or ended within the retention period
                 freed = self.store.delete_log(task_id)
                 if task is not None:
@@ -245,7 +250,7 @@ class Maintenance:
             cutoff = utcnow() - timedelta(seconds=retention)
             for task_id in self.artifacts.stored_before(cutoff, limit):
                 task = self.store.get_task(task_id)
-                if task is not None and not (task.status.terminal and (task.completed_at or task.created_at) < cutoff):
+                if task is not None and not ended_before(task, cutoff):
                     continue  # still to run, or ended within the retention period
                 freed = self.artifacts.delete(task_id)
                 log.info("stored files of task %s removed (%d bytes)", task_id, freed)

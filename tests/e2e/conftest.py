@@ -4,12 +4,14 @@ changes always through the master (one front door). The master starts on a test'
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from cloudai.settings import Settings
-from tests.helpers import ROOT, cli_env, cloudai
+from cloudai.store.sqlite import SQLiteStore
+from tests.helpers import ROOT, ServerProc, cli_env, cloudai
 
 
 class Cli:
@@ -63,6 +65,25 @@ def cli_session(request: pytest.FixtureRequest, settings: Settings) -> Iterator[
     _CURRENT[:] = [session]
     yield session
     _CURRENT.clear()
+
+
+Masters = Callable[..., ServerProc]
+
+
+@pytest.fixture
+def masters(settings: Settings, store: SQLiteStore, tmp_path: Path) -> Iterator[Masters]:
+    """``masters(CLOUDAI_X="1", ..., settings_=other)``: a real `cloudai server` on this test's store with these
+    settings in its environment (stopped after the test)."""
+    started: list[ServerProc] = []
+
+    def start(settings_: Settings = settings, **env: str) -> ServerProc:
+        server = ServerProc(settings_, store, tmp_path, env=env).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 def run(settings: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -16,8 +16,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -29,6 +28,7 @@ from cloudai.cli.remote import parse_sse
 from cloudai.logs import LogBus
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
+from tests.e2e.conftest import Masters
 from tests.helpers import ROOT, ServerProc, cloudai, register, wait_for
 from tests.services import TEST_IMAGE
 
@@ -36,20 +36,15 @@ Serve = Callable[..., ServerProc]
 
 
 @pytest.fixture
-def serve(settings: Settings, store: SQLiteStore, tmp_path: Path) -> Iterator[Serve]:
+def serve(settings: Settings, store: SQLiteStore, masters: Masters) -> Serve:
     """``serve(CLOUDAI_X="1", ...)``: a real `cloudai server` with these settings (stopped after the test), and a
     registered worker whose queue nobody consumes (tasks stay queued; no Docker needed)."""
-    started: list[ServerProc] = []
 
     def start(settings_: Settings = settings, **env: str) -> ServerProc:
         register(store, settings_.worker_id, cpus=8, slots=16)
-        server = ServerProc(settings_, store, tmp_path, env=env).start()
-        started.append(server)
-        return server
+        return masters(settings_, **env)
 
-    yield start
-    for server in started:
-        server.stop()
+    return start
 
 
 def bearer(token: str) -> dict[str, str]:

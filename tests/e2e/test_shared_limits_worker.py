@@ -11,8 +11,7 @@ import http.server
 import json
 import subprocess
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -21,6 +20,7 @@ from cloudai import pidbudget
 from cloudai.models import Task, TaskStatus, new_task_id
 from cloudai.settings import Settings
 from cloudai.store.sqlite import SQLiteStore
+from tests.e2e.conftest import Masters
 from tests.helpers import ROOT, ServerProc, cli_env, cloudai, register, wait_for
 from tests.services import TEST_IMAGE
 
@@ -29,18 +29,9 @@ Master = Callable[..., ServerProc]
 
 
 @pytest.fixture
-def master(settings: Settings, store: SQLiteStore, tmp_path: Path) -> Iterator[Master]:
+def master(masters: Masters) -> Master:
     """``master(CLOUDAI_X="1", ...)``: a real `cloudai server` with these settings (stopped after the test)."""
-    started: list[ServerProc] = []
-
-    def start(**env: str) -> ServerProc:
-        server = ServerProc(settings, store, tmp_path, env=env).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+    return lambda **env: masters(**env)
 
 
 def cli(server: ServerProc, user: str, *args: str) -> subprocess.CompletedProcess[str]:
